@@ -1,0 +1,1 @@
+"""OmniLong: long-context fine-tuning of vision-language models in pure PyTorch."""

@@ -1,0 +1,3 @@
+from omnilong.loss.full_logits import FullLogitsCrossEntropy
+
+__all__ = ["FullLogitsCrossEntropy"]

@@ -1,0 +1,49 @@
+"""Reference loss: the whole ``[N, V]`` logits matrix, then ``F.cross_entropy``.
+
+Kept for comparison with :class:`omnilong.loss.ChunkedLinearCrossEntropy`; it needs
+``N * V`` floats for the logits and as many again for their gradient.
+"""
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FullLogitsCrossEntropy(nn.Module):
+    """Cross-entropy of ``hidden @ weight.T`` computed on the full logits.
+
+    Args:
+        ignore_index: label value that contributes no loss.
+        reduction: ``"mean"`` (loss averaged over non-ignored tokens; 0 when there are
+            none) or ``"sum"`` (returns ``(loss_sum, num_tokens)``).
+    """
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states.
+            weight: ``[V, H]`` output projection.
+            labels: ``[N]`` or ``[B, T]`` targets, already shifted.
+
+        Returns:
+            The mean loss, or ``(loss_sum, num_tokens)`` for ``reduction="sum"``.
+        """
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        labels = labels.reshape(-1)
+        logits = (hidden @ weight.t()).float()  # [N, V]
+        loss_sum = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum")
+        num_tokens = (labels != self.ignore_index).sum()
+        if self.reduction == "sum":
+            return loss_sum, num_tokens
+        return loss_sum / num_tokens.clamp(min=1)
