@@ -3,6 +3,7 @@
 import os
 import socket
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -71,3 +72,19 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.
 def run_distributed() -> Callable:
     """The :func:`spawn_ranks` launcher, for multi-process tests on gloo."""
     return spawn_ranks
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL HF checkpoint + tokenizer (nested config layout)."""
+    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+
+    return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_flat_dir(tmp_path_factory) -> Path:
+    """The same tiny checkpoint with the published flat config.json layout."""
+    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+
+    return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen_flat"), seed=0, nested_config=False)

@@ -1,0 +1,1 @@
+"""Checkpoint I/O: Hugging Face directories (safetensors) and distributed training state."""

@@ -1,0 +1,96 @@
+"""Native models from local Hugging Face model directories."""
+
+import logging
+from pathlib import Path
+from typing import Any, Union
+
+import torch
+from torch import nn
+
+from omnilong.checkpoint.hf_io import read_hf_config, read_hf_state_dict
+from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config
+from omnilong.models.qwen2_5_vl._convert_weights import hf_to_native
+
+logger = logging.getLogger(__name__)
+
+
+def build_model_from_hf_config(config: dict[str, Any]) -> nn.Module:
+    """The native model (random init) described by a parsed ``config.json``.
+
+    Build it under ``torch.device("meta")`` to allocate nothing.
+
+    Raises:
+        ValueError: the model type is not one OmniLong implements.
+    """
+    model_type = config.get("model_type")
+    if model_type == "qwen2_5_vl":
+        return qwen2_5_vl(text_args_from_hf_config(config))
+    raise ValueError(f"model_type {model_type!r} is not supported; supported: qwen2_5_vl")
+
+
+def load_native_state_dict(model_dir: Union[str, Path], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The weights of an HF model directory under native key names.
+
+    Vision-tower weights that the native model does not use yet are reported in the
+    log (with their count and first names), never silently dropped.
+
+    Raises:
+        ValueError: the checkpoint has keys that match nothing in the key map.
+    """
+    native, vision, unknown = hf_to_native(read_hf_state_dict(model_dir, dtype))
+    if unknown:
+        raise ValueError(f"{model_dir} has {len(unknown)} keys that match no native parameter: {sorted(unknown)[:20]}")
+    if vision:
+        logger.warning(
+            "%s: %d vision-tower tensors are not used by the native model yet (it trains the "
+            "language model only): %s ...", model_dir, len(vision), ", ".join(sorted(vision)[:3])
+        )
+    return native
+
+
+def check_state_dict_matches(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Validate ``state_dict`` against ``model`` (tied output weight filled in when absent).
+
+    Raises:
+        ValueError: naming every missing key, unexpected key and shape mismatch.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if "output.weight" in expected and "output.weight" not in state_dict and getattr(model.args, "tie_word_embeddings", False):
+        state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {expected[k]}"
+        for k in set(expected) & set(state_dict)
+        if tuple(state_dict[k].shape) != expected[k]
+    )
+    if missing or unexpected or mismatched:
+        raise ValueError(
+            "checkpoint does not match the model: "
+            f"missing keys {missing}; unexpected keys {unexpected}; shape mismatches {mismatched}"
+        )
+    return state_dict
+
+
+def load_hf_model(
+    path: Union[str, Path], dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"
+) -> nn.Module:
+    """The native model with the weights of a local HF model directory.
+
+    Args:
+        path: directory with ``config.json`` and safetensors weights (single file or
+            shards with ``model.safetensors.index.json``).
+        dtype: dtype of the floating-point weights.
+        device: where the model lives.
+
+    Returns:
+        The native model in train mode.
+    """
+    config = read_hf_config(path)
+    with torch.device("meta"):
+        model = build_model_from_hf_config(config)
+    state_dict = check_state_dict_matches(model, load_native_state_dict(path, dtype))
+    model.load_state_dict(state_dict, assign=True)
+    if model.args.tie_word_embeddings:  # assign=True replaced the shared parameter twice
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device)

@@ -1,0 +1,154 @@
+"""A tiny random Qwen2.5-VL checkpoint and tokenizer, built locally (nothing is downloaded).
+
+Used by the demo and the tests: a real Hugging Face model directory (config.json,
+safetensors, tokenizer with a chat template) whose shapes are Qwen2.5-VL's, scaled down.
+"""
+
+import json
+import sysconfig
+from pathlib import Path
+from typing import Union
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+]
+
+# ChatML, as the Qwen2.5 instruct models use it; a system turn is added when absent.
+CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if loop.first and message['role'] != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+# Standard-library modules the tiny tokenizer learns its merges from: present in every
+# CPython 3.10+ installation, so the tokenizer is the same on every machine.
+_TOKENIZER_CORPUS = ["argparse.py", "collections/__init__.py", "dataclasses.py", "functools.py",
+                     "json/decoder.py", "pathlib.py", "textwrap.py", "typing.py"]
+
+
+def stdlib_dir() -> Path:
+    """The directory of this Python's standard library sources."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def train_tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE tokenizer learnt from a few standard-library modules, with the
+    Qwen special tokens and a ChatML chat template, as a transformers fast tokenizer."""
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    files = [str(stdlib_dir() / name) for name in _TOKENIZER_CORPUS]
+    tok.train(files, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=1 << 20,
+    )
+
+
+def write_tiny_qwen2_5_vl(
+    out_dir: Union[str, Path],
+    *,
+    seed: int = 0,
+    hidden_size: int = 64,
+    num_hidden_layers: int = 2,
+    num_attention_heads: int = 4,
+    num_key_value_heads: int = 2,
+    intermediate_size: int = 176,
+    nested_config: bool = True,
+    tie_word_embeddings: bool = False,
+) -> Path:
+    """Write a tiny random ``Qwen2_5_VLForConditionalGeneration`` checkpoint with tokenizer.
+
+    Args:
+        out_dir: directory to create (overwritten files if it exists).
+        seed: seed of the random weights.
+        nested_config: write config.json in the nested ``text_config`` layout of newer
+            transformers (True) or the published flat layout with ``rope_scaling`` (False).
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    from transformers import GenerationConfig, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    out_dir = Path(out_dir)
+    tokenizer = train_tiny_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    # Qwen2.5-VL's proportions: [16, 24, 24] of 64 frequencies -> temporal 1/4, height and width 3/8.
+    half = hidden_size // num_attention_heads // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    mrope_section = [temporal, height, half - temporal - height]
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
+            rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": mrope_section},
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
+        ),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
+                           out_hidden_size=hidden_size, fullatt_block_indexes=[1], window_size=56,
+                           tokens_per_second=2),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=tie_word_embeddings,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    if not nested_config:
+        _flatten_config(out_dir / "config.json")
+    return out_dir
+
+
+def _flatten_config(path: Path) -> None:
+    """Rewrite a nested config.json in the published flat layout (text fields at the top,
+    ``rope_theta`` and ``rope_scaling = {"type": "mrope", "mrope_section": ...}``)."""
+    config = json.loads(path.read_text())
+    text = config.pop("text_config")
+    rope = text.pop("rope_parameters")
+    text.pop("model_type", None)
+    config.update(text)
+    config["rope_theta"] = rope["rope_theta"]
+    config["rope_scaling"] = {"type": "mrope", "mrope_section": rope["mrope_section"]}
+    path.write_text(json.dumps(config, indent=2) + "\n")
