@@ -111,7 +111,9 @@ def _flash_attn_available() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def _cuda_forward(q, k, v, causal, mask):
+def _cuda_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, mask: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     if mask is None and _flash_attn_available():
         from flash_attn.flash_attn_interface import _flash_attn_forward
 
@@ -130,7 +132,16 @@ def _cuda_forward(q, k, v, causal, mask):
     return out, lse[..., : q.shape[2]]  # lse comes padded to a multiple of 32 rows
 
 
-def _cuda_backward(dout, q, k, v, out, lse, causal, mask):
+def _cuda_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
+    mask: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     empty = torch.empty(0, device=q.device)
     if mask is None and _flash_attn_available():
         from flash_attn.flash_attn_interface import _flash_attn_backward

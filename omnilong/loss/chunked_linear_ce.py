@@ -1,0 +1,167 @@
+"""Output projection fused with cross-entropy, one chunk of logits at a time.
+
+The forward pass computes, per chunk of trainable tokens, the fp32 logits, their
+log-sum-exp, the loss and at once the gradients of hidden and weight; the chunk's logits
+are then freed. Backward only scales the saved gradients. Peak extra memory is one chunk
+of logits plus the fp32 weight gradient, whatever the number of tokens.
+
+FSDP2. The weight must be used unsharded:
+
+* Output layer in the root FSDP module (how the recipe uses it): the root does not
+  reshard after forward, so after ``model(..., return_hidden=True)``
+  ``model.output.weight`` is the plain unsharded parameter. Its gradient accumulates in
+  that parameter's ``.grad``; the backward reaches ``hidden`` (a root output), whose hook
+  queues FSDP's final callback, which reduce-scatters the gradient (averaged over the
+  data-parallel ranks) into the sharded parameter and reshards. A tied embedding is the
+  same parameter, so both gradients are added before that reduction.
+* Weight still sharded (a DTensor: the output layer is its own FSDP unit whose forward
+  never ran, or the root was set to reshard after forward): it is all-gathered through
+  autograd with ``full_tensor(grad_placements=Partial)``, so the backward reduce-scatters
+  the gradient into the sharded parameter's ``.grad``. It is divided by the mesh size so
+  that it is the mean over ranks, as FSDP2's own reduction. The gathered weight is not
+  saved for backward: it is freed when the forward returns.
+"""
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, Partial
+
+_LOGITS_BUDGET = 2**26  # fp32 elements in one chunk of logits (256 MiB)
+
+
+def auto_chunk_size(vocab_size: int) -> int:
+    """The largest power of two ``C`` with ``C * vocab_size <= 2**26``, at least 1.
+
+    A chunk of fp32 logits then takes at most 256 MiB (256 tokens for V = 152064).
+    """
+    return 1 << max(0, (_LOGITS_BUDGET // vocab_size).bit_length() - 1)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of per-token losses of ``hidden @ weight.T``; gradients computed in forward."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        labels: torch.Tensor,
+        valid: torch.Tensor,
+        chunk_size: int,
+        z_loss: float,
+        scale: float,
+        weight_grad_scale: float,
+    ) -> torch.Tensor:
+        """
+        Args:
+            hidden: ``[N, H]``.
+            weight: ``[V, H]``, used in ``hidden``'s dtype.
+            labels: ``[N]``.
+            valid: ``[n]`` indices of the tokens that are not ignored.
+            chunk_size: tokens per chunk.
+            z_loss: coefficient of ``lse^2``.
+            scale: factor on the summed loss (``1 / n`` for a mean).
+            weight_grad_scale: extra factor on the weight gradient only.
+
+        Returns:
+            The fp32 scalar ``scale * sum_i (lse_i - logit_i[y_i] + z_loss * lse_i^2)``.
+        """
+        w = weight.to(hidden.dtype)
+        loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                       if ctx.needs_input_grad[1] else None)
+        for idx in valid.split(chunk_size):
+            h = hidden.index_select(0, idx)  # shape: [c, H]
+            y = labels.index_select(0, idx)[:, None]  # shape: [c, 1]
+            logits = (h @ w.t()).float()  # shape: [c, V]
+            target = logits.gather(1, y).squeeze(1)  # shape: [c]
+            row_max = logits.amax(dim=1)
+            grad = logits.sub_(row_max[:, None]).exp_()  # exp(logits - max), in place
+            sum_exp = grad.sum(dim=1)
+            lse = row_max + sum_exp.log()
+            loss += (lse - target + z_loss * lse.square()).sum()
+            # d loss / d logits = scale * (softmax * (1 + 2 * z_loss * lse) - onehot(y))
+            grad.mul_((scale * (1 + 2 * z_loss * lse) / sum_exp)[:, None])
+            grad.scatter_add_(1, y, grad.new_full(y.shape, -scale))
+            if grad_hidden is not None:
+                grad_hidden.index_copy_(0, idx, grad.to(w.dtype) @ w)
+            if grad_weight is not None:
+                grad_weight.addmm_(grad.t(), h.float())
+            del logits, grad
+        if grad_weight is not None:
+            if weight_grad_scale != 1.0:
+                grad_weight.mul_(weight_grad_scale)
+            grad_weight = grad_weight.to(weight.dtype)
+        ctx.grads = (grad_hidden, grad_weight)
+        return loss * scale
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        if ctx.grads is None:
+            raise RuntimeError("ChunkedLinearCrossEntropy supports one backward per forward")
+        grad_hidden, grad_weight = ctx.grads
+        ctx.grads = None
+        for grad in (grad_hidden, grad_weight):
+            if grad is not None:
+                grad.mul_(grad_output)  # in place: no second copy of the weight gradient
+        return grad_hidden, grad_weight, None, None, None, None, None, None
+
+
+class ChunkedLinearCrossEntropy(nn.Module):
+    """Cross-entropy of ``hidden @ weight.T`` without ever holding all the logits.
+
+    Per non-ignored token ``i`` with logits ``l_i = weight @ hidden_i`` (fp32) and
+    ``lse_i = logsumexp(l_i)``, the loss is ``lse_i - l_i[y_i] + z_loss * lse_i^2``.
+    Only non-ignored tokens are computed, ``chunk_size`` of them at a time.
+
+    Args:
+        chunk_size: tokens per chunk; ``None`` picks :func:`auto_chunk_size` of V.
+        ignore_index: label value that contributes no loss.
+        reduction: ``"mean"`` (loss averaged over non-ignored tokens; 0 when there are
+            none) or ``"sum"`` (returns ``(loss_sum, num_tokens)``).
+        z_loss: coefficient of the ``lse^2`` term (0 disables it).
+    """
+
+    def __init__(self, chunk_size: Optional[int] = None, ignore_index: int = -100,
+                 reduction: str = "mean", z_loss: float = 0.0):
+        super().__init__()
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"chunk_size must be positive or None, got {chunk_size}")
+        self.chunk_size = chunk_size
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.z_loss = z_loss
+
+    def forward(
+        self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
+    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """
+        Args:
+            hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states.
+            weight: ``[V, H]`` output projection; may be an FSDP2-sharded DTensor.
+            labels: ``[N]`` or ``[B, T]`` targets, already shifted.
+
+        Returns:
+            The fp32 mean loss, or ``(loss_sum, num_tokens)`` for ``reduction="sum"``.
+        """
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # shape: [N, H]
+        labels = labels.reshape(-1)  # shape: [N]
+        valid = (labels != self.ignore_index).nonzero().squeeze(1)  # shape: [n]
+        num_tokens = valid.numel()
+        weight_grad_scale = 1.0
+        if isinstance(weight, DTensor):
+            mesh = weight.device_mesh
+            weight_grad_scale = 1.0 / mesh.size()
+            weight = weight.full_tensor(grad_placements=[Partial()] * mesh.ndim)
+        chunk_size = self.chunk_size or auto_chunk_size(weight.shape[0])
+        scale = 1.0 if self.reduction == "sum" else 1.0 / max(num_tokens, 1)
+        loss = _LinearCrossEntropy.apply(hidden, weight, labels, valid, chunk_size,
+                                         self.z_loss, scale, weight_grad_scale)
+        if self.reduction == "sum":
+            return loss, torch.tensor(num_tokens, device=labels.device)
+        return loss

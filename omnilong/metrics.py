@@ -1,0 +1,44 @@
+"""Per-step training metrics: ``metrics.jsonl``, a progress bar, and torchtune's loggers."""
+
+import json
+import resource
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from tqdm import tqdm
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak allocated CUDA memory of this process, or its peak resident set size on CPU, in GB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
+
+
+class MetricsWriter:
+    """Rank 0's sink for per-step metrics: one JSON object per line appended to
+    ``<output_dir>/metrics.jsonl``, a tqdm bar, and an optional torchtune metric logger
+    (TensorBoard, W&B, ...). Other ranks get an inactive writer."""
+
+    def __init__(self, output_dir: Path, total_steps: int, active: bool, logger: Optional[Any] = None):
+        self.active = active
+        self.logger = logger
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True) if active else None
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.active:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.logger is not None:
+            self.logger.log_dict(metrics, step=step)
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.logger is not None:
+            self.logger.close()

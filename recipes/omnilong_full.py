@@ -1,0 +1,229 @@
+"""Full fine-tuning of a vision-language model on long inputs.
+
+    tune run omnilong_full --config configs/tiny/stage1_text.yaml [key=value ...]
+    tune run --nproc_per_node 8 omnilong_full --config configs/qwen2_5_vl_7b/stage1_text.yaml
+
+Setup builds, in order: process group and mesh, tokenizer, model on the meta device,
+activation checkpointing, FSDP2 (optionally with CPU offload), weights from the HF
+checkpoint (read on rank 0 only and broadcast shard by shard), loss, optimizer, lr
+schedule, data. The loss of a step is the sum of token losses over every micro-batch
+and rank divided by the all-reduced count of trained tokens.
+"""
+
+import logging
+import math
+import sys
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.tensor import DTensor
+from torch.utils.data import DataLoader, DistributedSampler
+from torchtune import config
+
+from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.config import validate_config
+from omnilong.data import collate_padded, load_tokenizer
+from omnilong.distributed import init_distributed, resolve_device
+from omnilong.metrics import MetricsWriter, peak_memory_gb
+from omnilong.models.hf_loading import check_state_dict_matches, load_native_state_dict
+from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config
+from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
+from omnilong.parallel.mesh import ParallelDims, build_mesh
+
+logger = logging.getLogger("omnilong")
+
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class OmniLongFullRecipe:
+    """The training recipe: ``setup()``, ``train()``, ``cleanup()``."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = validate_config(cfg)
+        self.device = resolve_device(self.cfg.device)
+        self.dtype = _DTYPES[self.cfg.dtype]
+        self.checkpoint_dir = Path(self.cfg.checkpoint_dir)
+        self.output_dir = Path(self.cfg.output_dir)
+        # Fail on a bad checkpoint dir before starting processes talking to each other.
+        self.hf_config = read_hf_config(self.checkpoint_dir)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        init_distributed(self.device)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self.dims = ParallelDims.resolve(self.world_size)
+        self.meshes = build_mesh(self.dims, self.device.type)
+        self.is_rank_zero = self.rank == 0
+        logging.basicConfig(level=logging.INFO if self.is_rank_zero else logging.WARNING,
+                            format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        torch.manual_seed(self.cfg.seed)
+
+        self.tokenizer = load_tokenizer(self.cfg.tokenizer_dir or self.checkpoint_dir)
+        self.dataset, self.dataloader, self.sampler = self._setup_data()
+        self.model = self._setup_model()
+        self.loss_fn = self._setup_loss()
+        self.optimizer = config.instantiate(self.cfg.optimizer, self.model.parameters())
+        self.lr_scheduler = (
+            config.instantiate(self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
+            if self.cfg.lr_scheduler is not None else None
+        )
+        if self.is_rank_zero:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
+        metric_logger = (config.instantiate(self.cfg.metric_logger)
+                         if self.cfg.metric_logger is not None and self.is_rank_zero else None)
+        self.metrics = MetricsWriter(self.output_dir, self.cfg.max_steps, self.is_rank_zero, metric_logger)
+
+    def _setup_model(self) -> torch.nn.Module:
+        args = text_args_from_hf_config(self.hf_config)
+        if self.cfg.rope_theta is not None:
+            args = replace(args, rope_theta=float(self.cfg.rope_theta))
+        with torch.device("meta"):
+            model = qwen2_5_vl(args)
+        if self.cfg.enable_activation_checkpointing:
+            apply_activation_checkpointing(model)
+        apply_fsdp(
+            model,
+            self.meshes,
+            cpu_offload=self.cfg.fsdp_cpu_offload,
+            param_dtype=None if self.dtype == torch.float32 else self.dtype,
+        )
+        model.to_empty(device="cpu" if self.cfg.fsdp_cpu_offload else self.device)
+        self._load_weights(model)
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info("model: %s parameters, %d layers, rope_theta %g", f"{n_params:,}", args.n_layers, args.rope_theta)
+        return model
+
+    def _load_weights(self, model: torch.nn.Module) -> None:
+        """Rank 0 reads the HF checkpoint; every rank receives its own shards. A bad
+        checkpoint is reported on every rank (no rank is left waiting)."""
+        state_dict, error = {}, None
+        if self.is_rank_zero:
+            try:
+                state_dict = check_state_dict_matches(model, load_native_state_dict(self.checkpoint_dir))
+            except (ValueError, FileNotFoundError) as e:
+                error = f"{type(e).__name__}: {e}"
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise ValueError(f"cannot load {self.checkpoint_dir}: {verdict[0]}")
+        set_model_state_dict(
+            model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        )
+
+    def _setup_loss(self) -> torch.nn.Module:
+        if self.cfg.loss.get("reduction", "sum") != "sum":
+            raise ValueError("loss.reduction must be 'sum': the recipe divides by the global token count itself")
+        return config.instantiate(self.cfg.loss, reduction="sum")
+
+    def _setup_data(self):
+        dataset = config.instantiate(self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len)
+        dp_mesh = self.meshes.dp
+        sampler = DistributedSampler(
+            dataset, num_replicas=dp_mesh.size(), rank=dp_mesh.get_local_rank(),
+            shuffle=self.cfg.shuffle, seed=self.cfg.seed,
+        )
+        dataloader = DataLoader(
+            dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+            collate_fn=partial(collate_padded, pad_id=dataset.pad_id),
+        )
+        logger.info("data: %d rows of up to %d tokens (%s)", len(dataset), self.cfg.max_seq_len,
+                    type(dataset).__name__)
+        return dataset, dataloader, sampler
+
+    # ------------------------------------------------------------------ train
+    def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        epoch = 0
+        while True:
+            self.sampler.set_epoch(epoch)
+            yield from self.dataloader
+            epoch += 1
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
+        """Forward and backward of one micro-batch; returns its (local) summed token loss."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        labels = batch.pop("labels")
+        hidden = self.model(**batch, return_hidden=True)
+        weight = self.model.output.weight
+        loss_sum, _ = self.loss_fn(hidden, weight, labels)
+        (loss_sum / global_tokens.clamp(min=1)).backward()
+        return loss_sum.detach()
+
+    def _clip_gradients(self) -> float:
+        norm = torch.nn.utils.clip_grad_norm_(
+            self.model.parameters(), self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else math.inf
+        )
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        return float(norm)
+
+    def train(self) -> None:
+        cfg = self.cfg
+        batches = self._batches()
+        self.model.train()
+        for step in range(1, cfg.max_steps + 1):
+            start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
+            counts = torch.tensor(
+                [sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
+                 sum(mb["input_ids"].numel() for mb in micro_batches)], dtype=torch.float64,
+            )
+            dist.all_reduce(counts)  # over every rank: dp ranks see other rows, cp ranks other shards
+            global_tokens, global_inputs = counts[0].to(self.device), counts[1]
+
+            loss_sum = sum(self._micro_step(mb, global_tokens) for mb in micro_batches)
+            grad_norm = self._clip_gradients()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            lr = self.optimizer.param_groups[0]["lr"]
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step()
+
+            loss_sum = loss_sum.double().cpu()
+            dist.all_reduce(loss_sum)
+            elapsed = time.perf_counter() - start
+            if step % cfg.log_every_n_steps == 0 or step == cfg.max_steps:
+                self.metrics.log(step, {
+                    "loss": float(loss_sum / max(float(counts[0]), 1.0)),
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "num_tokens": int(counts[0]),
+                    "tokens_per_sec": float(global_inputs) / elapsed,
+                    "peak_memory_gb": peak_memory_gb(self.device),
+                })
+
+    def cleanup(self) -> None:
+        self.metrics.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+@config.parse
+def recipe_main(cfg: DictConfig) -> int:
+    try:
+        recipe = OmniLongFullRecipe(cfg)
+        recipe.setup()
+    except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: say what, no traceback
+        print(f"omnilong_full: error: {e}", file=sys.stderr)
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        return 1
+    try:
+        recipe.train()
+    except KeyboardInterrupt:
+        logger.warning("interrupted: stopping cleanly")
+        return 130
+    finally:
+        recipe.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(recipe_main())
