@@ -42,6 +42,14 @@ logger = logging.getLogger("omnilong")
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
+def instantiate(key: str, node: DictConfig, *args, **kwargs):
+    """``config.instantiate`` whose argument errors name the config key at fault."""
+    try:
+        return config.instantiate(node, *args, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"config key {key!r} ({node.get('_component_')}): {e}") from e
+
+
 class OmniLongFullRecipe:
     """The training recipe: ``setup()``, ``train()``, ``cleanup()``."""
 
@@ -69,15 +77,15 @@ class OmniLongFullRecipe:
         self.dataset, self.dataloader, self.sampler = self._setup_data()
         self.model = self._setup_model()
         self.loss_fn = self._setup_loss()
-        self.optimizer = config.instantiate(self.cfg.optimizer, self.model.parameters())
+        self.optimizer = instantiate("optimizer", self.cfg.optimizer, self.model.parameters())
         self.lr_scheduler = (
-            config.instantiate(self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
+            instantiate("lr_scheduler", self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
             if self.cfg.lr_scheduler is not None else None
         )
         if self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
-        metric_logger = (config.instantiate(self.cfg.metric_logger)
+        metric_logger = (instantiate("metric_logger", self.cfg.metric_logger)
                          if self.cfg.metric_logger is not None and self.is_rank_zero else None)
         self.metrics = MetricsWriter(self.output_dir, self.cfg.max_steps, self.is_rank_zero, metric_logger)
 
@@ -121,10 +129,10 @@ class OmniLongFullRecipe:
     def _setup_loss(self) -> torch.nn.Module:
         if self.cfg.loss.get("reduction", "sum") != "sum":
             raise ValueError("loss.reduction must be 'sum': the recipe divides by the global token count itself")
-        return config.instantiate(self.cfg.loss, reduction="sum")
+        return instantiate("loss", self.cfg.loss, reduction="sum")
 
     def _setup_data(self):
-        dataset = config.instantiate(self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len)
+        dataset = instantiate("dataset", self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len)
         dp_mesh = self.meshes.dp
         sampler = DistributedSampler(
             dataset, num_replicas=dp_mesh.size(), rank=dp_mesh.get_local_rank(),

@@ -5,14 +5,15 @@ in JSONL / JSON / parquet files. Labels are -100 everywhere except on the tokens
 assistant turns (their content and end-of-turn token).
 """
 
+import ast
 import logging
-from typing import Sequence, Union
+from typing import Any, Iterable, Sequence, Union
 
 import torch
 from torch.utils.data import Dataset
 
 from omnilong.data.packed_text import IGNORE_INDEX
-from omnilong.data.sources import PathLike, expand_data_files, read_records
+from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -59,20 +60,21 @@ class ChatDataset(Dataset):
 
     Args:
         tokenizer: a transformers fast tokenizer with a chat template.
-        data_files: JSONL / JSON / parquet files, directories or globs.
+        samples: ``(origin, record)`` pairs; ``origin`` (e.g. ``"file:line"``) names the
+            sample in errors.
         max_seq_len: maximum tokens per sample.
         skip_bad_samples: skip (and count in ``num_skipped``) samples longer than
             ``max_seq_len`` instead of raising.
 
     Raises:
-        ValueError: a malformed sample (names file and line), a sample that is too long
-            (unless skipped), or no samples at all.
+        ValueError: a malformed sample (names it), a sample that is too long (unless
+            skipped), or no samples at all.
     """
 
     def __init__(
         self,
         tokenizer,
-        data_files: Union[PathLike, Sequence[PathLike]],
+        samples: Iterable[tuple[str, Any]],
         max_seq_len: int,
         skip_bad_samples: bool = False,
     ):
@@ -84,21 +86,19 @@ class ChatDataset(Dataset):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.num_skipped = 0
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
-        files = expand_data_files(data_files)
-        for path in files:
-            for origin, record in read_records(path):
-                input_ids, labels = self._tokenize(tokenizer, _validate_messages(origin, record))
-                if len(input_ids) > max_seq_len:
-                    if not skip_bad_samples:
-                        raise ValueError(
-                            f"{origin}: sample has {len(input_ids)} tokens, more than max_seq_len={max_seq_len} "
-                            "(raise max_seq_len or set skip_bad_samples: true to skip such samples)"
-                        )
-                    self.num_skipped += 1
-                    continue
-                self._samples.append((input_ids, labels))
+        for origin, record in samples:
+            input_ids, labels = self._tokenize(tokenizer, _validate_messages(origin, record))
+            if len(input_ids) > max_seq_len:
+                if not skip_bad_samples:
+                    raise ValueError(
+                        f"{origin}: sample has {len(input_ids)} tokens, more than max_seq_len={max_seq_len} "
+                        "(raise max_seq_len or set skip_bad_samples: true to skip such samples)"
+                    )
+                self.num_skipped += 1
+                continue
+            self._samples.append((input_ids, labels))
         if not self._samples:
-            raise ValueError(f"no usable chat sample in data_files {[str(f) for f in files][:5]}")
+            raise ValueError("no usable chat sample in the dataset")
         if self.num_skipped:
             logger.warning("skipped %d samples longer than max_seq_len=%d", self.num_skipped, max_seq_len)
 
@@ -128,3 +128,35 @@ class ChatDataset(Dataset):
             "position_ids": torch.arange(len(input_ids)),
             "document_ids": torch.zeros(len(input_ids), dtype=torch.long),
         }
+
+
+def chat_dataset(
+    tokenizer,
+    data_files: Union[PathLike, Sequence[PathLike]],
+    max_seq_len: int,
+    skip_bad_samples: bool = False,
+) -> ChatDataset:
+    """:class:`ChatDataset` over JSONL / JSON / parquet files (paths, directories or globs)."""
+    samples = (sample for path in expand_data_files(data_files) for sample in read_records(path))
+    return ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples)
+
+
+def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
+    for path in python_stdlib_sources(max_files):
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError):
+            continue
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
+                question = f"What does `{path.stem}.{node.name}` do?"
+                yield f"{path}:{node.lineno}", {"messages": [
+                    {"role": "user", "content": question},
+                    {"role": "assistant", "content": ast.get_docstring(node)},
+                ]}
+
+
+def python_stdlib_chat_dataset(tokenizer, max_seq_len: int, max_files: int = 0, **kwargs) -> ChatDataset:
+    """:class:`ChatDataset` of questions about standard-library functions and classes,
+    answered with their docstrings (the tiny stage-2 demo's data, present on every machine)."""
+    return ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, **kwargs)

@@ -1,0 +1,119 @@
+"""The recipe end to end, as users run it: `tune run [--nproc_per_node N] omnilong_full ...`.
+
+Multi-process runs are real processes on gloo (CPU).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+TUNE = str(Path(sys.executable).parent / "tune")
+STAGE1 = str(REPO / "configs/tiny/stage1_text.yaml")
+STAGE2 = str(REPO / "configs/tiny/stage2_text_sft.yaml")
+
+
+def tune_run(config, overrides, nproc=1, timeout=300, **popen):
+    cmd = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + ["omnilong_full", "--config", config]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = [k if v is None else f"{k}={v}" for k, v in overrides.items()]
+    return subprocess.run(cmd + args, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=popen.get("cwd", REPO))
+
+
+def metrics(output_dir):
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _small(tiny_qwen_dir, output_dir, **extra):
+    return {"checkpoint_dir": tiny_qwen_dir, "output_dir": output_dir, "max_seq_len": 128, "max_steps": 3,
+            "dataset.max_files": 20, "shuffle": "false", **extra}
+
+
+def _with_data_files(overrides, component, data):
+    """Overrides that swap the config's stdlib dataset for ``component`` over ``data``."""
+    overrides = {k: v for k, v in overrides.items() if k != "dataset.max_files"}
+    return {**overrides, "dataset._component_": component, "~dataset.max_files": None,
+            "dataset.data_files": f"[{data}]"}
+
+
+def test_two_processes_with_fsdp_cpu_offload_match_one_process_with_accumulation(tiny_qwen_dir, tmp_path):
+    """Same data, seed and global batch (2 rows per step): per-step losses within 1e-4 relative."""
+    one = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "one", gradient_accumulation_steps=2))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "two", gradient_accumulation_steps=1,
+                                  fsdp_cpu_offload="true"), nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [m["step"] for m in m1] == [m["step"] for m in m2] == [1, 2, 3]
+    for a, b in zip(m1, m2):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * abs(a["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"]), (a, b)
+    assert set(m1[0]) >= {"step", "loss", "lr", "tokens_per_sec", "num_tokens", "grad_norm", "peak_memory_gb"}
+
+
+def test_loss_falls_and_runs_from_any_directory(tiny_qwen_dir, tmp_path):
+    result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=12, max_seq_len=256), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = [m["loss"] for m in metrics(tmp_path / "out")]
+    assert len(losses) == 12 and losses[-1] < losses[0] - 0.3
+
+
+def test_samples_without_trainable_tokens_contribute_nothing(tiny_qwen_dir, tmp_path):
+    """Rank 0 gets a sample with no assistant turn in step 1; in step 2 no rank has a trainable token."""
+    user_only = {"messages": [{"role": "user", "content": "hello there"}]}
+    normal = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in [user_only, normal, user_only, user_only]))
+    overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 2, "batch_size": 1,
+                 "shuffle": "false"}
+    result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data), nproc=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = metrics(tmp_path / "out")
+    assert m[0]["num_tokens"] > 0 and m[0]["loss"] > 0
+    assert m[1]["num_tokens"] == 0 and m[1]["loss"] == 0.0 and m[1]["grad_norm"] == 0.0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_seq_length": 64}, "unknown key 'max_seq_length' (did you mean 'max_seq_len'?)"),
+    ({"max_seq_len": 0}, "max_seq_len must be a positive integer"),
+    ({"checkpoint_dir": "/nonexistent/ckpt"}, "/nonexistent/ckpt/config.json not found"),
+])
+def test_bad_config_fails_before_any_compute_with_the_fix(tiny_qwen_dir, tmp_path, overrides, message):
+    result = tune_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), **overrides})
+    assert result.returncode != 0
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+
+
+def test_malformed_jsonl_is_named_on_every_rank_without_a_hang(tiny_qwen_dir, tmp_path):
+    data = tmp_path / "docs.jsonl"
+    data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
+    overrides = _with_data_files(_small(tiny_qwen_dir, tmp_path / "out"), "omnilong.data.PackedTextDataset", data)
+    result = tune_run(STAGE1, overrides, nproc=2, timeout=120)
+    assert result.returncode != 0
+    assert f"{data}:3: malformed JSON line" in result.stderr
+
+
+def test_ctrl_c_stops_every_rank_cleanly(tiny_qwen_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [TUNE, "run", "--nproc_per_node", "2", "omnilong_full", "--config", STAGE1] + [
+        f"{k}={v}" for k, v in _small(tiny_qwen_dir, out, max_steps=100000).items()]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
+        assert time.time() < deadline and proc.poll() is None, "training did not start"
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole process group
+    output, _ = proc.communicate(timeout=60)
+    assert output.count("interrupted: stopping cleanly") == 2, output[-3000:]
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)  # no process of the run is left
