@@ -20,7 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "rope_theta": None,  # override the checkpoint's RoPE base (long-context pretraining raises it)
     "fsdp_cpu_offload": False,
     "enable_activation_checkpointing": True,
-    "loss": {"_component_": "omnilong.loss.FullLogitsCrossEntropy"},
+    "loss": {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},  # FullLogitsCrossEntropy to compare
     "lr_scheduler": None,
     "metric_logger": None,
     "log_every_n_steps": 1,

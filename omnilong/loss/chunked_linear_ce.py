@@ -11,15 +11,16 @@ FSDP2. The weight must be used unsharded:
   reshard after forward, so after ``model(..., return_hidden=True)``
   ``model.output.weight`` is the plain unsharded parameter. Its gradient accumulates in
   that parameter's ``.grad``; the backward reaches ``hidden`` (a root output), whose hook
-  queues FSDP's final callback, which reduce-scatters the gradient (averaged over the
-  data-parallel ranks) into the sharded parameter and reshards. A tied embedding is the
-  same parameter, so both gradients are added before that reduction.
+  queues FSDP's final callback, which reduce-scatters the gradient into the sharded
+  parameter and reshards. A tied embedding is the same parameter, so both gradients are
+  added before that reduction.
 * Weight still sharded (a DTensor: the output layer is its own FSDP unit whose forward
   never ran, or the root was set to reshard after forward): it is all-gathered through
   autograd with ``full_tensor(grad_placements=Partial)``, so the backward reduce-scatters
-  the gradient into the sharded parameter's ``.grad``. It is divided by the mesh size so
-  that it is the mean over ranks, as FSDP2's own reduction. The gathered weight is not
-  saved for backward: it is freed when the forward returns.
+  the gradient into the sharded parameter's ``.grad`` as the *sum* over ranks, the
+  reduction OmniLong configures FSDP with (see
+  ``omnilong.parallel.fsdp.sum_gradients_across_ranks``). The gathered weight is not saved
+  for backward: it is freed when the forward returns.
 """
 
 from typing import Optional, Union
@@ -52,7 +53,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         z_loss: float,
         scale: float,
-        weight_grad_scale: float,
     ) -> torch.Tensor:
         """
         Args:
@@ -63,7 +63,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_size: tokens per chunk.
             z_loss: coefficient of ``lse^2``.
             scale: factor on the summed loss (``1 / n`` for a mean).
-            weight_grad_scale: extra factor on the weight gradient only.
 
         Returns:
             The fp32 scalar ``scale * sum_i (lse_i - logit_i[y_i] + z_loss * lse_i^2)``.
@@ -90,10 +89,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad_hidden.index_copy_(0, idx, grad.to(w.dtype) @ w)
             if grad_weight is not None:
                 grad_weight.addmm_(grad.t(), h.float())
-            del logits, grad
+            del logits, grad  # free this chunk before the next one is allocated
         if grad_weight is not None:
-            if weight_grad_scale != 1.0:
-                grad_weight.mul_(weight_grad_scale)
             grad_weight = grad_weight.to(weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
         return loss * scale
@@ -107,7 +104,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for grad in (grad_hidden, grad_weight):
             if grad is not None:
                 grad.mul_(grad_output)  # in place: no second copy of the weight gradient
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
 class ChunkedLinearCrossEntropy(nn.Module):
@@ -153,15 +150,11 @@ class ChunkedLinearCrossEntropy(nn.Module):
         labels = labels.reshape(-1)  # shape: [N]
         valid = (labels != self.ignore_index).nonzero().squeeze(1)  # shape: [n]
         num_tokens = valid.numel()
-        weight_grad_scale = 1.0
         if isinstance(weight, DTensor):
-            mesh = weight.device_mesh
-            weight_grad_scale = 1.0 / mesh.size()
-            weight = weight.full_tensor(grad_placements=[Partial()] * mesh.ndim)
+            weight = weight.full_tensor(grad_placements=[Partial()] * weight.device_mesh.ndim)
         chunk_size = self.chunk_size or auto_chunk_size(weight.shape[0])
         scale = 1.0 if self.reduction == "sum" else 1.0 / max(num_tokens, 1)
-        loss = _LinearCrossEntropy.apply(hidden, weight, labels, valid, chunk_size,
-                                         self.z_loss, scale, weight_grad_scale)
+        loss = _LinearCrossEntropy.apply(hidden, weight, labels, valid, chunk_size, self.z_loss, scale)
         if self.reduction == "sum":
             return loss, torch.tensor(num_tokens, device=labels.device)
         return loss

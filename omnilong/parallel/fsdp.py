@@ -54,6 +54,13 @@ def apply_fsdp(
     for layer in model.layers:
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)
+    sum_gradients_across_ranks(model)
+
+
+def sum_gradients_across_ranks(model: nn.Module) -> None:
+    """Make every FSDP module of ``model`` reduce gradients with a plain sum over ranks
+    (FSDP2 averages by default). OmniLong's loss on each rank is its share of the global
+    objective (token-loss sum / global token count), so the gradients must add up."""
     for module in model.modules():
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)

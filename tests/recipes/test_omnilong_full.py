@@ -117,3 +117,14 @@ def test_ctrl_c_stops_every_rank_cleanly(tiny_qwen_dir, tmp_path):
     assert output.count("interrupted: stopping cleanly") == 2, output[-3000:]
     with pytest.raises(ProcessLookupError):
         os.killpg(proc.pid, 0)  # no process of the run is left
+
+
+def test_chunked_loss_trains_like_the_full_logits_loss(tiny_qwen_dir, tmp_path):
+    """The default chunked loss and the full-logits reference give the same per-step losses (fp32)."""
+    runs = {}
+    for name in ("ChunkedLinearCrossEntropy", "FullLogitsCrossEntropy"):
+        result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / name, **{"loss._component_": f"omnilong.loss.{name}"}))
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [m["loss"] for m in metrics(tmp_path / name)]
+    for a, b in zip(runs["ChunkedLinearCrossEntropy"], runs["FullLogitsCrossEntropy"]):
+        assert abs(a - b) <= 1e-5 * abs(b)

@@ -1,0 +1,207 @@
+"""ChunkedLinearCrossEntropy equals cross-entropy on the full logits.
+
+Oracle: :class:`FullLogitsCrossEntropy` (``F.cross_entropy(hidden @ weight.T)`` in fp32
+on CPU), with autograd for the gradients of hidden and weight; for z-loss, its formula
+``z * logsumexp(logits)^2`` per non-ignored token added to the oracle's loss.
+Tolerance: max abs diff <= 1e-5 * max(1, max|expected|) in fp32 (a summed loss of ~150
+is only exact to 1.5e-5). In bf16 the loss runs on bf16 inputs and is
+compared with the fp32 oracle on the same (bf16-rounded) inputs: <= 5e-2 for the loss
+(logits are rounded to bf16 before fp32 softmax, |logit| ~ 5, eps = 7.8e-3) and
+<= 2e-2 * max|grad| for the gradients.
+Under FSDP2 (2 gloo ranks, each with its own batch, gradients summed over ranks as
+OmniLong configures FSDP) the gathered gradients equal the sum over ranks of the
+single-process gradients.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnilong.loss import ChunkedLinearCrossEntropy, FullLogitsCrossEntropy
+from omnilong.loss.chunked_linear_ce import auto_chunk_size
+
+VOCAB, DIM, IGNORE = 37, 16, -100
+TOL = 1e-5
+
+
+def _inputs(shape: tuple, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Random hidden ``[*shape, DIM]``, weight ``[VOCAB, DIM]`` and labels ``shape``.
+
+    The first 7 tokens are ignored (more than a chunk of 3), and one more in the middle.
+    """
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*shape, DIM, generator=g).to(dtype).requires_grad_()
+    weight = torch.randn(VOCAB, DIM, generator=g).to(dtype).requires_grad_()
+    labels = torch.randint(VOCAB, shape, generator=g)
+    flat = labels.view(-1)
+    flat[:7] = IGNORE
+    flat[flat.numel() // 2 + 3] = IGNORE
+    return hidden, weight, labels
+
+
+def _loss_and_grads(loss_fn, hidden, weight, labels, grad_scale: float = 1.0):
+    """The loss (first item for ``reduction="sum"``) and the grads of hidden and weight."""
+    hidden.grad = weight.grad = None
+    out = loss_fn(hidden, weight, labels)
+    loss = out[0] if isinstance(out, tuple) else out
+    (loss * grad_scale).backward()
+    return loss.detach(), hidden.grad.clone(), weight.grad.clone()
+
+
+def _assert_close(actual, expected, tol: float = TOL):
+    for a, e in zip(actual, expected):
+        assert not a.isnan().any()
+        assert (a.float() - e.float()).abs().max().item() <= tol * max(1.0, e.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [1, 3, 4, None])
+@pytest.mark.parametrize("shape", [(26,), (2, 13)], ids=["2d", "3d"])
+def test_matches_full_logits(shape, chunk_size, reduction):
+    # 26 tokens - 8 ignored = 18 trainable: chunk sizes 4 (does not divide 18), 3, 1, auto.
+    hidden, weight, labels = _inputs(shape)
+    got = _loss_and_grads(ChunkedLinearCrossEntropy(chunk_size, reduction=reduction),
+                          hidden, weight, labels, grad_scale=2.5)
+    want = _loss_and_grads(FullLogitsCrossEntropy(reduction=reduction),
+                           hidden, weight, labels, grad_scale=2.5)
+    _assert_close(got, want)
+
+
+def test_sum_returns_num_tokens():
+    hidden, weight, labels = _inputs((26,))
+    loss_sum, num_tokens = ChunkedLinearCrossEntropy(3, reduction="sum")(hidden, weight, labels)
+    assert num_tokens.item() == 18
+    assert loss_sum.dtype == torch.float32
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_trainable_token_gives_zero_loss_and_grads(reduction):
+    hidden, weight, labels = _inputs((10,))
+    labels.fill_(IGNORE)
+    loss, grad_hidden, grad_weight = _loss_and_grads(
+        ChunkedLinearCrossEntropy(3, reduction=reduction), hidden, weight, labels)
+    assert loss.item() == 0.0
+    assert grad_hidden.abs().max().item() == 0.0 and grad_weight.abs().max().item() == 0.0
+
+
+def test_z_loss_matches_formula():
+    z = 1e-2
+    hidden, weight, labels = _inputs((26,))
+
+    def oracle(hidden, weight, labels):
+        logits = hidden @ weight.t()
+        mask = labels != IGNORE
+        lse = torch.logsumexp(logits[mask], dim=-1)
+        return (F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+                + z * lse.square().sum()) / mask.sum()
+
+    got = _loss_and_grads(ChunkedLinearCrossEntropy(4, z_loss=z), hidden, weight, labels)
+    _assert_close(got, _loss_and_grads(oracle, hidden, weight, labels))
+
+
+def test_tied_embedding_gradients_add_up():
+    hidden_unused, weight, labels = _inputs((26,))
+    tokens = torch.randint(VOCAB, (26,), generator=torch.Generator().manual_seed(1))
+
+    def run(loss_fn):
+        weight.grad = None
+        hidden = torch.tanh(F.embedding(tokens, weight))  # the same parameter, twice
+        loss_fn(hidden, weight, labels).backward()
+        return (weight.grad.clone(),)
+
+    _assert_close(run(ChunkedLinearCrossEntropy(4)), run(FullLogitsCrossEntropy()))
+
+
+def test_bf16_inputs():
+    hidden, weight, labels = _inputs((2, 13), dtype=torch.bfloat16)
+    loss, grad_hidden, grad_weight = _loss_and_grads(ChunkedLinearCrossEntropy(4),
+                                                     hidden, weight, labels)
+    hidden32 = hidden.detach().float().requires_grad_()
+    weight32 = weight.detach().float().requires_grad_()
+    want = _loss_and_grads(FullLogitsCrossEntropy(), hidden32, weight32, labels)
+    assert loss.dtype == torch.float32
+    assert grad_hidden.dtype == grad_weight.dtype == torch.bfloat16
+    assert abs(loss.item() - want[0].item()) <= 5e-2
+    for got, expected in zip((grad_hidden, grad_weight), want[1:]):
+        assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+def test_auto_chunk_size_bounds_logits():
+    assert auto_chunk_size(152064) == 256  # 256 * 152064 fp32 = 156 MB
+    assert auto_chunk_size(32000) == 2048
+    assert auto_chunk_size(2**27) == 1
+
+
+def test_second_backward_raises():
+    hidden, weight, labels = _inputs((26,))
+    loss = ChunkedLinearCrossEntropy(4)(hidden, weight, labels)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward"):
+        loss.backward()
+
+
+class _TinyLM(nn.Module):
+    """Embedding -> linear -> tanh, with an output projection the loss is given."""
+
+    def __init__(self, tied: bool):
+        super().__init__()
+        self.tok_embeddings = nn.Embedding(VOCAB, DIM)
+        self.proj = nn.Linear(DIM, DIM)
+        self.output = nn.Linear(DIM, VOCAB, bias=False)
+        if tied:
+            self.output.weight = self.tok_embeddings.weight
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Returns the hidden states ``[B, T, DIM]`` (the output layer is not applied)."""
+        return torch.tanh(self.proj(self.tok_embeddings(tokens)))
+
+
+def _batch(rank: int):
+    g = torch.Generator().manual_seed(100 + rank)
+    tokens = torch.randint(VOCAB, (2, 9), generator=g)
+    labels = torch.randint(VOCAB, (2, 9), generator=g)
+    labels[rank, :5] = IGNORE
+    return tokens, labels
+
+
+# name: (tied, output layer sharded on its own so that its weight stays a DTensor)
+FSDP_CASES = {"root": (False, False), "root_tied": (True, False), "dtensor": (False, True)}
+
+
+def _fsdp_worker(rank: int, world_size: int) -> dict:
+    """Per case: max abs diff of the gathered gradients from the summed oracle's."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from omnilong.parallel.fsdp import sum_gradients_across_ranks
+
+    torch.manual_seed(0)
+    errors = {}
+    for name, (tied, separate_output) in FSDP_CASES.items():
+        model = _TinyLM(tied)
+        reference = copy.deepcopy(model)
+        for r in range(world_size):  # oracle: sum of every rank's single-process gradients
+            tokens, labels = _batch(r)
+            FullLogitsCrossEntropy()(reference(tokens), reference.output.weight, labels).backward()
+        if separate_output:
+            fully_shard(model.output)
+        fully_shard(model)
+        sum_gradients_across_ranks(model)
+        tokens, labels = _batch(rank)
+        hidden = model(tokens)
+        weight = model.output.weight
+        assert isinstance(weight, DTensor) == separate_output, type(weight)
+        ChunkedLinearCrossEntropy(chunk_size=4)(hidden, weight, labels).backward()
+        errors[name] = max(
+            (p.grad.full_tensor() - ref.grad).abs().max().item()
+            for p, ref in zip(model.parameters(), reference.parameters()))
+    return errors
+
+
+def test_fsdp2_gradients_match_single_process(run_distributed):
+    for errors in run_distributed(_fsdp_worker, 2):
+        assert errors.keys() == FSDP_CASES.keys()
+        assert all(err <= TOL for err in errors.values()), errors
