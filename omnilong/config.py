@@ -18,6 +18,9 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "clip_grad_norm": 1.0,  # null: no clipping
     "rope_theta": None,  # override the checkpoint's RoPE base (long-context pretraining raises it)
+    "dp_replicate_degree": 1,  # HSDP replicas (e.g. nodes); parameters are sharded within each
+    "dp_shard_degree": -1,  # -1: the ranks left after dp_replicate and cp
+    "cp_degree": 1,  # context parallel: each sequence split across this many ranks (ring attention)
     "fsdp_cpu_offload": False,
     "enable_activation_checkpointing": True,
     "loss": {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},  # FullLogitsCrossEntropy to compare
@@ -49,6 +52,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     for key in ("max_seq_len", "max_steps", "batch_size", "gradient_accumulation_steps"):
         if not isinstance(merged[key], int) or merged[key] <= 0:
             problems.append(f"{key} must be a positive integer, got {merged[key]!r}")
+    if isinstance(merged.cp_degree, int) and merged.cp_degree > 1 and isinstance(merged.max_seq_len, int) \
+            and merged.max_seq_len < 2 * merged.cp_degree:
+        problems.append(f"max_seq_len={merged.max_seq_len} is too short for cp_degree={merged.cp_degree}: "
+                        "the zigzag layout gives each cp rank 2 chunks; use max_seq_len >= 2 * cp_degree")
     if merged.dtype not in ("bf16", "fp32"):
         problems.append(f"dtype must be bf16 or fp32, got {merged.dtype!r}")
     for key in ("dataset", "optimizer", "loss"):

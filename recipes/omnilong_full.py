@@ -34,6 +34,7 @@ from omnilong.distributed import init_distributed, resolve_device
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import check_state_dict_matches, load_native_state_dict
 from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config
+from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
 
@@ -66,7 +67,9 @@ class OmniLongFullRecipe:
     def setup(self) -> None:
         init_distributed(self.device)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.dims = ParallelDims.resolve(self.world_size)
+        self.dims = ParallelDims.resolve(
+            self.world_size, self.cfg.dp_replicate_degree, self.cfg.dp_shard_degree, self.cfg.cp_degree
+        )
         self.meshes = build_mesh(self.dims, self.device.type)
         self.is_rank_zero = self.rank == 0
         logging.basicConfig(level=logging.INFO if self.is_rank_zero else logging.WARNING,
@@ -95,6 +98,8 @@ class OmniLongFullRecipe:
             args = replace(args, rope_theta=float(self.cfg.rope_theta))
         with torch.device("meta"):
             model = qwen2_5_vl(args)
+        if self.dims.cp > 1:
+            apply_context_parallel(model, self.meshes.cp)
         if self.cfg.enable_activation_checkpointing:
             apply_activation_checkpointing(model)
         apply_fsdp(
@@ -148,10 +153,13 @@ class OmniLongFullRecipe:
 
     # ------------------------------------------------------------------ train
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Micro-batches for this rank, forever (epoch after epoch): with context parallelism,
+        this rank's shard of each full-sequence batch."""
         epoch = 0
         while True:
             self.sampler.set_epoch(epoch)
-            yield from self.dataloader
+            for batch in self.dataloader:
+                yield shard_batch_for_cp(batch, self.meshes.cp, self.dataset.pad_id) if self.dims.cp > 1 else batch
             epoch += 1
 
     def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
@@ -183,7 +191,7 @@ class OmniLongFullRecipe:
                 [sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
                  sum(mb["input_ids"].numel() for mb in micro_batches)], dtype=torch.float64,
             )
-            dist.all_reduce(counts)  # over every rank: dp ranks see other rows, cp ranks other shards
+            dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
             global_tokens, global_inputs = counts[0].to(self.device), counts[1]
 
             loss_sum = sum(self._micro_step(mb, global_tokens) for mb in micro_batches)

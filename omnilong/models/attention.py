@@ -13,29 +13,20 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def document_causal_mask(document_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Additive mask for causal attention that never crosses a document boundary.
-
-    Args:
-        document_ids: ``[B, T]`` integer id of the document each token belongs to.
-        dtype: dtype of the returned mask (that of the query).
-
-    Returns:
-        ``[B, 1, T, T]`` mask: 0 where query ``i`` may attend key ``j`` (``j <= i`` and
-        same document), ``-inf`` elsewhere.
-    """
-    t = document_ids.shape[-1]
-    causal = torch.ones(t, t, dtype=torch.bool, device=document_ids.device).tril()
-    same_doc = document_ids[:, :, None] == document_ids[:, None, :]  # [B, T, T]
-    allowed = (same_doc & causal)[:, None]  # [B, 1, T, T]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=document_ids.device)
-    return mask.masked_fill_(~allowed, float("-inf"))
+def document_segments(document_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """``[(start, end), ...]`` of the runs of equal ids in a ``[T]`` document-id row."""
+    change = (document_ids[1:] != document_ids[:-1]).nonzero().squeeze(1) + 1
+    bounds = [0, *change.tolist(), document_ids.shape[0]]
+    return list(zip(bounds[:-1], bounds[1:]))
 
 
 class CausalAttention(nn.Module):
     """Causal scaled-dot-product attention on one device, with packed-document masking.
 
-    Grouped-query attention is served without repeating key/value heads.
+    Packed rows (``document_ids`` given) are attended document by document, each run of
+    equal ids causally on its own, so no ``T x T`` mask is ever built; ids must form
+    contiguous runs, as packing and padding produce. Grouped-query attention is served
+    without repeating key/value heads.
     """
 
     def forward(
@@ -59,5 +50,14 @@ class CausalAttention(nn.Module):
         enable_gqa = q.shape[1] != k.shape[1]
         if document_ids is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-        mask = document_causal_mask(document_ids, q.dtype)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa)
+        rows = []
+        for b in range(q.shape[0]):
+            segments = [
+                F.scaled_dot_product_attention(
+                    q[b : b + 1, :, lo:hi], k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi],
+                    is_causal=True, enable_gqa=enable_gqa,
+                )
+                for lo, hi in document_segments(document_ids[b])
+            ]
+            rows.append(torch.cat(segments, dim=2))
+        return torch.cat(rows, dim=0)  # [B, Hq, T, D]
