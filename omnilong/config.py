@@ -25,6 +25,9 @@ DEFAULTS: dict[str, Any] = {
     "enable_activation_checkpointing": True,
     "loss": {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},  # FullLogitsCrossEntropy to compare
     "lr_scheduler": None,
+    "save_every_n_steps": None,  # write a resumable checkpoint every N steps (and at the last step)
+    "keep_last_n_checkpoints": 2,
+    "resume_from_checkpoint": False,  # true: the latest under output_dir/checkpoints; or a step_N path
     "metric_logger": None,
     "log_every_n_steps": 1,
 }
@@ -56,6 +59,11 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             and merged.max_seq_len < 2 * merged.cp_degree:
         problems.append(f"max_seq_len={merged.max_seq_len} is too short for cp_degree={merged.cp_degree}: "
                         "the zigzag layout gives each cp rank 2 chunks; use max_seq_len >= 2 * cp_degree")
+    if merged.save_every_n_steps is not None and (not isinstance(merged.save_every_n_steps, int)
+                                                  or merged.save_every_n_steps <= 0):
+        problems.append(f"save_every_n_steps must be a positive integer or null, got {merged.save_every_n_steps!r}")
+    if not isinstance(merged.keep_last_n_checkpoints, int) or merged.keep_last_n_checkpoints < 1:
+        problems.append(f"keep_last_n_checkpoints must be >= 1, got {merged.keep_last_n_checkpoints!r}")
     if merged.dtype not in ("bf16", "fp32"):
         problems.append(f"dtype must be bf16 or fp32, got {merged.dtype!r}")
     for key in ("dataset", "optimizer", "loss"):

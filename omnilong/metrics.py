@@ -21,11 +21,12 @@ class MetricsWriter:
     ``<output_dir>/metrics.jsonl``, a tqdm bar, and an optional torchtune metric logger
     (TensorBoard, W&B, ...). Other ranks get an inactive writer."""
 
-    def __init__(self, output_dir: Path, total_steps: int, active: bool, logger: Optional[Any] = None):
+    def __init__(self, output_dir: Path, total_steps: int, active: bool, logger: Optional[Any] = None,
+                 steps_done: int = 0):
         self.active = active
         self.logger = logger
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.bar = tqdm(total=total_steps, desc="train", dynamic_ncols=True) if active else None
+        self.bar = tqdm(total=total_steps, initial=steps_done, desc="train", dynamic_ncols=True) if active else None
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.active:

@@ -10,6 +10,7 @@ schedule, data. The loss of a step is the sum of token losses over every micro-b
 and rank divided by the all-reduced count of trained tokens.
 """
 
+import json
 import logging
 import math
 import sys
@@ -24,12 +25,19 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 from torchtune import config
 
 from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.checkpoint.training_state import (
+    find_latest_checkpoint,
+    load_training_state,
+    maybe_inject_sigkill,
+    save_training_state,
+)
 from omnilong.config import validate_config
 from omnilong.data import collate_padded, load_tokenizer
+from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import check_state_dict_matches, load_native_state_dict
@@ -85,12 +93,15 @@ class OmniLongFullRecipe:
             instantiate("lr_scheduler", self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
             if self.cfg.lr_scheduler is not None else None
         )
+        self.start_step = self._resume() + 1
         if self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
+            self._truncate_metrics(self.start_step)
         metric_logger = (instantiate("metric_logger", self.cfg.metric_logger)
                          if self.cfg.metric_logger is not None and self.is_rank_zero else None)
-        self.metrics = MetricsWriter(self.output_dir, self.cfg.max_steps, self.is_rank_zero, metric_logger)
+        self.metrics = MetricsWriter(self.output_dir, self.cfg.max_steps, self.is_rank_zero, metric_logger,
+                                     steps_done=self.start_step - 1)
 
     def _setup_model(self) -> torch.nn.Module:
         args = text_args_from_hf_config(self.hf_config)
@@ -139,10 +150,11 @@ class OmniLongFullRecipe:
     def _setup_data(self):
         dataset = instantiate("dataset", self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len)
         dp_mesh = self.meshes.dp
-        sampler = DistributedSampler(
-            dataset, num_replicas=dp_mesh.size(), rank=dp_mesh.get_local_rank(),
+        sampler = ResumableDistributedSampler(
+            len(dataset), num_replicas=dp_mesh.size(), rank=dp_mesh.get_local_rank(),
             shuffle=self.cfg.shuffle, seed=self.cfg.seed,
         )
+        self.epoch, self.consumed = 0, 0  # position in the data: samples taken in this epoch, all ranks
         dataloader = DataLoader(
             dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
             collate_fn=partial(collate_padded, pad_id=dataset.pad_id),
@@ -151,16 +163,45 @@ class OmniLongFullRecipe:
                     type(dataset).__name__)
         return dataset, dataloader, sampler
 
+    def _resume(self) -> int:
+        """Load the checkpoint asked for by ``resume_from_checkpoint``; returns its step (0: none)."""
+        wanted = self.cfg.resume_from_checkpoint
+        if wanted is False or wanted is None:
+            return 0
+        path = find_latest_checkpoint(self.output_dir) if wanted is True else Path(wanted)
+        if path is None:
+            logger.info("resume_from_checkpoint: no checkpoint under %s yet, starting from step 1", self.output_dir)
+            return 0
+        trainer = load_training_state(path, self.model, self.optimizer, self.lr_scheduler)
+        self.epoch, self.consumed = trainer["epoch"], trainer["consumed"]
+        logger.info("resumed from %s (step %d, epoch %d, %d samples into it)", path, trainer["step"],
+                    self.epoch, self.consumed)
+        return trainer["step"]
+
+    def _truncate_metrics(self, start_step: int) -> None:
+        """Drop metrics of steps that will be trained again (a run killed after its last checkpoint)."""
+        path = self.output_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def _save_checkpoint(self, step: int) -> None:
+        trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed}
+        path = save_training_state(self.output_dir, step, self.model, self.optimizer, self.lr_scheduler, trainer,
+                                   self.cfg, self.cfg.keep_last_n_checkpoints)
+        logger.info("checkpoint written: %s", path)
+
     # ------------------------------------------------------------------ train
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
-        """Micro-batches for this rank, forever (epoch after epoch): with context parallelism,
-        this rank's shard of each full-sequence batch."""
-        epoch = 0
+        """Micro-batches for this rank, forever (epoch after epoch), from the saved data
+        position on: with context parallelism, this rank's shard of each full-sequence batch."""
+        dp = self.meshes.dp.size()
         while True:
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(self.epoch, self.consumed)
             for batch in self.dataloader:
+                self.consumed += batch["input_ids"].shape[0] * dp
                 yield shard_batch_for_cp(batch, self.meshes.cp, self.dataset.pad_id) if self.dims.cp > 1 else batch
-            epoch += 1
+            self.epoch, self.consumed = self.epoch + 1, 0
 
     def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its (local) summed token loss."""
@@ -184,7 +225,7 @@ class OmniLongFullRecipe:
         cfg = self.cfg
         batches = self._batches()
         self.model.train()
-        for step in range(1, cfg.max_steps + 1):
+        for step in range(self.start_step, cfg.max_steps + 1):
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
             counts = torch.tensor(
@@ -214,6 +255,9 @@ class OmniLongFullRecipe:
                     "tokens_per_sec": float(global_inputs) / elapsed,
                     "peak_memory_gb": peak_memory_gb(self.device),
                 })
+            if cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or step == cfg.max_steps):
+                self._save_checkpoint(step)
+            maybe_inject_sigkill("after_step", step)
 
     def cleanup(self) -> None:
         self.metrics.close()

@@ -21,7 +21,7 @@ STAGE2 = str(REPO / "configs/tiny/stage2_text_sft.yaml")
 
 def tune_run(config, overrides, nproc=1, timeout=300, **popen):
     cmd = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + ["omnilong_full", "--config", config]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**(popen.get("env") or os.environ), "OMP_NUM_THREADS": "1"}
     args = [k if v is None else f"{k}={v}" for k, v in overrides.items()]
     return subprocess.run(cmd + args, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=popen.get("cwd", REPO))
