@@ -3,11 +3,12 @@
     tune run omnilong_full --config configs/tiny/stage1_text.yaml [key=value ...]
     tune run --nproc_per_node 8 omnilong_full --config configs/qwen2_5_vl_7b/stage1_text.yaml
 
-Setup builds, in order: process group and mesh, tokenizer, model on the meta device,
-activation checkpointing, FSDP2 (optionally with CPU offload), weights from the HF
-checkpoint (read on rank 0 only and broadcast shard by shard), loss, optimizer, lr
-schedule, data. The loss of a step is the sum of token losses over every micro-batch
-and rank divided by the all-reduced count of trained tokens.
+Setup builds, in order: process group and mesh, tokenizer, data, model on the meta
+device, ring attention (cp > 1), activation checkpointing, FSDP2 (optionally with CPU
+offload), weights from the HF checkpoint (read on rank 0 only and broadcast shard by
+shard), loss, optimizer, lr schedule, and the training state of a checkpoint to resume
+from. The loss of a step is the sum of token losses over every micro-batch and rank
+divided by the all-reduced count of trained tokens.
 """
 
 import json
@@ -37,6 +38,7 @@ from omnilong.checkpoint.training_state import (
 )
 from omnilong.config import validate_config
 from omnilong.data import collate_padded, load_tokenizer
+from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device
 from omnilong.metrics import MetricsWriter, peak_memory_gb
@@ -229,7 +231,7 @@ class OmniLongFullRecipe:
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
             counts = torch.tensor(
-                [sum(int((mb["labels"] != -100).sum()) for mb in micro_batches),
+                [sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
                  sum(mb["input_ids"].numel() for mb in micro_batches)], dtype=torch.float64,
             )
             dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
