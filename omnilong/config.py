@@ -28,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "save_every_n_steps": None,  # write a resumable checkpoint every N steps (and at the last step)
     "keep_last_n_checkpoints": 2,
     "resume_from_checkpoint": False,  # true: the latest under output_dir/checkpoints; or a step_N path
+    "save_hf_at_end": False,  # export the final weights to output_dir/hf as a Hugging Face model
     "metric_logger": None,
     "log_every_n_steps": 1,
 }

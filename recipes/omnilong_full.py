@@ -14,6 +14,7 @@ divided by the all-reduced count of trained tokens.
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from dataclasses import replace
@@ -29,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from torchtune import config
 
+from omnilong.checkpoint.hf_export import export_hf_checkpoint
 from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.checkpoint.training_state import (
     find_latest_checkpoint,
@@ -257,9 +259,24 @@ class OmniLongFullRecipe:
                     "tokens_per_sec": float(global_inputs) / elapsed,
                     "peak_memory_gb": peak_memory_gb(self.device),
                 })
-            if cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or step == cfg.max_steps):
+            last = step == cfg.max_steps
+            if (cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or last)) or (last and cfg.save_hf_at_end):
                 self._save_checkpoint(step)
             maybe_inject_sigkill("after_step", step)
+        if cfg.save_hf_at_end:
+            self._export_hf(find_latest_checkpoint(self.output_dir))
+
+    def _export_hf(self, checkpoint: Path) -> None:
+        """Rank 0 writes ``output_dir/hf`` from the final checkpoint, reading it shard by shard
+        (no rank gathers the whole model); the others wait."""
+        if self.is_rank_zero:
+            hf_dir = self.output_dir / "hf"
+            if hf_dir.exists():
+                logger.info("replacing the previous export in %s", hf_dir)
+                shutil.rmtree(hf_dir)
+            export_hf_checkpoint(checkpoint, self.checkpoint_dir, hf_dir)
+            logger.info("Hugging Face checkpoint written: %s", hf_dir)
+        dist.barrier()
 
     def cleanup(self) -> None:
         self.metrics.close()

@@ -13,7 +13,6 @@ rank has finished writing, so a crash while saving leaves the previous checkpoin
 leftover ``.tmp`` directories are ignored and removed by the next save.
 """
 
-import io
 import os
 import re
 import shutil
@@ -25,10 +24,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from omegaconf import DictConfig, OmegaConf
-from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from omnilong.checkpoint.dcp_io import SafeFileSystemReader, WeightsOnlyLoadPlanner
 
 CHECKPOINTS_DIR = "checkpoints"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
@@ -42,18 +41,6 @@ def maybe_inject_sigkill(point: str, step: int) -> None:
     """SIGKILL this process if ``$OMNILONG_INJECT_SIGKILL`` is ``f"{point}@{step}"`` (rank 0 only)."""
     if os.environ.get(FAULT_ENV) == f"{point}@{step}" and dist.get_rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-class WeightsOnlyLoadPlanner(DefaultLoadPlanner):
-    """DCP load planner that unpickles non-tensor entries with ``weights_only=True``
-    (DCP's default unpickles them unrestricted)."""
-
-    def load_bytes(self, read_item, value: io.BytesIO) -> None:
-        obj = torch.load(value, weights_only=True)
-        if self.flatten_state_dict:
-            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
-        else:
-            self.state_dict[read_item.dest_index.fqn] = obj
 
 
 def is_complete_checkpoint(path: Path) -> bool:
@@ -148,7 +135,7 @@ def load_training_state(
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {path / '.metadata'})")
     state = _app_state(model, optimizer, lr_scheduler, {"step": 0, "epoch": 0, "consumed": 0})
     try:
-        dcp.load(state, checkpoint_id=path, planner=WeightsOnlyLoadPlanner())
+        dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=WeightsOnlyLoadPlanner())
     except (Exception, CheckpointException) as e:  # CheckpointException (per-rank errors) is a BaseException
         cause = next(iter(e.failures.values())) if isinstance(e, CheckpointException) else e
         raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(cause).__name__} {cause}") from e

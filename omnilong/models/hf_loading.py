@@ -8,14 +8,15 @@ import torch
 from torch import nn
 
 from omnilong.checkpoint.hf_io import read_hf_config, read_hf_state_dict
-from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config
-from omnilong.models.qwen2_5_vl._convert_weights import hf_to_native
+from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config, vision_args_from_hf_config
+from omnilong.models.qwen2_5_vl._convert_weights import hf_to_native, is_vision_key
 
 logger = logging.getLogger(__name__)
 
 
 def build_model_from_hf_config(config: dict[str, Any]) -> nn.Module:
-    """The native model (random init) described by a parsed ``config.json``.
+    """The native model (random init) described by a parsed ``config.json``, with its
+    vision tower when the config has a ``vision_config``.
 
     Build it under ``torch.device("meta")`` to allocate nothing.
 
@@ -24,37 +25,41 @@ def build_model_from_hf_config(config: dict[str, Any]) -> nn.Module:
     """
     model_type = config.get("model_type")
     if model_type == "qwen2_5_vl":
-        return qwen2_5_vl(text_args_from_hf_config(config))
+        return qwen2_5_vl(text_args_from_hf_config(config), vision_args_from_hf_config(config))
     raise ValueError(f"model_type {model_type!r} is not supported; supported: qwen2_5_vl")
 
 
 def load_native_state_dict(model_dir: Union[str, Path], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The weights of an HF model directory under native key names.
-
-    Vision-tower weights that the native model does not use yet are reported in the
-    log (with their count and first names), never silently dropped.
+    """Every weight of an HF model directory under native key names (vision tower included).
 
     Raises:
         ValueError: the checkpoint has keys that match nothing in the key map.
     """
-    native, vision, unknown = hf_to_native(read_hf_state_dict(model_dir, dtype))
+    native, _, unknown = hf_to_native(read_hf_state_dict(model_dir, dtype))
     if unknown:
         raise ValueError(f"{model_dir} has {len(unknown)} keys that match no native parameter: {sorted(unknown)[:20]}")
-    if vision:
-        logger.warning(
-            "%s: %d vision-tower tensors are not used by the native model yet (it trains the "
-            "language model only): %s ...", model_dir, len(vision), ", ".join(sorted(vision)[:3])
-        )
     return native
 
 
 def check_state_dict_matches(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Validate ``state_dict`` against ``model`` (tied output weight filled in when absent).
 
+    A text-only model (no ``visual`` tower) takes the language-model tensors of a full
+    checkpoint; the vision-tower tensors it leaves out are reported in the log (count and
+    first names), never silently dropped.
+
     Raises:
         ValueError: naming every missing key, unexpected key and shape mismatch.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if getattr(model, "visual", None) is None:
+        vision = sorted(k for k in state_dict if is_vision_key(k))
+        if vision:
+            logger.warning(
+                "the model has no vision tower: %d vision-tower tensors of the checkpoint are not loaded: %s ...",
+                len(vision), ", ".join(vision[:3]),
+            )
+            state_dict = {k: v for k, v in state_dict.items() if not is_vision_key(k)}
     if "output.weight" in expected and "output.weight" not in state_dict and getattr(model.args, "tie_word_embeddings", False):
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     missing = sorted(set(expected) - set(state_dict))

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 
+from omnilong.checkpoint.dcp_io import load_model_tensors
 from omnilong.checkpoint.training_state import FAULT_ENV
 from tests.recipes.test_omnilong_full import STAGE1, metrics, tune_run
 
@@ -26,15 +25,6 @@ def _run(tiny_qwen_dir, output_dir, nproc=1, fault=None, **extra):
     env = {**os.environ, FAULT_ENV: fault} if fault else None
     overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": output_dir, **RUN, **extra}
     return tune_run(STAGE1, overrides, nproc=nproc, env=env)
-
-
-def model_tensors(step_dir: Path) -> dict[str, torch.Tensor]:
-    """The ``model`` entries of a DCP checkpoint as full CPU tensors (no process group)."""
-    metadata = FileSystemReader(step_dir).read_metadata()
-    state = {k: torch.empty(m.size, dtype=m.properties.dtype)
-             for k, m in metadata.state_dict_metadata.items() if k.startswith("model.")}
-    dcp.load(state, checkpoint_id=step_dir, no_dist=True)
-    return state
 
 
 def _losses(output_dir):
@@ -52,7 +42,7 @@ def test_sigkilled_run_resumes_to_the_same_losses_and_bitwise_equal_weights(tiny
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "(step 2, epoch 0" in resumed.stderr
     assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
-    final, expected = model_tensors(tmp_path / "run/checkpoints/step_6"), model_tensors(tmp_path / "ref/checkpoints/step_6")
+    final, expected = load_model_tensors(tmp_path / "run/checkpoints/step_6"), load_model_tensors(tmp_path / "ref/checkpoints/step_6")
     assert final.keys() == expected.keys() and len(final) > 0
     for key in expected:
         assert torch.equal(final[key], expected[key]), key
@@ -95,3 +85,31 @@ def test_damaged_checkpoint_is_named_in_the_error(tiny_qwen_dir, tmp_path, damag
         (step / ".metadata").unlink()
     result = _run(tiny_qwen_dir, tmp_path / "run", resume_from_checkpoint=str(step))
     assert result.returncode != 0 and str(step) in result.stderr and "Traceback" not in result.stderr
+
+
+def test_run_ends_with_a_hugging_face_export_that_transformers_loads(tiny_qwen_dir, tmp_path):
+    """2 steps on 2 processes with save_hf_at_end: transformers loads output_dir/hf with no
+    missing or unexpected keys, and its logits equal the native model's with the trained
+    weights of the final checkpoint (fp32, 1e-5)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from omnilong.checkpoint.hf_io import read_hf_state_dict
+    from omnilong.models import load_hf_model
+
+    result = _run(tiny_qwen_dir, tmp_path / "run", nproc=2, max_steps=2, save_every_n_steps="null",
+                  save_hf_at_end="true", rope_theta=2_000_000.0)
+    assert result.returncode == 0, result.stderr[-3000:]
+    hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tmp_path / "run/hf", dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    native = load_hf_model(tmp_path / "run/hf")  # for the tensors the run did not train (vision tower)
+    trained = load_model_tensors(tmp_path / "run/checkpoints/step_2")
+    assert set(trained) <= set(native.state_dict())
+    native.load_state_dict(trained, strict=False)
+    assert native.args.rope_theta == 2_000_000.0
+    input_ids = torch.randint(0, native.args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(native.eval()(input_ids=input_ids), hf.eval()(input_ids=input_ids).logits,
+                                   atol=1e-5, rtol=0)
+    base = read_hf_state_dict(tiny_qwen_dir)
+    assert not torch.equal(hf.lm_head.weight, base["lm_head.weight"])  # the export holds the trained weights

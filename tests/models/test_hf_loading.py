@@ -8,7 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.models import load_hf_model
+from omnilong.models.hf_loading import check_state_dict_matches, load_native_state_dict
+from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config
+from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf
 
 
 def _copy(src, dst):
@@ -22,10 +26,23 @@ def _rewrite_weights(path, edit):
     save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
 
 
-def test_unused_vision_weights_are_reported(tiny_qwen_dir, caplog):
+def test_every_checkpoint_tensor_loads(tiny_qwen_dir):
+    """Vision tower included: each hub tensor lands, unchanged, in the native model."""
+    checkpoint = load_file(tiny_qwen_dir / "model.safetensors")
+    loaded = native_to_hf(load_hf_model(tiny_qwen_dir).state_dict())
+    assert sorted(loaded) == sorted(checkpoint)
+    assert any(k.startswith("visual.blocks.") for k in loaded)
+    for key, tensor in checkpoint.items():
+        assert torch.equal(loaded[key], tensor), key
+
+
+def test_text_only_model_reports_the_vision_weights_it_leaves_out(tiny_qwen_dir, caplog):
+    with torch.device("meta"):
+        model = qwen2_5_vl(text_args_from_hf_config(read_hf_config(tiny_qwen_dir)))
     with caplog.at_level(logging.WARNING):
-        load_hf_model(tiny_qwen_dir)
-    assert "vision-tower tensors are not used" in caplog.text and "visual." in caplog.text
+        state_dict = check_state_dict_matches(model, load_native_state_dict(tiny_qwen_dir))
+    assert "vision-tower tensors of the checkpoint are not loaded" in caplog.text and "visual." in caplog.text
+    assert sorted(state_dict) == sorted(model.state_dict())
 
 
 def test_transformers_v5_in_memory_key_layout_loads(tiny_qwen_dir, tmp_path):

@@ -9,8 +9,28 @@ import re
 
 import torch
 
-# HF hub key template -> native key template; "{}" is the layer index.
+# HF hub key template -> native key template; "{}" is the layer (block) index.
 HF_TO_NATIVE: dict[str, str] = {
+    # vision tower: blocks named like the decoder layers, under "visual."
+    "visual.patch_embed.proj.weight": "visual.patch_embed.proj.weight",
+    "visual.blocks.{}.norm1.weight": "visual.layers.{}.attention_norm.weight",
+    "visual.blocks.{}.norm2.weight": "visual.layers.{}.ffn_norm.weight",
+    "visual.blocks.{}.attn.qkv.weight": "visual.layers.{}.attention.qkv.weight",
+    "visual.blocks.{}.attn.qkv.bias": "visual.layers.{}.attention.qkv.bias",
+    "visual.blocks.{}.attn.proj.weight": "visual.layers.{}.attention.wo.weight",
+    "visual.blocks.{}.attn.proj.bias": "visual.layers.{}.attention.wo.bias",
+    "visual.blocks.{}.mlp.gate_proj.weight": "visual.layers.{}.feed_forward.w1.weight",
+    "visual.blocks.{}.mlp.gate_proj.bias": "visual.layers.{}.feed_forward.w1.bias",
+    "visual.blocks.{}.mlp.up_proj.weight": "visual.layers.{}.feed_forward.w3.weight",
+    "visual.blocks.{}.mlp.up_proj.bias": "visual.layers.{}.feed_forward.w3.bias",
+    "visual.blocks.{}.mlp.down_proj.weight": "visual.layers.{}.feed_forward.w2.weight",
+    "visual.blocks.{}.mlp.down_proj.bias": "visual.layers.{}.feed_forward.w2.bias",
+    "visual.merger.ln_q.weight": "visual.merger.norm.weight",
+    "visual.merger.mlp.0.weight": "visual.merger.w1.weight",
+    "visual.merger.mlp.0.bias": "visual.merger.w1.bias",
+    "visual.merger.mlp.2.weight": "visual.merger.w2.weight",
+    "visual.merger.mlp.2.bias": "visual.merger.w2.bias",
+    # language model
     "model.embed_tokens.weight": "tok_embeddings.weight",
     "model.layers.{}.self_attn.q_proj.weight": "layers.{}.attention.wq.weight",
     "model.layers.{}.self_attn.q_proj.bias": "layers.{}.attention.wq.bias",
@@ -43,15 +63,19 @@ def to_hub_layout(key: str) -> str:
 
 
 def _map_key(key: str, table: dict[str, str]) -> str | None:
+    """``key`` through ``table``: an exact entry first, else the template with its first index as ``{}``."""
+    if key in table:
+        return table[key]
     match = _LAYER_INDEX.search(key)
     if match is None:
-        return table.get(key)
+        return None
     template = table.get(key[: match.start()] + ".{}." + key[match.end():])
     return None if template is None else template.format(match.group(1))
 
 
-def is_vision_key(hub_key: str) -> bool:
-    return hub_key.startswith("visual.")
+def is_vision_key(key: str) -> bool:
+    """Whether a hub or native key names a vision-tower tensor (both layouts use ``visual.``)."""
+    return key.startswith("visual.")
 
 
 def hf_to_native(
@@ -60,21 +84,20 @@ def hf_to_native(
     """Convert an HF state dict (either layout) to native keys.
 
     Returns:
-        ``(native_state_dict, vision_keys, unknown_keys)``: the converted language-model
-        tensors, the hub names of vision-tower tensors (not converted here), and the
-        names of keys that match nothing in the map.
+        ``(native_state_dict, vision_keys, unknown_keys)``: every converted tensor (language
+        model and vision tower), the native names of the vision-tower tensors among them
+        (for a text-only model to leave out), and the names of keys that match nothing in
+        the map.
     """
     native, vision, unknown = {}, [], []
     for key, tensor in hf_state_dict.items():
-        hub_key = to_hub_layout(key)
-        if is_vision_key(hub_key):
-            vision.append(hub_key)
-            continue
-        native_key = _map_key(hub_key, HF_TO_NATIVE)
+        native_key = _map_key(to_hub_layout(key), HF_TO_NATIVE)
         if native_key is None:
             unknown.append(key)
-        else:
-            native[native_key] = tensor
+            continue
+        native[native_key] = tensor
+        if is_vision_key(native_key):
+            vision.append(native_key)
     return native, vision, unknown
 
 

@@ -96,3 +96,96 @@ def text_args_from_hf_config(config: dict[str, Any]) -> Qwen2_5_VLTextArgs:
     )
     args.validate()
     return args
+
+
+@dataclass
+class Qwen2_5_VLVisionArgs:
+    """Shape of the Qwen2.5-VL vision tower (a window-attention ViT with a 2x2 patch merger).
+
+    Defaults are Qwen2.5-VL-7B-Instruct's.
+    """
+
+    depth: int = 32
+    dim: int = 1280
+    n_heads: int = 16
+    hidden_dim: int = 3420
+    out_dim: int = 3584
+    in_channels: int = 3
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: list[int] = field(default_factory=lambda: [7, 15, 23, 31])
+    tokens_per_second: int = 2
+    rope_theta: float = 10_000.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per input row of ``pixel_values``: ``in_channels * temporal_patch_size * patch_size^2``."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def window_units(self) -> int:
+        """Side of an attention window in merged units (2x2 patch groups): 112 px -> 4."""
+        return self.window_size // self.spatial_merge_size // self.patch_size
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` when the shape is not one the tower can be built with."""
+        if self.dim % self.n_heads:
+            raise ValueError(f"vision_config hidden_size {self.dim} is not divisible by num_heads {self.n_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"vision head dim {self.head_dim} must be a multiple of 4 (2-D rotary over h and w)")
+        if self.window_units < 1:
+            raise ValueError(
+                f"vision_config window_size {self.window_size} is smaller than one merged unit "
+                f"({self.spatial_merge_size * self.patch_size} px)"
+            )
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"vision_config fullatt_block_indexes {bad} are outside 0..{self.depth - 1}")
+
+
+def vision_args_from_hf_config(config: dict[str, Any]) -> Optional[Qwen2_5_VLVisionArgs]:
+    """Build :class:`Qwen2_5_VLVisionArgs` from a parsed ``config.json`` (``None`` without a ``vision_config``).
+
+    Both layouts nest the tower's fields in ``vision_config``; the published one names the
+    input channels ``in_chans`` and may omit the rotary base, newer transformers writes
+    ``in_channels`` and ``rope_parameters``. Missing fields take the 7B values.
+
+    Raises:
+        ValueError: for an activation or rotary type the native tower does not implement.
+    """
+    vision = config.get("vision_config")
+    if not vision:
+        return None
+    act = vision.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(
+            f"vision_config hidden_act={act!r} is not supported (the native vision MLP is SwiGLU with silu)"
+        )
+    rope = vision.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", "axial")
+    if rope_type not in ("axial", "default"):
+        raise ValueError(f"vision_config rope type {rope_type!r} is not supported; supported: axial")
+    defaults = Qwen2_5_VLVisionArgs()
+    args = Qwen2_5_VLVisionArgs(
+        depth=vision.get("depth", defaults.depth),
+        dim=vision.get("hidden_size", defaults.dim),
+        n_heads=vision.get("num_heads", defaults.n_heads),
+        hidden_dim=vision.get("intermediate_size", defaults.hidden_dim),
+        out_dim=vision.get("out_hidden_size", defaults.out_dim),
+        in_channels=vision.get("in_channels", vision.get("in_chans", defaults.in_channels)),
+        patch_size=vision.get("patch_size", defaults.patch_size),
+        temporal_patch_size=vision.get("temporal_patch_size", defaults.temporal_patch_size),
+        spatial_merge_size=vision.get("spatial_merge_size", defaults.spatial_merge_size),
+        window_size=vision.get("window_size", defaults.window_size),
+        fullatt_block_indexes=list(vision.get("fullatt_block_indexes", defaults.fullatt_block_indexes)),
+        tokens_per_second=vision.get("tokens_per_second", defaults.tokens_per_second),
+        rope_theta=float(rope.get("rope_theta", vision.get("rope_theta", defaults.rope_theta))),
+    )
+    args.validate()
+    return args

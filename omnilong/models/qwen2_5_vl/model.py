@@ -1,7 +1,7 @@
-"""Qwen2.5-VL as native single-device PyTorch: the language model shell.
+"""Qwen2.5-VL as native single-device PyTorch: vision tower + language model.
 
-The vision tower plugs into this module (its embeddings replace the image/video pad
-tokens); parallelism is applied from outside by ``omnilong.parallel``.
+The vision tower's embeddings replace the image/video pad tokens of the sequence;
+parallelism is applied from outside by ``omnilong.parallel``.
 """
 
 from typing import Optional
@@ -11,6 +11,8 @@ from torch import nn
 
 from omnilong.models.blocks import RMSNorm
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs
+from omnilong.models.qwen2_5_vl.rope_index import rope_index
+from omnilong.models.qwen2_5_vl.vision import VisionTransformer
 from omnilong.models.rope import multimodal_rope_cos_sin
 
 
@@ -23,8 +25,35 @@ def text_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Te
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+def scatter_vision_embeddings(
+    h: torch.Tensor, input_ids: torch.Tensor, token_id: Optional[int], embeddings: torch.Tensor, kind: str
+) -> torch.Tensor:
+    """``h`` with the rows at ``token_id`` positions replaced by ``embeddings`` in order.
+
+    Args:
+        h: ``[B, T, dim]`` token embeddings.
+        input_ids: ``[B, T]``.
+        token_id: the pad token id of this kind (from the config).
+        embeddings: ``[n_tokens, dim]`` vision embeddings, items in sequence order.
+        kind: ``"image"`` or ``"video"``, for the error message.
+
+    Raises:
+        ValueError: the pad-token count differs from the number of embeddings.
+    """
+    if token_id is None:
+        raise ValueError(f"the config has no {kind}_token_id, so {kind} inputs cannot be placed")
+    mask = input_ids == token_id  # [B, T]
+    n_tokens = int(mask.sum())
+    if n_tokens != embeddings.shape[0]:
+        raise ValueError(
+            f"{kind} pad tokens and {kind} features do not match: {n_tokens} <|{kind}_pad|> tokens (id {token_id}) "
+            f"in input_ids, {embeddings.shape[0]} features from the {kind} grids"
+        )
+    return h.masked_scatter(mask.unsqueeze(-1), embeddings.to(h.dtype))
+
+
 class Qwen2_5_VL(nn.Module):
-    """Token embedding -> decoder layers -> final norm -> untied output projection.
+    """Token embedding (+ vision tower) -> decoder layers -> final norm -> untied output projection.
 
     Args:
         args: model shape and special token ids.
@@ -32,6 +61,7 @@ class Qwen2_5_VL(nn.Module):
         layers: the decoder layers.
         norm: final :class:`RMSNorm`.
         output: ``nn.Linear(dim, vocab, bias=False)``; its weight is the embedding's when tied.
+        visual: the vision tower, or ``None`` for a text-only model.
     """
 
     def __init__(
@@ -41,15 +71,40 @@ class Qwen2_5_VL(nn.Module):
         layers: nn.ModuleList,
         norm: RMSNorm,
         output: nn.Linear,
+        visual: Optional[VisionTransformer] = None,
     ):
         super().__init__()
         self.args = args
+        self.visual = visual
         self.tok_embeddings = tok_embeddings
         self.layers = layers
         self.norm = norm
         self.output = output
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
+
+    def multimodal_position_ids(
+        self,
+        input_ids: torch.Tensor,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        video_grid_thw: Optional[torch.Tensor] = None,
+        second_per_grid_ts: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """``[3, B, T]`` M-RoPE positions of ``input_ids`` (see :func:`rope_index`)."""
+        vision_args = self._vision().args
+        position_ids, _ = rope_index(
+            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
+            image_token_id=self.args.image_token_id, video_token_id=self.args.video_token_id,
+            spatial_merge_size=vision_args.spatial_merge_size, tokens_per_second=vision_args.tokens_per_second,
+        )
+        return position_ids
+
+    def _vision(self) -> VisionTransformer:
+        if self.visual is None:
+            raise ValueError("this model was built without a vision tower; build it with vision args "
+                             "(e.g. build_model_from_hf_config) to pass images or videos")
+        return self.visual
 
     def forward(
         self,
@@ -58,29 +113,56 @@ class Qwen2_5_VL(nn.Module):
         position_ids: Optional[torch.Tensor] = None,
         document_ids: Optional[torch.Tensor] = None,
         return_hidden: bool = False,
+        *,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        pixel_values_videos: Optional[torch.Tensor] = None,
+        video_grid_thw: Optional[torch.Tensor] = None,
+        second_per_grid_ts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
-            input_ids: ``[B, T]`` token ids.
+            input_ids: ``[B, T]`` token ids; each image/video is a run of its pad token.
             attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (HF convention);
                 padding tokens are kept out of every real token's attention.
             position_ids: ``[B, T]`` text positions or ``[3, B, T]`` M-RoPE positions
-                (temporal, height, width). Default: derived from ``attention_mask``.
+                (temporal, height, width). Default: :func:`rope_index` of the sequence when
+                grids are given, else text positions derived from ``attention_mask``.
             document_ids: ``[B, T]`` document index per token of a packed row; tokens
                 attend only within their document.
             return_hidden: return the final hidden states (for a loss that applies the
                 output projection itself) instead of logits.
+            pixel_values: ``[N_img, patch_dim]`` image patches (HF processor layout).
+            image_grid_thw: ``[n_images, 3]`` patch grid per image.
+            pixel_values_videos: ``[N_vid, patch_dim]`` video patches.
+            video_grid_thw: ``[n_videos, 3]`` patch grid per video.
+            second_per_grid_ts: ``[n_videos]`` seconds per frame pair (for positions only).
 
         Returns:
             ``[B, T, vocab]`` logits, or ``[B, T, dim]`` hidden states.
+
+        Raises:
+            ValueError: pad-token counts do not match the vision features, or vision inputs
+                reach a model without a vision tower.
         """
-        if position_ids is None:
-            position_ids = text_position_ids(input_ids, attention_mask)
+        h = self.tok_embeddings(input_ids)  # [B, T, dim]
+        if pixel_values is not None:
+            image_embeds = self._vision()(pixel_values, image_grid_thw)  # [n_image_tokens, dim]
+            h = scatter_vision_embeddings(h, input_ids, self.args.image_token_id, image_embeds, "image")
+        if pixel_values_videos is not None:
+            video_embeds = self._vision()(pixel_values_videos, video_grid_thw)  # [n_video_tokens, dim]
+            h = scatter_vision_embeddings(h, input_ids, self.args.video_token_id, video_embeds, "video")
+
+        if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
+            position_ids = self.multimodal_position_ids(
+                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
+            )  # [3, B, T]
+        elif position_ids is None:
+            position_ids = text_position_ids(input_ids, attention_mask)  # [B, T]
         if attention_mask is not None and not bool(attention_mask.all()):
             docs = document_ids if document_ids is not None else torch.zeros_like(input_ids)
             document_ids = torch.where(attention_mask.bool(), docs, -1)
 
-        h = self.tok_embeddings(input_ids)  # [B, T, dim]
         rope = multimodal_rope_cos_sin(
             position_ids, self.args.head_dim, self.args.rope_theta, self.args.mrope_section, h.dtype
         )

@@ -97,15 +97,19 @@ def test_packed_documents_do_not_see_each_other(tiny_qwen_dir):
         torch.testing.assert_close(out[:, 11:], native(input_ids=b), atol=ATOL, rtol=0)
 
 
-def test_7b_language_model_parameter_count_equals_transformers():
-    """Checked on the meta device with the published Qwen2.5-VL-7B-Instruct shape."""
+def test_7b_parameter_counts_equal_transformers():
+    """Checked on the meta device with the published Qwen2.5-VL-7B-Instruct shape: the whole
+    model, and the language model alone."""
     with torch.device("meta"):
         native = qwen2_5_vl_7b()
         hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
             text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                              num_attention_heads=28, num_key_value_heads=4, rope_parameters={
                                  "rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                               fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2),
         ))
     hf_lm = sum(p.numel() for n, p in hf.named_parameters() if "visual" not in n)
-    native_count = sum(p.numel() for p in native.parameters())
-    assert native_count == hf_lm == 7_615_616_512
+    native_lm = sum(p.numel() for n, p in native.named_parameters() if not n.startswith("visual."))
+    assert native_lm == hf_lm == 7_615_616_512
+    assert sum(p.numel() for p in native.parameters()) == sum(p.numel() for p in hf.parameters()) == 8_292_166_656
