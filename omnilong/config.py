@@ -17,6 +17,7 @@ DEFAULTS: dict[str, Any] = {
     "shuffle": True,
     "num_workers": 0,
     "clip_grad_norm": 1.0,  # null: no clipping
+    "freeze_vision": True,  # the vision tower keeps its weights (no gradients, no optimizer state)
     "rope_theta": None,  # override the checkpoint's RoPE base (long-context pretraining raises it)
     "dp_replicate_degree": 1,  # HSDP replicas (e.g. nodes); parameters are sharded within each
     "dp_shard_degree": -1,  # -1: the ranks left after dp_replicate and cp

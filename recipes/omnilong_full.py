@@ -45,7 +45,7 @@ from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import check_state_dict_matches, load_native_state_dict
-from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config
+from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config, vision_args_from_hf_config
 from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
@@ -92,7 +92,8 @@ class OmniLongFullRecipe:
         self.dataset, self.dataloader, self.sampler = self._setup_data()
         self.model = self._setup_model()
         self.loss_fn = self._setup_loss()
-        self.optimizer = instantiate("optimizer", self.cfg.optimizer, self.model.parameters())
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = instantiate("optimizer", self.cfg.optimizer, trainable)
         self.lr_scheduler = (
             instantiate("lr_scheduler", self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
             if self.cfg.lr_scheduler is not None else None
@@ -112,7 +113,9 @@ class OmniLongFullRecipe:
         if self.cfg.rope_theta is not None:
             args = replace(args, rope_theta=float(self.cfg.rope_theta))
         with torch.device("meta"):
-            model = qwen2_5_vl(args)
+            model = qwen2_5_vl(args, vision_args_from_hf_config(self.hf_config))
+        if model.visual is not None and self.cfg.freeze_vision:
+            model.visual.requires_grad_(False)
         if self.dims.cp > 1:
             apply_context_parallel(model, self.meshes.cp)
         if self.cfg.enable_activation_checkpointing:
@@ -126,7 +129,10 @@ class OmniLongFullRecipe:
         model.to_empty(device="cpu" if self.cfg.fsdp_cpu_offload else self.device)
         self._load_weights(model)
         n_params = sum(p.numel() for p in model.parameters())
-        logger.info("model: %s parameters, %d layers, rope_theta %g", f"{n_params:,}", args.n_layers, args.rope_theta)
+        n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info("model: %s parameters (%s trained), %d layers, rope_theta %g, vision tower %s",
+                    f"{n_params:,}", f"{n_trained:,}", args.n_layers, args.rope_theta,
+                    "none" if model.visual is None else ("frozen" if self.cfg.freeze_vision else "trained"))
         return model
 
     def _load_weights(self, model: torch.nn.Module) -> None:

@@ -11,13 +11,19 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from omnilong.parallel.mesh import ParallelMeshes
 
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer's activations in backward (non-reentrant checkpointing).
+def _block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The repeated blocks of ``model``: its decoder layers, and its vision tower's blocks if any."""
+    visual = getattr(model, "visual", None)
+    return [model.layers] + ([visual.layers] if visual is not None else [])
 
-    State-dict keys are unchanged (the wrapper strips its own prefix).
-    """
-    for index, layer in enumerate(model.layers):
-        model.layers[index] = checkpoint_wrapper(layer, preserve_rng_state=False)
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder layer's (and vision block's) activations in backward
+    (non-reentrant checkpointing). State-dict keys are unchanged (the wrapper strips its
+    own prefix)."""
+    for blocks in _block_lists(model):
+        for index, block in enumerate(blocks):
+            blocks[index] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def apply_fsdp(
@@ -27,14 +33,16 @@ def apply_fsdp(
     param_dtype: Optional[torch.dtype] = None,
     reduce_dtype: torch.dtype = torch.float32,
 ) -> None:
-    """``fully_shard`` each decoder layer, then the root (embedding, final norm, output).
+    """``fully_shard`` each decoder layer and vision block, then the root (embeddings, final
+    norm, output, vision patch embedding and merger).
 
     Parameters are sharded over ``dp_shard x cp`` (replicated over ``dp_replicate``,
     i.e. HSDP, when that degree is > 1). Gradients are *summed* across ranks, not
     averaged: the recipe divides the loss by the global token count itself.
 
     Args:
-        model: a model with a ``layers`` ModuleList, parameters on the meta device.
+        model: a model with a ``layers`` ModuleList (and optionally a ``visual`` tower with
+            ``layers``), parameters on the meta device.
         meshes: the meshes of :func:`omnilong.parallel.mesh.build_mesh`.
         cpu_offload: keep sharded parameters, gradients and optimizer state on CPU.
         param_dtype: compute dtype of the unsharded parameters (``None``: as stored).
@@ -51,8 +59,9 @@ def apply_fsdp(
     if cpu_offload:
         # Pinned host memory speeds up host-device copies; there are none on a CPU-only mesh.
         kwargs["offload_policy"] = CPUOffloadPolicy(pin_memory=meshes.world.device_type == "cuda")
-    for layer in model.layers:
-        fully_shard(layer, **kwargs)
+    for blocks in _block_lists(model):
+        for block in blocks:
+            fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)
     sum_gradients_across_ranks(model)
 

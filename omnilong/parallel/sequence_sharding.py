@@ -16,7 +16,7 @@ import torch.distributed as dist
 from omnilong.data.packed_text import IGNORE_INDEX
 
 #: Batch keys whose last dimension is the sequence; other keys pass through untouched.
-SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "document_ids")
+SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "document_ids", "vision_token_index")
 
 
 def padded_length(seq_len: int, cp: int) -> int:
@@ -71,8 +71,8 @@ def pad_batch(
 
     Padding is appended at the end: ``input_ids`` get ``pad_token_id``, ``labels`` get
     ``-100``, ``position_ids`` (``[B, T]`` or ``[3, B, T]``) count from 0 as a new
-    document would, and ``document_ids`` get a new id (the largest id plus one) so the
-    padding never attends real tokens. Without ``document_ids`` causality alone keeps
+    document would, ``document_ids`` get a new id (the largest id plus one) so the
+    padding never attends real tokens, and ``vision_token_index`` gets -1. Without ``document_ids`` causality alone keeps
     real tokens away from the padding, which comes after them.
 
     Args:
@@ -97,6 +97,8 @@ def pad_batch(
             padded[key] = pad_to_shardable(x, cp, value=int(x.max()) + 1)
         elif key == "labels":
             padded[key] = pad_to_shardable(x, cp, value=IGNORE_INDEX)
+        elif key == "vision_token_index":
+            padded[key] = pad_to_shardable(x, cp, value=-1)
         else:
             padded[key] = pad_to_shardable(x, cp, value=pad_token_id)
     return padded

@@ -25,17 +25,37 @@ def text_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Te
     return positions.masked_fill(attention_mask == 0, 1)
 
 
+def vision_token_index(input_ids: torch.Tensor, token_ids: list[Optional[int]]) -> torch.Tensor:
+    """``[B, T]`` ordinal of each vision pad token among the pad tokens of its kind in the
+    batch (row-major), -1 for other tokens. Computed on the full sequence, it tells a shard
+    of the sequence which vision features its pad tokens take."""
+    index = torch.full_like(input_ids, -1)
+    for token_id in token_ids:
+        if token_id is not None:
+            mask = input_ids == token_id
+            index[mask] = torch.arange(int(mask.sum()), device=input_ids.device)
+    return index
+
+
 def scatter_vision_embeddings(
-    h: torch.Tensor, input_ids: torch.Tensor, token_id: Optional[int], embeddings: torch.Tensor, kind: str
+    h: torch.Tensor,
+    input_ids: torch.Tensor,
+    token_id: Optional[int],
+    embeddings: torch.Tensor,
+    kind: str,
+    token_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``h`` with the rows at ``token_id`` positions replaced by ``embeddings`` in order.
+    """``h`` with the rows at ``token_id`` positions replaced by vision embeddings.
 
     Args:
         h: ``[B, T, dim]`` token embeddings.
         input_ids: ``[B, T]``.
         token_id: the pad token id of this kind (from the config).
-        embeddings: ``[n_tokens, dim]`` vision embeddings, items in sequence order.
+        embeddings: ``[n_features, dim]`` vision embeddings, items in sequence order.
         kind: ``"image"`` or ``"video"``, for the error message.
+        token_index: ``[B, T]`` feature index of each pad token (:func:`vision_token_index`
+            of the full sequence, sharded with it); ``None``: pad tokens take the features
+            in order, one each.
 
     Raises:
         ValueError: the pad-token count differs from the number of embeddings.
@@ -43,6 +63,8 @@ def scatter_vision_embeddings(
     if token_id is None:
         raise ValueError(f"the config has no {kind}_token_id, so {kind} inputs cannot be placed")
     mask = input_ids == token_id  # [B, T]
+    if token_index is not None:
+        return h.masked_scatter(mask.unsqueeze(-1), embeddings[token_index[mask]].to(h.dtype))
     n_tokens = int(mask.sum())
     if n_tokens != embeddings.shape[0]:
         raise ValueError(
@@ -119,6 +141,7 @@ class Qwen2_5_VL(nn.Module):
         pixel_values_videos: Optional[torch.Tensor] = None,
         video_grid_thw: Optional[torch.Tensor] = None,
         second_per_grid_ts: Optional[torch.Tensor] = None,
+        vision_token_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -137,6 +160,8 @@ class Qwen2_5_VL(nn.Module):
             pixel_values_videos: ``[N_vid, patch_dim]`` video patches.
             video_grid_thw: ``[n_videos, 3]`` patch grid per video.
             second_per_grid_ts: ``[n_videos]`` seconds per frame pair (for positions only).
+            vision_token_index: ``[B, T]`` which feature each pad token takes, for a shard of a
+                sequence (see :func:`vision_token_index`); default: in order.
 
         Returns:
             ``[B, T, vocab]`` logits, or ``[B, T, dim]`` hidden states.
@@ -148,10 +173,14 @@ class Qwen2_5_VL(nn.Module):
         h = self.tok_embeddings(input_ids)  # [B, T, dim]
         if pixel_values is not None:
             image_embeds = self._vision()(pixel_values, image_grid_thw)  # [n_image_tokens, dim]
-            h = scatter_vision_embeddings(h, input_ids, self.args.image_token_id, image_embeds, "image")
+            h = scatter_vision_embeddings(
+                h, input_ids, self.args.image_token_id, image_embeds, "image", vision_token_index
+            )
         if pixel_values_videos is not None:
             video_embeds = self._vision()(pixel_values_videos, video_grid_thw)  # [n_video_tokens, dim]
-            h = scatter_vision_embeddings(h, input_ids, self.args.video_token_id, video_embeds, "video")
+            h = scatter_vision_embeddings(
+                h, input_ids, self.args.video_token_id, video_embeds, "video", vision_token_index
+            )
 
         if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
             position_ids = self.multimodal_position_ids(

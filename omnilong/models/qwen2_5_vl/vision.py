@@ -13,6 +13,7 @@ never with an ``N x N`` mask.
 """
 
 from collections import defaultdict
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -212,8 +213,18 @@ class VisionTransformer(nn.Module):
         self.patch_embed = patch_embed
         self.layers = layers
         self.merger = merger
+        # How the work is spread: None encodes everything here; ``omnilong.parallel`` sets a
+        # strategy ``split(encode, pixel_values, grid_thw)`` that encodes a share of the frames
+        # on each context-parallel rank and returns every feature.
+        self.split: Optional[Callable[..., torch.Tensor]] = None
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """See :meth:`encode`; delegated to ``self.split`` when one is set."""
+        if self.split is not None:
+            return self.split(self.encode, pixel_values, grid_thw)
+        return self.encode(pixel_values, grid_thw)
+
+    def encode(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """
         Args:
             pixel_values: ``[N, patch_dim]`` patches of all images (or videos) in order, as the
