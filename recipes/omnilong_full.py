@@ -39,7 +39,7 @@ from omnilong.checkpoint.training_state import (
     save_training_state,
 )
 from omnilong.config import validate_config
-from omnilong.data import collate_padded, load_tokenizer
+from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device
@@ -91,6 +91,7 @@ class OmniLongFullRecipe:
         self.tokenizer = load_tokenizer(self.cfg.tokenizer_dir or self.checkpoint_dir)
         self.dataset, self.dataloader, self.sampler = self._setup_data()
         self.model = self._setup_model()
+        self._check_data_matches_model()
         self.loss_fn = self._setup_loss()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = instantiate("optimizer", self.cfg.optimizer, trainable)
@@ -152,6 +153,18 @@ class OmniLongFullRecipe:
             model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         )
 
+    def _check_data_matches_model(self) -> None:
+        """A dataset that places vision tokens must use the model's token ids and timing."""
+        args, visual = self.model.args, self.model.visual
+        for name in ("video_token_id", "image_token_id"):
+            if hasattr(self.dataset, name) and getattr(self.dataset, name) != getattr(args, name):
+                raise ValueError(f"the dataset's {name} {getattr(self.dataset, name)} is not the model's "
+                                 f"{getattr(args, name)}: use the tokenizer of the checkpoint")
+        tokens_per_second = getattr(self.dataset, "tokens_per_second", None)
+        if visual is not None and tokens_per_second is not None and tokens_per_second != visual.args.tokens_per_second:
+            raise ValueError(f"dataset.tokens_per_second={tokens_per_second} differs from the model's "
+                             f"vision_config.tokens_per_second={visual.args.tokens_per_second}")
+
     def _setup_loss(self) -> torch.nn.Module:
         if self.cfg.loss.get("reduction", "sum") != "sum":
             raise ValueError("loss.reduction must be 'sum': the recipe divides by the global token count itself")
@@ -165,12 +178,13 @@ class OmniLongFullRecipe:
             shuffle=self.cfg.shuffle, seed=self.cfg.seed,
         )
         self.epoch, self.consumed = 0, 0  # position in the data: samples taken in this epoch, all ranks
+        self.num_skipped = 0  # bad samples met in training (skip_bad_samples), all ranks
         dataloader = DataLoader(
             dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
             collate_fn=partial(collate_padded, pad_id=dataset.pad_id),
         )
-        logger.info("data: %d rows of up to %d tokens (%s)", len(dataset), self.cfg.max_seq_len,
-                    type(dataset).__name__)
+        logger.info("data: %d rows of up to %d tokens (%s); %d samples skipped while reading", len(dataset),
+                    self.cfg.max_seq_len, type(dataset).__name__, getattr(dataset, "num_skipped", 0))
         return dataset, dataloader, sampler
 
     def _resume(self) -> int:
@@ -183,7 +197,7 @@ class OmniLongFullRecipe:
             logger.info("resume_from_checkpoint: no checkpoint under %s yet, starting from step 1", self.output_dir)
             return 0
         trainer = load_training_state(path, self.model, self.optimizer, self.lr_scheduler)
-        self.epoch, self.consumed = trainer["epoch"], trainer["consumed"]
+        self.epoch, self.consumed, self.num_skipped = trainer["epoch"], trainer["consumed"], trainer["num_skipped"]
         logger.info("resumed from %s (step %d, epoch %d, %d samples into it)", path, trainer["step"],
                     self.epoch, self.consumed)
         return trainer["step"]
@@ -196,7 +210,7 @@ class OmniLongFullRecipe:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _save_checkpoint(self, step: int) -> None:
-        trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed}
+        trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed, "num_skipped": self.num_skipped}
         path = save_training_state(self.output_dir, step, self.model, self.optimizer, self.lr_scheduler, trainer,
                                    self.cfg, self.cfg.keep_last_n_checkpoints)
         logger.info("checkpoint written: %s", path)
@@ -206,16 +220,20 @@ class OmniLongFullRecipe:
         """Micro-batches for this rank, forever (epoch after epoch), from the saved data
         position on: with context parallelism, this rank's shard of each full-sequence batch."""
         dp = self.meshes.dp.size()
+        args = self.model.args
+        vision_token_ids = (args.image_token_id, args.video_token_id)
         while True:
             self.sampler.set_epoch(self.epoch, self.consumed)
             for batch in self.dataloader:
                 self.consumed += batch["input_ids"].shape[0] * dp
-                yield shard_batch_for_cp(batch, self.meshes.cp, self.dataset.pad_id) if self.dims.cp > 1 else batch
+                if self.dims.cp > 1:
+                    batch = shard_batch_for_cp(batch, self.meshes.cp, self.dataset.pad_id, vision_token_ids)
+                yield batch
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its (local) summed token loss."""
-        batch = {k: v.to(self.device) for k, v in batch.items()}
+        batch = {k: v.to(self.device) for k, v in batch.items() if k != "skipped"}
         labels = batch.pop("labels")
         hidden = self.model(**batch, return_hidden=True)
         weight = self.model.output.weight
@@ -244,6 +262,9 @@ class OmniLongFullRecipe:
             )
             dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
             global_tokens, global_inputs = counts[0].to(self.device), counts[1]
+            skipped = torch.tensor(sum(int(mb["skipped"].sum()) for mb in micro_batches if "skipped" in mb))
+            dist.all_reduce(skipped, group=self.meshes.dp.get_group())  # cp ranks of a group share rows
+            self.num_skipped += int(skipped)
 
             loss_sum = sum(self._micro_step(mb, global_tokens) for mb in micro_batches)
             grad_norm = self._clip_gradients()
@@ -264,6 +285,7 @@ class OmniLongFullRecipe:
                     "num_tokens": int(counts[0]),
                     "tokens_per_sec": float(global_inputs) / elapsed,
                     "peak_memory_gb": peak_memory_gb(self.device),
+                    "num_skipped": self.num_skipped,
                 })
             last = step == cfg.max_steps
             if (cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or last)) or (last and cfg.save_hf_at_end):
@@ -305,6 +327,9 @@ def recipe_main(cfg: DictConfig) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted: stopping cleanly")
         return 130
+    except BadSampleError as e:  # the launcher stops the other ranks when this one exits
+        print(f"omnilong_full: error: {e}", file=sys.stderr)
+        return 1
     finally:
         recipe.cleanup()
     return 0

@@ -88,3 +88,15 @@ def tiny_qwen_flat_dir(tmp_path_factory) -> Path:
     from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
 
     return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen_flat"), seed=0, nested_config=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_videos_dir(tmp_path_factory) -> Path:
+    """Short generated videos (a coloured square moving) and a train.jsonl of conversations."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("tiny_videos")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "make_tiny_videos.py"
+    subprocess.run([sys.executable, str(tool), "--output", str(out)], check=True, capture_output=True)
+    return out

@@ -4,7 +4,8 @@ Layout of ``<output_dir>/checkpoints/step_N/``:
 
 - DCP files (``.metadata`` + ``__R_0.distcp``): ``model`` (native parameter names, sharded
   as trained; DCP reshards on load, so resuming on another world size works),
-  ``optimizer``, ``lr_scheduler``, ``trainer`` (step, epoch, samples consumed in the epoch);
+  ``optimizer``, ``lr_scheduler``, ``trainer`` (step, epoch, samples consumed in the epoch,
+  bad samples skipped so far);
 - ``rng/rank_R.pt``: each rank's RNG states;
 - ``config.yaml``: the run's resolved config.
 
@@ -124,7 +125,7 @@ def load_training_state(
     rank's RNG states when the checkpoint has them.
 
     Returns:
-        The ``trainer`` state (``step``, ``epoch``, ``consumed``).
+        The ``trainer`` state (``step``, ``epoch``, ``consumed``, ``num_skipped``).
 
     Raises:
         FileNotFoundError: ``path`` is not a complete checkpoint (names it).
@@ -133,7 +134,7 @@ def load_training_state(
     path = Path(path)
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {path / '.metadata'})")
-    state = _app_state(model, optimizer, lr_scheduler, {"step": 0, "epoch": 0, "consumed": 0})
+    state = _app_state(model, optimizer, lr_scheduler, {"step": 0, "epoch": 0, "consumed": 0, "num_skipped": 0})
     try:
         dcp.load(state, storage_reader=SafeFileSystemReader(path), planner=WeightsOnlyLoadPlanner())
     except (Exception, CheckpointException) as e:  # CheckpointException (per-rank errors) is a BaseException

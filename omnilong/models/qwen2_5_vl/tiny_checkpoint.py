@@ -23,16 +23,31 @@ SPECIAL_TOKENS = [
     "<|video_pad|>",
 ]
 
-# ChatML, as the Qwen2.5 instruct models use it; a system turn is added when absent.
+# ChatML, as the Qwen2.5 instruct models use it; a system turn is added when absent. String
+# contents render as they are; list contents (transformers' multimodal messages) render
+# each ``{"type": "video"}`` / ``{"type": "image"}`` item as its vision placeholder, as
+# Qwen2.5-VL's own template does, and ``{"type": "text", "text": ...}`` items as their text.
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{%- if loop.first and message['role'] != 'system' %}"
     "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
     "{%- endif %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for item in message['content'] %}"
+    "{%- if item['type'] == 'video' or 'video' in item %}{{- '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif item['type'] == 'image' or 'image' in item %}{{- '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in item %}{{- item['text'] }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
+
+# Pixel bounds of the tiny checkpoint's image and video processors: small frames (e.g.
+# 56x84) keep their size, so a tiny video costs a few LLM tokens per frame pair.
+TINY_MIN_PIXELS = 4 * 28 * 28
+TINY_MAX_PIXELS = 16 * 28 * 28
 
 # Standard-library modules the tiny tokenizer learns its merges from: present in every
 # CPython 3.10+ installation, so the tokenizer is the same on every machine.
@@ -136,9 +151,20 @@ def write_tiny_qwen2_5_vl(
     )
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    write_tiny_processor_configs(out_dir)
     if not nested_config:
         _flatten_config(out_dir / "config.json")
     return out_dir
+
+
+def write_tiny_processor_configs(out_dir: Union[str, Path]) -> None:
+    """Write ``preprocessor_config.json`` and ``video_preprocessor_config.json`` (Qwen2-VL
+    image and video processors with the tiny pixel bounds) into ``out_dir``."""
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    size = {"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS}
+    Qwen2VLImageProcessor(size=size).save_pretrained(out_dir)
+    Qwen2VLVideoProcessor(size=size).save_pretrained(out_dir)
 
 
 def _flatten_config(path: Path) -> None:

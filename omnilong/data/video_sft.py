@@ -1,0 +1,327 @@
+"""Stage 3 data: video instruction tuning samples for Qwen2.5-VL.
+
+A sample is a JSONL line (or an element of a JSON list) in one of the common shapes::
+
+    {"video": "clips/a.mp4", "conversations": [{"from": "human", "value": "<video>\\nWhat ...?"},
+                                               {"from": "gpt", "value": "..."}]}
+    {"video": "clips/a.mp4", "messages": [{"role": "user", "content": "<video>\\nWhat ...?"},
+                                          {"role": "assistant", "content": "..."}]}
+
+``video`` may also be a list, one per ``<video>`` placeholder (in user turns, in
+order). Relative paths are resolved against ``data_root`` or else the sample file's
+directory. Each placeholder becomes ``<|vision_start|>`` + ``<|video_pad|>`` x tokens +
+``<|vision_end|>`` inside the chat template's rendering; labels are set only on
+assistant turns and shifted once over the full sequence, and M-RoPE positions are
+computed on the full sequence with :func:`rope_index`.
+
+Construction reads and validates the sample files (and tokenizes the text); videos are
+decoded in ``__getitem__``, so in the DataLoader's workers.
+
+Bad samples and lockstep: a video that cannot be decoded, or a sample longer than
+``max_seq_len`` once its videos are sized, raises :class:`BadSampleError` naming the
+sample and file. With ``skip_bad_samples`` the item is instead a *placeholder*: a
+three-token row holding one blank 2x28x28 video (one LLM token) with every label
+ignored, flagged ``skipped = True``. It keeps the index -> item mapping (every rank
+draws the same number of items, so the same number of steps), feeds the vision tower
+like any other item (so every rank runs the same FSDP / context-parallel collectives)
+and adds nothing to the loss or to the count of trained tokens. Samples whose video
+file is missing at construction are dropped then (counted in ``num_skipped``); every
+rank reads the same files, so all ranks see the same dataset length.
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import torch
+from torch.utils.data import Dataset
+
+from omnilong.data.chat import assistant_char_spans
+from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.data.sources import PathLike, expand_data_files, read_records
+from omnilong.data.video import (
+    FACTOR,
+    MERGE_SIZE,
+    PATCH_SIZE,
+    TEMPORAL_PATCH_SIZE,
+    VideoDecodeError,
+    VideoOptions,
+    decode_video,
+    num_video_tokens,
+    process_video,
+    resized_sizes,
+)
+from omnilong.models.qwen2_5_vl.rope_index import rope_index
+
+logger = logging.getLogger(__name__)
+
+VIDEO_PLACEHOLDER = "<video>"
+VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|video_pad|>", "<|image_pad|>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class BadSampleError(ValueError):
+    """A sample that cannot be used (undecodable video, too many tokens); names sample and file."""
+
+
+@dataclass(frozen=True)
+class VideoSample:
+    """One validated sample.
+
+    Attributes:
+        origin: ``"file:line"`` (JSONL) or ``"file[index]"`` (JSON), for messages.
+        videos: resolved video paths, in placeholder order.
+        messages: ``[{"role", "content"}]`` with each ``<video>`` replaced by
+            ``<|vision_start|><|video_pad|><|vision_end|>`` (one pad token per video).
+    """
+
+    origin: str
+    videos: tuple[Path, ...]
+    messages: list[dict]
+
+
+def _messages(origin: str, record: dict) -> list[dict]:
+    """``[{"role", "content"}]`` of the ShareGPT (``conversations``) or ``messages`` shape."""
+    if isinstance(record.get("conversations"), list):
+        turns, role_key, text_key = record["conversations"], "from", "value"
+    elif isinstance(record.get("messages"), list):
+        turns, role_key, text_key = record["messages"], "role", "content"
+    else:
+        raise ValueError(f"{origin}: expected a list 'conversations' (from/value) or 'messages' (role/content)")
+    messages = []
+    for i, turn in enumerate(turns):
+        role = _ROLES.get(turn.get(role_key)) if isinstance(turn, dict) else None
+        if role is None or not isinstance(turn.get(text_key), str):
+            raise ValueError(f"{origin}: turn {i} must be {{{role_key!r}: one of {sorted(_ROLES)}, "
+                             f"{text_key!r}: str}}, got {turn!r:.200}")
+        messages.append({"role": role, "content": turn[text_key]})
+    if not messages:
+        raise ValueError(f"{origin}: the conversation is empty")
+    return messages
+
+
+def parse_sample(origin: str, record: Any, root: Path) -> VideoSample:
+    """Validate one raw sample and resolve its video paths against ``root``.
+
+    Raises:
+        ValueError: a malformed sample, a ``<video>`` placeholder outside user turns, or
+            placeholders and videos that do not pair up (names the sample).
+    """
+    if not isinstance(record, dict):
+        raise ValueError(f"{origin}: expected an object, got {type(record).__name__}")
+    videos = record.get("video")
+    videos = [videos] if isinstance(videos, str) else videos
+    if not isinstance(videos, list) or not videos or not all(isinstance(v, str) and v for v in videos):
+        raise ValueError(f"{origin}: expected 'video': a path or a non-empty list of paths")
+    messages = _messages(origin, record)
+    if any(VIDEO_PLACEHOLDER in m["content"] for m in messages if m["role"] != "user"):
+        raise ValueError(f"{origin}: a {VIDEO_PLACEHOLDER} placeholder may only appear in user turns")
+    found = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in messages)
+    if found != len(videos):
+        problem = "no" if found == 0 else ("more" if found > len(videos) else "fewer")
+        raise ValueError(f"{origin}: {problem} {VIDEO_PLACEHOLDER} placeholders than videos "
+                         f"({found} placeholders, {len(videos)} videos)")
+    marker = VISION_START + VIDEO_PAD + VISION_END
+    for m in messages:
+        m["content"] = m["content"].replace(VIDEO_PLACEHOLDER, marker)
+    return VideoSample(origin, tuple(root / v for v in videos), messages)
+
+
+def read_video_samples(
+    data_files: Union[PathLike, Sequence[PathLike]], data_root: Optional[PathLike] = None
+) -> Iterable[VideoSample]:
+    """Validated samples of JSONL / JSON / parquet files (paths, directories or globs).
+
+    Args:
+        data_files: sample files.
+        data_root: directory relative video paths are resolved against; default each
+            sample file's directory.
+    """
+    for path in expand_data_files(data_files):
+        root = Path(data_root).expanduser() if data_root is not None else path.parent
+        for origin, record in read_records(path):
+            yield parse_sample(origin, record, root)
+
+
+class VideoSFTDataset(Dataset):
+    """Video chat samples; text tokenized at construction, videos decoded per item.
+
+    Args:
+        tokenizer: a transformers fast tokenizer with a chat template and the Qwen
+            vision tokens (``<|vision_start|>``, ``<|vision_end|>``, ``<|video_pad|>``).
+        samples: validated samples (:func:`read_video_samples`).
+        max_seq_len: most tokens per sample, video tokens included.
+        options: frame sampling and sizing.
+        tokens_per_second: the vision config's temporal positions per second of video.
+        skip_bad_samples: drop samples whose video is missing (counted in
+            ``num_skipped``) and turn unusable items into skipped placeholders instead
+            of raising (see the module docstring).
+
+    Raises:
+        ValueError: no usable sample, a tokenizer without the vision tokens or a chat
+            template, or a placeholder the template did not keep.
+        FileNotFoundError: a missing video (names sample and file), unless skipped.
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        samples: Iterable[VideoSample],
+        max_seq_len: int,
+        options: VideoOptions = VideoOptions(),
+        tokens_per_second: int = 2,
+        skip_bad_samples: bool = False,
+    ):
+        if max_seq_len <= 0:
+            raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template; stage-3 video data needs one")
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD)}
+        missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+        if missing:
+            raise ValueError(f"the tokenizer lacks the vision tokens {missing}; use Qwen2.5-VL's tokenizer")
+        self.vision_start_id, self.vision_end_id = ids[VISION_START], ids[VISION_END]
+        self.video_token_id, self.image_token_id = ids[VIDEO_PAD], ids[IMAGE_PAD]
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.max_seq_len, self.options = max_seq_len, options
+        self.tokens_per_second, self.skip_bad_samples = tokens_per_second, skip_bad_samples
+        self.num_skipped = 0
+        self._samples: list[tuple[VideoSample, torch.Tensor, torch.Tensor]] = []
+        for sample in samples:
+            absent = next((v for v in sample.videos if not v.is_file()), None)
+            if absent is not None:
+                if not skip_bad_samples:
+                    raise FileNotFoundError(f"{sample.origin}: video file not found: {absent}")
+                self.num_skipped += 1
+                continue
+            self._samples.append((sample, *self._tokenize(tokenizer, sample)))
+        if not self._samples:
+            raise ValueError("no usable video sample in the dataset")
+        if self.num_skipped:
+            logger.warning("skipped %d samples whose video file is missing", self.num_skipped)
+
+    def _tokenize(self, tokenizer, sample: VideoSample) -> tuple[torch.Tensor, torch.Tensor]:
+        """``input_ids [L]`` with one ``<|video_pad|>`` per video and ``trainable [L]`` (bool:
+        the token belongs to an assistant turn)."""
+        text, spans = assistant_char_spans(tokenizer, sample.messages)
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        input_ids = torch.tensor(encoded["input_ids"])
+        starts = torch.tensor([start for start, _ in encoded["offset_mapping"]])
+        trainable = torch.zeros(len(input_ids), dtype=torch.bool)
+        for lo, hi in spans:
+            trainable |= (starts >= lo) & (starts < hi)
+        if int((input_ids == self.video_token_id).sum()) != len(sample.videos):
+            raise ValueError(f"{sample.origin}: the rendered conversation does not hold one {VIDEO_PAD} per video "
+                             f"(the text contains {VIDEO_PAD}, or the chat template dropped a placeholder)")
+        return input_ids, trainable
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index`` with its videos decoded and processed.
+
+        Returns:
+            ``input_ids``, ``labels``, ``document_ids`` ``[T]``; ``position_ids`` ``[3, T]``;
+            ``pixel_values_videos`` ``[N, 1176]``; ``video_grid_thw`` ``[V, 3]``;
+            ``second_per_grid_ts`` ``[V]``; ``skipped`` (0-d bool).
+
+        Raises:
+            BadSampleError: an undecodable video or too many tokens, unless skipped.
+        """
+        sample, input_ids, trainable = self._samples[index]
+        try:
+            return self._item(sample, input_ids, trainable)
+        except BadSampleError as e:
+            if not self.skip_bad_samples:
+                raise
+            logger.warning("skipping a bad sample: %s", e)
+            return self._placeholder()
+
+    def _item(self, sample: VideoSample, input_ids: torch.Tensor, trainable: torch.Tensor) -> dict[str, torch.Tensor]:
+        try:
+            videos = [decode_video(path, self.options.fps, self.options.max_frames) for path in sample.videos]
+        except (FileNotFoundError, VideoDecodeError) as e:
+            raise BadSampleError(f"{sample.origin}: {e}") from e
+        sizes = resized_sizes(videos, self.options)
+        counts = [num_video_tokens(v.frames.shape[0], h, w) for v, (h, w) in zip(videos, sizes)]
+        length = len(input_ids) - len(videos) + sum(counts)
+        if length > self.max_seq_len:
+            raise BadSampleError(
+                f"{sample.origin}: sample has {length} tokens ({sum(counts)} of them video, from "
+                f"{', '.join(map(str, sample.videos))}), more than max_seq_len={self.max_seq_len} (lower fps, "
+                "max_frames or video_total_pixels, raise max_seq_len, or set skip_bad_samples: true)"
+            )
+        vision = [process_video(v, h, w) for v, (h, w) in zip(videos, sizes)]
+        return self._row(input_ids, trainable, counts, {
+            key: torch.cat([item[key] for item in vision]) for key in vision[0]
+        }, skipped=False)
+
+    def _row(
+        self, input_ids: torch.Tensor, trainable: torch.Tensor, counts: list[int], vision: dict[str, torch.Tensor],
+        skipped: bool,
+    ) -> dict[str, torch.Tensor]:
+        """The item of a token row holding one ``<|video_pad|>`` per video, each expanded
+        to ``counts[i]`` tokens; labels shifted once, positions of the full row."""
+        repeats = torch.ones_like(input_ids)
+        repeats[input_ids == self.video_token_id] = torch.tensor(counts)
+        input_ids, trainable = input_ids.repeat_interleave(repeats), trainable.repeat_interleave(repeats)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        # Shift once on the full sequence: position t predicts token t+1 when that token is trained.
+        labels[:-1] = torch.where(trainable[1:], input_ids[1:], IGNORE_INDEX)
+        position_ids, _ = rope_index(
+            input_ids[None], video_grid_thw=vision["video_grid_thw"], second_per_grid_ts=vision["second_per_grid_ts"],
+            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            tokens_per_second=self.tokens_per_second,
+        )
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "position_ids": position_ids[:, 0],  # shape: [3, T]
+            "document_ids": torch.zeros(len(input_ids), dtype=torch.long),
+            **vision,
+            "skipped": torch.tensor(skipped),
+        }
+
+    def _placeholder(self) -> dict[str, torch.Tensor]:
+        """A skipped item: ``<|vision_start|><|video_pad|><|vision_end|>`` over one blank
+        2x28x28 video (one LLM token), no label trained."""
+        input_ids = torch.tensor([self.vision_start_id, self.video_token_id, self.vision_end_id])
+        grid = torch.tensor([[1, MERGE_SIZE, MERGE_SIZE]])
+        vision = {
+            "pixel_values_videos": torch.zeros(int(grid.prod()), 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE),
+            "video_grid_thw": grid,
+            "second_per_grid_ts": torch.tensor([TEMPORAL_PATCH_SIZE / self.options.fps], dtype=torch.float32),
+        }
+        return self._row(input_ids, torch.zeros(3, dtype=torch.bool), [1], vision, skipped=True)
+
+
+def video_sft_dataset(
+    tokenizer,
+    data_files: Union[PathLike, Sequence[PathLike]],
+    max_seq_len: int,
+    data_root: Optional[PathLike] = None,
+    fps: float = 1.0,
+    max_frames: int = 768,
+    video_min_pixels: int = 128 * FACTOR * FACTOR,
+    video_max_pixels: int = 768 * FACTOR * FACTOR,
+    video_total_pixels: Optional[int] = None,
+    tokens_per_second: int = 2,
+    skip_bad_samples: bool = False,
+) -> VideoSFTDataset:
+    """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
+
+    Args:
+        tokenizer: the model's tokenizer (given by the recipe).
+        data_files: JSONL / JSON / parquet files, directories or globs.
+        max_seq_len: most tokens per sample (given by the recipe).
+        data_root: directory for relative video paths (default: each sample file's directory).
+        fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels: see
+            :class:`~omnilong.data.video.VideoOptions`.
+        tokens_per_second: the model's ``vision_config.tokens_per_second``.
+        skip_bad_samples: see :class:`VideoSFTDataset`.
+    """
+    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
+    return VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root), max_seq_len, options,
+                           tokens_per_second, skip_bad_samples)
