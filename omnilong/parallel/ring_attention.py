@@ -80,7 +80,16 @@ class _Block:
     q: slice
     kv: slice
     causal: bool
-    mask: Optional[torch.Tensor] = None
+
+
+class _Piece(NamedTuple):
+    """One kernel call: rows ``b`` of the batch, queries ``q`` attend keys ``kv`` (indices
+    into the local shard and the held block)."""
+
+    b: slice
+    q: slice
+    kv: slice
+    causal: bool
 
 
 def zigzag_block(step: int, rank: int, cp: int, local_len: int) -> _Block:
@@ -102,53 +111,68 @@ def zigzag_block(step: int, rank: int, cp: int, local_len: int) -> _Block:
     if step == 0:
         return _Block(slice(None), slice(None), causal=True)
     if (rank - step) % cp < rank:
-        return _Block(slice(None), slice(0, half), causal=False)
-    return _Block(slice(half, None), slice(None), causal=False)
+        return _Block(slice(0, local_len), slice(0, half), causal=False)
+    return _Block(slice(half, local_len), slice(0, local_len), causal=False)
 
 
-def document_mask(
-    q_docs: torch.Tensor, k_docs: torch.Tensor, causal: bool, dtype: torch.dtype
-) -> Optional[torch.Tensor]:
-    """Additive mask of a block pair that straddles documents; ``None`` if it does not.
+def _runs(docs: torch.Tensor) -> dict[int, tuple[int, int]]:
+    """``{document id: (start, end)}`` of a ``[T]`` row whose documents are contiguous runs.
 
-    ``allowed[b, i, j] = (q_docs[b, i] == k_docs[b, j]) and (j <= i if causal)``;
-    ``mask = 0`` where allowed, ``-inf`` elsewhere. When one document spans the pair
-    in every row, no mask is needed: causality alone decides.
+    Raises:
+        ValueError: a document id occurs in two separate runs.
+    """
+    ids, counts = torch.unique_consecutive(docs, return_counts=True)
+    runs, start = {}, 0
+    for doc, count in zip(ids.tolist(), counts.tolist()):
+        if doc in runs:
+            raise ValueError(f"document id {doc} occurs in two separate runs: packed documents must be contiguous")
+        runs[doc] = (start, start + count)
+        start += count
+    return runs
+
+
+def document_pieces(q_docs: torch.Tensor, k_docs: torch.Tensor, block: _Block) -> list[_Piece]:
+    """Split a block pair into per-document kernel calls, so that no mask is ever built.
+
+    Queries and keys are both in global order and documents are contiguous runs, so a
+    document's queries and keys are one slice each. In a causal (diagonal) pair a
+    document attends itself causally; otherwise every key precedes every query and a
+    document's queries attend all its keys. Queries whose document has no key in the
+    block are left out (absent from this step's merge).
 
     Args:
-        q_docs: ``[B, Tq]`` document ids of the queries.
-        k_docs: ``[B, Tk]`` document ids of the keys.
-        causal: whether the pair is diagonal (``Tq == Tk``, same positions).
-        dtype: dtype of the mask (that of the query).
+        q_docs: ``[B, Tq]`` document ids of the block's queries.
+        k_docs: ``[B, Tk]`` document ids of the block's keys.
+        block: the block (offsets of its queries and keys in the shard and held block).
 
     Returns:
-        ``[B, 1, Tq, Tk]`` mask or ``None``.
+        The pieces, with query/key offsets in shard / held-block coordinates.
     """
-    docs = torch.cat([q_docs, k_docs], dim=1)
-    if bool((docs == docs[:, :1]).all()):
-        return None
-    allowed = q_docs[:, :, None] == k_docs[:, None, :]  # shape: [B, Tq, Tk]
-    if causal:
-        allowed &= torch.ones(allowed.shape[1:], dtype=torch.bool, device=allowed.device).tril()
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return mask.masked_fill_(~allowed, float("-inf"))[:, None]
+    q0, k0 = block.q.start or 0, block.kv.start or 0
+    pieces = []
+    for b in range(q_docs.shape[0]):
+        k_runs = _runs(k_docs[b])
+        for doc, (qa, qb) in _runs(q_docs[b]).items():
+            if doc in k_runs:
+                ka, kb = k_runs[doc]
+                pieces.append(_Piece(slice(b, b + 1), slice(q0 + qa, q0 + qb), slice(k0 + ka, k0 + kb), block.causal))
+    return pieces
 
 
 def plan_block(
     step: int, ring: _Ring, q_docs: Optional[torch.Tensor], held: _KV, local_len: int
-) -> Optional[_Block]:
-    """The block of ``step`` with its document mask, or ``None`` if nothing is visible."""
+) -> list[_Piece]:
+    """The kernel calls of ``step``: one when the block holds a single document (or no
+    document ids are given), else one per document present in both queries and keys."""
     block = zigzag_block(step, ring.rank, ring.size, local_len)
+    whole = [_Piece(slice(None), block.q, block.kv, block.causal)]
     if q_docs is None:
-        return block
-    block.mask = document_mask(q_docs[:, block.q], held.docs[:, block.kv], block.causal,
-                               held.k.dtype)
-    if block.mask is None:
-        return block
-    if bool(torch.isneginf(block.mask).all()):
-        return None
-    block.causal = False  # the mask carries the causal part
-    return block
+        return whole
+    q_docs, k_docs = q_docs[:, block.q], held.docs[:, block.kv]
+    docs = torch.cat([q_docs, k_docs], dim=1)
+    if bool((docs == docs[:, :1]).all()):
+        return whole
+    return document_pieces(q_docs, k_docs, block)
 
 
 def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
@@ -189,12 +213,10 @@ def ring_forward(
     held = _KV(k, v, docs)
     for step in range(ring.size):
         incoming = ring.shift(held) if step + 1 < ring.size else None
-        block = plan_block(step, ring, docs, held, q.shape[2])
-        if block is not None:
+        for p in plan_block(step, ring, docs, held, q.shape[2]):
             block_out, block_lse = block_attention(
-                q[:, :, block.q], held.k[:, :, block.kv], held.v[:, :, block.kv],
-                causal=block.causal, mask=block.mask)
-            merge_(out[:, :, block.q], lse[:, :, block.q], block_out, block_lse)
+                q[p.b, :, p.q], held.k[p.b, :, p.kv], held.v[p.b, :, p.kv], causal=p.causal)
+            merge_(out[p.b, :, p.q], lse[p.b, :, p.q], block_out, block_lse)
         if incoming is not None:
             held = _KV(*incoming.wait())
     return out.to(q.dtype), lse
@@ -229,22 +251,22 @@ def ring_backward(
     dkv_in: Optional[_Transfer] = None
     for step in range(ring.size):
         incoming = ring.shift(held) if step + 1 < ring.size else None
-        block = plan_block(step, ring, docs, held, q.shape[2])
-        grads = None
-        if block is not None:
-            grads = block_attention_backward(
-                dout[:, :, block.q], q[:, :, block.q], held.k[:, :, block.kv],
-                held.v[:, :, block.kv], out[:, :, block.q], lse[:, :, block.q],
-                causal=block.causal, mask=block.mask)
+        pieces = plan_block(step, ring, docs, held, q.shape[2])
+        grads = [
+            block_attention_backward(
+                dout[p.b, :, p.q], q[p.b, :, p.q], held.k[p.b, :, p.kv], held.v[p.b, :, p.kv],
+                out[p.b, :, p.q], lse[p.b, :, p.q], causal=p.causal)
+            for p in pieces
+        ]
         if dkv_in is None:
             dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         else:
             dk, dv = dkv_in.wait()
-        if grads is not None:
-            dq[:, :, block.q] += grads[0]
-            dk[:, :, block.kv] += grads[1]
-            dv[:, :, block.kv] += grads[2]
+        for p, (piece_dq, piece_dk, piece_dv) in zip(pieces, grads):
+            dq[p.b, :, p.q] += piece_dq
+            dk[p.b, :, p.kv] += piece_dk
+            dv[p.b, :, p.kv] += piece_dv
         dkv_in = ring.shift((dk, dv))
         if incoming is not None:
             held = _KV(*incoming.wait())
