@@ -130,9 +130,9 @@ def test_bf16_inputs():
 
 
 def test_auto_chunk_size_bounds_logits():
-    assert auto_chunk_size(152064) == 256  # 256 * 152064 fp32 = 156 MB
-    assert auto_chunk_size(32000) == 2048
-    assert auto_chunk_size(2**27) == 1
+    assert auto_chunk_size(152064) == 512  # 512 * 152064 fp32 = 311 MB
+    assert auto_chunk_size(32000) == 4096
+    assert auto_chunk_size(2**28) == 1
 
 
 def test_second_backward_raises():

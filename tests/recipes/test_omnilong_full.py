@@ -205,3 +205,16 @@ def test_corrupt_video_without_skipping_stops_every_rank_naming_it(tiny_qwen_dir
                                          **{"dataset.skip_bad_samples": "false"}), nproc=2, timeout=180)
     assert result.returncode != 0
     assert "broken.mp4" in result.stderr and f"{data}:1" in result.stderr
+
+
+def test_frozen_vision_tower_has_no_gradients_or_optimizer_state(tiny_qwen_dir, tiny_videos_dir, tmp_path):
+    """freeze_vision: the checkpoint holds the tower's weights but no optimizer state for them."""
+    from omnilong.checkpoint.dcp_io import read_checkpoint_metadata
+
+    result = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", max_steps=1,
+                                         freeze_vision="true", save_every_n_steps=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    keys = read_checkpoint_metadata(tmp_path / "out/checkpoints/step_1").state_dict_metadata
+    assert any(k.startswith("model.visual.") for k in keys)
+    assert any(k.startswith("optimizer.state.layers.") for k in keys)
+    assert not any(k.startswith("optimizer.state.visual.") for k in keys)
