@@ -17,7 +17,6 @@ import math
 import shutil
 import sys
 import time
-from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -44,8 +43,7 @@ from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device
 from omnilong.metrics import MetricsWriter, peak_memory_gb
-from omnilong.models.hf_loading import check_state_dict_matches, load_native_state_dict
-from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config, vision_args_from_hf_config
+from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
 from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
@@ -110,11 +108,10 @@ class OmniLongFullRecipe:
                                      steps_done=self.start_step - 1)
 
     def _setup_model(self) -> torch.nn.Module:
-        args = text_args_from_hf_config(self.hf_config)
-        if self.cfg.rope_theta is not None:
-            args = replace(args, rope_theta=float(self.cfg.rope_theta))
+        overrides = {} if self.cfg.rope_theta is None else {"rope_theta": float(self.cfg.rope_theta)}
         with torch.device("meta"):
-            model = qwen2_5_vl(args, vision_args_from_hf_config(self.hf_config))
+            model = build_model_from_hf_config(self.hf_config, **overrides)
+        args = model.args
         if model.visual is not None and self.cfg.freeze_vision:
             model.visual.requires_grad_(False)
         if self.dims.cp > 1:

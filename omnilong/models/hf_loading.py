@@ -1,6 +1,7 @@
 """Native models from local Hugging Face model directories."""
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -14,18 +15,20 @@ from omnilong.models.qwen2_5_vl._convert_weights import hf_to_native, is_vision_
 logger = logging.getLogger(__name__)
 
 
-def build_model_from_hf_config(config: dict[str, Any]) -> nn.Module:
+def build_model_from_hf_config(config: dict[str, Any], **text_overrides: Any) -> nn.Module:
     """The native model (random init) described by a parsed ``config.json``, with its
     vision tower when the config has a ``vision_config``.
 
-    Build it under ``torch.device("meta")`` to allocate nothing.
+    Build it under ``torch.device("meta")`` to allocate nothing. ``text_overrides`` replace
+    fields of the language model's args (e.g. ``rope_theta``).
 
     Raises:
         ValueError: the model type is not one OmniLong implements.
     """
     model_type = config.get("model_type")
     if model_type == "qwen2_5_vl":
-        return qwen2_5_vl(text_args_from_hf_config(config), vision_args_from_hf_config(config))
+        text_args = replace(text_args_from_hf_config(config), **text_overrides)
+        return qwen2_5_vl(text_args, vision_args_from_hf_config(config))
     raise ValueError(f"model_type {model_type!r} is not supported; supported: qwen2_5_vl")
 
 
