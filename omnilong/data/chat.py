@@ -55,6 +55,27 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
     return text, spans
 
 
+def tokenize_conversation(tokenizer, messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [T]`` of the rendered conversation and ``trainable [T]`` (bool: the token
+    starts inside an assistant turn)."""
+    text, spans = assistant_char_spans(tokenizer, messages)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = torch.tensor(encoded["input_ids"])
+    starts = torch.tensor([start for start, _ in encoded["offset_mapping"]])
+    trainable = torch.zeros(len(input_ids), dtype=torch.bool)
+    for lo, hi in spans:
+        trainable |= (starts >= lo) & (starts < hi)
+    return input_ids, trainable
+
+
+def shifted_labels(input_ids: torch.Tensor, trainable: torch.Tensor) -> torch.Tensor:
+    """Labels shifted once on the full sequence: position ``t`` predicts token ``t + 1`` when
+    that token is trained, else -100 (and the last position predicts nothing)."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
+    labels[:-1] = torch.where(trainable[1:], input_ids[1:], IGNORE_INDEX)
+    return labels
+
+
 class ChatDataset(Dataset):
     """Chat samples, tokenized once at construction.
 
@@ -104,17 +125,8 @@ class ChatDataset(Dataset):
 
     @staticmethod
     def _tokenize(tokenizer, messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        text, spans = assistant_char_spans(tokenizer, messages)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = torch.tensor(encoded["input_ids"])
-        starts = torch.tensor([start for start, _ in encoded["offset_mapping"]])
-        trainable = torch.zeros(len(input_ids), dtype=torch.bool)
-        for lo, hi in spans:
-            trainable |= (starts >= lo) & (starts < hi)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        # Shift once on the full sequence: position t predicts token t+1 when that token is trained.
-        labels[:-1] = torch.where(trainable[1:], input_ids[1:], IGNORE_INDEX)
-        return input_ids, labels
+        input_ids, trainable = tokenize_conversation(tokenizer, messages)
+        return input_ids, shifted_labels(input_ids, trainable)
 
     def __len__(self) -> int:
         return len(self._samples)

@@ -37,7 +37,7 @@ from typing import Any, Iterable, Optional, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
-from omnilong.data.chat import assistant_char_spans
+from omnilong.data.chat import shifted_labels, tokenize_conversation
 from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
@@ -204,13 +204,7 @@ class VideoSFTDataset(Dataset):
     def _tokenize(self, tokenizer, sample: VideoSample) -> tuple[torch.Tensor, torch.Tensor]:
         """``input_ids [L]`` with one ``<|video_pad|>`` per video and ``trainable [L]`` (bool:
         the token belongs to an assistant turn)."""
-        text, spans = assistant_char_spans(tokenizer, sample.messages)
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        input_ids = torch.tensor(encoded["input_ids"])
-        starts = torch.tensor([start for start, _ in encoded["offset_mapping"]])
-        trainable = torch.zeros(len(input_ids), dtype=torch.bool)
-        for lo, hi in spans:
-            trainable |= (starts >= lo) & (starts < hi)
+        input_ids, trainable = tokenize_conversation(tokenizer, sample.messages)
         if int((input_ids == self.video_token_id).sum()) != len(sample.videos):
             raise ValueError(f"{sample.origin}: the rendered conversation does not hold one {VIDEO_PAD} per video "
                              f"(the text contains {VIDEO_PAD}, or the chat template dropped a placeholder)")
@@ -267,9 +261,7 @@ class VideoSFTDataset(Dataset):
         repeats = torch.ones_like(input_ids)
         repeats[input_ids == self.video_token_id] = torch.tensor(counts)
         input_ids, trainable = input_ids.repeat_interleave(repeats), trainable.repeat_interleave(repeats)
-        labels = torch.full_like(input_ids, IGNORE_INDEX)
-        # Shift once on the full sequence: position t predicts token t+1 when that token is trained.
-        labels[:-1] = torch.where(trainable[1:], input_ids[1:], IGNORE_INDEX)
+        labels = shifted_labels(input_ids, trainable)
         position_ids, _ = rope_index(
             input_ids[None], video_grid_thw=vision["video_grid_thw"], second_per_grid_ts=vision["second_per_grid_ts"],
             image_token_id=self.image_token_id, video_token_id=self.video_token_id,
