@@ -38,7 +38,6 @@ import torch
 from torch.utils.data import Dataset
 
 from omnilong.data.chat import shifted_labels, tokenize_conversation
-from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
     FACTOR,
