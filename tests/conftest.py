@@ -1,8 +1,11 @@
-"""Shared fixtures: multi-process launch on gloo, tiny random checkpoints."""
+"""Shared fixtures: multi-process launch on gloo, tiny random checkpoints, an attention
+oracle and a host-sync guard."""
 
+import contextlib
 import os
 import socket
 import traceback
+import unittest.mock
 from pathlib import Path
 from typing import Any, Callable
 
@@ -10,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.utils._python_dispatch
 
 # Tests run on CPU; keep each process to one thread so that 4 ranks share 2 cores well.
 torch.set_num_threads(1)
@@ -100,3 +104,57 @@ def tiny_videos_dir(tmp_path_factory) -> Path:
     tool = Path(__file__).resolve().parents[1] / "tools" / "make_tiny_videos.py"
     subprocess.run([sys.executable, str(tool), "--output", str(out)], check=True, capture_output=True)
     return out
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids=None) -> torch.Tensor:
+    """Causal attention with an explicit ``[B, 1, T, T]`` mask (same document and key <= query),
+    in the inputs' dtype on the CPU math path: an oracle independent of OmniLong's kernels.
+    ``q [B, Hq, T, D]``, ``k, v [B, Hkv, T, D]``, ``document_ids [B, T]`` or None."""
+    t = q.shape[2]
+    visible = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()[None]
+    if document_ids is not None:
+        visible = visible & (document_ids[:, :, None] == document_ids[:, None, :])
+    with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=visible[:, None], enable_gqa=q.shape[1] != k.shape[1])
+
+
+@pytest.fixture
+def masked_attention() -> Callable:
+    """Reference attention with an explicit mask (see :func:`_masked_attention`)."""
+    return _masked_attention
+
+
+class _HostSyncError(AssertionError):
+    pass
+
+
+class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
+    """Fails on every operator that reads a tensor's value back to the host."""
+
+    SYNCING = ("_local_scalar_dense", "nonzero", "unique_consecutive", "_unique2", "masked_select", "equal")
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.SYNCING:
+            raise _HostSyncError(f"host sync: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _no_host_sync():
+    """Inside: any host read of a tensor (``.item()``, ``bool(t)``, ``.tolist()``, ``.numpy()``,
+    data-dependent ops such as ``nonzero``) raises. On CPU, where such reads cost nothing,
+    this stands in for ``torch.cuda.set_sync_debug_mode("error")``. Thread-local for operators;
+    ``.tolist()``/``.numpy()`` are refused in every thread."""
+    def refuse(*args, **kwargs):
+        raise _HostSyncError("host sync: .tolist() / .numpy()")
+
+    with _NoHostSync(), unittest.mock.patch.object(torch.Tensor, "tolist", refuse), \
+            unittest.mock.patch.object(torch.Tensor, "numpy", refuse):
+        yield
+
+
+@pytest.fixture
+def no_host_sync() -> Callable:
+    """The :func:`_no_host_sync` context manager."""
+    return _no_host_sync

@@ -2,62 +2,86 @@
 
 Each decoder layer's attention calls its ``core`` submodule, an instance of
 :class:`CausalAttention` on a single device. ``omnilong.parallel`` swaps that
-submodule for a context-parallel implementation with the same ``forward``
-signature; the model code never changes.
+submodule for a context-parallel implementation with the same interface; the model
+code never changes.
+
+The interface has two halves. ``core.plan(input_ids, document_ids)`` runs once per batch, before
+the first layer: it turns the batch's document ids into whatever the kernels need
+(varlen segments, the ring's per-step pieces), reading them back to the host once.
+``core(q, k, v, plan)`` runs in every layer (and again in the activation-checkpoint
+recompute and in backward) and never copies anything to the host.
 """
 
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from omnilong.models.varlen_attention import (
+    VarlenSegments,
+    dense_causal_attention,
+    runs_of_equal_ids,
+    varlen_attention,
+)
 
-def document_segments(document_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """``[(start, end), ...]`` of the runs of equal ids in a ``[T]`` document-id row."""
-    change = (document_ids[1:] != document_ids[:-1]).nonzero().squeeze(1) + 1
-    bounds = [0, *change.tolist(), document_ids.shape[0]]
-    return list(zip(bounds[:-1], bounds[1:]))
+
+def document_segments(document_ids: torch.Tensor) -> Optional[VarlenSegments]:
+    """Causal varlen segments of a packed batch: one per run of equal ids in each row.
+
+    Tokens are packed row after row (``[B * T]``), so segment boundaries never cross rows.
+    Reads ``document_ids`` back to the host once.
+
+    Args:
+        document_ids: ``[B, T]``; documents must be contiguous runs, as packing and
+            padding produce.
+
+    Returns:
+        The segments, or ``None`` when every row is a single document (plain causal
+        attention of whole rows is then exact, and faster).
+    """
+    lengths = [end - start for row in document_ids.tolist() for _, start, end in runs_of_equal_ids(row)]
+    if len(lengths) == document_ids.shape[0]:
+        return None
+    return VarlenSegments.from_lengths(lengths, lengths, causal=True, device=document_ids.device)
 
 
 class CausalAttention(nn.Module):
-    """Causal scaled-dot-product attention on one device, with packed-document masking.
+    """Causal attention on one device, with packed-document masking.
 
-    Packed rows (``document_ids`` given) are attended document by document, each run of
-    equal ids causally on its own, so no ``T x T`` mask is ever built; ids must form
-    contiguous runs, as packing and padding produce. Grouped-query attention is served
-    without repeating key/value heads.
+    A packed batch is attended with one varlen kernel call per layer over all its
+    documents (:mod:`omnilong.models.varlen_attention`), so no ``T x T`` mask is ever
+    built. Grouped-query attention is served without repeating key/value heads.
     """
+
+    def plan(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor]) -> Optional[VarlenSegments]:
+        """The batch's attention plan: its document segments (see :func:`document_segments`),
+        ``None`` for rows of one sequence each.
+
+        Args:
+            input_ids: ``[B, T]`` (unused here; context parallelism's plan needs the shape).
+            document_ids: ``[B, T]`` or ``None``.
+        """
+        return None if document_ids is None else document_segments(document_ids)
 
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        document_ids: Optional[torch.Tensor] = None,
+        plan: Optional[VarlenSegments] = None,
     ) -> torch.Tensor:
         """
         Args:
             q: ``[B, Hq, T, D]`` queries (rotary already applied).
             k: ``[B, Hkv, T, D]`` keys, ``Hq % Hkv == 0``.
             v: ``[B, Hkv, T, D]`` values.
-            document_ids: ``[B, T]`` document id per token of a packed row, or ``None``
-                when each row is one sequence.
+            plan: :meth:`plan` of the batch.
 
         Returns:
             ``[B, Hq, T, D]`` attention output.
         """
-        enable_gqa = q.shape[1] != k.shape[1]
-        if document_ids is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa)
-        rows = []
-        for b in range(q.shape[0]):
-            segments = [
-                F.scaled_dot_product_attention(
-                    q[b : b + 1, :, lo:hi], k[b : b + 1, :, lo:hi], v[b : b + 1, :, lo:hi],
-                    is_causal=True, enable_gqa=enable_gqa,
-                )
-                for lo, hi in document_segments(document_ids[b])
-            ]
-            rows.append(torch.cat(segments, dim=2))
-        return torch.cat(rows, dim=0)  # [B, Hq, T, D]
+        if plan is None:
+            return dense_causal_attention(q, k, v)
+        b, hq, t, d = q.shape
+        packed = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]  # [B * T, H, D]
+        return varlen_attention(*packed, plan).view(b, t, hq, d).transpose(1, 2)

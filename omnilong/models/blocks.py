@@ -1,6 +1,6 @@
 """Decoder building blocks shared by the model families (Qwen2 language model)."""
 
-from typing import Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -65,13 +65,14 @@ class GroupedQueryAttention(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        document_ids: Optional[torch.Tensor] = None,
+        attention_plan: Any = None,
     ) -> torch.Tensor:
         """
         Args:
             x: ``[B, T, dim]``.
             rope: ``(cos, sin)``, each ``[B, T, head_dim]``.
-            document_ids: ``[B, T]`` or ``None``.
+            attention_plan: ``self.core.plan(input_ids, document_ids)`` of the batch, made once
+                before the first layer.
 
         Returns:
             ``[B, T, dim]``.
@@ -82,7 +83,7 @@ class GroupedQueryAttention(nn.Module):
         v = self.wv(x).view(b, t, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = rope
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = self.core(q, k, v, document_ids)  # [B, Hq, T, D]
+        out = self.core(q, k, v, attention_plan)  # [B, Hq, T, D]
         return self.wo(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -100,7 +101,7 @@ class DecoderLayer(nn.Module):
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
-        document_ids: Optional[torch.Tensor] = None,
+        attention_plan: Any = None,
     ) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, document_ids)
+        h = x + self.attention(self.attention_norm(x), rope, attention_plan)
         return h + self.feed_forward(self.ffn_norm(h))

@@ -1,7 +1,7 @@
 """Distribution for OmniLong: context parallelism (zigzag sharding, ring attention)."""
 
-from omnilong.parallel.attention_kernels import block_attention, block_attention_backward
-from omnilong.parallel.ring_attention import RingAttention, RingAttentionFunction
+from omnilong.parallel.local_ring import LocalRing, run_local_ring
+from omnilong.parallel.ring_attention import RingAttention, RingAttentionFunction, plan_ring, ring_backward, ring_forward
 from omnilong.parallel.sequence_sharding import (
     IGNORE_INDEX,
     SEQUENCE_KEYS,
@@ -19,15 +19,18 @@ from omnilong.parallel.sequence_sharding import (
 __all__ = [
     "IGNORE_INDEX",
     "SEQUENCE_KEYS",
+    "LocalRing",
     "RingAttention",
     "RingAttentionFunction",
-    "block_attention",
-    "block_attention_backward",
     "contiguous_positions",
     "gather_sequence",
     "pad_batch",
     "pad_to_shardable",
     "padded_length",
+    "plan_ring",
+    "ring_backward",
+    "ring_forward",
+    "run_local_ring",
     "shard_batch",
     "shard_sequence",
     "unshard_sequence",

@@ -1,53 +1,69 @@
 """Ring attention over the context-parallel (cp) group, for zigzag-sharded sequences.
 
-Every cp rank keeps its query shard; the key/value shards (with their document ids)
-travel the ring, rank ``r`` sending to ``r + 1`` and receiving from ``r - 1``, so at
-step ``s`` rank ``r`` holds the key/value shard of rank ``(r - s) mod cp``. Each step
-attends the local queries to the held block (:mod:`.attention_kernels`) while the next
-block is already in flight, and merges the partial result with the log-sum-exp rule.
-The backward makes the same trip and carries the accumulated ``dK``/``dV`` of each block
-with it, one hop behind, until they are home.
+Every cp rank keeps its query shard; the key/value shards travel the ring, rank ``r``
+sending to ``r + 1`` and receiving from ``r - 1``, so at step ``s`` rank ``r`` holds the
+key/value shard of rank ``(r - s) mod cp``. Each step attends the local queries to the
+held block while the next block is already in flight, and merges the partial result
+with the log-sum-exp rule. The backward makes the same trip and carries the
+accumulated ``dK``/``dV`` of each block with it, one hop behind, until they are home.
 
 The zigzag layout (:mod:`.sequence_sharding`) makes every step's block pair either
-diagonal, fully visible or fully hidden chunk by chunk (see :func:`zigzag_block`), so
-each step is one kernel call over exactly the visible half of the work.
+diagonal, fully visible or fully hidden chunk by chunk (:func:`zigzag_block`). Packed
+documents cut a block pair into per-document pieces; all pieces of a step are one
+varlen kernel call (:mod:`omnilong.models.varlen_attention`). Which rows each step
+attends is planned once per batch (:func:`plan_ring`, :meth:`RingAttention.plan`), so the
+ring itself never reads a tensor back to the host.
+
+Tensors are in the packed layout of varlen kernels: a shard of ``B`` rows of ``t``
+tokens is ``[B * t, H, D]``.
 """
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from omnilong.parallel.attention_kernels import block_attention, block_attention_backward
+from omnilong.models.varlen_attention import (
+    VarlenSegments,
+    runs_of_equal_ids,
+    varlen_attention_backward,
+    varlen_attention_forward,
+)
+
+Rows = Union[slice, torch.Tensor]  # packed rows: a contiguous range, or an index tensor
 
 
-class _KV(NamedTuple):
-    """The block that travels the ring: ``k, v [B, Hkv, t, D]`` and ``docs [B, t]`` or None."""
+class Transfer(Protocol):
+    def wait(self) -> list[Optional[torch.Tensor]]:
+        """Block until the exchange is done; return the tensors received."""
 
-    k: torch.Tensor
-    v: torch.Tensor
-    docs: Optional[torch.Tensor]
+
+class RingComm(Protocol):
+    """A rank's place on the ring: ``rank`` of ``size``, and the exchange with its neighbours."""
+
+    rank: int
+    size: int
+
+    def shift(self, tensors: Sequence[Optional[torch.Tensor]]) -> Transfer:
+        """Start sending ``tensors`` to the next rank and receiving the previous rank's."""
 
 
 @dataclass
-class _Transfer:
-    """Point-to-point operations in flight and the buffers they fill."""
-
+class _P2PTransfer:
     works: list
     received: list
 
     def wait(self) -> list:
-        """Block until every operation is done; return the received tensors."""
         for work in self.works:
             work.wait()
         return self.received
 
 
-class _Ring:
-    """This rank's neighbours on the cp ring: send to ``rank + 1``, receive from ``rank - 1``.
+class ProcessGroupRing:
+    """The ring of a cp process group: send to ``rank + 1``, receive from ``rank - 1``.
 
     Ranks are relative to the cp group (which may be a sub-group of a bigger mesh); the
     point-to-point peers are their global ranks.
@@ -60,33 +76,19 @@ class _Ring:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def shift(self, tensors: Sequence[Optional[torch.Tensor]]) -> _Transfer:
-        """Start sending ``tensors`` to the next rank and receiving the previous rank's.
-
-        ``None`` entries stay ``None``; on a ring of one the tensors come straight back.
-        """
+    def shift(self, tensors: Sequence[Optional[torch.Tensor]]) -> _P2PTransfer:
+        """``None`` entries stay ``None``; on a ring of one the tensors come straight back."""
         if self.size == 1:
-            return _Transfer([], list(tensors))
+            return _P2PTransfer([], list(tensors))
         received = [None if t is None else torch.empty_like(t) for t in tensors]
         ops = [dist.P2POp(dist.isend, t, self.next, self.group) for t in tensors if t is not None]
         ops += [dist.P2POp(dist.irecv, t, self.prev, self.group) for t in received if t is not None]
-        return _Transfer(dist.batch_isend_irecv(ops), received)
+        return _P2PTransfer(dist.batch_isend_irecv(ops), received)
 
 
-@dataclass
-class _Block:
+class _Block(NamedTuple):
     """The visible part of one step: local queries ``q`` attend held keys ``kv``."""
 
-    q: slice
-    kv: slice
-    causal: bool
-
-
-class _Piece(NamedTuple):
-    """One kernel call: rows ``b`` of the batch, queries ``q`` attend keys ``kv`` (indices
-    into the local shard and the held block)."""
-
-    b: slice
     q: slice
     kv: slice
     causal: bool
@@ -109,116 +111,169 @@ def zigzag_block(step: int, rank: int, cp: int, local_len: int) -> _Block:
     """
     half = local_len // 2
     if step == 0:
-        return _Block(slice(None), slice(None), causal=True)
+        return _Block(slice(0, local_len), slice(0, local_len), causal=True)
     if (rank - step) % cp < rank:
         return _Block(slice(0, local_len), slice(0, half), causal=False)
     return _Block(slice(half, local_len), slice(0, local_len), causal=False)
 
 
-def _runs(docs: torch.Tensor) -> dict[int, tuple[int, int]]:
-    """``{document id: (start, end)}`` of a ``[T]`` row whose documents are contiguous runs.
+@dataclass(frozen=True)
+class RingStep:
+    """The kernel call of one ring step: packed local query rows ``q_rows`` attend packed
+    held key rows ``k_rows`` in ``segments`` (one per document present in both)."""
+
+    q_rows: Rows
+    k_rows: Rows
+    segments: VarlenSegments
+
+
+def _block_pieces(
+    q_ids: Optional[list[int]], k_ids: Optional[list[int]], block: _Block
+) -> list[tuple[int, int, int, int]]:
+    """``(q_start, q_end, k_start, k_end)`` in shard / held-block offsets of one row's block pair.
+
+    Without document ids the block is one piece. With them, queries and keys are both in
+    global order and documents are contiguous runs, so a document's queries and keys are
+    one range each: in a diagonal pair a document attends itself causally; otherwise every
+    key precedes every query and a document's queries attend all its keys. Queries whose
+    document has no key in the block are left out (absent from this step's merge).
 
     Raises:
         ValueError: a document id occurs in two separate runs.
     """
-    ids, counts = torch.unique_consecutive(docs, return_counts=True)
-    runs, start = {}, 0
-    for doc, count in zip(ids.tolist(), counts.tolist()):
-        if doc in runs:
-            raise ValueError(f"document id {doc} occurs in two separate runs: packed documents must be contiguous")
-        runs[doc] = (start, start + count)
-        start += count
-    return runs
-
-
-def document_pieces(q_docs: torch.Tensor, k_docs: torch.Tensor, block: _Block) -> list[_Piece]:
-    """Split a block pair into per-document kernel calls, so that no mask is ever built.
-
-    Queries and keys are both in global order and documents are contiguous runs, so a
-    document's queries and keys are one slice each. In a causal (diagonal) pair a
-    document attends itself causally; otherwise every key precedes every query and a
-    document's queries attend all its keys. Queries whose document has no key in the
-    block are left out (absent from this step's merge).
-
-    Args:
-        q_docs: ``[B, Tq]`` document ids of the block's queries.
-        k_docs: ``[B, Tk]`` document ids of the block's keys.
-        block: the block (offsets of its queries and keys in the shard and held block).
-
-    Returns:
-        The pieces, with query/key offsets in shard / held-block coordinates.
-    """
-    q0, k0 = block.q.start or 0, block.kv.start or 0
+    if q_ids is None:
+        return [(block.q.start, block.q.stop, block.kv.start, block.kv.stop)]
+    k_runs = _runs_by_id(k_ids[block.kv])
     pieces = []
-    for b in range(q_docs.shape[0]):
-        k_runs = _runs(k_docs[b])
-        for doc, (qa, qb) in _runs(q_docs[b]).items():
-            if doc in k_runs:
-                ka, kb = k_runs[doc]
-                pieces.append(_Piece(slice(b, b + 1), slice(q0 + qa, q0 + qb), slice(k0 + ka, k0 + kb), block.causal))
+    for doc, (qa, qb) in _runs_by_id(q_ids[block.q]).items():
+        if doc in k_runs:
+            ka, kb = k_runs[doc]
+            pieces.append((block.q.start + qa, block.q.start + qb, block.kv.start + ka, block.kv.start + kb))
     return pieces
 
 
-def plan_block(
-    step: int, ring: _Ring, q_docs: Optional[torch.Tensor], held: _KV, local_len: int
-) -> list[_Piece]:
-    """The kernel calls of ``step``: one when the block holds a single document (or no
-    document ids are given), else one per document present in both queries and keys."""
-    block = zigzag_block(step, ring.rank, ring.size, local_len)
-    whole = [_Piece(slice(None), block.q, block.kv, block.causal)]
-    if q_docs is None:
-        return whole
-    q_docs, k_docs = q_docs[:, block.q], held.docs[:, block.kv]
-    docs = torch.cat([q_docs, k_docs], dim=1)
-    if bool((docs == docs[:, :1]).all()):
-        return whole
-    return document_pieces(q_docs, k_docs, block)
+def _runs_by_id(ids: list[int]) -> dict[int, tuple[int, int]]:
+    runs: dict[int, tuple[int, int]] = {}
+    for doc, start, end in runs_of_equal_ids(ids):
+        if doc in runs:
+            raise ValueError(f"document id {doc} occurs in two separate runs: packed documents must be contiguous")
+        runs[doc] = (start, end)
+    return runs
 
 
-def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor,
-           block_lse: torch.Tensor) -> None:
-    """Fold a block's partial attention into the running result, in place, in fp32.
+def _rows(ranges: list[tuple[int, int]], device: torch.device) -> Rows:
+    """Packed rows covering ``ranges`` in order: a slice when they are contiguous."""
+    if all(a[1] == b[0] for a, b in zip(ranges, ranges[1:])):
+        return slice(ranges[0][0], ranges[-1][1])
+    index = torch.cat([torch.arange(lo, hi) for lo, hi in ranges])
+    return index.to(device, non_blocking=True)
 
-    ``lse' = log(exp(lse) + exp(lse_b))`` (as ``logaddexp``, i.e. ``max + log1p(exp(-|a-b|))``);
+
+def plan_ring(
+    rank: int, cp: int, shard_ids: Optional[Sequence[list[list[int]]]], batch: int, local_len: int,
+    device: torch.device,
+) -> list[Optional[RingStep]]:
+    """The kernel call of every ring step of ``rank`` (``None`` for a step with nothing visible).
+
+    Args:
+        rank, cp: this rank and the ring size.
+        shard_ids: ``shard_ids[r][b]`` the document ids of rank ``r``'s shard of row ``b``
+            (host lists), or ``None`` for one sequence per row.
+        batch, local_len: the shard is ``batch`` rows of ``local_len`` tokens.
+        device: where the varlen lengths and row indices go.
+    """
+    steps: list[Optional[RingStep]] = []
+    for step in range(cp):
+        block = zigzag_block(step, rank, cp, local_len)
+        held = (rank - step) % cp
+        q_ranges, k_ranges, q_lengths, k_lengths = [], [], [], []
+        for b in range(batch):
+            q_ids = None if shard_ids is None else shard_ids[rank][b]
+            k_ids = None if shard_ids is None else shard_ids[held][b]
+            for qa, qb, ka, kb in _block_pieces(q_ids, k_ids, block):
+                q_ranges.append((b * local_len + qa, b * local_len + qb))
+                k_ranges.append((b * local_len + ka, b * local_len + kb))
+                q_lengths.append(qb - qa)
+                k_lengths.append(kb - ka)
+        if not q_ranges:
+            steps.append(None)
+            continue
+        segments = VarlenSegments.from_lengths(q_lengths, k_lengths, block.causal, device)
+        steps.append(RingStep(_rows(q_ranges, device), _rows(k_ranges, device), segments))
+    return steps
+
+
+def _take(x: torch.Tensor, rows: Rows, dim: int = 0) -> torch.Tensor:
+    if isinstance(rows, slice):
+        return x[(slice(None),) * dim + (rows,)]
+    return x.index_select(dim, rows)
+
+
+def _put(x: torch.Tensor, rows: Rows, value: torch.Tensor, dim: int = 0) -> None:
+    if isinstance(rows, slice):
+        x[(slice(None),) * dim + (rows,)] = value
+    else:
+        x.index_copy_(dim, rows, value)
+
+
+def _add(x: torch.Tensor, rows: Rows, value: torch.Tensor) -> None:
+    if isinstance(rows, slice):
+        x[rows] += value
+    else:
+        x.index_add_(0, rows, value.to(x.dtype))
+
+
+def merge(
+    out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fold a block's partial attention into a running result, in fp32.
+
+    ``lse' = log(exp(lse) + exp(lse_b))`` (as ``logaddexp``);
     ``out' = out * exp(lse - lse') + out_b * exp(lse_b - lse')``.
     A row absent from both (``lse = lse_b = -inf``) stays ``out = 0, lse = -inf``.
 
     Args:
-        out: ``[B, H, Tq, D]`` float32 running output.
-        lse: ``[B, H, Tq]`` float32 running log-sum-exp.
-        block_out: ``[B, H, Tq, D]`` the block's output.
-        block_lse: ``[B, H, Tq]`` float32 the block's log-sum-exp.
+        out: ``[N, H, D]`` float32 running output.
+        lse: ``[H, N]`` float32 running log-sum-exp.
+        block_out: ``[N, H, D]`` the block's output.
+        block_lse: ``[H, N]`` float32 the block's log-sum-exp.
+
+    Returns:
+        The merged ``(out, lse)``.
     """
     new_lse = torch.logaddexp(lse, block_lse)
     ref = new_lse.masked_fill(torch.isneginf(new_lse), 0.0)
-    out.mul_(torch.exp(lse - ref)[..., None])
-    out.add_(block_out.float() * torch.exp(block_lse - ref)[..., None])
-    lse.copy_(new_lse)
+    weight, block_weight = torch.exp(lse - ref).T[..., None], torch.exp(block_lse - ref).T[..., None]  # [N, H, 1]
+    return out * weight + block_out.float() * block_weight, new_lse
 
 
 def ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, docs: Optional[torch.Tensor], ring: _Ring
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, steps: list[Optional[RingStep]], ring: RingComm
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out = merge over steps s of attention(q, kv block held at s)``.
 
     Args:
-        q: ``[B, Hq, t, D]`` local queries; ``k, v``: ``[B, Hkv, t, D]`` local keys/values.
-        docs: ``[B, t]`` local document ids or ``None``.
+        q: ``[N, Hq, D]`` local queries; ``k, v``: ``[N, Hkv, D]`` local keys/values
+            (packed: ``N = B * t``).
+        steps: :func:`plan_ring` of this rank.
 
     Returns:
-        ``out [B, Hq, t, D]`` (dtype of ``q``) and ``lse [B, Hq, t]`` float32.
+        ``out [N, Hq, D]`` (dtype of ``q``) and ``lse [Hq, N]`` float32.
     """
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    lse = torch.full(q.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-    held = _KV(k, v, docs)
-    for step in range(ring.size):
-        incoming = ring.shift(held) if step + 1 < ring.size else None
-        for p in plan_block(step, ring, docs, held, q.shape[2]):
-            block_out, block_lse = block_attention(
-                q[p.b, :, p.q], held.k[p.b, :, p.kv], held.v[p.b, :, p.kv], causal=p.causal)
-            merge_(out[p.b, :, p.q], lse[p.b, :, p.q], block_out, block_lse)
+    lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+    held = (k, v)
+    for index, step in enumerate(steps):
+        incoming = ring.shift(held) if index + 1 < ring.size else None
+        if step is not None:
+            block_out, block_lse = varlen_attention_forward(
+                _take(q, step.q_rows), _take(held[0], step.k_rows), _take(held[1], step.k_rows), step.segments)
+            merged_out, merged_lse = merge(
+                _take(out, step.q_rows), _take(lse, step.q_rows, dim=1), block_out, block_lse)
+            _put(out, step.q_rows, merged_out)
+            _put(lse, step.q_rows, merged_lse, dim=1)
         if incoming is not None:
-            held = _KV(*incoming.wait())
+            held = tuple(incoming.wait())
     return out.to(q.dtype), lse
 
 
@@ -229,8 +284,8 @@ def ring_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    docs: Optional[torch.Tensor],
-    ring: _Ring,
+    steps: list[Optional[RingStep]],
+    ring: RingComm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients through the ring; ``dK``/``dV`` travel back to their owners.
 
@@ -240,36 +295,35 @@ def ring_backward(
     each rank has the complete gradients of its own keys/values. Sums are in fp32.
 
     Args:
-        dout: ``[B, Hq, t, D]``; ``q, k, v, docs`` as in :func:`ring_forward`.
+        dout: ``[N, Hq, D]``; ``q, k, v, steps`` as in :func:`ring_forward`.
         out, lse: what :func:`ring_forward` returned.
 
     Returns:
-        ``dq [B, Hq, t, D]``, ``dk, dv [B, Hkv, t, D]``, all float32.
+        ``dq [N, Hq, D]``, ``dk, dv [N, Hkv, D]``, all float32.
     """
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    held = _KV(k, v, docs)
-    dkv_in: Optional[_Transfer] = None
-    for step in range(ring.size):
-        incoming = ring.shift(held) if step + 1 < ring.size else None
-        pieces = plan_block(step, ring, docs, held, q.shape[2])
-        grads = [
-            block_attention_backward(
-                dout[p.b, :, p.q], q[p.b, :, p.q], held.k[p.b, :, p.kv], held.v[p.b, :, p.kv],
-                out[p.b, :, p.q], lse[p.b, :, p.q], causal=p.causal)
-            for p in pieces
-        ]
+    held = (k, v)
+    dkv_in: Optional[Transfer] = None
+    for index, step in enumerate(steps):
+        incoming = ring.shift(held) if index + 1 < ring.size else None
+        grads = None
+        if step is not None:
+            grads = varlen_attention_backward(
+                _take(dout, step.q_rows), _take(q, step.q_rows), _take(held[0], step.k_rows),
+                _take(held[1], step.k_rows), _take(out, step.q_rows), _take(lse, step.q_rows, dim=1).contiguous(),
+                step.segments)
         if dkv_in is None:
             dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
         else:
             dk, dv = dkv_in.wait()
-        for p, (piece_dq, piece_dk, piece_dv) in zip(pieces, grads):
-            dq[p.b, :, p.q] += piece_dq
-            dk[p.b, :, p.kv] += piece_dk
-            dv[p.b, :, p.kv] += piece_dv
+        if grads is not None:
+            _add(dq, step.q_rows, grads[0])
+            _add(dk, step.k_rows, grads[1])
+            _add(dv, step.k_rows, grads[2])
         dkv_in = ring.shift((dk, dv))
         if incoming is not None:
-            held = _KV(*incoming.wait())
+            held = tuple(incoming.wait())
     dk, dv = dkv_in.wait()
     return dq, dk, dv
 
@@ -279,26 +333,21 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        document_ids: Optional[torch.Tensor],
-        group: dist.ProcessGroup,
+        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, steps: list[Optional[RingStep]],
+        ring: RingComm,
     ) -> torch.Tensor:
-        """Shapes as in :meth:`RingAttention.forward`; saves ``out`` and ``lse`` for backward."""
-        ring = _Ring(group)
+        """Packed ``q [N, Hq, D]``, ``k, v [N, Hkv, D]`` -> ``out [N, Hq, D]``."""
         k, v = k.contiguous(), v.contiguous()
-        out, lse = ring_forward(q, k, v, document_ids, ring)
-        ctx.save_for_backward(q, k, v, out, lse, document_ids)
-        ctx.ring = ring
+        out, lse = ring_forward(q, k, v, steps, ring)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.steps, ctx.ring = steps, ring
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
-        """``dout [B, Hq, t, D]`` -> gradients of ``q, k, v`` in their dtypes."""
-        q, k, v, out, lse, document_ids = ctx.saved_tensors
-        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, document_ids, ctx.ring)
+        """``dout [N, Hq, D]`` -> gradients of ``q, k, v`` in their dtypes."""
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.steps, ctx.ring)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None
 
 
@@ -306,7 +355,7 @@ class RingAttention(nn.Module):
     """Causal attention over a sequence sharded across the cp group in the zigzag layout.
 
     Drop-in replacement for :class:`omnilong.models.attention.CausalAttention`: same
-    ``forward`` signature, but every tensor is this rank's zigzag shard
+    ``plan`` / ``forward`` interface, but every tensor is this rank's zigzag shard
     (:func:`omnilong.parallel.sequence_sharding.shard_sequence`).
 
     Args:
@@ -316,25 +365,46 @@ class RingAttention(nn.Module):
     def __init__(self, cp: Union[dist.ProcessGroup, DeviceMesh]):
         super().__init__()
         self.group = cp.get_group() if isinstance(cp, DeviceMesh) else cp
+        self.ring = ProcessGroupRing(self.group)
+
+    def plan(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor]) -> list[Optional[RingStep]]:
+        """Every ring step's kernel call for this batch (:func:`plan_ring`). With packed
+        documents, the document ids of all cp ranks are all-gathered (one collective per
+        batch) and read back to the host once.
+
+        Args:
+            input_ids: ``[B, t]`` this rank's shard (for its shape and device).
+            document_ids: ``[B, t]`` this rank's shard of the document ids, or ``None``.
+        """
+        batch, local_len = input_ids.shape
+        if local_len % 2:
+            raise ValueError(f"a zigzag shard has two equal chunks; got odd length {local_len}: "
+                             "pad the full sequence with sequence_sharding.pad_batch first")
+        shard_ids = None
+        if document_ids is not None:
+            shards = [torch.empty_like(document_ids) for _ in range(self.ring.size)]
+            dist.all_gather(shards, document_ids.contiguous(), group=self.group)
+            shard_ids = torch.stack(shards).tolist()
+        return plan_ring(self.ring.rank, self.ring.size, shard_ids, batch, local_len, input_ids.device)
 
     def forward(
         self,
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        document_ids: Optional[torch.Tensor] = None,
+        plan: list[Optional[RingStep]],
     ) -> torch.Tensor:
         """
         Args:
             q: ``[B, Hq, t, D]`` local queries, ``t = T / cp`` (rotary already applied).
             k: ``[B, Hkv, t, D]`` local keys, ``Hq % Hkv == 0``.
             v: ``[B, Hkv, t, D]`` local values.
-            document_ids: ``[B, t]`` local document ids, or ``None`` for one sequence per row.
+            plan: :meth:`plan` of the batch.
 
         Returns:
             ``[B, Hq, t, D]`` attention output of the local queries.
         """
-        if q.shape[2] % 2:
-            raise ValueError(f"a zigzag shard has two equal chunks; got odd length {q.shape[2]}: "
-                             "pad the full sequence with sequence_sharding.pad_batch first")
-        return RingAttentionFunction.apply(q, k, v, document_ids, self.group)
+        b, hq, t, d = q.shape
+        packed = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]  # [B * t, H, D]
+        out = RingAttentionFunction.apply(*packed, plan, self.ring)
+        return out.view(b, t, hq, d).transpose(1, 2)

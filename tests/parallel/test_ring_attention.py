@@ -1,13 +1,17 @@
-"""Ring attention on zigzag shards equals single-device attention on the full sequence.
+"""Ring attention on zigzag shards equals causal attention on the full sequence.
 
-Oracle: :class:`CausalAttention` on the unsharded sequence (autograd for the gradients);
-the ring's output and the gradients of q, k, v are gathered from all cp ranks.
-Tolerance: max abs diff <= 1e-5 in fp32. In bf16 the ring runs on bf16 inputs and is
-compared with the fp32 oracle on the same (bf16-rounded) inputs: <= 2e-2 for the output,
+Oracle: attention with an explicit ``T x T`` mask (causal and same document) on the
+unsharded sequence, in fp32 on the CPU math path (the ``masked_attention`` fixture),
+with autograd for the gradients; the ring's output and the gradients of q, k, v are
+unsharded from all cp ranks and compared on the real (unpadded) tokens.
+
+Tolerances: max abs diff <= 1e-5 in fp32. bf16 runs the ring on bf16 inputs and compares
+with the fp32 oracle on the same (bf16-rounded) inputs: <= 2e-2 for the output,
 <= 2e-2 * max|grad| for the gradients (bf16 has an 8-bit mantissa, eps = 7.8e-3).
-All cases of one world size share one launch of gloo processes; at world size 4 one
-case also runs on the "cp" dimension of a (dp=2, cp=2) mesh, whose groups are not the
-world (group ranks differ from global ranks).
+
+The ring runs two ways with the same code: as virtual ranks in one process
+(:func:`run_local_ring`; on CPU always, on CUDA when present, where the kernel is flash
+attention's varlen op) and as real gloo processes through :class:`RingAttention`.
 """
 
 from typing import Union
@@ -17,13 +21,17 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from omnilong.models.attention import CausalAttention
 from omnilong.parallel import (
     RingAttention,
     gather_sequence,
     pad_batch,
     pad_to_shardable,
+    plan_ring,
+    ring_backward,
+    ring_forward,
+    run_local_ring,
     shard_sequence,
+    unshard_sequence,
 )
 from omnilong.parallel.ring_attention import zigzag_block
 
@@ -34,12 +42,14 @@ BATCH, HEAD_DIM = 2, 8
 CASES = {
     "causal": (4, 4, False, 0, torch.float32),
     "documents": (4, 4, True, 0, torch.float32),
-    "gqa": (4, 2, True, 0, torch.float32),
+    "gqa_28_4_documents": (28, 4, True, 0, torch.float32),
     "gqa_causal": (6, 2, False, 0, torch.float32),
     "padding_documents": (4, 2, True, 3, torch.float32),
     "padding_causal": (4, 4, False, 1, torch.float32),
     "bf16_documents": (4, 2, True, 0, torch.bfloat16),
 }
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def packed_documents(seq_len: int) -> torch.Tensor:
@@ -52,33 +62,22 @@ def packed_documents(seq_len: int) -> torch.Tensor:
     return starts.cumsum(-1)
 
 
-def _max_errors(cp_group: Union[dist.ProcessGroup, DeviceMesh], hq: int, hkv: int,
-                packed: bool, short: int, dtype: torch.dtype) -> dict[str, float]:
-    """Run one case on this rank; return the max abs error of out, dq, dk, dv
-    (of the real tokens; relative to max|grad| for bf16 gradients)."""
-    group = cp_group.get_group() if isinstance(cp_group, DeviceMesh) else cp_group
-    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+def _case_tensors(cp: int, hq: int, hkv: int, packed: bool, short: int, dtype: torch.dtype):
+    """Inputs of one case (full sequence) and the oracle's output and gradients."""
     seq_len = 2 * cp * CHUNK - short
     g = torch.Generator().manual_seed(0)
     q = torch.randn(BATCH, hq, seq_len, HEAD_DIM, generator=g).to(dtype)
-    k = torch.randn(BATCH, hkv, seq_len, HEAD_DIM, generator=g).to(dtype)
-    v = torch.randn(BATCH, hkv, seq_len, HEAD_DIM, generator=g).to(dtype)
+    k, v = (torch.randn(BATCH, hkv, seq_len, HEAD_DIM, generator=g).to(dtype) for _ in range(2))
     dout = torch.randn(BATCH, hq, seq_len, HEAD_DIM, generator=g).to(dtype)
     docs = packed_documents(seq_len) if packed else None
+    return q, k, v, dout, docs
 
+
+def _oracle(masked_attention, q, k, v, dout, docs):
     full = [x.detach().float().requires_grad_() for x in (q, k, v)]
-    ref_out = CausalAttention()(*full, docs)
-    ref_out.backward(dout.float())
-    expected = [ref_out, *(x.grad for x in full)]
-
-    local = [_shard(x, rank, cp).requires_grad_() for x in (q, k, v)]
-    local_docs = None if docs is None else _shard_docs(docs, rank, cp)
-    out = RingAttention(cp_group)(*local, local_docs)
-    out.backward(_shard(dout, rank, cp))
-    got = [gather_sequence(x.detach(), group, dim=2)[:, :, :seq_len] for x in
-           (out, *(x.grad for x in local))]
-    return {name: (a.float() - b).abs().max().item() / _scale(b, name, dtype)
-            for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected)}
+    out = masked_attention(*full, docs)
+    out.backward(dout.float())
+    return [out.detach(), *(x.grad for x in full)]
 
 
 def _shard(x: torch.Tensor, rank: int, cp: int) -> torch.Tensor:
@@ -91,26 +90,112 @@ def _shard_docs(docs: torch.Tensor, rank: int, cp: int) -> torch.Tensor:
     return shard_sequence(pad_batch({"document_ids": docs}, cp)["document_ids"], rank, cp)
 
 
-def _scale(expected: torch.Tensor, name: str, dtype: torch.dtype) -> float:
-    """bf16 gradients are compared relative to their largest entry; everything else absolute."""
-    return expected.abs().max().item() if dtype == torch.bfloat16 and name != "out" else 1.0
+def _pack(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, t, D]`` -> ``[B * t, H, D]``."""
+    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
 
 
-def _run_cases(rank: int, world_size: int) -> dict[str, dict[str, float]]:
-    errors = {name: _max_errors(dist.group.WORLD, *case) for name, case in CASES.items()}
+def _unpack(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """``[B * t, H, D]`` -> ``[B, H, t, D]``."""
+    return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+def _errors(got: list[torch.Tensor], expected: list[torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
+    """Max abs error per tensor (bf16 gradients relative to their largest entry)."""
+    errors = {}
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, expected):
+        scale = b.abs().max().item() if dtype == torch.bfloat16 and name != "out" else 1.0
+        errors[name] = (a.float().cpu() - b).abs().max().item() / scale
+    return errors
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    return 2e-2 if dtype == torch.bfloat16 else 1e-5
+
+
+def _local_ring_errors(masked_attention, cp: int, case: tuple, device: str) -> dict[str, float]:
+    """One case on a ring of ``cp`` virtual ranks in this process."""
+    hq, hkv, packed, short, dtype = case
+    q, k, v, dout, docs = _case_tensors(cp, *case)
+    expected = _oracle(masked_attention, q, k, v, dout, docs)
+    shard_ids = None if docs is None else [_shard_docs(docs, r, cp).tolist() for r in range(cp)]
+    local_len = 2 * CHUNK
+
+    def rank_fn(ring):
+        steps = plan_ring(ring.rank, cp, shard_ids, BATCH, local_len, torch.device(device))
+        lq, lk, lv, ldout = (_pack(_shard(x, ring.rank, cp)).to(device) for x in (q, k, v, dout))
+        out, lse = ring_forward(lq, lk, lv, steps, ring)
+        return (out, *ring_backward(ldout, lq, lk, lv, out, lse, steps, ring))
+
+    per_rank = run_local_ring(cp, rank_fn)
+    seq_len = q.shape[2]
+    got = [unshard_sequence([_unpack(r[i], BATCH) for r in per_rank], dim=2)[:, :, :seq_len] for i in range(4)]
+    return _errors(got, expected, dtype)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("name", list(CASES))
+def test_local_ring_matches_masked_attention(masked_attention, cp, name):
+    errors = _local_ring_errors(masked_attention, cp, CASES[name], "cpu")
+    assert max(errors.values()) <= _tolerance(CASES[name][-1]), errors
+
+
+@CUDA
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("name", ["causal", "documents", "gqa_28_4_documents", "gqa_causal", "padding_documents"])
+def test_local_ring_on_cuda_matches_masked_attention(masked_attention, cp, name):
+    """The CUDA kernels (flash varlen, bf16) forward and backward."""
+    hq, hkv, packed, short, _ = CASES[name]
+    errors = _local_ring_errors(masked_attention, cp, (hq, hkv, packed, short, torch.bfloat16), "cuda")
+    assert max(errors.values()) <= _tolerance(torch.bfloat16), errors
+
+
+def _distributed_errors(masked_attention, cp_group: Union[dist.ProcessGroup, DeviceMesh], case: tuple) -> dict[str, float]:
+    """One case through :class:`RingAttention` (plan + autograd) on this gloo rank."""
+    group = cp_group.get_group() if isinstance(cp_group, DeviceMesh) else cp_group
+    rank, cp = dist.get_rank(group), dist.get_world_size(group)
+    q, k, v, dout, docs = _case_tensors(cp, *case)
+    expected = _oracle(masked_attention, q, k, v, dout, docs)
+    local = [_shard(x, rank, cp).requires_grad_() for x in (q, k, v)]
+    local_docs = None if docs is None else _shard_docs(docs, rank, cp)
+    attention = RingAttention(cp_group)
+    out = attention(*local, attention.plan(local[0][:, 0, :, 0], local_docs))
+    out.backward(_shard(dout, rank, cp))
+    got = [gather_sequence(x.detach(), group, dim=2)[:, :, :q.shape[2]] for x in (out, *(x.grad for x in local))]
+    return _errors(got, expected, case[-1])
+
+
+def _run_cases(rank: int, world_size: int, masked_attention) -> dict[str, dict[str, float]]:
+    names = ("causal", "gqa_28_4_documents", "padding_documents", "bf16_documents")
+    errors = {name: _distributed_errors(masked_attention, dist.group.WORLD, CASES[name]) for name in names}
     if world_size == 4:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-        errors["gqa_on_cp_submesh"] = _max_errors(mesh["cp"], *CASES["gqa"])
+        errors["documents_on_cp_submesh"] = _distributed_errors(masked_attention, mesh["cp"], CASES["padding_documents"])
     return errors
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_ring_attention_matches_full_attention(run_distributed, world_size):
-    errors = run_distributed(_run_cases, world_size)
-    for rank_errors in errors:
+def test_ring_attention_processes_match_masked_attention(run_distributed, masked_attention, world_size):
+    """Real processes, and at world size 4 the "cp" dimension of a (dp=2, cp=2) mesh,
+    whose groups are not the world (group ranks differ from global ranks)."""
+    for rank_errors in run_distributed(_run_cases, world_size, masked_attention):
         for name, per_tensor in rank_errors.items():
-            tol = 2e-2 if name.startswith("bf16") else 1e-5
-            assert max(per_tensor.values()) <= tol, (name, per_tensor)
+            assert max(per_tensor.values()) <= _tolerance(CASES.get(name, CASES["causal"])[-1]), (name, per_tensor)
+
+
+def test_documents_split_across_runs_are_refused():
+    shard_ids = [[[0, 0, 1, 1, 0, 0, 2, 2]], [[2, 2, 2, 2, 3, 3, 3, 3]]]
+    with pytest.raises(ValueError, match="document id 0 occurs in two separate runs"):
+        plan_ring(0, 2, shard_ids, 1, 8, torch.device("cpu"))
+
+
+def test_plan_of_one_document_per_row_is_one_contiguous_call_per_step():
+    """No documents: each step attends contiguous rows (no gather), one segment per row."""
+    steps = plan_ring(0, 2, None, 1, 8, torch.device("cpu"))
+    assert [(s.q_rows, s.k_rows, s.segments.bounds, s.segments.causal) for s in steps] == [
+        (slice(0, 8), slice(0, 8), ((0, 8, 0, 8),), True),
+        (slice(4, 8), slice(0, 8), ((0, 4, 0, 8),), False),
+    ]
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4])

@@ -195,8 +195,10 @@ class Qwen2_5_VL(nn.Module):
         rope = multimodal_rope_cos_sin(
             position_ids, self.args.head_dim, self.args.rope_theta, self.args.mrope_section, h.dtype
         )
+        # Planned once per batch, shared by every layer (no host sync inside a layer).
+        attention_plan = self.layers[0].attention.core.plan(input_ids, document_ids)
         for layer in self.layers:
-            h = layer(h, rope, document_ids)
+            h = layer(h, rope, attention_plan)
         h = self.norm(h)
         if return_hidden:
             return h

@@ -8,11 +8,13 @@ windows, runs the blocks (window attention, or attention over each frame pair in
 the processor's order.
 
 Attention never crosses a frame pair (temporal patch), so frames can be encoded
-independently; a segment is attended with one SDPA call per distinct segment length,
-never with an ``N x N`` mask.
+independently; segments are attended without a mask,
+never with an ``N x N`` mask: one flash varlen call on CUDA, else one SDPA call per
+distinct segment length. The segments are planned once per encode (:class:`SegmentPlan`).
 """
 
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -22,6 +24,7 @@ from torch import nn
 from omnilong.models.blocks import FeedForward, RMSNorm
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLVisionArgs
 from omnilong.models.rope import apply_rope, rope_inverse_frequencies
+from omnilong.models.varlen_attention import VarlenSegments, uses_flash_kernel, varlen_attention
 
 Grid = tuple[int, int, int]  # (frame pairs, patch rows, patch columns)
 
@@ -77,32 +80,55 @@ def frame_lengths(grids: list[Grid]) -> list[int]:
     return [h * w for t, h, w in grids for _ in range(t)]
 
 
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-    """Bidirectional attention within consecutive segments of the given lengths.
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Bidirectional attention within consecutive segments, planned once per encode.
 
-    Segments of equal length are gathered into one batched SDPA call.
+    Attributes:
+        varlen: the segments for one varlen kernel call (used on CUDA in fp16/bf16).
+        by_length: ``(index [n * L], n, L)`` per distinct segment length: the tokens of its
+            ``n`` segments of length ``L``, batched into one SDPA call (used elsewhere).
+        inverse: ``[N]`` sequence position of every token of the concatenated groups.
+    """
+
+    varlen: VarlenSegments
+    by_length: tuple[tuple[torch.Tensor, int, int], ...]
+    inverse: torch.Tensor
+
+    @classmethod
+    def of(cls, lengths: list[int], device: torch.device) -> "SegmentPlan":
+        """The plan of segments of the given lengths, back to back."""
+        starts_by_length: dict[int, list[int]] = defaultdict(list)
+        start = 0
+        for length in lengths:
+            starts_by_length[length].append(start)
+            start += length
+        groups = []
+        for length, starts in starts_by_length.items():
+            index = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()
+            groups.append((index.to(device), len(starts), length))
+        inverse = torch.cat([index for index, _, _ in groups]).argsort().to(device)
+        return cls(VarlenSegments.from_lengths(lengths, lengths, causal=False, device=device), tuple(groups), inverse)
+
+
+def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+    """Bidirectional attention within the planned segments.
 
     Args:
-        q, k, v: ``[H, N, D]``.
-        lengths: segment lengths, summing to ``N``.
+        q, k, v: ``[N, H, D]``.
+        plan: the segments (:class:`SegmentPlan`), summing to ``N`` tokens.
 
     Returns:
-        ``[H, N, D]``.
+        ``[N, H, D]``.
     """
-    starts_by_length: dict[int, list[int]] = defaultdict(list)
-    start = 0
-    for length in lengths:
-        starts_by_length[length].append(start)
-        start += length
-    outputs, positions = [], []
-    for length, starts in starts_by_length.items():
-        index = (torch.tensor(starts, device=q.device)[:, None] + torch.arange(length, device=q.device)).flatten()
+    if uses_flash_kernel(q):
+        return varlen_attention(q, k, v, plan.varlen)
+    outputs = []
+    for index, n, length in plan.by_length:
         # [n, H, L, D]: the n segments of this length as a batch
-        qs, ks, vs = (x[:, index].unflatten(1, (len(starts), length)).transpose(0, 1) for x in (q, k, v))
-        out = F.scaled_dot_product_attention(qs, ks, vs)  # [n, H, L, D]
-        outputs.append(out.transpose(0, 1).flatten(1, 2))  # [H, n * L, D]
-        positions.append(index)
-    return torch.cat(outputs, dim=1)[:, torch.cat(positions).argsort()]  # [H, N, D], sequence order
+        qs, ks, vs = (x[index].unflatten(0, (n, length)).transpose(1, 2) for x in (q, k, v))
+        outputs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1))  # [n * L, H, D]
+    return torch.cat(outputs)[plan.inverse]  # [N, H, D], sequence order
 
 
 def vision_rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,22 +174,23 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.wo = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: SegmentPlan) -> torch.Tensor:
         """
         Args:
             x: ``[N, dim]``.
             rope: ``(cos, sin)``, each ``[N, head_dim]`` fp32.
-            lengths: attention segment lengths, summing to ``N``.
+            segments: the attention segments, summing to ``N`` tokens.
 
         Returns:
             ``[N, dim]``.
         """
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.n_heads, self.head_dim).permute(1, 2, 0, 3).unbind(0)  # [H, N, D]
+        q, k, v = self.qkv(x).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # [N, H, D]
         cos, sin = rope
-        q, k = (apply_rope(t.float()[None], cos[None], sin[None])[0].to(x.dtype) for t in (q, k))
-        out = segment_attention(q, k, v, lengths)  # [H, N, D]
-        return self.wo(out.transpose(0, 1).reshape(n, -1))
+        q, k = (apply_rope(t.float().transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1).to(x.dtype)
+                for t in (q, k))
+        out = segment_attention(q, k, v, segments)  # [N, H, D]
+        return self.wo(out.reshape(n, -1))
 
 
 class VisionBlock(nn.Module):
@@ -176,8 +203,8 @@ class VisionBlock(nn.Module):
         self.attention_norm = RMSNorm(dim, VISION_NORM_EPS)
         self.ffn_norm = RMSNorm(dim, VISION_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], lengths: list[int]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, lengths)
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: SegmentPlan) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, segments)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -251,11 +278,11 @@ class VisionTransformer(nn.Module):
         groups, window_lengths = window_order(grids, merge, args.window_units)
         groups = groups.to(device)
         order = (groups[:, None] * merge**2 + torch.arange(merge**2, device=device)).flatten()  # [N]
-        frames = frame_lengths(grids)
+        windows, frames = SegmentPlan.of(window_lengths, device), SegmentPlan.of(frame_lengths(grids), device)
 
         x = self.patch_embed(pixel_values)[order]  # [N, dim], window order
         rope = vision_rope_cos_sin(patch_positions(grids, merge, device)[order], args.head_dim, args.rope_theta)
         for index, layer in enumerate(self.layers):
-            x = layer(x, rope, frames if index in args.fullatt_block_indexes else window_lengths)
+            x = layer(x, rope, frames if index in args.fullatt_block_indexes else windows)
         merged = self.merger(x)  # [N / merge^2, out_dim], window order
         return merged[groups.argsort()]  # processor order
