@@ -3,7 +3,13 @@
 The forward pass computes, per chunk of trainable tokens, the fp32 logits, their
 log-sum-exp, the loss and at once the gradients of hidden and weight; the chunk's logits
 are then freed. Backward only scales the saved gradients. Peak extra memory is one chunk
-of logits plus the fp32 weight gradient, whatever the number of tokens.
+of logits plus the fp32 weight gradient, whatever the number of tokens; the weight
+gradient's fp32 buffer is allocated once and reused by every micro-batch.
+
+Precision: the three GEMMs of a chunk (logits, hidden gradient, weight gradient) run in
+the inputs' dtype with fp32 accumulation; the log-sum-exp and softmax math is fp32; the
+weight gradient is accumulated over chunks in fp32. On CUDA the passes over a chunk's
+logits are one compiled, fused function (:func:`softmax_cross_entropy_grad`).
 
 FSDP2. The weight must be used unsharded:
 
@@ -23,7 +29,8 @@ FSDP2. The weight must be used unsharded:
   for backward: it is freed when the forward returns.
 """
 
-from typing import Optional, Union
+import functools
+from typing import Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -43,6 +50,59 @@ def auto_chunk_size(vocab_size: int) -> int:
     return 1 << max(0, (_LOGITS_BUDGET // vocab_size).bit_length() - 1)
 
 
+def softmax_cross_entropy_grad(
+    logits: torch.Tensor, labels: torch.Tensor, scale: float, z_loss: float, grad_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and logit gradient of one chunk, all math in fp32.
+
+    ``lse = logsumexp(logits)``; ``loss = sum(lse - logits[y] + z_loss * lse^2)``;
+    ``d loss / d logits = scale * (softmax(logits) * (1 + 2 * z_loss * lse) - onehot(y))``.
+    On CUDA this function runs compiled (``torch.compile``), which fuses its passes over
+    the chunk into a reduction and one elementwise kernel.
+
+    Args:
+        logits: ``[c, V]`` float32.
+        labels: ``[c]`` targets.
+        scale: factor of the gradient (the loss's reduction scale).
+        z_loss: coefficient of ``lse^2``.
+        grad_dtype: dtype of the returned gradient (the dtype of the chunk's GEMMs).
+
+    Returns:
+        ``grad [c, V]`` in ``grad_dtype`` and the fp32 scalar loss sum (unscaled).
+    """
+    row_max = logits.amax(dim=1, keepdim=True)  # [c, 1]
+    exp = torch.exp(logits - row_max)
+    sum_exp = exp.sum(dim=1, keepdim=True)
+    lse = row_max + torch.log(sum_exp)  # [c, 1]
+    target = logits.gather(1, labels[:, None])  # [c, 1]
+    loss = (lse - target + z_loss * lse * lse).sum()
+    onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
+    grad = exp * (scale * (1 + 2 * z_loss * lse) / sum_exp) - scale * onehot
+    return grad.to(grad_dtype), loss
+
+
+@functools.cache
+def _compiled_softmax_cross_entropy_grad() -> Callable:
+    return torch.compile(softmax_cross_entropy_grad, dynamic=True)
+
+
+def _logits_fp32(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``h [c, H] @ w[V, H]^T`` as fp32 ``[c, V]``: a GEMM in the inputs' dtype with fp32
+    accumulation and fp32 output (on CUDA without an intermediate low-precision copy)."""
+    if h.device.type == "cuda" and h.dtype != torch.float32:
+        return torch.mm(h, w.t(), out_dtype=torch.float32)
+    return (h @ w.t()).float()
+
+
+def _add_weight_grad_(grad_weight: torch.Tensor, grad_logits: torch.Tensor, h: torch.Tensor) -> None:
+    """``grad_weight += grad_logits^T @ h``, accumulated in the fp32 ``grad_weight``: a GEMM in
+    the inputs' dtype with fp32 accumulation (on CUDA written straight into the buffer)."""
+    if h.device.type == "cuda" and h.dtype != torch.float32:
+        torch.addmm(grad_weight, grad_logits.t(), h, out_dtype=torch.float32, out=grad_weight)
+    else:
+        grad_weight.addmm_(grad_logits.t().float(), h.float())
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of per-token losses of ``hidden @ weight.T``; gradients computed in forward."""
 
@@ -56,6 +116,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         z_loss: float,
         scale: float,
+        grad_weight: Optional[torch.Tensor],
     ) -> torch.Tensor:
         """
         Args:
@@ -66,34 +127,31 @@ class _LinearCrossEntropy(torch.autograd.Function):
             chunk_size: tokens per chunk.
             z_loss: coefficient of ``lse^2``.
             scale: factor on the summed loss (``1 / n`` for a mean).
+            grad_weight: ``[V, H]`` fp32 buffer for the weight gradient (zeroed here), or
+                ``None`` when the weight needs no gradient.
 
         Returns:
             The fp32 scalar ``scale * sum_i (lse_i - logit_i[y_i] + z_loss * lse_i^2)``.
         """
         w = weight.to(hidden.dtype)
+        chunk_grad = (_compiled_softmax_cross_entropy_grad() if hidden.device.type == "cuda"
+                      else softmax_cross_entropy_grad)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
-        grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                       if ctx.needs_input_grad[1] else None)
+        if grad_weight is not None:
+            grad_weight.zero_()
         for idx in valid.split(chunk_size):
             h = hidden.index_select(0, idx)  # shape: [c, H]
-            y = labels.index_select(0, idx)[:, None]  # shape: [c, 1]
-            logits = (h @ w.t()).float()  # shape: [c, V]
-            target = logits.gather(1, y).squeeze(1)  # shape: [c]
-            row_max = logits.amax(dim=1)
-            grad = logits.sub_(row_max[:, None]).exp_()  # exp(logits - max), in place
-            sum_exp = grad.sum(dim=1)
-            lse = row_max + sum_exp.log()
-            loss += (lse - target + z_loss * lse.square()).sum()
-            # d loss / d logits = scale * (softmax * (1 + 2 * z_loss * lse) - onehot(y))
-            grad.mul_((scale * (1 + 2 * z_loss * lse) / sum_exp)[:, None])
-            grad.scatter_add_(1, y, grad.new_full(y.shape, -scale))
+            grad, chunk_loss = chunk_grad(_logits_fp32(h, w), labels.index_select(0, idx), scale, z_loss, w.dtype)
+            loss += chunk_loss
             if grad_hidden is not None:
-                grad_hidden.index_copy_(0, idx, grad.to(w.dtype) @ w)
+                grad_hidden.index_copy_(0, idx, grad @ w)
             if grad_weight is not None:
-                grad_weight.addmm_(grad.t(), h.float())
-            del logits, grad  # free this chunk before the next one is allocated
+                _add_weight_grad_(grad_weight, grad, h)
+            del grad  # free this chunk before the next one is allocated
         if grad_weight is not None:
+            # A copy in the weight's dtype, or the buffer itself for an fp32 weight (the
+            # caller then stops reusing it: autograd may keep it as the parameter's .grad).
             grad_weight = grad_weight.to(weight.dtype)
         ctx.grads = (grad_hidden, grad_weight)
         return loss * scale
@@ -107,7 +165,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for grad in (grad_hidden, grad_weight):
             if grad is not None:
                 grad.mul_(grad_output)  # in place: no second copy of the weight gradient
-        return grad_hidden, grad_weight, None, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
 class ChunkedLinearCrossEntropy(nn.Module):
@@ -136,6 +194,18 @@ class ChunkedLinearCrossEntropy(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.z_loss = z_loss
+        self._grad_weight: Optional[torch.Tensor] = None
+
+    def _grad_weight_buffer(self, weight: torch.Tensor) -> torch.Tensor:
+        """The fp32 weight-gradient buffer, allocated once and reused by every micro-batch.
+
+        An fp32 weight gets the buffer itself as its gradient, so then a new one is made
+        for the next call instead."""
+        buffer = self._grad_weight
+        if buffer is None or buffer.shape != weight.shape or buffer.device != weight.device:
+            buffer = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+        self._grad_weight = None if weight.dtype == torch.float32 else buffer
+        return buffer
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
@@ -157,7 +227,8 @@ class ChunkedLinearCrossEntropy(nn.Module):
             weight = weight.full_tensor(grad_placements=[Partial()] * weight.device_mesh.ndim)
         chunk_size = self.chunk_size or auto_chunk_size(weight.shape[0])
         scale = 1.0 if self.reduction == "sum" else 1.0 / max(num_tokens, 1)
-        loss = _LinearCrossEntropy.apply(hidden, weight, labels, valid, chunk_size, self.z_loss, scale)
+        grad_weight = self._grad_weight_buffer(weight) if weight.requires_grad else None
+        loss = _LinearCrossEntropy.apply(hidden, weight, labels, valid, chunk_size, self.z_loss, scale, grad_weight)
         if self.reduction == "sum":
             return loss, torch.tensor(num_tokens, device=labels.device)
         return loss
