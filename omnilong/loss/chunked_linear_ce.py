@@ -9,7 +9,7 @@ gradient's fp32 buffer is allocated once and reused by every micro-batch.
 Precision: the three GEMMs of a chunk (logits, hidden gradient, weight gradient) run in
 the inputs' dtype with fp32 accumulation; the log-sum-exp and softmax math is fp32; the
 weight gradient is accumulated over chunks in fp32. On CUDA the passes over a chunk's
-logits are one compiled, fused function (:func:`softmax_cross_entropy_grad`).
+logits are one compiled, fused function (:func:`_fused_softmax_cross_entropy_grad`).
 
 FSDP2. The weight must be used unsharded:
 
@@ -50,18 +50,17 @@ def auto_chunk_size(vocab_size: int) -> int:
     return 1 << max(0, (_LOGITS_BUDGET // vocab_size).bit_length() - 1)
 
 
-def softmax_cross_entropy_grad(
+def softmax_cross_entropy_grad_(
     logits: torch.Tensor, labels: torch.Tensor, scale: float, z_loss: float, grad_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Loss and logit gradient of one chunk, all math in fp32.
+    """Loss and logit gradient of one chunk, all math in fp32; overwrites ``logits``.
 
     ``lse = logsumexp(logits)``; ``loss = sum(lse - logits[y] + z_loss * lse^2)``;
     ``d loss / d logits = scale * (softmax(logits) * (1 + 2 * z_loss * lse) - onehot(y))``.
-    On CUDA this function runs compiled (``torch.compile``), which fuses its passes over
-    the chunk into a reduction and one elementwise kernel.
+    In place, so that eager mode holds one ``[c, V]`` buffer (the CPU path).
 
     Args:
-        logits: ``[c, V]`` float32.
+        logits: ``[c, V]`` float32, used as the gradient's buffer.
         labels: ``[c]`` targets.
         scale: factor of the gradient (the loss's reduction scale).
         z_loss: coefficient of ``lse^2``.
@@ -70,12 +69,29 @@ def softmax_cross_entropy_grad(
     Returns:
         ``grad [c, V]`` in ``grad_dtype`` and the fp32 scalar loss sum (unscaled).
     """
-    row_max = logits.amax(dim=1, keepdim=True)  # [c, 1]
+    y = labels[:, None]
+    target = logits.gather(1, y)  # [c, 1]
+    row_max = logits.amax(dim=1, keepdim=True)
+    grad = logits.sub_(row_max).exp_()  # exp(logits - max)
+    sum_exp = grad.sum(dim=1, keepdim=True)
+    lse = row_max + sum_exp.log()  # [c, 1]
+    loss = (lse - target + z_loss * lse.square()).sum()
+    grad.mul_(scale * (1 + 2 * z_loss * lse) / sum_exp)
+    grad.scatter_add_(1, y, grad.new_full(y.shape, -scale))
+    return grad.to(grad_dtype), loss
+
+
+def _fused_softmax_cross_entropy_grad(
+    logits: torch.Tensor, labels: torch.Tensor, scale: float, z_loss: float, grad_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`softmax_cross_entropy_grad_` written without mutation, for ``torch.compile``:
+    compiled, its passes over the chunk fuse into a reduction and one elementwise kernel
+    that reads the fp32 logits and writes the gradient in ``grad_dtype`` (the CUDA path)."""
+    row_max = logits.amax(dim=1, keepdim=True)
     exp = torch.exp(logits - row_max)
     sum_exp = exp.sum(dim=1, keepdim=True)
-    lse = row_max + torch.log(sum_exp)  # [c, 1]
-    target = logits.gather(1, labels[:, None])  # [c, 1]
-    loss = (lse - target + z_loss * lse * lse).sum()
+    lse = row_max + torch.log(sum_exp)
+    loss = (lse - logits.gather(1, labels[:, None]) + z_loss * lse * lse).sum()
     onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
     grad = exp * (scale * (1 + 2 * z_loss * lse) / sum_exp) - scale * onehot
     return grad.to(grad_dtype), loss
@@ -83,7 +99,7 @@ def softmax_cross_entropy_grad(
 
 @functools.cache
 def _compiled_softmax_cross_entropy_grad() -> Callable:
-    return torch.compile(softmax_cross_entropy_grad, dynamic=True)
+    return torch.compile(_fused_softmax_cross_entropy_grad, dynamic=True)
 
 
 def _logits_fp32(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -135,7 +151,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         """
         w = weight.to(hidden.dtype)
         chunk_grad = (_compiled_softmax_cross_entropy_grad() if hidden.device.type == "cuda"
-                      else softmax_cross_entropy_grad)
+                      else softmax_cross_entropy_grad_)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         if grad_weight is not None:
