@@ -13,7 +13,7 @@ exact multiples) the all-padding windows transformers drops.
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
@@ -181,6 +181,53 @@ def test_logits_and_gradients_match_transformers(models, mix):
         (hub_key,) = native_to_hf({native_key: None})
         torch.testing.assert_close(native_params[native_key].grad, _hf_param(hf, hub_key).grad,
                                    atol=ATOL, rtol=0, msg=native_key)
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_qwen_dir):
+    """The tiny checkpoint's transformers Qwen2.5-VL processor (tokenizer, image and video processors)."""
+    return AutoProcessor.from_pretrained(tiny_qwen_dir)
+
+
+IMAGE_ITEM, VIDEO_ITEM = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+PROMPTS = {
+    "image": [f"Look: {IMAGE_ITEM} what is it?"],
+    "video": [f"Watch {VIDEO_ITEM} then say what moved."],
+    "image and video": [f"{IMAGE_ITEM} and {VIDEO_ITEM}: the same?"],
+    "left-padded batch": [f"Watch {VIDEO_ITEM} then say what moved.", f"{IMAGE_ITEM} it"],
+}
+
+
+@pytest.mark.parametrize("content", list(PROMPTS))
+def test_processor_output_feeds_the_model(models, processor, content):
+    """``native(**processor(...))`` takes every key the processor returns and computes the
+    served positions itself; transformers gets them explicitly. Logits of real tokens within
+    1e-5. The video is 6 frames at 1 fps: 3 frame pairs 2 s (4 positions) apart on a 2x3
+    grid, so text after it lands elsewhere under transformers 5.x's own rule."""
+    hf, native = models
+    g = torch.Generator().manual_seed(0)
+    text = PROMPTS[content]
+    media = {}
+    if IMAGE_ITEM in "".join(text):
+        media["images"] = [(torch.rand(3, 56, 84, generator=g) * 255).to(torch.uint8)]
+    if VIDEO_ITEM in "".join(text):
+        media["videos"] = [(torch.rand(6, 3, 56, 84, generator=g) * 255).to(torch.uint8)]
+        media["video_metadata"] = [{"fps": 1.0, "total_num_frames": 6}]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=text, padding=True, return_tensors="pt", **media)
+    if "videos" in media:
+        assert inputs["second_per_grid_ts"].tolist() == [2.0] and inputs["video_grid_thw"].tolist() == [[3, 4, 6]]
+    real = inputs["attention_mask"].bool()
+    assert real.all() == (len(text) == 1)
+
+    position_ids = native.multimodal_position_ids(
+        inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+        inputs.get("second_per_grid_ts"), inputs["attention_mask"],
+    )
+    with torch.no_grad():
+        actual = native(**inputs)
+        expected = hf(**inputs, position_ids=position_ids).logits
+    torch.testing.assert_close(actual[real], expected[real], atol=ATOL, rtol=0)
 
 
 def test_pad_token_count_mismatch_is_an_error(models):
