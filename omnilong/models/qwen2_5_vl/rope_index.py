@@ -16,6 +16,10 @@ fine-tuning code (``qwen-vl-finetune/qwenvl/data/rope2d.py``) and verl:
 - the text after an item resumes at the item's largest position on any stream + 1;
 - padding tokens (``attention_mask`` 0) are skipped and get position 0.
 
+One detail differs among the references: transformers 4.x casts ``second_per_grid_t`` to
+an integer before the product (so 0.5 s per frame group, e.g. 4 fps, becomes 0), while
+vLLM and ``rope2d.py`` keep fractional seconds; this module follows vLLM and ``rope2d.py``.
+
 transformers >= 5.3 resumes at ``pos + max(h, w)`` instead, not past the temporal
 positions: for a video whose temporal positions outrun its spatial size (any long video)
 the text after it then lands inside the video's temporal range, which the released model
