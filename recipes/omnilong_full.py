@@ -61,6 +61,19 @@ def instantiate(key: str, node: DictConfig, *args, **kwargs):
         raise ValueError(f"config key {key!r} ({node.get('_component_')}): {e}") from e
 
 
+def with_mrope_positions(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``batch`` with ``position_ids [3, B, T]``, the model's M-RoPE positions of the full rows,
+    when it holds vision grids and no positions: computed once per batch, before any
+    context-parallel cut, by the rule Qwen2.5-VL was trained and is served with
+    (:func:`omnilong.models.qwen2_5_vl.rope_index`). Right padding continues the row's positions."""
+    if "position_ids" in batch or not any(key in batch for key in ("image_grid_thw", "video_grid_thw")):
+        return batch
+    position_ids = model.multimodal_position_ids(
+        batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
+    )
+    return {**batch, "position_ids": position_ids}
+
+
 class OmniLongFullRecipe:
     """The training recipe: ``setup()``, ``train()``, ``cleanup()``."""
 
@@ -151,16 +164,12 @@ class OmniLongFullRecipe:
         )
 
     def _check_data_matches_model(self) -> None:
-        """A dataset that places vision tokens must use the model's token ids and timing."""
-        args, visual = self.model.args, self.model.visual
+        """A dataset that places vision tokens must use the model's token ids."""
+        args = self.model.args
         for name in ("video_token_id", "image_token_id"):
             if hasattr(self.dataset, name) and getattr(self.dataset, name) != getattr(args, name):
                 raise ValueError(f"the dataset's {name} {getattr(self.dataset, name)} is not the model's "
                                  f"{getattr(args, name)}: use the tokenizer of the checkpoint")
-        tokens_per_second = getattr(self.dataset, "tokens_per_second", None)
-        if visual is not None and tokens_per_second is not None and tokens_per_second != visual.args.tokens_per_second:
-            raise ValueError(f"dataset.tokens_per_second={tokens_per_second} differs from the model's "
-                             f"vision_config.tokens_per_second={visual.args.tokens_per_second}")
 
     def _setup_loss(self) -> torch.nn.Module:
         if self.cfg.loss.get("reduction", "sum") != "sum":
@@ -215,7 +224,8 @@ class OmniLongFullRecipe:
     # ------------------------------------------------------------------ train
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches for this rank, forever (epoch after epoch), from the saved data
-        position on: with context parallelism, this rank's shard of each full-sequence batch."""
+        position on, with M-RoPE positions of the full sequence (:func:`with_mrope_positions`); with
+        context parallelism, this rank's shard of each full-sequence batch."""
         dp = self.meshes.dp.size()
         args = self.model.args
         vision_token_ids = (args.image_token_id, args.video_token_id)
@@ -223,6 +233,7 @@ class OmniLongFullRecipe:
             self.sampler.set_epoch(self.epoch, self.consumed)
             for batch in self.dataloader:
                 self.consumed += batch["input_ids"].shape[0] * dp
+                batch = with_mrope_positions(batch, self.model)
                 if self.dims.cp > 1:
                     batch = shard_batch_for_cp(batch, self.meshes.cp, self.dataset.pad_id, vision_token_ids)
                 yield batch

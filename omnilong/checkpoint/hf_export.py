@@ -2,7 +2,12 @@
 
 The output mirrors the base model it was trained from: the same tensor names (the base's
 own layout), shapes and, by default, dtypes; every non-weight file of the base; and a
-``config.json`` with the fields the run changed (``rope_theta``, the dtype). Tensors the
+``config.json`` with the fields the run changed (``rope_theta``, the dtype) plus
+``omnilong_mrope_positions``, which says the rule the checkpoint was trained with for
+multimodal RoPE positions (the one Qwen2.5-VL was released and is served with: text after
+an image or video resumes at its largest position + 1, as transformers 4.49-4.57 and vLLM
+compute them, not transformers >= 5.3). transformers keeps such an extra field as a config
+attribute (``model.config.omnilong_mrope_positions``) and ignores it otherwise. Tensors the
 run saved come from the checkpoint; any it did not hold are copied from the base.
 
 The checkpoint is read one output shard at a time: DCP's metadata says which tensors it
@@ -29,10 +34,13 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from omnilong.checkpoint.dcp_io import load_model_tensors, model_tensor_metadata, read_checkpoint_metadata
 from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files, read_hf_config
 from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf, to_hub_layout
+from omnilong.models.qwen2_5_vl.rope_index import POSITION_RULE
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_NAME = "config.yaml"
+#: config.json field naming the M-RoPE position rule the checkpoint was trained with.
+POSITION_RULE_KEY = "omnilong_mrope_positions"
 _TIED_OUTPUT = ("output.weight", "lm_head.weight")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _SAFETENSORS_DTYPES = {
@@ -251,10 +259,10 @@ def set_dtype(config: dict[str, Any], dtype: torch.dtype) -> None:
 
 
 def _write_config(base: Path, out_dir: Path, rope_theta: Optional[float], dtype: Optional[torch.dtype]) -> None:
-    """Write the base's config.json with the run's ``rope_theta`` and ``dtype`` (when set)."""
-    if rope_theta is None and dtype is None:
-        return  # the copied file stands
+    """Write the base's config.json with the run's ``rope_theta`` and ``dtype`` (when set) and
+    the position rule the run trained with (:data:`POSITION_RULE_KEY`)."""
     config = read_hf_config(base)
+    config[POSITION_RULE_KEY] = POSITION_RULE
     if rope_theta is not None:
         set_rope_theta(config, rope_theta)
     if dtype is not None:

@@ -11,8 +11,14 @@ A sample is a JSONL line (or an element of a JSON list) in one of the common sha
 order). Relative paths are resolved against ``data_root`` or else the sample file's
 directory. Each placeholder becomes ``<|vision_start|>`` + ``<|video_pad|>`` x tokens +
 ``<|vision_end|>`` inside the chat template's rendering; labels are set only on
-assistant turns and shifted once over the full sequence, and M-RoPE positions are
-computed on the full sequence with :func:`rope_index`.
+assistant turns and shifted once over the full sequence.
+
+Positions are not part of an item: they are the model's rule, and the recipe computes
+them on the full batch before any context-parallel cut, with the rule Qwen2.5-VL was
+trained and is served with (``omnilong.models.qwen2_5_vl.rope_index``: the text after a
+video resumes at the video's largest M-RoPE position + 1, as transformers 4.49-4.57,
+vLLM and Qwen's own fine-tuning code do; not transformers >= 5.3's rule). An item
+carries what they need: the token ids, ``video_grid_thw`` and ``second_per_grid_ts``.
 
 Construction reads and validates the sample files (and tokenizes the text); videos are
 decoded in ``__getitem__``, so in the DataLoader's workers.
@@ -51,8 +57,6 @@ from omnilong.data.video import (
     process_video,
     resized_sizes,
 )
-from omnilong.models.qwen2_5_vl.rope_index import rope_index
-
 logger = logging.getLogger(__name__)
 
 VIDEO_PLACEHOLDER = "<video>"
@@ -152,7 +156,6 @@ class VideoSFTDataset(Dataset):
         samples: validated samples (:func:`read_video_samples`).
         max_seq_len: most tokens per sample, video tokens included.
         options: frame sampling and sizing.
-        tokens_per_second: the vision config's temporal positions per second of video.
         skip_bad_samples: drop samples whose video is missing (counted in
             ``num_skipped``) and turn unusable items into skipped placeholders instead
             of raising (see the module docstring).
@@ -169,7 +172,6 @@ class VideoSFTDataset(Dataset):
         samples: Iterable[VideoSample],
         max_seq_len: int,
         options: VideoOptions = VideoOptions(),
-        tokens_per_second: int = 2,
         skip_bad_samples: bool = False,
     ):
         if max_seq_len <= 0:
@@ -184,7 +186,7 @@ class VideoSFTDataset(Dataset):
         self.video_token_id, self.image_token_id = ids[VIDEO_PAD], ids[IMAGE_PAD]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_seq_len, self.options = max_seq_len, options
-        self.tokens_per_second, self.skip_bad_samples = tokens_per_second, skip_bad_samples
+        self.skip_bad_samples = skip_bad_samples
         self.num_skipped = 0
         self._samples: list[tuple[VideoSample, torch.Tensor, torch.Tensor]] = []
         for sample in samples:
@@ -216,8 +218,7 @@ class VideoSFTDataset(Dataset):
         """Sample ``index`` with its videos decoded and processed.
 
         Returns:
-            ``input_ids``, ``labels``, ``document_ids`` ``[T]``; ``position_ids`` ``[3, T]``;
-            ``pixel_values_videos`` ``[N, 1176]``; ``video_grid_thw`` ``[V, 3]``;
+            ``input_ids``, ``labels``, ``document_ids`` ``[T]``; ``pixel_values_videos`` ``[N, 1176]``; ``video_grid_thw`` ``[V, 3]``;
             ``second_per_grid_ts`` ``[V]``; ``skipped`` (0-d bool).
 
         Raises:
@@ -256,20 +257,13 @@ class VideoSFTDataset(Dataset):
         skipped: bool,
     ) -> dict[str, torch.Tensor]:
         """The item of a token row holding one ``<|video_pad|>`` per video, each expanded
-        to ``counts[i]`` tokens; labels shifted once, positions of the full row."""
+        to ``counts[i]`` tokens; labels shifted once over the full row."""
         repeats = torch.ones_like(input_ids)
         repeats[input_ids == self.video_token_id] = torch.tensor(counts)
         input_ids, trainable = input_ids.repeat_interleave(repeats), trainable.repeat_interleave(repeats)
-        labels = shifted_labels(input_ids, trainable)
-        position_ids, _ = rope_index(
-            input_ids[None], video_grid_thw=vision["video_grid_thw"], second_per_grid_ts=vision["second_per_grid_ts"],
-            image_token_id=self.image_token_id, video_token_id=self.video_token_id,
-            tokens_per_second=self.tokens_per_second,
-        )
         return {
             "input_ids": input_ids,
-            "labels": labels,
-            "position_ids": position_ids[:, 0],  # shape: [3, T]
+            "labels": shifted_labels(input_ids, trainable),
             "document_ids": torch.zeros(len(input_ids), dtype=torch.long),
             **vision,
             "skipped": torch.tensor(skipped),
@@ -298,7 +292,6 @@ def video_sft_dataset(
     video_min_pixels: int = 128 * FACTOR * FACTOR,
     video_max_pixels: int = 768 * FACTOR * FACTOR,
     video_total_pixels: Optional[int] = None,
-    tokens_per_second: int = 2,
     skip_bad_samples: bool = False,
 ) -> VideoSFTDataset:
     """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
@@ -310,9 +303,8 @@ def video_sft_dataset(
         data_root: directory for relative video paths (default: each sample file's directory).
         fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels: see
             :class:`~omnilong.data.video.VideoOptions`.
-        tokens_per_second: the model's ``vision_config.tokens_per_second``.
         skip_bad_samples: see :class:`VideoSFTDataset`.
     """
     options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
     return VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root), max_seq_len, options,
-                           tokens_per_second, skip_bad_samples)
+                           skip_bad_samples)

@@ -22,10 +22,11 @@ from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from omnilong.checkpoint.hf_export import export_hf_checkpoint, parse_size
+from omnilong.checkpoint.hf_export import POSITION_RULE_KEY, export_hf_checkpoint, parse_size
 from omnilong.checkpoint.hf_io import INDEX_NAME, read_hf_config, read_hf_state_dict
 from omnilong.models import load_hf_model, qwen2_5_vl
 from omnilong.models.qwen2_5_vl import text_args_from_hf_config
+from omnilong.models.qwen2_5_vl.rope_index import POSITION_RULE
 
 REPO = Path(__file__).resolve().parents[2]
 TOOL = REPO / "tools" / "convert_checkpoint.py"
@@ -74,7 +75,7 @@ def assert_index_matches_files(out: Path) -> dict[str, tuple[int, int]]:
 @pytest.mark.parametrize("max_shard_size, min_shards", [("5GB", 1), ("200KB", 3)])
 def test_untrained_export_is_bitwise_the_base(tiny_qwen_dir, untrained_checkpoint, tmp_path, max_shard_size,
                                               min_shards):
-    """Oracle: the base's own tensors, key set, dtypes, files and config."""
+    """Oracle: the base's own tensors, key set, dtypes, files and config (plus the position rule)."""
     out = export_hf_checkpoint(untrained_checkpoint, tiny_qwen_dir, tmp_path / "hf", max_shard_size=max_shard_size)
     expected, actual = base_weights(tiny_qwen_dir), base_weights(out)
     assert set(actual) == set(expected)
@@ -87,7 +88,7 @@ def test_untrained_export_is_bitwise_the_base(tiny_qwen_dir, untrained_checkpoin
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                  "chat_template.jinja"):
         assert (out / name).is_file(), name
-    assert read_hf_config(out) == read_hf_config(tiny_qwen_dir)
+    assert read_hf_config(out) == {**read_hf_config(tiny_qwen_dir), POSITION_RULE_KEY: POSITION_RULE}
     assert not list(tmp_path.glob("hf.tmp-*"))
 
 
@@ -111,14 +112,14 @@ def test_checkpoint_is_read_one_shard_at_a_time(tiny_qwen_dir, untrained_checkpo
 
 def test_bf16_base_exports_bf16_by_default(tiny_qwen_dir, untrained_checkpoint, tmp_path):
     """Oracle: each tensor keeps the base's dtype (fp32 training weights rounded to bf16) and
-    config.json is the base's, unchanged."""
+    config.json is the base's, with only the position rule added."""
     base = Path(shutil.copytree(tiny_qwen_dir, tmp_path / "bf16"))
     weights = {k: v.to(torch.bfloat16) for k, v in load_file(base / "model.safetensors").items()}
     save_file(weights, base / "model.safetensors", metadata={"format": "pt"})
     out = export_hf_checkpoint(untrained_checkpoint, base, tmp_path / "hf")
     exported = base_weights(out)
     assert all(exported[k].dtype == torch.bfloat16 and torch.equal(exported[k], v) for k, v in weights.items())
-    assert (out / "config.json").read_bytes() == (base / "config.json").read_bytes()
+    assert read_hf_config(out) == {**read_hf_config(base), POSITION_RULE_KEY: POSITION_RULE}
 
 
 def test_trained_export_loads_in_transformers_with_the_native_logits(tiny_qwen_dir, tmp_path):
@@ -138,6 +139,7 @@ def test_trained_export_loads_in_transformers_with_the_native_logits(tiny_qwen_d
     )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert hf.config.text_config.rope_parameters["rope_theta"] == NEW_ROPE_THETA
+    assert getattr(hf.config, POSITION_RULE_KEY) == POSITION_RULE  # what the model was trained with, visible
     args = text_args_from_hf_config(read_hf_config(tiny_qwen_dir))
     text_state = {k: v for k, v in state.items() if not k.startswith("visual.")}
     native = qwen2_5_vl(replace(args, rope_theta=NEW_ROPE_THETA))
@@ -214,7 +216,7 @@ def test_flat_config_gets_rope_theta_in_the_flat_place(tiny_qwen_flat_dir, tmp_p
     assert config["rope_scaling"] == base_config["rope_scaling"] and "mrope_section" in config["rope_scaling"]
     assert config["vision_config"] == base_config["vision_config"]
     assert {k: v for k, v in config.items() if k != "rope_theta"} == {
-        k: v for k, v in base_config.items() if k != "rope_theta"}
+        **{k: v for k, v in base_config.items() if k != "rope_theta"}, POSITION_RULE_KEY: POSITION_RULE}
     assert text_args_from_hf_config(config).rope_theta == NEW_ROPE_THETA
 
 

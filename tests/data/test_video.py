@@ -19,7 +19,6 @@ from omnilong.data import (
     video_sft_dataset,
 )
 from omnilong.data.video import DecodedVideo, num_video_tokens, resized_sizes
-from omnilong.models.qwen2_5_vl.rope_index import rope_index
 from omnilong.models.qwen2_5_vl.tiny_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_tiny_videos.py"
@@ -114,7 +113,8 @@ def test_pixel_budgets_shrink_tokens():
 
 
 # ---------------------------------------------------------------- dataset
-def test_demo_data_shapes_labels_and_positions(tokenizer, videos):
+def test_demo_data_shapes_and_labels(tokenizer, videos):
+    """Items carry no positions (the model's rule, computed by the recipe on the full batch)."""
     ds = video_sft_dataset(tokenizer, videos / "train.jsonl", max_seq_len=512, **TINY)
     assert len(ds) == 6
     for index in (0, 1):  # conversations shape, messages shape
@@ -126,9 +126,7 @@ def test_demo_data_shapes_labels_and_positions(tokenizer, videos):
         grid = item["video_grid_thw"]
         assert int((ids == ds.video_token_id).sum()) == int(grid.prod()) // 4
         assert item["pixel_values_videos"].shape == (int(grid.prod()), 1176)
-        expected, _ = rope_index(ids[None], video_grid_thw=grid, second_per_grid_ts=item["second_per_grid_ts"],
-                                 image_token_id=ds.image_token_id, video_token_id=ds.video_token_id)
-        assert torch.equal(item["position_ids"], expected[:, 0])
+        assert "position_ids" not in item and item["second_per_grid_ts"].shape == (1,)
         assert not item["skipped"] and (item["document_ids"] == 0).all()
 
 
@@ -142,17 +140,18 @@ def test_sharegpt_and_messages_shapes_give_the_same_item(tokenizer, videos, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_collate_concatenates_vision_and_stacks_mrope_positions(tokenizer, videos):
+def test_collate_concatenates_vision_and_pads_rows(tokenizer, videos):
     ds = video_sft_dataset(tokenizer, videos / "train.jsonl", max_seq_len=512, **TINY)
     items = [ds[0], ds[4]]
     batch = collate_padded(items, ds.pad_id)
     length = max(len(i["input_ids"]) for i in items)
-    assert batch["position_ids"].shape == (3, 2, length)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["document_ids"].shape == (2, length)
     short = min(items, key=lambda i: len(i["input_ids"]))
     row = 0 if short is items[0] else 1
     n = len(short["input_ids"])
-    assert torch.equal(batch["position_ids"][:, row, :n], short["position_ids"])
-    assert torch.equal(batch["position_ids"][:, row, n:], short["position_ids"][:, -1:] + 1 + torch.arange(length - n))
+    assert torch.equal(batch["input_ids"][row, :n], short["input_ids"])
+    assert (batch["input_ids"][row, n:] == ds.pad_id).all() and (batch["labels"][row, n:] == -100).all()
+    assert (batch["document_ids"][row, n:] == -1).all()
     for key in ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts"):
         assert torch.equal(batch[key], torch.cat([i[key] for i in items]))
     assert batch["skipped"].tolist() == [False, False]

@@ -112,13 +112,16 @@ class Qwen2_5_VL(nn.Module):
         video_grid_thw: Optional[torch.Tensor] = None,
         second_per_grid_ts: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
+        mm_token_type_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """``[3, B, T]`` M-RoPE positions of ``input_ids`` (see :func:`rope_index`)."""
+        """``[3, B, T]`` M-RoPE positions of ``input_ids`` by the rule Qwen2.5-VL was trained and
+        is served with (see :func:`rope_index`; arguments as :meth:`forward`'s)."""
         vision_args = self._vision().args
         position_ids, _ = rope_index(
             input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
             image_token_id=self.args.image_token_id, video_token_id=self.args.video_token_id,
             spatial_merge_size=vision_args.spatial_merge_size, tokens_per_second=vision_args.tokens_per_second,
+            mm_token_type_ids=mm_token_type_ids,
         )
         return position_ids
 
@@ -141,16 +144,19 @@ class Qwen2_5_VL(nn.Module):
         pixel_values_videos: Optional[torch.Tensor] = None,
         video_grid_thw: Optional[torch.Tensor] = None,
         second_per_grid_ts: Optional[torch.Tensor] = None,
+        mm_token_type_ids: Optional[torch.Tensor] = None,
         vision_token_index: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """
+        """Takes a transformers Qwen2.5-VL processor's whole output: ``model(**processor(...))``.
+
         Args:
             input_ids: ``[B, T]`` token ids; each image/video is a run of its pad token.
             attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding (HF convention);
                 padding tokens are kept out of every real token's attention.
             position_ids: ``[B, T]`` text positions or ``[3, B, T]`` M-RoPE positions
-                (temporal, height, width). Default: :func:`rope_index` of the sequence when
-                grids are given, else text positions derived from ``attention_mask``.
+                (temporal, height, width). Default: :func:`rope_index` of the sequence (the
+                rule the model was trained and is served with) when grids are given, else
+                text positions derived from ``attention_mask``.
             document_ids: ``[B, T]`` document index per token of a packed row; tokens
                 attend only within their document.
             return_hidden: return the final hidden states (for a loss that applies the
@@ -160,6 +166,8 @@ class Qwen2_5_VL(nn.Module):
             pixel_values_videos: ``[N_vid, patch_dim]`` video patches.
             video_grid_thw: ``[n_videos, 3]`` patch grid per video.
             second_per_grid_ts: ``[n_videos]`` seconds per frame pair (for positions only).
+            mm_token_type_ids: ``[B, T]`` text 0 / image 1 / video 2 per token, as the
+                processor returns them (for positions only; default: read from the pad tokens).
             vision_token_index: ``[B, T]`` which feature each pad token takes, for a shard of a
                 sequence (see :func:`vision_token_index`); default: in order.
 
@@ -184,7 +192,7 @@ class Qwen2_5_VL(nn.Module):
 
         if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
             position_ids = self.multimodal_position_ids(
-                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask
+                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, mm_token_type_ids
             )  # [3, B, T]
         elif position_ids is None:
             position_ids = text_position_ids(input_ids, attention_mask)  # [B, T]

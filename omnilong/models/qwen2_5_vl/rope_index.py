@@ -1,21 +1,30 @@
 """Multimodal RoPE positions (temporal, height, width) of a Qwen2.5-VL token sequence.
 
-A pure function of the token ids and the vision grids, so the data pipeline can call it
-on full sequences before they are sharded for context parallelism. It reproduces
-transformers' ``Qwen2_5_VLModel.get_rope_index`` (5.x):
+The rule Qwen2.5-VL was trained with and is served with (the "served rule"): that of
+transformers 4.49-4.57 ``Qwen2_5_VLModel.get_rope_index`` ("text start position_ids as the
+max vision position_ids plus 1"), vLLM's ``Qwen2_5_VLForConditionalGeneration.
+get_mrope_input_positions`` (``vllm/model_executor/models/qwen2_5_vl.py``), Qwen's own
+fine-tuning code (``qwen-vl-finetune/qwenvl/data/rope2d.py``) and verl:
 
 - a text run continues one position per token on all three streams from ``pos``
   (starting at 0);
-- an image or video of LLM grid ``(t, h, w)`` (patch grid with ``h, w`` divided by the
+- an image or video of LLM grid ``(t, h, w)`` (its patch grid with ``h, w`` divided by the
   spatial merge) starting at ``pos`` gets height ``pos + row``, width ``pos + column`` and
-  temporal ``pos + floor(frame * interval)``, ``interval = tokens_per_second *
-  second_per_grid_t`` for videos (the product is floored, not the seconds) and 1 for images;
-- after it, ``pos`` advances by ``max(h, w)`` only (not past the temporal positions);
+  temporal ``pos + floor(i * second_per_grid_t * tokens_per_second)`` for frame group ``i``
+  (the product is floored, in float32 left to right as vLLM computes it, so fractional
+  seconds count); an image has ``i = 0`` only;
+- the text after an item resumes at the item's largest position on any stream + 1;
 - padding tokens (``attention_mask`` 0) are skipped and get position 0.
 
-transformers 4.x, the code Qwen2.5-VL was released with, continued after a vision item
-from its largest position on any stream + 1 instead; for videos whose temporal positions
-outrun ``max(h, w)`` the two differ, and this module follows the installed 5.x.
+One detail differs among the references: transformers 4.x casts ``second_per_grid_t`` to
+an integer before the product (so 0.5 s per frame group, e.g. 4 fps, becomes 0), while
+vLLM and ``rope2d.py`` keep fractional seconds; this module follows vLLM and ``rope2d.py``.
+
+transformers >= 5.3 resumes at ``pos + max(h, w)`` instead, not past the temporal
+positions: for a video whose temporal positions outrun its spatial size (any long video)
+the text after it then lands inside the video's temporal range, which the released model
+never saw in training and vLLM never gives it. Do not follow it; parity tests against
+transformers 5.x pass these positions explicitly.
 """
 
 from itertools import repeat
@@ -25,11 +34,30 @@ import torch
 
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
+#: The rule above, named where a user can see which one a checkpoint was trained with.
+POSITION_RULE = (
+    "qwen2.5-vl served rule: text after an image/video resumes at the item's largest position on any of the "
+    "three M-RoPE streams + 1; video frame group i sits at start + floor(i * second_per_grid_t * "
+    "tokens_per_second). As transformers 4.49-4.57 get_rope_index, vLLM get_mrope_input_positions and Qwen's "
+    "rope2d.py; not transformers >= 5.3 (which resumes at start + max(h, w))"
+)
 
-def _vision_positions(start: int, grid: Sequence[int], merge: int, interval: Union[int, torch.Tensor]) -> torch.Tensor:
-    """``[3, t * h * w]`` positions of one vision item, in token order (t, then h, then w)."""
+
+def vision_item_positions(
+    start: int, grid: Sequence[int], merge: int, second_per_grid_t: float, tokens_per_second: int
+) -> torch.Tensor:
+    """``[3, t * h * w]`` positions of one image or video starting at ``start``, in token
+    order (frame group, then row, then column of the merged grid).
+
+    Args:
+        start: the position the item starts at.
+        grid: ``(t, H, W)`` patch grid (``H, W`` before the spatial merge).
+        merge: spatial merge size.
+        second_per_grid_t: seconds per frame group (0 for an image).
+        tokens_per_second: temporal positions per second of video.
+    """
     t, h, w = grid[0], grid[1] // merge, grid[2] // merge
-    temporal = (torch.arange(t) * interval).long() + start
+    temporal = (torch.arange(t) * second_per_grid_t * tokens_per_second).long() + start  # [t], floored
     rows, cols = torch.arange(h) + start, torch.arange(w) + start
     return torch.stack(torch.meshgrid(temporal, rows, cols, indexing="ij")).reshape(3, -1)
 
@@ -54,9 +82,9 @@ def _row_positions(
             if grid is None:
                 raise ValueError(f"more {'image' if kind == IMAGE else 'video'} tokens than grids describe")
             grid = grid.tolist()
-            interval = tokens_per_second * next(seconds) if kind == VIDEO else 1
-            chunks.append(_vision_positions(pos, grid, merge, interval))
-            pos += max(grid[1], grid[2]) // merge
+            second = float(next(seconds)) if kind == VIDEO else 0.0
+            chunks.append(vision_item_positions(pos, grid, merge, second, tokens_per_second))
+            pos = int(chunks[-1].max()) + 1
             count -= grid[0] * (grid[1] // merge) * (grid[2] // merge)
         if count < 0:
             raise ValueError("a run of vision pad tokens is shorter than its grid's token count")
@@ -70,36 +98,48 @@ def rope_index(
     second_per_grid_ts: Optional[Union[torch.Tensor, Sequence[float]]] = None,
     attention_mask: Optional[torch.Tensor] = None,
     *,
-    image_token_id: int,
-    video_token_id: int,
+    image_token_id: Optional[int],
+    video_token_id: Optional[int],
     spatial_merge_size: int = 2,
     tokens_per_second: int = 2,
+    mm_token_type_ids: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """M-RoPE positions of token rows holding any mix of text, images and videos.
+    """M-RoPE positions of token rows holding any mix of text, images and videos, by the
+    served rule (module docstring).
 
     Args:
         input_ids: ``[B, T]`` token ids; each image/video is a run of its pad token of
-            length ``t * h * w / merge^2``.
+            length ``t * H * W / merge^2``.
         image_grid_thw: ``[n_images, 3]`` patch grids of the images, in order over the batch.
         video_grid_thw: ``[n_videos, 3]`` patch grids of the videos, in order over the batch.
-        second_per_grid_ts: ``[n_videos]`` seconds per frame pair (``temporal_patch_size /
+        second_per_grid_ts: ``[n_videos]`` seconds per frame group (``temporal_patch_size /
             fps``); default 1 for every video.
         attention_mask: ``[B, T]`` 1 for real tokens, 0 for padding.
         image_token_id, video_token_id: the pad token ids (from the config).
         spatial_merge_size: side of a merge group in patches.
         tokens_per_second: temporal positions per second of video.
+        mm_token_type_ids: ``[B, T]`` token types as the transformers processor returns
+            them (text 0, image 1, video 2); default: read from the pad token ids.
 
     Returns:
         ``(position_ids, deltas)``: ``position_ids [3, B, T]`` of ``input_ids``' dtype and
-        ``deltas [B, 1]``, ``max position + 1 - real token count`` per row.
+        ``deltas [B, 1]``, ``max position + 1 - real token count`` per row: the token after
+        the row's last real token, whose index among real tokens is that count, takes
+        position ``index + delta`` on every stream (as transformers' and vLLM's decoding does).
 
     Raises:
         ValueError: the pad tokens and the grids do not describe the same items.
     """
-    types = (input_ids == image_token_id).long() * IMAGE + (input_ids == video_token_id).long() * VIDEO
+    if mm_token_type_ids is not None:
+        types = mm_token_type_ids.long()
+    else:
+        types = torch.zeros_like(input_ids, dtype=torch.long)
+        for kind, token_id in ((IMAGE, image_token_id), (VIDEO, video_token_id)):
+            if token_id is not None:
+                types[input_ids == token_id] = kind
     grids = {kind: iter(g.cpu() if g is not None else ())
              for kind, g in ((IMAGE, image_grid_thw), (VIDEO, video_grid_thw))}
-    seconds = iter(torch.as_tensor(second_per_grid_ts).cpu()) if second_per_grid_ts is not None else repeat(1)
+    seconds = iter(torch.as_tensor(second_per_grid_ts).cpu()) if second_per_grid_ts is not None else repeat(1.0)
     position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype)
     deltas = []
     for b in range(input_ids.shape[0]):

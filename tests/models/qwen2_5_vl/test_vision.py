@@ -1,8 +1,10 @@
-"""Native Qwen2.5-VL vision tower, multimodal model and M-RoPE positions vs transformers.
+"""Native Qwen2.5-VL vision tower and multimodal model vs transformers.
 
-Oracle: transformers' ``Qwen2_5_VLForConditionalGeneration`` (and its ``get_rope_index``)
-loaded from the same tiny random checkpoint, fp32 on CPU; tolerance: max abs diff <= 1e-5
-for vision features, logits and gradients; positions exactly equal.
+Oracle: transformers' ``Qwen2_5_VLForConditionalGeneration`` loaded from the same tiny
+random checkpoint, fp32 on CPU; tolerance: max abs diff <= 1e-5 for vision features,
+logits and gradients. Both models get the same explicit M-RoPE ``position_ids`` (the
+served rule, tests/models/qwen2_5_vl/test_rope_index.py): transformers 5.x places text
+after a video by another rule.
 
 The tiny tower has 56 px windows (2x2 merge groups), so the grids below give several
 windows per frame, partial windows at the right/bottom edges, and (for sides that are
@@ -11,13 +13,13 @@ exact multiples) the all-padding windows transformers drops.
 
 import pytest
 import torch
-from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.models import load_hf_model
-from omnilong.models.qwen2_5_vl import qwen2_5_vl, rope_index, text_args_from_hf_config, vision_args_from_hf_config
+from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config, vision_args_from_hf_config
 from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf
 from omnilong.models.qwen2_5_vl.vision import frame_lengths, patch_positions, vision_rope_cos_sin, window_order
 
@@ -95,10 +97,6 @@ class Sequence:
         return out
 
 
-def _mm_token_type_ids(args, input_ids):
-    return (input_ids == args.image_token_id).int() + 2 * (input_ids == args.video_token_id).int()
-
-
 MIXES = {
     "text+image": lambda s: s.text(5).image(6, 10).text(4),
     "text+image exact windows": lambda s: s.text(3).image(8, 4).text(2),
@@ -166,8 +164,11 @@ def test_logits_and_gradients_match_transformers(models, mix):
     def loss(logits):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
-    expected = hf(**inputs, mm_token_type_ids=_mm_token_type_ids(native.args, inputs["input_ids"])).logits
-    actual = native(**inputs)
+    # transformers 5.x would place text after a video by its own rule: both models get the served positions
+    position_ids = native.multimodal_position_ids(inputs["input_ids"], inputs.get("image_grid_thw"),
+                                                  inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts"))
+    expected = hf(**inputs, position_ids=position_ids).logits
+    actual = native(**inputs, position_ids=position_ids)
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
     loss(expected).backward()
     loss(actual).backward()
@@ -182,29 +183,51 @@ def test_logits_and_gradients_match_transformers(models, mix):
                                    atol=ATOL, rtol=0, msg=native_key)
 
 
-@pytest.mark.parametrize("seconds", [None, [0.5, 1.0, 2.0], [2.0, 0.5, 1.0], [0.7, 1.3, 0.25]])
-def test_rope_index_equals_transformers(models, seconds):
-    """A left-padded batch of two rows mixing text, images and videos (videos in both rows)."""
-    hf, native = models
-    args = native.args
-    rows = [Sequence(args, seed=0).text(3).video(3, 4, 6).text(2).image(6, 10).text(1),
-            Sequence(args, seed=1).text(1).image(4, 4).video(2, 6, 4).text(2).video(4, 4, 4).text(2)]
-    length = max(len(r.ids) for r in rows) + 2
-    input_ids = torch.tensor([[0] * (length - len(r.ids)) + r.ids for r in rows])
-    attention_mask = torch.tensor([[0] * (length - len(r.ids)) + [1] * len(r.ids) for r in rows])
-    image_grid_thw = torch.tensor([g for r in rows for g in r.grids["image"]])
-    video_grid_thw = torch.tensor([g for r in rows for g in r.grids["video"]])
-    second_per_grid_ts = torch.tensor(seconds) if seconds is not None else None
+@pytest.fixture(scope="module")
+def processor(tiny_qwen_dir):
+    """The tiny checkpoint's transformers Qwen2.5-VL processor (tokenizer, image and video processors)."""
+    return AutoProcessor.from_pretrained(tiny_qwen_dir)
 
-    expected, expected_deltas = hf.model.get_rope_index(
-        input_ids, _mm_token_type_ids(args, input_ids), image_grid_thw, video_grid_thw, second_per_grid_ts,
-        attention_mask,
+
+IMAGE_ITEM, VIDEO_ITEM = "<|vision_start|><|image_pad|><|vision_end|>", "<|vision_start|><|video_pad|><|vision_end|>"
+PROMPTS = {
+    "image": [f"Look: {IMAGE_ITEM} what is it?"],
+    "video": [f"Watch {VIDEO_ITEM} then say what moved."],
+    "image and video": [f"{IMAGE_ITEM} and {VIDEO_ITEM}: the same?"],
+    "left-padded batch": [f"Watch {VIDEO_ITEM} then say what moved.", f"{IMAGE_ITEM} it"],
+}
+
+
+@pytest.mark.parametrize("content", list(PROMPTS))
+def test_processor_output_feeds_the_model(models, processor, content):
+    """``native(**processor(...))`` takes every key the processor returns and computes the
+    served positions itself; transformers gets them explicitly. Logits of real tokens within
+    1e-5. The video is 6 frames at 1 fps: 3 frame pairs 2 s (4 positions) apart on a 2x3
+    grid, so text after it lands elsewhere under transformers 5.x's own rule."""
+    hf, native = models
+    g = torch.Generator().manual_seed(0)
+    text = PROMPTS[content]
+    media = {}
+    if IMAGE_ITEM in "".join(text):
+        media["images"] = [(torch.rand(3, 56, 84, generator=g) * 255).to(torch.uint8)]
+    if VIDEO_ITEM in "".join(text):
+        media["videos"] = [(torch.rand(6, 3, 56, 84, generator=g) * 255).to(torch.uint8)]
+        media["video_metadata"] = [{"fps": 1.0, "total_num_frames": 6}]
+    processor.tokenizer.padding_side = "left"
+    inputs = processor(text=text, padding=True, return_tensors="pt", **media)
+    if "videos" in media:
+        assert inputs["second_per_grid_ts"].tolist() == [2.0] and inputs["video_grid_thw"].tolist() == [[3, 4, 6]]
+    real = inputs["attention_mask"].bool()
+    assert real.all() == (len(text) == 1)
+
+    position_ids = native.multimodal_position_ids(
+        inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
+        inputs.get("second_per_grid_ts"), inputs["attention_mask"],
     )
-    actual, deltas = rope_index(input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-                                image_token_id=args.image_token_id, video_token_id=args.video_token_id,
-                                spatial_merge_size=2, tokens_per_second=2)
-    assert torch.equal(actual, expected) and actual.dtype == expected.dtype
-    assert torch.equal(deltas, expected_deltas)
+    with torch.no_grad():
+        actual = native(**inputs)
+        expected = hf(**inputs, position_ids=position_ids).logits
+    torch.testing.assert_close(actual[real], expected[real], atol=ATOL, rtol=0)
 
 
 def test_pad_token_count_mismatch_is_an_error(models):
