@@ -82,11 +82,12 @@ def softmax_cross_entropy_grad_(
 
 
 def _fused_softmax_cross_entropy_grad(
-    logits: torch.Tensor, labels: torch.Tensor, scale: float, z_loss: float, grad_dtype: torch.dtype
+    logits: torch.Tensor, labels: torch.Tensor, scale: torch.Tensor, z_loss: float, grad_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`softmax_cross_entropy_grad_` written without mutation, for ``torch.compile``:
     compiled, its passes over the chunk fuse into a reduction and one elementwise kernel
-    that reads the fp32 logits and writes the gradient in ``grad_dtype`` (the CUDA path)."""
+    that reads the fp32 logits and writes the gradient in ``grad_dtype`` (the CUDA path).
+    ``scale`` is a 0-d tensor, so that a new value does not recompile."""
     row_max = logits.amax(dim=1, keepdim=True)
     exp = torch.exp(logits - row_max)
     sum_exp = exp.sum(dim=1, keepdim=True)
@@ -150,15 +151,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
             The fp32 scalar ``scale * sum_i (lse_i - logit_i[y_i] + z_loss * lse_i^2)``.
         """
         w = weight.to(hidden.dtype)
-        chunk_grad = (_compiled_softmax_cross_entropy_grad() if hidden.device.type == "cuda"
-                      else softmax_cross_entropy_grad_)
+        if hidden.device.type == "cuda":
+            # The scale as a tensor: a Python float would be compiled in as a constant.
+            chunk_grad, chunk_scale = _compiled_softmax_cross_entropy_grad(), torch.tensor(scale, device=hidden.device)
+        else:
+            chunk_grad, chunk_scale = softmax_cross_entropy_grad_, scale
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
         if grad_weight is not None:
             grad_weight.zero_()
         for idx in valid.split(chunk_size):
             h = hidden.index_select(0, idx)  # shape: [c, H]
-            grad, chunk_loss = chunk_grad(_logits_fp32(h, w), labels.index_select(0, idx), scale, z_loss, w.dtype)
+            grad, chunk_loss = chunk_grad(_logits_fp32(h, w), labels.index_select(0, idx), chunk_scale, z_loss, w.dtype)
             loss += chunk_loss
             if grad_hidden is not None:
                 grad_hidden.index_copy_(0, idx, grad @ w)
