@@ -16,6 +16,28 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is in KiB on Linux
 
 
+def reset_host_peak_memory() -> int:
+    """Reset this process's resident-set high-water mark to its current size (Linux:
+    ``/proc/self/clear_refs``); return that size in bytes, the baseline for
+    :func:`host_peak_memory`."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+    return _proc_status_bytes("VmRSS")
+
+
+def host_peak_memory() -> int:
+    """This process's resident-set high-water mark (VmHWM) in bytes."""
+    return _proc_status_bytes("VmHWM")
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024  # kB
+    raise KeyError(field)
+
+
 class MetricsWriter:
     """Rank 0's sink for per-step metrics: one JSON object per line appended to
     ``<output_dir>/metrics.jsonl``, a tqdm bar, and an optional torchtune metric logger

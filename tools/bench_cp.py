@@ -40,6 +40,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from omnilong.data.packed_text import IGNORE_INDEX, positions_within_documents
 from omnilong.loss import ChunkedLinearCrossEntropy
+from omnilong.metrics import host_peak_memory, reset_host_peak_memory
 from omnilong.models.qwen2_5_vl import Qwen2_5_VLTextArgs, qwen2_5_vl
 from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
@@ -135,15 +136,6 @@ def train_step(model: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tens
     model.zero_grad(set_to_none=True)
 
 
-def _status_mib(field: str) -> float:
-    """A ``VmRSS``-like field of ``/proc/self/status``, in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
-
-
 def _memory_rank(rank: int, cp: int, seq_len: int, shares: list[int], port: int,
                  results: mp.SimpleQueue) -> None:
     """One rank of :func:`measure_step_memory`: puts ``(rank, peak extra MiB, seconds)``."""
@@ -156,12 +148,10 @@ def _memory_rank(rank: int, cp: int, seq_len: int, shares: list[int], port: int,
     loss_fn = ChunkedLinearCrossEntropy(reduction="sum")
     train_step(model, loss_fn, rank_batch(WARMUP_SEQ_LEN, shares, meshes, cp))
     batch = rank_batch(seq_len, shares, meshes, cp)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # VmHWM := VmRSS
-    baseline = _status_mib("VmRSS")
+    baseline = reset_host_peak_memory()
     start = time.perf_counter()
     train_step(model, loss_fn, batch)
-    results.put((rank, _status_mib("VmHWM") - baseline, time.perf_counter() - start))
+    results.put((rank, (host_peak_memory() - baseline) / 2**20, time.perf_counter() - start))
     dist.destroy_process_group()
 
 

@@ -33,14 +33,6 @@ VARIANTS = {"full": "(a) full logits + F.cross_entropy",
             "liger": "(d) Liger FusedLinearCrossEntropy"}
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _child(variant: str, tokens: int, hidden_dim: int, vocab: int, device: str) -> dict:
     """Runs one variant in this process; returns its peak extra memory and time."""
     import torch
@@ -78,13 +70,13 @@ def _child(variant: str, tokens: int, hidden_dim: int, vocab: int, device: str) 
 
     if cuda:
         return _time_cuda(step, hidden, weight)
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    baseline = _status_kib("VmRSS")
+    from omnilong.metrics import host_peak_memory, reset_host_peak_memory
+
+    baseline = reset_host_peak_memory()
     start = time.perf_counter()
     step().backward()
     seconds = time.perf_counter() - start
-    return {"peak_gb": (_status_kib("VmHWM") - baseline) * 1024 / 1e9, "seconds": seconds}
+    return {"peak_gb": (host_peak_memory() - baseline) / 1e9, "seconds": seconds}
 
 
 def _time_cuda(step, hidden, weight, repeats: int = 3) -> dict:

@@ -39,14 +39,6 @@ SHAPES = {
 }
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def _hf_config(shape: tuple, layers: int):
     from transformers import Qwen2_5_VLConfig
 
@@ -73,6 +65,8 @@ def _model_flops(shape: tuple, layers: int, tokens: int) -> float:
 
 def _child(impl: str, shape_name: str, layers: int, tokens: int, device: str, steps: int) -> dict:
     import torch
+
+    from omnilong.metrics import host_peak_memory, reset_host_peak_memory
 
     shape = SHAPES[shape_name]
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -124,9 +118,7 @@ def _child(impl: str, shape_name: str, layers: int, tokens: int, device: str, st
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         else:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")
-            baseline = _status_kib("VmRSS")
+            baseline = reset_host_peak_memory()
         step()  # warm-up: allocations, optimizer state, compilation
         sync()
         start = time.perf_counter()
@@ -137,7 +129,7 @@ def _child(impl: str, shape_name: str, layers: int, tokens: int, device: str, st
     except torch.OutOfMemoryError:
         return {"oom": True}
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else (_status_kib("VmHWM") - baseline) * 1024)
+            else host_peak_memory() - baseline)
     return {"oom": False, "seconds": seconds, "peak_gib": peak / 2**30}
 
 

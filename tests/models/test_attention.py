@@ -14,7 +14,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 from omnilong.models.attention import CausalAttention, document_segments
 from omnilong.models.blocks import DecoderLayer, FeedForward, GroupedQueryAttention
 from omnilong.models.qwen2_5_vl import qwen2_5_vl
-from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs, Qwen2_5_VLVisionArgs
+from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs
 from omnilong.models.qwen2_5_vl.vision import SegmentPlan, VisionAttention, VisionBlock
 from omnilong.parallel import plan_ring, ring_backward, ring_forward, run_local_ring
 
