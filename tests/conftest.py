@@ -4,6 +4,7 @@ oracle and a host-sync guard."""
 import contextlib
 import os
 import socket
+import sys
 import traceback
 import unittest.mock
 from pathlib import Path
@@ -158,3 +159,21 @@ def _no_host_sync():
 def no_host_sync() -> Callable:
     """The :func:`_no_host_sync` context manager."""
     return _no_host_sync
+
+
+# ---------------------------------------------------------------- this checkout's code
+REPO = Path(__file__).resolve().parents[1]
+CHECKOUT_PATHS = (str(REPO), str(REPO / "recipes"))
+
+
+def _run_this_checkout() -> None:
+    """Put this checkout's ``omnilong`` and ``recipes/omnilong_full.py`` first on the import
+    path of this process and, through ``PYTHONPATH``, of every process a test starts (``tune
+    run``, torchrun's ranks, spawned ranks, tools). Without it they import whatever the
+    editable install points at, so a second checkout would silently test the first one's code."""
+    inherited = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p and p not in CHECKOUT_PATHS]
+    os.environ["PYTHONPATH"] = os.pathsep.join([*CHECKOUT_PATHS, *inherited])
+    sys.path[:] = [*CHECKOUT_PATHS, *(p for p in sys.path if p not in CHECKOUT_PATHS)]
+
+
+_run_this_checkout()
