@@ -30,6 +30,7 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from torchtune import config
 
+from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
 from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.checkpoint.run_dir import check_resume_config, prepare_output_dir, resume_path
@@ -86,6 +87,7 @@ class OmniLongFullRecipe:
         # Fail on a bad checkpoint dir, output_dir or checkpoint to resume before starting
         # processes talking to each other.
         self.hf_config = read_hf_config(self.checkpoint_dir)
+        check_hf_weights(self.checkpoint_dir, self.hf_config)
         self.resume_from = resume_path(self.cfg)
         if self.resume_from is not None:
             verify_checkpoint(self.resume_from)
