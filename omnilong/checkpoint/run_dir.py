@@ -83,6 +83,8 @@ def check_resume_config(checkpoint: Path, cfg: DictConfig) -> None:
 
 def _writable(path: Path) -> Optional[str]:
     """None when ``path`` is (made) a directory this process can write in, else why not."""
+    if path.exists() and not path.is_dir():
+        return f"{path} is not a directory"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe = path / f".write-test-{os.getpid()}"

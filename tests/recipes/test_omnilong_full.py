@@ -5,6 +5,7 @@ Multi-process runs are real processes on gloo (CPU).
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -80,16 +81,82 @@ def test_samples_without_trainable_tokens_contribute_nothing(tiny_qwen_dir, tmp_
     assert m[1]["num_tokens"] == 0 and m[1]["loss"] == 0.0 and m[1]["grad_norm"] == 0.0
 
 
+def _assert_refused_before_compute(result, message, output_dir=None):
+    """Exit status 1, one error line holding ``message``, no traceback, no data or model built."""
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "omnilong INFO: data:" not in result.stderr and "omnilong INFO: model:" not in result.stderr
+    if output_dir is not None:
+        assert not (Path(output_dir) / "metrics.jsonl").exists()
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"max_seq_length": 64}, "unknown key 'max_seq_length' (did you mean 'max_seq_len'?)"),
     ({"max_seq_len": 0}, "max_seq_len must be a positive integer"),
     ({"checkpoint_dir": "/nonexistent/ckpt"}, "/nonexistent/ckpt/config.json not found"),
+    ({"log_every_n_steps": 0}, "log_every_n_steps must be a positive integer, got 0"),
+    ({"max_steps": "true"}, "max_steps must be a positive integer, got True"),
+    ({"optimizer.lrr": 1e-4}, "unknown key optimizer.lrr: torch.optim.AdamW takes no argument 'lrr' "
+                              "(did you mean optimizer.lr?)"),
+    ({"dataset.max_filez": 3}, "unknown key dataset.max_filez"),
+    ({"~lr_scheduler.num_warmup_steps": None}, "missing key lr_scheduler.num_warmup_steps"),
+    ({"shuffle": 3}, "shuffle must be true or false, got 3"),
 ])
 def test_bad_config_fails_before_any_compute_with_the_fix(tiny_qwen_dir, tmp_path, overrides, message):
     result = tune_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), **overrides})
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
-    assert not (tmp_path / "out" / "metrics.jsonl").exists()
+    _assert_refused_before_compute(result, message, tmp_path / "out")
+
+
+def test_unwritable_output_dir_or_checkpoints_folder_fails_before_any_compute(tiny_qwen_dir, tmp_path):
+    """Tests run as root, who may write anywhere: a path under a regular file is unwritable for all."""
+    (tmp_path / "file").write_text("a regular file")
+    out = tmp_path / "file" / "out"
+    _assert_refused_before_compute(tune_run(STAGE1, _small(tiny_qwen_dir, out)),
+                                   f"output_dir {out} is not writable (Not a directory")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoints").write_text("not a folder")
+    result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", save_every_n_steps=1))
+    _assert_refused_before_compute(result, f"output_dir: checkpoints cannot be written to {tmp_path / 'out/checkpoints'} "
+                                   "(" + str(tmp_path / "out/checkpoints") + " is not a directory)", tmp_path / "out")
+
+
+def _damage_config(model_dir, path, edit):
+    """A copy of the HF checkpoint ``model_dir`` at ``path`` with ``edit`` applied to its config.json."""
+    shutil.copytree(model_dir, path)
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_checkpoint_that_disagrees_with_its_config_names_the_key_and_the_file(tiny_qwen_dir, tmp_path):
+    """A wrong hidden_size is reported as hidden_size (not as the M-RoPE section it breaks); a
+    tensor missing from its shard is named as the file names it."""
+    wrong = _damage_config(tiny_qwen_dir, tmp_path / "wrong", lambda c: c["text_config"].update(hidden_size=128))
+    _assert_refused_before_compute(
+        tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", checkpoint_dir=wrong)),
+        "model.embed_tokens.weight is (1024, 64) in model.safetensors, but config.json gives (1024, 128) "
+        "(text_config.hidden_size = 128)")
+
+    from safetensors.torch import load_file, save_file
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_qwen_dir, sharded)
+    weights = load_file(sharded / "model.safetensors")
+    (sharded / "model.safetensors").unlink()
+    names = sorted(weights)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for name, keys in halves.items():
+        save_file({k: weights[k] for k in keys if k != "model.layers.1.mlp.down_proj.weight"}, sharded / name)
+    index = {"metadata": {}, "weight_map": {k: name for name, keys in halves.items() for k in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    shard = index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+    _assert_refused_before_compute(
+        tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", checkpoint_dir=sharded)),
+        f"model.layers.1.mlp.down_proj.weight is missing from {sharded / shard}, where "
+        "model.safetensors.index.json puts it")
 
 
 def test_malformed_jsonl_is_named_on_every_rank_without_a_hang(tiny_qwen_dir, tmp_path):
