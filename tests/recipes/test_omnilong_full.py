@@ -274,6 +274,17 @@ def test_corrupt_video_without_skipping_stops_every_rank_naming_it(tiny_qwen_dir
     assert "broken.mp4" in result.stderr and f"{data}:1" in result.stderr
 
 
+def test_corrupt_video_in_a_dataloader_worker_is_one_line_naming_it(tiny_qwen_dir, tiny_videos_dir, tmp_path):
+    """With num_workers > 0 the error comes from a worker: its message, not the worker's traceback."""
+    data = _data_with_corrupt_video(tiny_videos_dir, tmp_path)
+    result = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data, num_workers=1,
+                                         **{"dataset.skip_bad_samples": "false"}), timeout=180)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and f"omnilong_full: error: {data}:1: " in errors[0] and "broken.mp4" in errors[0]
+    assert "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
+
+
 def test_frozen_vision_tower_has_no_gradients_or_optimizer_state(tiny_qwen_dir, tiny_videos_dir, tmp_path):
     """freeze_vision: the checkpoint holds the tower's weights but no optimizer state for them."""
     from omnilong.checkpoint.dcp_io import read_checkpoint_metadata
@@ -285,3 +296,65 @@ def test_frozen_vision_tower_has_no_gradients_or_optimizer_state(tiny_qwen_dir, 
     assert any(k.startswith("model.visual.") for k in keys)
     assert any(k.startswith("optimizer.state.layers.") for k in keys)
     assert not any(k.startswith("optimizer.state.visual.") for k in keys)
+
+
+def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_dir, tmp_path):
+    """The first run's metrics and checkpoints are never overwritten, resumed with another
+    optimizer, or deleted: a rerun is refused, a changed resume is refused, and
+    overwrite_output_dir moves the old run to <output_dir>.old-1."""
+    out = tmp_path / "out"
+    run = _small(tiny_qwen_dir, out, max_steps=2, save_every_n_steps=1, keep_last_n_checkpoints=1)
+    assert tune_run(STAGE1, run).returncode == 0
+    first_metrics = (out / "metrics.jsonl").read_bytes()
+
+    _assert_refused_before_compute(
+        tune_run(STAGE1, run), f"output_dir {out} holds another run (metrics.jsonl, checkpoints/step_2): continue it "
+                               "with resume_from_checkpoint=true, move it aside with overwrite_output_dir=true")
+    _assert_refused_before_compute(
+        tune_run(STAGE1, {**run, "resume_from_checkpoint": "true", "optimizer.lr": 1e-4}),
+        f"this run's config differs from {out}/checkpoints/step_2/config.yaml in optimizer.lr (0.003 -> 0.0001)")
+    assert (out / "metrics.jsonl").read_bytes() == first_metrics
+
+    moved = tune_run(STAGE1, {**run, "overwrite_output_dir": "true", "optimizer.lr": 1e-4})
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    assert f"the previous run in {out} was moved to {out}.old-1" in moved.stderr
+    assert (tmp_path / "out.old-1/metrics.jsonl").read_bytes() == first_metrics
+    assert sorted(p.name for p in (tmp_path / "out.old-1/checkpoints").iterdir()) == ["step_2"]
+    assert [m["step"] for m in metrics(out)] == [1, 2]
+
+
+def test_pruning_removes_only_checkpoints_of_the_current_run(tiny_qwen_dir, tmp_path):
+    """A run resumed into a folder holding another run's step_9 keeps its own last checkpoint
+    and never touches step_9; a changed optimizer is accepted when allowed explicitly."""
+    first = _small(tiny_qwen_dir, tmp_path / "first", max_steps=1, save_every_n_steps=1)
+    assert tune_run(STAGE1, first).returncode == 0
+    foreign = tmp_path / "out/checkpoints/step_9"
+    shutil.copytree(tmp_path / "first/checkpoints/step_1", foreign)
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    (foreign / "manifest.json").write_text(json.dumps({**manifest, "run_id": "another run"}))
+    resumed = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=3, save_every_n_steps=1,
+                                      keep_last_n_checkpoints=1, resume_from_checkpoint=tmp_path / "first/checkpoints/step_1",
+                                      allow_config_change_on_resume="true", **{"optimizer.lr": 1e-4}))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step_3", "step_9"]
+
+
+def test_samples_skipped_while_reading_count_in_num_skipped(tiny_qwen_dir, tmp_path):
+    normal = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    too_long = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(s) + "\n" for s in [normal, too_long, normal]))
+    overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 1, "batch_size": 1,
+                 "max_seq_len": 64, "dataset.skip_bad_samples": "true"}
+    result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [m["num_skipped"] for m in metrics(tmp_path / "out")] == [1]
+
+
+def test_empty_chat_file_is_named(tiny_qwen_dir, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n")
+    overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 1}
+    result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
+    assert result.returncode == 1 and f"no usable chat sample in {data}" in result.stderr
+    assert "Traceback" not in result.stderr
