@@ -46,7 +46,7 @@ from omnilong.config import validate_config
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
-from omnilong.distributed import init_distributed, resolve_device
+from omnilong.distributed import init_distributed, resolve_device, shutdown_distributed
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
 from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
@@ -342,9 +342,12 @@ class OmniLongFullRecipe:
         dist.barrier()
 
     def cleanup(self) -> None:
+        """Close the metrics, drop what holds process groups (the model's ring attention and
+        FSDP state, the optimizer, the data iterators) and shut the groups down."""
         self.metrics.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        for name in ("lr_scheduler", "optimizer", "model", "loss_fn", "dataloader"):
+            self.__dict__.pop(name, None)
+        shutdown_distributed(self.meshes.world)
 
 
 @config.parse
@@ -354,8 +357,8 @@ def recipe_main(cfg: DictConfig) -> int:
         recipe.setup()
     except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: say what, no traceback
         print(f"omnilong_full: error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        meshes = getattr(locals().get("recipe"), "meshes", None)
+        shutdown_distributed(meshes.world if meshes is not None else None)
         return 1
     try:
         recipe.train()
