@@ -85,7 +85,7 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     if cfg.overwrite_output_dir is True and resume not in (None, False):
         problems.append("resume_from_checkpoint and overwrite_output_dir exclude each other: "
                         "resume the run in output_dir, or move it aside and start anew")
-    if _is_int(cfg.cp_degree) and cfg.cp_degree > 1 and _is_int(cfg.max_seq_len) and cfg.max_seq_len < 2 * cfg.cp_degree:
+    if _is_int(cfg.cp_degree) and _is_int(cfg.max_seq_len) and 1 < cfg.cp_degree and cfg.max_seq_len < 2 * cfg.cp_degree:
         problems.append(f"max_seq_len={cfg.max_seq_len} is too short for cp_degree={cfg.cp_degree}: "
                         "the zigzag layout gives each cp rank 2 chunks; use max_seq_len >= 2 * cp_degree")
     if cfg.dtype not in ("bf16", "fp32"):

@@ -343,22 +343,26 @@ class OmniLongFullRecipe:
 
     def cleanup(self) -> None:
         """Close the metrics, drop what holds process groups (the model's ring attention and
-        FSDP state, the optimizer, the data iterators) and shut the groups down."""
-        self.metrics.close()
+        FSDP state, the optimizer, the data iterators) and shut the groups down; works after
+        a setup that stopped half-way too."""
+        if hasattr(self, "metrics"):
+            self.metrics.close()
         for name in ("lr_scheduler", "optimizer", "model", "loss_fn", "dataloader"):
             self.__dict__.pop(name, None)
-        shutdown_distributed(self.meshes.world)
+        meshes = self.__dict__.pop("meshes", None)
+        shutdown_distributed(meshes.world if meshes is not None else None)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> int:
+    recipe = None
     try:
         recipe = OmniLongFullRecipe(cfg)
         recipe.setup()
     except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: say what, no traceback
         print(f"omnilong_full: error: {e}", file=sys.stderr)
-        meshes = getattr(locals().get("recipe"), "meshes", None)
-        shutdown_distributed(meshes.world if meshes is not None else None)
+        if recipe is not None:
+            recipe.cleanup()
         return 1
     try:
         recipe.train()

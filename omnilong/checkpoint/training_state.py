@@ -54,12 +54,16 @@ def is_complete_checkpoint(path: Path) -> bool:
     return bool(_STEP_DIR.match(path.name)) and (path / ".metadata").is_file()
 
 
+def _step_of(path: Path) -> Optional[int]:
+    match = _STEP_DIR.match(path.name)
+    return int(match.group(1)) if match else None
+
+
 def step_dirs(root: Path) -> list[Path]:
     """The complete ``step_N`` directories under ``root`` (a checkpoints folder), by step."""
     if not root.is_dir():
         return []
-    complete = [p for p in root.iterdir() if p.is_dir() and is_complete_checkpoint(p)]
-    return sorted(complete, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+    return sorted((p for p in root.iterdir() if p.is_dir() and is_complete_checkpoint(p)), key=_step_of)
 
 
 def find_latest_checkpoint(output_dir: Union[str, Path]) -> Optional[Path]:
@@ -93,7 +97,8 @@ def _damage(path: Path) -> Optional[str]:
             return f"checkpoint file {file} is missing (listed in {MANIFEST_NAME})"
         actual = file.stat().st_size
         if actual != size:
-            return f"checkpoint file {file} is {'truncated' if actual < size else 'damaged'}: {actual} bytes, the save wrote {size}"
+            damage = "truncated" if actual < size else "damaged"
+            return f"checkpoint file {file} is {damage}: {actual} bytes, the save wrote {size}"
     return None
 
 
@@ -111,8 +116,8 @@ def verify_checkpoint(path: Union[str, Path]) -> None:
     problem = _damage(path)
     if problem is None:
         return
-    match = _STEP_DIR.match(path.name)
-    earlier = [p for p in step_dirs(path.parent) if match and int(_STEP_DIR.match(p.name).group(1)) < int(match.group(1))]
+    step = _step_of(path)
+    earlier = [p for p in step_dirs(path.parent) if step is not None and _step_of(p) < step]
     intact = next((p for p in reversed(earlier) if _damage(p) is None), None)
     advice = (f"the newest intact earlier checkpoint is {intact}: resume with resume_from_checkpoint={intact}"
               if intact is not None else f"no earlier checkpoint in {path.parent} is intact")
