@@ -10,7 +10,7 @@ from safetensors import SafetensorError, safe_open
 
 from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files
 from omnilong.models.qwen2_5_vl._convert_weights import to_hub_layout
-from omnilong.models.qwen2_5_vl._hf_shapes import Dim, hf_tensor_shapes
+from omnilong.models.qwen2_5_vl._hf_shapes import Dim, hf_tensor_shapes, ties_embeddings
 
 _SHOWN = 3  # problems named in one message; the rest are counted
 
@@ -58,6 +58,8 @@ def check_hf_weights(model_dir: Path, config: dict[str, Any]) -> None:
     weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
     problems = []
     for hub_key, dims in expected.items():
+        if hub_key == "lm_head.weight" and hub_key not in found and ties_embeddings(config):
+            continue
         if hub_key not in found:
             file_key = next((k for k in weight_map if to_hub_layout(k) == hub_key), None)
             problems.append(f"{file_key} is missing from {model_dir / weight_map[file_key]}, where {INDEX_NAME} puts it"

@@ -12,8 +12,8 @@ from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLVisionArgs
 Dim = tuple[int, str]  # (size, the config key or expression it comes from)
 
 
-def _text_dims(config: dict[str, Any]) -> tuple[dict[str, Dim], int, str]:
-    """The language model's dimensions, its layer count and that count's key."""
+def _text_dims(config: dict[str, Any]) -> tuple[dict[str, Dim], int]:
+    """The language model's dimensions and its layer count."""
     nested = isinstance(config.get("text_config"), dict)
     text, at = ({**config, **config["text_config"]}, "text_config.") if nested else (config, "")
     missing = [k for k in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
@@ -29,7 +29,7 @@ def _text_dims(config: dict[str, Any]) -> tuple[dict[str, Dim], int, str]:
         "KV": (kv_heads * (hidden // heads),
                f"{at}num_key_value_heads * {at}hidden_size / {at}num_attention_heads"),
     }
-    return dims, text["num_hidden_layers"], f"{at}num_hidden_layers"
+    return dims, text["num_hidden_layers"]
 
 
 def _vision_dims(vision: dict[str, Any]) -> tuple[dict[str, Dim], int]:
@@ -99,23 +99,20 @@ def _expand(table: dict[str, tuple[str, ...]], dims: dict[str, Dim], count: int)
 
 def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[Dim, ...]]:
     """Every tensor (hub key layout) of a checkpoint with this parsed ``config.json``: each
-    dimension's size and the config key it comes from. No ``lm_head.weight`` with tied
-    embeddings; no ``visual.*`` without a ``vision_config``.
+    dimension's size and the config key it comes from. No ``visual.*`` without a
+    ``vision_config``; ``lm_head.weight`` is optional when :func:`ties_embeddings`.
 
     Raises:
         ValueError: the config lacks a size it needs (names the key).
     """
-    text_dims, layers, _ = _text_dims(config)
+    text_dims, layers = _text_dims(config)
     shapes = _expand(_TEXT, text_dims, layers)
-    text = config.get("text_config") or {}
-    if config.get("tie_word_embeddings") or text.get("tie_word_embeddings"):
-        del shapes["lm_head.weight"]
     if config.get("vision_config"):
         vision_dims, depth = _vision_dims(config["vision_config"])
         shapes.update(_expand(_VISION, vision_dims, depth))
     return shapes
 
 
-def layer_count_key(config: dict[str, Any]) -> str:
-    """The config key holding the language model's layer count (for messages)."""
-    return _text_dims(config)[2]
+def ties_embeddings(config: dict[str, Any]) -> bool:
+    """Whether the output projection is the token embedding (``lm_head.weight`` may be absent)."""
+    return bool(config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"))
