@@ -171,6 +171,8 @@ def save_training_state(
     if rank == 0:
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST_NAME).write_text(json.dumps({"run_id": run_id, "files": files}, indent=1) + "\n")
+        if final.exists() and checkpoint_run_id(final) != run_id:  # another run's: kept, renamed
+            os.replace(final, final.with_name(f"{final.name}.of-run-{checkpoint_run_id(final) or 'unknown'}"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         _prune(root, keep_last_n, run_id)

@@ -324,19 +324,22 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_di
 
 
 def test_pruning_removes_only_checkpoints_of_the_current_run(tiny_qwen_dir, tmp_path):
-    """A run resumed into a folder holding another run's step_9 keeps its own last checkpoint
-    and never touches step_9; a changed optimizer is accepted when allowed explicitly."""
+    """A run resumed into a folder holding another run's step_2 and step_9 keeps its own last
+    checkpoint, renames the other run's step_2 it writes over and never touches step_9; a
+    changed optimizer is accepted when allowed explicitly."""
     first = _small(tiny_qwen_dir, tmp_path / "first", max_steps=1, save_every_n_steps=1)
     assert tune_run(STAGE1, first).returncode == 0
-    foreign = tmp_path / "out/checkpoints/step_9"
-    shutil.copytree(tmp_path / "first/checkpoints/step_1", foreign)
-    manifest = json.loads((foreign / "manifest.json").read_text())
-    (foreign / "manifest.json").write_text(json.dumps({**manifest, "run_id": "another run"}))
+    for step in (2, 9):
+        foreign = tmp_path / f"out/checkpoints/step_{step}"
+        shutil.copytree(tmp_path / "first/checkpoints/step_1", foreign)
+        manifest = json.loads((foreign / "manifest.json").read_text())
+        (foreign / "manifest.json").write_text(json.dumps({**manifest, "run_id": "another-run"}))
     resumed = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=3, save_every_n_steps=1,
                                       keep_last_n_checkpoints=1, resume_from_checkpoint=tmp_path / "first/checkpoints/step_1",
                                       allow_config_change_on_resume="true", **{"optimizer.lr": 1e-4}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == ["step_3", "step_9"]
+    assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == [
+        "step_2.of-run-another-run", "step_3", "step_9"]
 
 
 def test_samples_skipped_while_reading_count_in_num_skipped(tiny_qwen_dir, tmp_path):
