@@ -17,6 +17,7 @@ import math
 import shutil
 import sys
 import time
+import uuid
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -29,19 +30,23 @@ from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
 from torchtune import config
 
+from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
 from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.checkpoint.run_dir import check_resume_config, prepare_output_dir, resume_path
 from omnilong.checkpoint.training_state import (
+    checkpoint_run_id,
     find_latest_checkpoint,
     load_training_state,
     maybe_inject_sigkill,
     save_training_state,
+    verify_checkpoint,
 )
 from omnilong.config import validate_config
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
-from omnilong.distributed import init_distributed, resolve_device
+from omnilong.distributed import init_distributed, resolve_device, shutdown_distributed
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
 from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
@@ -74,6 +79,15 @@ def with_mrope_positions(batch: dict[str, torch.Tensor], model: torch.nn.Module)
     return {**batch, "position_ids": position_ids}
 
 
+def one_line(e: BaseException) -> str:
+    """The message of ``e`` without the traceback a DataLoader worker's exception carries
+    (``Caught X in DataLoader worker ... Original Traceback ...``: its last line is the message)."""
+    text = str(e).strip()
+    if "\nOriginal Traceback" not in text:
+        return text
+    return text.splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+
+
 class OmniLongFullRecipe:
     """The training recipe: ``setup()``, ``train()``, ``cleanup()``."""
 
@@ -83,8 +97,16 @@ class OmniLongFullRecipe:
         self.dtype = _DTYPES[self.cfg.dtype]
         self.checkpoint_dir = Path(self.cfg.checkpoint_dir)
         self.output_dir = Path(self.cfg.output_dir)
-        # Fail on a bad checkpoint dir before starting processes talking to each other.
+        # Fail on a bad checkpoint dir, output_dir or checkpoint to resume before starting
+        # processes talking to each other.
         self.hf_config = read_hf_config(self.checkpoint_dir)
+        check_hf_weights(self.checkpoint_dir, self.hf_config)
+        self.resume_from = resume_path(self.cfg)
+        if self.resume_from is not None:
+            verify_checkpoint(self.resume_from)
+            check_resume_config(self.resume_from, self.cfg)
+        # A resumed run keeps its id: only checkpoints with the run's id are ever pruned.
+        self.run_id = (self.resume_from and checkpoint_run_id(self.resume_from)) or uuid.uuid4().hex
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -97,6 +119,10 @@ class OmniLongFullRecipe:
         self.is_rank_zero = self.rank == 0
         logging.basicConfig(level=logging.INFO if self.is_rank_zero else logging.WARNING,
                             format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        saves = bool(self.cfg.save_every_n_steps) or self.cfg.save_hf_at_end
+        moved = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves))
+        if moved is not None:
+            logger.info("overwrite_output_dir: the previous run in %s was moved to %s", self.output_dir, moved)
         torch.manual_seed(self.cfg.seed)
 
         self.tokenizer = load_tokenizer(self.cfg.tokenizer_dir or self.checkpoint_dir)
@@ -119,6 +145,20 @@ class OmniLongFullRecipe:
                          if self.cfg.metric_logger is not None and self.is_rank_zero else None)
         self.metrics = MetricsWriter(self.output_dir, self.cfg.max_steps, self.is_rank_zero, metric_logger,
                                      steps_done=self.start_step - 1)
+
+    def _on_rank_zero(self, fn):
+        """``fn()`` run on rank 0; a ``ValueError`` it raises is raised on every rank."""
+        result, error = None, None
+        if self.is_rank_zero:
+            try:
+                result = fn()
+            except ValueError as e:
+                error = str(e)
+        verdict = [error]
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise ValueError(verdict[0])
+        return result
 
     def _setup_model(self) -> torch.nn.Module:
         overrides = {} if self.cfg.rope_theta is None else {"rope_theta": float(self.cfg.rope_theta)}
@@ -184,7 +224,7 @@ class OmniLongFullRecipe:
             shuffle=self.cfg.shuffle, seed=self.cfg.seed,
         )
         self.epoch, self.consumed = 0, 0  # position in the data: samples taken in this epoch, all ranks
-        self.num_skipped = 0  # bad samples met in training (skip_bad_samples), all ranks
+        self.num_skipped = getattr(dataset, "num_skipped", 0)  # bad samples: dropped while reading + met in training
         dataloader = DataLoader(
             dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
             collate_fn=partial(collate_padded, pad_id=dataset.pad_id),
@@ -195,12 +235,10 @@ class OmniLongFullRecipe:
 
     def _resume(self) -> int:
         """Load the checkpoint asked for by ``resume_from_checkpoint``; returns its step (0: none)."""
-        wanted = self.cfg.resume_from_checkpoint
-        if wanted is False or wanted is None:
-            return 0
-        path = find_latest_checkpoint(self.output_dir) if wanted is True else Path(wanted)
+        path = self.resume_from
         if path is None:
-            logger.info("resume_from_checkpoint: no checkpoint under %s yet, starting from step 1", self.output_dir)
+            if self.cfg.resume_from_checkpoint:
+                logger.info("resume_from_checkpoint: no checkpoint under %s yet, starting from step 1", self.output_dir)
             return 0
         trainer = load_training_state(path, self.model, self.optimizer, self.lr_scheduler)
         self.epoch, self.consumed, self.num_skipped = trainer["epoch"], trainer["consumed"], trainer["num_skipped"]
@@ -218,7 +256,7 @@ class OmniLongFullRecipe:
     def _save_checkpoint(self, step: int) -> None:
         trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed, "num_skipped": self.num_skipped}
         path = save_training_state(self.output_dir, step, self.model, self.optimizer, self.lr_scheduler, trainer,
-                                   self.cfg, self.cfg.keep_last_n_checkpoints)
+                                   self.cfg, self.cfg.keep_last_n_checkpoints, self.run_id)
         logger.info("checkpoint written: %s", path)
 
     # ------------------------------------------------------------------ train
@@ -315,20 +353,27 @@ class OmniLongFullRecipe:
         dist.barrier()
 
     def cleanup(self) -> None:
-        self.metrics.close()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        """Close the metrics, drop what holds process groups (the model's ring attention and
+        FSDP state, the optimizer, the data iterators) and shut the groups down; works after
+        a setup that stopped half-way too."""
+        if hasattr(self, "metrics"):
+            self.metrics.close()
+        for name in ("lr_scheduler", "optimizer", "model", "loss_fn", "dataloader"):
+            self.__dict__.pop(name, None)
+        meshes = self.__dict__.pop("meshes", None)
+        shutdown_distributed(meshes.world if meshes is not None else None)
 
 
 @config.parse
 def recipe_main(cfg: DictConfig) -> int:
+    recipe = None
     try:
         recipe = OmniLongFullRecipe(cfg)
         recipe.setup()
     except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: say what, no traceback
         print(f"omnilong_full: error: {e}", file=sys.stderr)
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if recipe is not None:
+            recipe.cleanup()
         return 1
     try:
         recipe.train()
@@ -336,7 +381,7 @@ def recipe_main(cfg: DictConfig) -> int:
         logger.warning("interrupted: stopping cleanly")
         return 130
     except BadSampleError as e:  # the launcher stops the other ranks when this one exits
-        print(f"omnilong_full: error: {e}", file=sys.stderr)
+        print(f"omnilong_full: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:
         recipe.cleanup()

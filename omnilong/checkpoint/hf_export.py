@@ -32,8 +32,10 @@ from safetensors.torch import save_file
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from omnilong.checkpoint.dcp_io import load_model_tensors, model_tensor_metadata, read_checkpoint_metadata
+from omnilong.checkpoint.hf_check import check_hf_weights, shape_problem
 from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files, read_hf_config
 from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf, to_hub_layout
+from omnilong.models.qwen2_5_vl._hf_shapes import hf_tensor_shapes
 from omnilong.models.qwen2_5_vl.rope_index import POSITION_RULE
 
 logger = logging.getLogger(__name__)
@@ -193,6 +195,36 @@ def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
     return shards
 
 
+def _check_shapes(checkpoint: Path, trained: dict[str, TensorStorageMetadata], base: Path,
+                  base_config: dict[str, Any]) -> None:
+    """Every tensor of the base's weights and of the checkpoint has the shape the base's
+    config.json gives it.
+
+    Raises:
+        ValueError: naming the tensor, both shapes and the config key.
+    """
+    check_hf_weights(base, base_config)
+    expected = hf_tensor_shapes(base_config)
+    problems = []
+    for native_key, md in trained.items():
+        hub_key = _map_or_none(native_key)
+        if hub_key in expected:
+            problem = shape_problem(hub_key, tuple(md.size), expected[hub_key], f"the checkpoint ({native_key})")
+            if problem is not None:
+                problems.append(problem)
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ValueError(f"{checkpoint} does not match the base's {base / 'config.json'}: "
+                         f"{'; '.join(problems[:3])}{more}")
+
+
+def _map_or_none(native_key: str) -> Optional[str]:
+    try:
+        return _hub_name(native_key)
+    except KeyError:
+        return None  # reported by _plan
+
+
 # ---------------------------------------------------------------------------- writing
 def _shard_tensors(
     checkpoint: Path, trained: dict[str, TensorStorageMetadata], shard: list[_Entry]
@@ -294,7 +326,9 @@ def export_hf_checkpoint(
         FileNotFoundError: a missing checkpoint file (named), or a base without weights.
         FileExistsError: ``output`` exists and is not an empty directory.
         ValueError: a truncated or corrupt file (named), a checkpoint tensor with no place
-            in the base (named), or a bad shard size.
+            in the base (named), a tensor of the base or the checkpoint whose shape is not
+            the one the base's config.json gives (names it, both shapes and the config
+            key), or a bad shard size; all before anything is written.
     """
     checkpoint, base, output = Path(checkpoint), Path(base), Path(output)
     max_bytes = parse_size(max_shard_size)
@@ -302,7 +336,10 @@ def export_hf_checkpoint(
         raise FileExistsError(f"{output} already exists: remove it or choose another output directory")
     trained = model_tensor_metadata(read_checkpoint_metadata(checkpoint))
     rope_theta = _run_rope_theta(checkpoint, base)
-    entries = _plan(_base_tensors(base), trained, dtype, _ties_embeddings(read_hf_config(base)))
+    base_tensors = _base_tensors(base)
+    base_config = read_hf_config(base)
+    _check_shapes(checkpoint, trained, base, base_config)
+    entries = _plan(base_tensors, trained, dtype, _ties_embeddings(base_config))
     copied = [e.key for e in entries if e.native_key is None]
     if copied:
         logger.info("%d tensors the run did not train are copied from %s: %s ...", len(copied), base,

@@ -86,6 +86,7 @@ class ChatDataset(Dataset):
         max_seq_len: maximum tokens per sample.
         skip_bad_samples: skip (and count in ``num_skipped``) samples longer than
             ``max_seq_len`` instead of raising.
+        source: what the samples were read from (e.g. the file names), for errors.
 
     Raises:
         ValueError: a malformed sample (names it), a sample that is too long (unless
@@ -98,6 +99,7 @@ class ChatDataset(Dataset):
         samples: Iterable[tuple[str, Any]],
         max_seq_len: int,
         skip_bad_samples: bool = False,
+        source: str = "the dataset",
     ):
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -119,7 +121,8 @@ class ChatDataset(Dataset):
                 continue
             self._samples.append((input_ids, labels))
         if not self._samples:
-            raise ValueError("no usable chat sample in the dataset")
+            skipped = f" ({self.num_skipped} longer than max_seq_len={max_seq_len} skipped)" if self.num_skipped else ""
+            raise ValueError(f"no usable chat sample in {source}{skipped}")
         if self.num_skipped:
             logger.warning("skipped %d samples longer than max_seq_len=%d", self.num_skipped, max_seq_len)
 
@@ -149,8 +152,9 @@ def chat_dataset(
     skip_bad_samples: bool = False,
 ) -> ChatDataset:
     """:class:`ChatDataset` over JSONL / JSON / parquet files (paths, directories or globs)."""
-    samples = (sample for path in expand_data_files(data_files) for sample in read_records(path))
-    return ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples)
+    files = expand_data_files(data_files)
+    samples = (sample for path in files for sample in read_records(path))
+    return ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples, source=", ".join(map(str, files)))
 
 
 def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
@@ -168,7 +172,10 @@ def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
                 ]}
 
 
-def python_stdlib_chat_dataset(tokenizer, max_seq_len: int, max_files: int = 0, **kwargs) -> ChatDataset:
+def python_stdlib_chat_dataset(
+    tokenizer, max_seq_len: int, max_files: int = 0, skip_bad_samples: bool = False
+) -> ChatDataset:
     """:class:`ChatDataset` of questions about standard-library functions and classes,
     answered with their docstrings (the tiny stage-2 demo's data, present on every machine)."""
-    return ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, **kwargs)
+    return ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, skip_bad_samples,
+                       source="the Python standard library's docstrings")

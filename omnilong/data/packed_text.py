@@ -114,7 +114,10 @@ def positions_within_documents(document_ids: torch.Tensor) -> torch.Tensor:
     return index - segment_start
 
 
-def python_stdlib_dataset(tokenizer, max_seq_len: int, max_files: int = 0, **kwargs) -> PackedTextDataset:
+def python_stdlib_dataset(
+    tokenizer, max_seq_len: int, max_files: int = 0, separator_token: Optional[str] = None
+) -> PackedTextDataset:
     """:class:`PackedTextDataset` over this Python's standard-library sources (the demo's
     corpus: real source code that exists on every machine)."""
-    return PackedTextDataset(tokenizer, python_stdlib_sources(max_files), max_seq_len, **kwargs)
+    return PackedTextDataset(tokenizer, python_stdlib_sources(max_files), max_seq_len,
+                             separator_token=separator_token)

@@ -159,6 +159,7 @@ class VideoSFTDataset(Dataset):
         skip_bad_samples: drop samples whose video is missing (counted in
             ``num_skipped``) and turn unusable items into skipped placeholders instead
             of raising (see the module docstring).
+        source: what the samples were read from (e.g. the file names), for errors.
 
     Raises:
         ValueError: no usable sample, a tokenizer without the vision tokens or a chat
@@ -173,6 +174,7 @@ class VideoSFTDataset(Dataset):
         max_seq_len: int,
         options: VideoOptions = VideoOptions(),
         skip_bad_samples: bool = False,
+        source: str = "the dataset",
     ):
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -198,7 +200,8 @@ class VideoSFTDataset(Dataset):
                 continue
             self._samples.append((sample, *self._tokenize(tokenizer, sample)))
         if not self._samples:
-            raise ValueError("no usable video sample in the dataset")
+            skipped = f" ({self.num_skipped} with a missing video skipped)" if self.num_skipped else ""
+            raise ValueError(f"no usable video sample in {source}{skipped}")
         if self.num_skipped:
             logger.warning("skipped %d samples whose video file is missing", self.num_skipped)
 
@@ -306,5 +309,6 @@ def video_sft_dataset(
         skip_bad_samples: see :class:`VideoSFTDataset`.
     """
     options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
+    source = ", ".join(map(str, expand_data_files(data_files)))
     return VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root), max_seq_len, options,
-                           skip_bad_samples)
+                           skip_bad_samples, source)

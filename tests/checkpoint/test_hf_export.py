@@ -332,3 +332,27 @@ def test_cli_push_to_hub_creates_the_repo_and_uploads_the_output(tiny_qwen_dir, 
     assert calls[0] == ("create_repo", "me/tiny", {"private": True, "exist_ok": True})
     assert calls[1][0] == "upload_folder" and calls[1][1]["repo_id"] == "me/tiny"
     assert Path(calls[1][1]["folder_path"]) == out
+
+
+def test_shapes_that_disagree_with_the_base_config_are_refused_before_writing(tiny_qwen_dir, untrained_checkpoint,
+                                                                               tmp_path):
+    """A base whose config.json has another intermediate_size than its weights (and the
+    checkpoint) would export a model from_pretrained cannot load: an error naming the
+    tensor, both shapes and the config key; nothing is written."""
+    base = Path(shutil.copytree(tiny_qwen_dir, tmp_path / "base"))
+    config = json.loads((base / "config.json").read_text())
+    config["text_config"]["intermediate_size"] = 96
+    (base / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight is \(176, 64\) in "
+                                         r"model\.safetensors, but config\.json gives \(96, 64\) "
+                                         r"\(text_config\.intermediate_size = 96\)"):
+        export_hf_checkpoint(untrained_checkpoint, base, tmp_path / "hf")
+
+    state = load_hf_model(tiny_qwen_dir).state_dict()
+    state["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 200)
+    checkpoint = save_run_checkpoint(tmp_path / "step_1", tiny_qwen_dir, state)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight is \(64, 200\) in the checkpoint "
+                                         r"\(layers\.1\.feed_forward\.w2\.weight\), but config\.json gives \(64, 176\) "
+                                         r"\(text_config\.intermediate_size = 176\)"):
+        export_hf_checkpoint(checkpoint, tiny_qwen_dir, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("hf.tmp-*"))

@@ -76,15 +76,29 @@ def test_resume_on_a_different_world_size_reshards(tiny_qwen_dir, tmp_path):
         assert abs(a[0] - b[0]) <= 1e-4 * abs(b[0]) and abs(a[1] - b[1]) <= 1e-4 * abs(b[1]), (a, b)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete_metadata"])
-def test_damaged_checkpoint_is_named_in_the_error(tiny_qwen_dir, tmp_path, damage):
+@pytest.mark.parametrize("damaged", ["__0_0.distcp", "rng/rank_0.pt"])
+def test_damaged_checkpoint_names_the_file_its_sizes_and_the_intact_one(tiny_qwen_dir, tmp_path, damaged):
+    """Checked before any model or data is built, like the export tool does."""
+    assert _run(tiny_qwen_dir, tmp_path / "run", max_steps=4).returncode == 0
+    step_2, step_4 = tmp_path / "run/checkpoints/step_2", tmp_path / "run/checkpoints/step_4"
+    file = step_4 / damaged
+    size = file.stat().st_size
+    file.write_bytes(file.read_bytes()[:100])
+    result = _run(tiny_qwen_dir, tmp_path / "run", resume_from_checkpoint="true")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    expected = "metadata expects" if damaged.endswith(".distcp") else "the save wrote"
+    assert f"cannot resume from {step_4}: checkpoint " in result.stderr
+    assert f" file {file} is truncated: 100 bytes, {expected} " in result.stderr
+    assert f"the newest intact earlier checkpoint is {step_2}: resume with resume_from_checkpoint={step_2}" in result.stderr
+    assert "omnilong INFO: model:" not in result.stderr
+    if not damaged.endswith(".distcp"):
+        assert f"the save wrote {size}" in result.stderr
+
+
+def test_checkpoint_without_metadata_is_named(tiny_qwen_dir, tmp_path):
     assert _run(tiny_qwen_dir, tmp_path / "run", max_steps=2).returncode == 0
     step = tmp_path / "run/checkpoints/step_2"
-    if damage == "truncate":
-        data_file = next(step.glob("*.distcp"))
-        data_file.write_bytes(data_file.read_bytes()[:100])
-    else:
-        (step / ".metadata").unlink()
+    (step / ".metadata").unlink()
     result = _run(tiny_qwen_dir, tmp_path / "run", resume_from_checkpoint=str(step))
     assert result.returncode != 0 and str(step) in result.stderr and "Traceback" not in result.stderr
 
