@@ -4,6 +4,7 @@ oracle and a host-sync guard."""
 import contextlib
 import os
 import socket
+import threading
 import sys
 import traceback
 import unittest.mock
@@ -141,18 +142,36 @@ class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+_GUARDS = {"lock": threading.Lock(), "depth": 0, "patches": []}
+
+
+def _refuse_host_read(*args, **kwargs):
+    raise _HostSyncError("host sync: .tolist() / .numpy()")
+
+
 @contextlib.contextmanager
 def _no_host_sync():
     """Inside: any host read of a tensor (``.item()``, ``bool(t)``, ``.tolist()``, ``.numpy()``,
     data-dependent ops such as ``nonzero``) raises. On CPU, where such reads cost nothing,
-    this stands in for ``torch.cuda.set_sync_debug_mode("error")``. Thread-local for operators;
-    ``.tolist()``/``.numpy()`` are refused in every thread."""
-    def refuse(*args, **kwargs):
-        raise _HostSyncError("host sync: .tolist() / .numpy()")
-
-    with _NoHostSync(), unittest.mock.patch.object(torch.Tensor, "tolist", refuse), \
-            unittest.mock.patch.object(torch.Tensor, "numpy", refuse):
-        yield
+    this stands in for ``torch.cuda.set_sync_debug_mode("error")``. Operators are checked in
+    the entering thread; ``.tolist()``/``.numpy()`` are refused in every thread while any
+    thread is inside (threads may enter and leave in any order)."""
+    with _GUARDS["lock"]:
+        if _GUARDS["depth"] == 0:
+            _GUARDS["patches"] = [unittest.mock.patch.object(torch.Tensor, name, _refuse_host_read)
+                                  for name in ("tolist", "numpy")]
+            for patch in _GUARDS["patches"]:
+                patch.start()
+        _GUARDS["depth"] += 1
+    try:
+        with _NoHostSync():
+            yield
+    finally:
+        with _GUARDS["lock"]:
+            _GUARDS["depth"] -= 1
+            if _GUARDS["depth"] == 0:
+                for patch in _GUARDS["patches"]:
+                    patch.stop()
 
 
 @pytest.fixture

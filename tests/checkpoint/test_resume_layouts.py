@@ -22,7 +22,7 @@ import torch
 
 from omnilong.checkpoint.dcp_io import load_model_tensors
 from omnilong.checkpoint.training_state import FAULT_ENV
-from tests.recipes.test_omnilong_full import STAGE2, metrics, tune_run
+from tests.recipe_runs import STAGE2, metrics, tune_run
 
 ROWS = [
     ("What is a list?", "A mutable sequence of items."),

@@ -5,18 +5,14 @@ norms equal and final weights bitwise equal; on a different world size, losses a
 norms within 1e-4 relative.
 """
 
-import json
 import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from omnilong.checkpoint.dcp_io import load_model_tensors
 from omnilong.checkpoint.training_state import FAULT_ENV
-from tests.recipes.test_omnilong_full import STAGE1, metrics, tune_run
+from tests.recipe_runs import STAGE1, metrics, tune_run
 
 RUN = {"max_seq_len": 128, "max_steps": 6, "dataset.max_files": 20, "gradient_accumulation_steps": 1,
        "save_every_n_steps": 2, "keep_last_n_checkpoints": 2}

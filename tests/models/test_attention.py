@@ -180,3 +180,21 @@ def test_on_cuda_layers_and_vision_blocks_never_sync(masked_attention):
         torch.cuda.set_sync_debug_mode("default")
     expected = masked_attention(*(t.float().cpu() for t in (q, k, v)), DOCUMENTS)
     assert (out.float().cpu() - expected).abs().max().item() <= 2e-2
+
+
+def test_the_guard_leaves_nothing_behind_when_threads_overlap(no_host_sync):
+    """Threads entering and leaving the guard in any order restore ``.tolist()``."""
+    import threading
+
+    inside = threading.Barrier(2)
+
+    def enter_and_leave():
+        with no_host_sync():
+            inside.wait()
+
+    threads = [threading.Thread(target=enter_and_leave) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert torch.arange(3).tolist() == [0, 1, 2]

@@ -8,7 +8,7 @@ trained at the wrong scale or lost the fp32 loss math would exceed it; the weigh
 fp32 accumulation over chunks is checked in ``tests/loss`` (this model's loss has one chunk).
 """
 
-from tests.recipes.test_omnilong_full import STAGE1, metrics, tune_run
+from tests.recipe_runs import STAGE1, metrics, tune_run
 
 
 def test_bf16_run_matches_fp32(tiny_qwen_dir, tmp_path):

@@ -8,29 +8,13 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from functools import partial
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-TUNE = str(Path(sys.executable).parent / "tune")
-STAGE1 = str(REPO / "configs/tiny/stage1_text.yaml")
-STAGE2 = str(REPO / "configs/tiny/stage2_text_sft.yaml")
-
-
-def tune_run(config, overrides, nproc=1, timeout=300, **popen):
-    cmd = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + ["omnilong_full", "--config", config]
-    env = {**(popen.get("env") or os.environ), "OMP_NUM_THREADS": "1"}
-    args = [k if v is None else f"{k}={v}" for k, v in overrides.items()]
-    return subprocess.run(cmd + args, capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=popen.get("cwd", REPO))
-
-
-def metrics(output_dir):
-    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+from tests.recipe_runs import REPO, STAGE1, STAGE2, STAGE3, TUNE, metrics, tune_run
 
 
 def _small(tiny_qwen_dir, output_dir, **extra):
@@ -230,9 +214,6 @@ def test_degrees_that_do_not_match_the_world_size_fail_before_compute(tiny_qwen_
     assert result.returncode != 0
     assert "dp_replicate_degree * dp_shard_degree * cp_degree = 1 * 2 * 2 must equal the world size 2" in result.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
-
-
-STAGE3 = str(REPO / "configs/tiny/stage3_video_sft.yaml")
 
 
 def _video_run(tiny_qwen_dir, tiny_videos_dir, output_dir, data=None, **extra):

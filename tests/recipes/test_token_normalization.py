@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from omnilong.data import chat_dataset, load_tokenizer
 from omnilong.models import load_hf_model
-from tests.recipes.test_omnilong_full import STAGE2, metrics, tune_run
+from tests.recipe_runs import STAGE2, metrics, tune_run
 
 LR = 0.5
 
