@@ -35,7 +35,7 @@ from omnilong.checkpoint.dcp_io import load_model_tensors, model_tensor_metadata
 from omnilong.checkpoint.hf_check import check_hf_weights, shape_problem
 from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files, read_hf_config
 from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf, to_hub_layout
-from omnilong.models.qwen2_5_vl._hf_shapes import hf_tensor_shapes
+from omnilong.models.qwen2_5_vl._hf_shapes import hf_tensor_shapes, ties_embeddings
 from omnilong.models.qwen2_5_vl.rope_index import POSITION_RULE
 
 logger = logging.getLogger(__name__)
@@ -175,11 +175,6 @@ def _plan(
                source.get(key))
         for key, (path, shape, base_dtype) in base_tensors.items()
     ]
-
-
-def _ties_embeddings(config: dict[str, Any]) -> bool:
-    """Whether a parsed config.json ties the output projection to the token embedding."""
-    return bool(config.get("tie_word_embeddings") or (config.get("text_config") or {}).get("tie_word_embeddings"))
 
 
 def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
@@ -339,7 +334,7 @@ def export_hf_checkpoint(
     base_tensors = _base_tensors(base)
     base_config = read_hf_config(base)
     _check_shapes(checkpoint, trained, base, base_config)
-    entries = _plan(base_tensors, trained, dtype, _ties_embeddings(base_config))
+    entries = _plan(base_tensors, trained, dtype, ties_embeddings(base_config))
     copied = [e.key for e in entries if e.native_key is None]
     if copied:
         logger.info("%d tensors the run did not train are copied from %s: %s ...", len(copied), base,
