@@ -15,12 +15,14 @@ recompute and in backward) and never copies anything to the host.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from omnilong.models.varlen_attention import (
     VarlenSegments,
-    dense_causal_attention,
+    pack_tokens,
     runs_of_equal_ids,
+    unpack_tokens,
     varlen_attention,
 )
 
@@ -81,7 +83,6 @@ class CausalAttention(nn.Module):
             ``[B, Hq, T, D]`` attention output.
         """
         if plan is None:
-            return dense_causal_attention(q, k, v)
-        b, hq, t, d = q.shape
-        packed = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]  # [B * T, H, D]
-        return varlen_attention(*packed, plan).view(b, t, hq, d).transpose(1, 2)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+        out = varlen_attention(pack_tokens(q), pack_tokens(k), pack_tokens(v), plan)  # [B * T, Hq, D]
+        return unpack_tokens(out, q.shape[0])

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -64,14 +63,6 @@ class VarlenSegments:
         as_tensor = lambda cu: torch.tensor(cu, dtype=torch.int32).to(device, non_blocking=True)  # noqa: E731
         return cls(as_tensor(cu_q), as_tensor(cu_k), max(q_lengths), max(k_lengths), bounds, causal)
 
-    @property
-    def total_q(self) -> int:
-        return self.bounds[-1][1]
-
-    @property
-    def total_k(self) -> int:
-        return self.bounds[-1][3]
-
 
 def runs_of_equal_ids(ids: list[int]) -> list[tuple[int, int, int]]:
     """``[(id, start, end), ...]`` of the runs of equal values in a host list of ids."""
@@ -94,8 +85,8 @@ def varlen_attention_forward(
     """Attention of every query segment over its key segment.
 
     Args:
-        q: ``[Nq, Hq, D]`` packed queries, ``Nq = segments.total_q``.
-        k: ``[Nk, Hkv, D]`` packed keys, ``Nk = segments.total_k``.
+        q: ``[Nq, Hq, D]`` packed queries, ``Nq = segments.bounds[-1][1]``.
+        k: ``[Nk, Hkv, D]`` packed keys, ``Nk = segments.bounds[-1][3]``.
         v: ``[Nk, Hkv, D]`` packed values.
         segments: the segments (every query row belongs to one).
 
@@ -226,6 +217,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments
     return VarlenAttentionFunction.apply(q, k, v, segments)
 
 
-def dense_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA of whole rows: ``[B, Hq, T, D]``, ``[B, Hkv, T, D]`` -> ``[B, Hq, T, D]``."""
-    return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=q.shape[1] != k.shape[1])
+def pack_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``[B, H, T, D]`` -> the packed layout ``[B * T, H, D]`` (rows one after another)."""
+    b, h, t, d = x.shape
+    return x.transpose(1, 2).reshape(b * t, h, d)
+
+
+def unpack_tokens(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """Inverse of :func:`pack_tokens`: ``[B * T, H, D]`` -> ``[B, H, T, D]`` (a view)."""
+    return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)

@@ -28,7 +28,9 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from omnilong.models.varlen_attention import (
     VarlenSegments,
+    pack_tokens,
     runs_of_equal_ids,
+    unpack_tokens,
     varlen_attention_backward,
     varlen_attention_forward,
 )
@@ -404,7 +406,5 @@ class RingAttention(nn.Module):
         Returns:
             ``[B, Hq, t, D]`` attention output of the local queries.
         """
-        b, hq, t, d = q.shape
-        packed = [x.transpose(1, 2).reshape(b * t, x.shape[1], d) for x in (q, k, v)]  # [B * t, H, D]
-        out = RingAttentionFunction.apply(*packed, plan, self.ring)
-        return out.view(b, t, hq, d).transpose(1, 2)
+        out = RingAttentionFunction.apply(pack_tokens(q), pack_tokens(k), pack_tokens(v), plan, self.ring)
+        return unpack_tokens(out, q.shape[0])  # [B, Hq, t, D]

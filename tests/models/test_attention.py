@@ -135,8 +135,8 @@ def test_a_vision_block_does_not_sync_with_the_host(no_host_sync):
     """Window segments planned once per encode; the block itself reads nothing back."""
     torch.manual_seed(0)
     block = VisionBlock(VisionAttention(32, 4), FeedForward(32, 48, bias=True), 32)
-    segments = SegmentPlan.of([16, 16, 8, 4, 16], torch.device("cpu"))
     x = torch.randn(60, 32, requires_grad=True)
+    segments = SegmentPlan.of([16, 16, 8, 4, 16], x)
     rope = (torch.ones(60, 8), torch.zeros(60, 8))
     with no_host_sync():
         block(x, rope, segments).sum().backward()
@@ -153,7 +153,7 @@ def test_vision_segments_match_masked_attention():
     mask = segment[:, None] == segment[None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(
         *(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask).transpose(0, 1)
-    got = segment_attention(q, k, v, SegmentPlan.of(lengths, torch.device("cpu")))
+    got = segment_attention(q, k, v, SegmentPlan.of(lengths, q))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
@@ -167,8 +167,8 @@ def test_on_cuda_layers_and_vision_blocks_never_sync(masked_attention):
     layer = checkpoint_wrapper(_layer().cuda().bfloat16(), preserve_rng_state=False)
     x = torch.randn(2, 24, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     block = VisionBlock(VisionAttention(32, 4), FeedForward(32, 48, bias=True), 32).cuda().bfloat16()
-    segments = SegmentPlan.of([16, 16, 8, 4, 16], torch.device("cuda"))
     xv = torch.randn(60, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    segments = SegmentPlan.of([16, 16, 8, 4, 16], xv)
     rope = (torch.ones(60, 8, device="cuda"), torch.zeros(60, 8, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

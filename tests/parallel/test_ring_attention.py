@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from omnilong.models.varlen_attention import pack_tokens, unpack_tokens
 from omnilong.parallel import (
     RingAttention,
     gather_sequence,
@@ -90,16 +91,6 @@ def _shard_docs(docs: torch.Tensor, rank: int, cp: int) -> torch.Tensor:
     return shard_sequence(pad_batch({"document_ids": docs}, cp)["document_ids"], rank, cp)
 
 
-def _pack(x: torch.Tensor) -> torch.Tensor:
-    """``[B, H, t, D]`` -> ``[B * t, H, D]``."""
-    return x.transpose(1, 2).reshape(-1, x.shape[1], x.shape[3])
-
-
-def _unpack(x: torch.Tensor, batch: int) -> torch.Tensor:
-    """``[B * t, H, D]`` -> ``[B, H, t, D]``."""
-    return x.view(batch, -1, x.shape[1], x.shape[2]).transpose(1, 2)
-
-
 def _errors(got: list[torch.Tensor], expected: list[torch.Tensor], dtype: torch.dtype) -> dict[str, float]:
     """Max abs error per tensor (bf16 gradients relative to their largest entry)."""
     errors = {}
@@ -123,13 +114,13 @@ def _local_ring_errors(masked_attention, cp: int, case: tuple, device: str) -> d
 
     def rank_fn(ring):
         steps = plan_ring(ring.rank, cp, shard_ids, BATCH, local_len, torch.device(device))
-        lq, lk, lv, ldout = (_pack(_shard(x, ring.rank, cp)).to(device) for x in (q, k, v, dout))
+        lq, lk, lv, ldout = (pack_tokens(_shard(x, ring.rank, cp)).to(device) for x in (q, k, v, dout))
         out, lse = ring_forward(lq, lk, lv, steps, ring)
         return (out, *ring_backward(ldout, lq, lk, lv, out, lse, steps, ring))
 
     per_rank = run_local_ring(cp, rank_fn)
     seq_len = q.shape[2]
-    got = [unshard_sequence([_unpack(r[i], BATCH) for r in per_rank], dim=2)[:, :, :seq_len] for i in range(4)]
+    got = [unshard_sequence([unpack_tokens(r[i], BATCH) for r in per_rank], dim=2)[:, :, :seq_len] for i in range(4)]
     return _errors(got, expected, dtype)
 
 

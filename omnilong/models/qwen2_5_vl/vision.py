@@ -82,22 +82,27 @@ def frame_lengths(grids: list[Grid]) -> list[int]:
 
 @dataclass(frozen=True)
 class SegmentPlan:
-    """Bidirectional attention within consecutive segments, planned once per encode.
+    """Bidirectional attention within consecutive segments, planned once per encode for the
+    kernel that will run: one of the two descriptions is set.
 
     Attributes:
-        varlen: the segments for one varlen kernel call (used on CUDA in fp16/bf16).
-        by_length: ``(index [n * L], n, L)`` per distinct segment length: the tokens of its
-            ``n`` segments of length ``L``, batched into one SDPA call (used elsewhere).
-        inverse: ``[N]`` sequence position of every token of the concatenated groups.
+        varlen: the segments of one varlen kernel call (CUDA in fp16/bf16).
+        by_length: elsewhere, ``(index [n * L], n, L)`` per distinct segment length: the tokens
+            of its ``n`` segments of length ``L``, batched into one SDPA call.
+        inverse: with ``by_length``, ``[N]`` sequence position of every token of the
+            concatenated groups.
     """
 
-    varlen: VarlenSegments
-    by_length: tuple[tuple[torch.Tensor, int, int], ...]
-    inverse: torch.Tensor
+    varlen: Optional[VarlenSegments] = None
+    by_length: tuple[tuple[torch.Tensor, int, int], ...] = ()
+    inverse: Optional[torch.Tensor] = None
 
     @classmethod
-    def of(cls, lengths: list[int], device: torch.device) -> "SegmentPlan":
-        """The plan of segments of the given lengths, back to back."""
+    def of(cls, lengths: list[int], x: torch.Tensor) -> "SegmentPlan":
+        """The plan of segments of the given lengths, back to back, for attending tensors of
+        ``x``'s device and dtype."""
+        if uses_flash_kernel(x):
+            return cls(varlen=VarlenSegments.from_lengths(lengths, lengths, causal=False, device=x.device))
         starts_by_length: dict[int, list[int]] = defaultdict(list)
         start = 0
         for length in lengths:
@@ -106,9 +111,9 @@ class SegmentPlan:
         groups = []
         for length, starts in starts_by_length.items():
             index = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()
-            groups.append((index.to(device), len(starts), length))
-        inverse = torch.cat([index for index, _, _ in groups]).argsort().to(device)
-        return cls(VarlenSegments.from_lengths(lengths, lengths, causal=False, device=device), tuple(groups), inverse)
+            groups.append((index.to(x.device), len(starts), length))
+        inverse = torch.cat([index for index, _, _ in groups]).argsort().to(x.device)
+        return cls(by_length=tuple(groups), inverse=inverse)
 
 
 def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
@@ -121,7 +126,7 @@ def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: S
     Returns:
         ``[N, H, D]``.
     """
-    if uses_flash_kernel(q):
+    if plan.varlen is not None:
         return varlen_attention(q, k, v, plan.varlen)
     outputs = []
     for index, n, length in plan.by_length:
@@ -278,9 +283,8 @@ class VisionTransformer(nn.Module):
         groups, window_lengths = window_order(grids, merge, args.window_units)
         groups = groups.to(device)
         order = (groups[:, None] * merge**2 + torch.arange(merge**2, device=device)).flatten()  # [N]
-        windows, frames = SegmentPlan.of(window_lengths, device), SegmentPlan.of(frame_lengths(grids), device)
-
         x = self.patch_embed(pixel_values)[order]  # [N, dim], window order
+        windows, frames = SegmentPlan.of(window_lengths, x), SegmentPlan.of(frame_lengths(grids), x)
         rope = vision_rope_cos_sin(patch_positions(grids, merge, device)[order], args.head_dim, args.rope_theta)
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, frames if index in args.fullatt_block_indexes else windows)
