@@ -25,3 +25,19 @@ def test_shipped_config_is_valid(path):
     cfg = validate_config(OmegaConf.load(path))
     for component in _components(cfg):
         assert callable(_get_component_from_path(component)), component
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_shipped_config_saves_checkpoints_and_hugging_face_weights(path):
+    cfg = validate_config(OmegaConf.load(path))
+    assert cfg.save_every_n_steps is not None and cfg.save_every_n_steps <= cfg.max_steps
+    assert cfg.save_hf_at_end is True
+
+
+@pytest.mark.parametrize("family", sorted({p.parent for p in CONFIGS}), ids=lambda d: d.name)
+def test_each_stage_starts_from_the_previous_stages_export(family):
+    """stage 2 trains the HF export of stage 1 (its output_dir/hf), stage 3 that of stage 2."""
+    stages = [OmegaConf.load(family / name) for name in
+              ("stage1_text.yaml", "stage2_text_sft.yaml", "stage3_video_sft.yaml")]
+    for previous, stage in zip(stages, stages[1:]):
+        assert Path(stage.checkpoint_dir) == Path(previous.output_dir) / "hf"
