@@ -104,7 +104,8 @@ def open_prepared(path: Union[str, Path], kind: str, tokenizer, settings: Mappin
             f"`python tools/prepare_data.py --kind {kind} --tokenizer <model dir> --output {path} <data files>`"
         )
     meta = json.loads(meta_path.read_text())
-    rerun = f"rerun `{meta.get('command', 'python tools/prepare_data.py ...')}`"
+    command = meta.get("command", "python tools/prepare_data.py ...")
+    rerun = f"rerun `{command if len(command) <= 300 else command[:300] + ' ...'}` (in full: {meta_path}, 'command')"
     if meta.get("format_version") != FORMAT_VERSION:
         raise PreparedDataError(f"{path}: prepared with format version {meta.get('format_version')}, this "
                                 f"OmniLong reads version {FORMAT_VERSION}; {rerun}")
