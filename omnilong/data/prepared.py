@@ -18,6 +18,7 @@ A directory is complete or absent: it is written under a temporary name and rena
 
 import hashlib
 import json
+import mmap
 import os
 import shutil
 from collections.abc import Mapping
@@ -76,16 +77,27 @@ class PreparedSource:
 
     def record(self, index: int) -> dict[str, Any]:
         """The JSON record of document ``index`` (read from disk on each call)."""
-        bounds = np.memmap(self.path / "records.i64", dtype="<i8", mode="r")
+        bounds = _memmap(self.path / "records.i64", "<i8")
         with open(self.path / "records.jsonl", "rb") as f:
             f.seek(int(bounds[index]))
             return json.loads(f.read(int(bounds[index + 1] - bounds[index])))
 
 
+class MappedArray(np.memmap):
+    """A read-only memory map of a whole file that pickles as its path and dtype, so a
+    DataLoader worker started by spawn or forkserver reopens the file instead of being
+    sent a copy of it (a view pickles as a copy of its data, as any array)."""
+
+    def __reduce__(self):
+        if not isinstance(self.base, mmap.mmap):
+            return super().__reduce__()
+        return _memmap, (Path(self.filename), self.dtype.str)
+
+
 def _memmap(path: Path, dtype: str) -> np.ndarray:
     if path.stat().st_size == 0:  # np.memmap refuses empty files
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r")
+    return MappedArray(path, dtype=dtype, mode="r")
 
 
 def open_prepared(path: Union[str, Path], kind: str, tokenizer, settings: Mapping[str, Any]) -> PreparedSource:

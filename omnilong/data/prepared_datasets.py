@@ -178,5 +178,8 @@ def prepared_video_sft_dataset(
             num_skipped=source.meta["num_skipped"]["bad_samples"],
         ))
         weights.append(weight)
-    return _mix(datasets, weights)
+    dataset = _mix(datasets, weights)
+    # the recipe checks these against the model's; every source uses this tokenizer's
+    dataset.video_token_id, dataset.image_token_id = datasets[0].video_token_id, datasets[0].image_token_id
+    return dataset
 

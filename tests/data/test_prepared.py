@@ -3,6 +3,7 @@ tokenizer. Oracle: the raw-file datasets, which must give the very same rows (ex
 
 import json
 import os
+import pickle
 
 import numpy as np
 import pytest
@@ -63,6 +64,9 @@ def test_prepared_text_rows_equal_raw_rows(tokenizer, tiny_qwen_dir, tmp_path, m
     assert meta["num_tokens"] == raw.num_tokens and len(prepared) > 3  # documents span rows
     assert isinstance(prepared.tokens, np.memmap)  # read lazily, not loaded
     _assert_same_rows(raw, prepared)
+    sent_to_a_worker = pickle.dumps(prepared)  # as to a DataLoader worker started by spawn
+    assert len(sent_to_a_worker) < 1000  # the file's path, not its tokens
+    _assert_same_rows(raw, pickle.loads(sent_to_a_worker))
 
 
 def test_prepared_chat_samples_equal_raw_samples_and_skip_the_same(tokenizer, tiny_qwen_dir, tmp_path):
