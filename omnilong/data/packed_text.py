@@ -1,5 +1,6 @@
 """Stage 1 data: documents tokenized and packed into rows of ``max_seq_len`` tokens."""
 
+import itertools
 import logging
 from typing import Optional, Sequence, Union
 
@@ -39,10 +40,9 @@ def tokenize_documents(tokenizer, texts: Sequence[str], separator: int) -> tuple
         ``tokens [sum(lengths)]`` (uint32) and ``lengths [len(texts)]`` (int64, separator included).
     """
     token_lists = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
-    lengths = np.fromiter((len(t) + 1 for t in token_lists), dtype=np.int64, count=len(token_lists))
-    tokens = np.fromiter((tok for t in token_lists for tok in (*t, separator)), dtype=np.uint32,
-                         count=int(lengths.sum()))
-    return tokens, lengths
+    lengths = np.fromiter(map(len, token_lists), dtype=np.int64, count=len(token_lists))
+    tokens = np.fromiter(itertools.chain.from_iterable(token_lists), dtype=np.uint32, count=int(lengths.sum()))
+    return np.insert(tokens, np.cumsum(lengths), separator), lengths + 1
 
 
 class PackedRows(Dataset):
