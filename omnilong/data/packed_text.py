@@ -28,7 +28,7 @@ def separator_id(tokenizer, separator_token: Optional[str] = None) -> int:
     return token_id
 
 
-def pad_id(tokenizer, separator: int) -> int:
+def row_pad_id(tokenizer, separator: int) -> int:
     """The padding id of packed rows: the tokenizer's pad token, else the separator."""
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else separator
 
@@ -138,7 +138,8 @@ class PackedTextDataset(PackedRows):
         if not texts:
             raise ValueError(f"no non-empty document in data_files {[str(f) for f in files][:5]}")
         tokens, lengths = tokenize_documents(tokenizer, texts, separator)
-        super().__init__(tokens, np.concatenate([[0], np.cumsum(lengths)]), max_seq_len, pad_id(tokenizer, separator))
+        offsets = np.concatenate([[0], np.cumsum(lengths)])
+        super().__init__(tokens, offsets, max_seq_len, row_pad_id(tokenizer, separator))
         if self.num_empty_documents:
             logger.warning("skipped %d empty documents", self.num_empty_documents)
 

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from omnilong.data.chat import ChatDataset, shifted_labels
 from omnilong.data.mixing import WeightedMix
-from omnilong.data.packed_text import PackedRows, pad_id, separator_id
+from omnilong.data.packed_text import PackedRows, row_pad_id, separator_id
 from omnilong.data.prepared import PreparedDataError, PreparedSource, open_prepared
 from omnilong.data.video import FACTOR, VideoOptions
 from omnilong.data.video_sft import VideoSample, VideoSFTDataset
@@ -70,7 +70,7 @@ def prepared_text_dataset(
     datasets, weights = [], []
     for path, weight in parse_sources(sources):
         source = open_prepared(path, "text", tokenizer, {"separator_id": separator})
-        datasets.append(PackedRows(source.tokens, source.offsets, max_seq_len, pad_id(tokenizer, separator)))
+        datasets.append(PackedRows(source.tokens, source.offsets, max_seq_len, row_pad_id(tokenizer, separator)))
         weights.append(weight)
     return _mix(datasets, weights)
 
