@@ -12,6 +12,7 @@ high-water mark (``/proc/self/clear_refs``), build the dataset (``prepared_text_
 or ``PackedTextDataset`` on the JSONL), read 4 rows spread over it; report the
 construction time, the mean time to read a row, the RSS after reading the rows and the
 peak RSS above the baseline (the baseline, about 0.7 GB, is torch and transformers imported).
+The child uses one torch thread, as a DataLoader worker does.
 The raw path runs at 1M and 10M only (about 150 bytes per token of peak memory).
 
 Usage:
@@ -33,9 +34,12 @@ SEP = "<|endoftext|>"
 
 def _child(kind: str, tokenizer_dir: str, path: str, max_seq_len: int) -> dict:
     """One start-up in this process: construction time, RSS after 4 rows, peak above baseline."""
-    from omnilong.data import PackedTextDataset, load_tokenizer, prepared_text_dataset
-    from omnilong.metrics import _proc_status_bytes, host_peak_memory, reset_host_peak_memory
+    import torch
 
+    from omnilong.data import PackedTextDataset, load_tokenizer, prepared_text_dataset
+    from omnilong.metrics import host_peak_memory, reset_host_peak_memory
+
+    torch.set_num_threads(1)  # as in a DataLoader worker; on a loaded machine more threads only wait
     tokenizer = load_tokenizer(tokenizer_dir)
     baseline = reset_host_peak_memory()
     start = time.perf_counter()
@@ -47,8 +51,10 @@ def _child(kind: str, tokenizer_dir: str, path: str, max_seq_len: int) -> dict:
     for i in range(4):
         dataset[(len(dataset) - 1) * i // 3]
     row_s = (time.perf_counter() - start - built) / 4
+    peak = host_peak_memory()
+    rss = reset_host_peak_memory()  # the resident set now
     return {"construct_s": built, "row_ms": row_s * 1e3, "rows": len(dataset), "baseline_mb": baseline / 2**20,
-            "rss_mb": _proc_status_bytes("VmRSS") / 2**20, "peak_above_mb": (host_peak_memory() - baseline) / 2**20}
+            "rss_mb": rss / 2**20, "peak_above_mb": (peak - baseline) / 2**20}
 
 
 def _write_corpus(path: Path, target_tokens: int, chars_per_token: float) -> None:

@@ -174,9 +174,11 @@ def prepare(
     counts = {"empty_documents": 0, "bad_samples": 0}
     writer = PreparedWriter(output, kind)
     start = time.perf_counter()
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
-    pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir),)) if workers > 1 else None
-    if pool is None:
+    if workers > 1:  # fork: the workers start at once; each loads the tokenizer once
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir),))
+    else:
+        pool = None
         global _worker_tokenizer
         _worker_tokenizer = tokenizer
     bar = tqdm(desc=f"prepare {kind}", unit=" docs", disable=not progress, dynamic_ncols=True)
