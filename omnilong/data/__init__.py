@@ -1,6 +1,9 @@
 from omnilong.data.chat import ChatDataset, chat_dataset, python_stdlib_chat_dataset
 from omnilong.data.collate import collate_padded
-from omnilong.data.packed_text import PackedTextDataset, python_stdlib_dataset
+from omnilong.data.mixing import WeightedMix
+from omnilong.data.packed_text import PackedRows, PackedTextDataset, python_stdlib_dataset
+from omnilong.data.prepared import PreparedDataError
+from omnilong.data.prepared_datasets import prepared_chat_dataset, prepared_text_dataset, prepared_video_sft_dataset
 from omnilong.data.tokenizer import load_tokenizer
 from omnilong.data.video import VideoDecodeError, VideoOptions, decode_video, process_video
 from omnilong.data.video_sft import BadSampleError, VideoSFTDataset, video_sft_dataset
@@ -8,14 +11,20 @@ from omnilong.data.video_sft import BadSampleError, VideoSFTDataset, video_sft_d
 __all__ = [
     "BadSampleError",
     "ChatDataset",
+    "PackedRows",
     "PackedTextDataset",
+    "PreparedDataError",
     "VideoDecodeError",
     "VideoOptions",
     "VideoSFTDataset",
+    "WeightedMix",
     "chat_dataset",
     "collate_padded",
     "decode_video",
     "load_tokenizer",
+    "prepared_chat_dataset",
+    "prepared_text_dataset",
+    "prepared_video_sft_dataset",
     "process_video",
     "python_stdlib_chat_dataset",
     "python_stdlib_dataset",

@@ -126,6 +126,18 @@ class ChatDataset(Dataset):
         if self.num_skipped:
             logger.warning("skipped %d samples longer than max_seq_len=%d", self.num_skipped, max_seq_len)
 
+    @classmethod
+    def from_tokenized(
+        cls, samples: Sequence[tuple[torch.Tensor, torch.Tensor]], max_seq_len: int, pad_id: int, num_skipped: int = 0
+    ) -> "ChatDataset":
+        """A dataset over samples tokenized beforehand, ``(input_ids [T], labels [T])`` each, e.g.
+        the lazy view of a prepared directory (:func:`omnilong.data.prepared_chat_dataset`);
+        ``num_skipped`` counts the samples left out of ``samples``."""
+        dataset = cls.__new__(cls)
+        dataset.max_seq_len, dataset.pad_id, dataset.num_skipped = max_seq_len, pad_id, num_skipped
+        dataset._samples = samples
+        return dataset
+
     @staticmethod
     def _tokenize(tokenizer, messages: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         input_ids, trainable = tokenize_conversation(tokenizer, messages)

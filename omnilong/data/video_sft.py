@@ -147,6 +147,20 @@ def read_video_samples(
             yield parse_sample(origin, record, root)
 
 
+def tokenize_video_sample(tokenizer, sample: VideoSample) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [L]`` with one ``<|video_pad|>`` per video and ``trainable [L]`` (bool: the
+    token belongs to an assistant turn).
+
+    Raises:
+        ValueError: the rendering does not hold one ``<|video_pad|>`` per video (names the sample).
+    """
+    input_ids, trainable = tokenize_conversation(tokenizer, sample.messages)
+    if int((input_ids == tokenizer.convert_tokens_to_ids(VIDEO_PAD)).sum()) != len(sample.videos):
+        raise ValueError(f"{sample.origin}: the rendered conversation does not hold one {VIDEO_PAD} per video "
+                         f"(the text contains {VIDEO_PAD}, or the chat template dropped a placeholder)")
+    return input_ids, trainable
+
+
 class VideoSFTDataset(Dataset):
     """Video chat samples; text tokenized at construction, videos decoded per item.
 
@@ -176,6 +190,24 @@ class VideoSFTDataset(Dataset):
         skip_bad_samples: bool = False,
         source: str = "the dataset",
     ):
+        self._configure(tokenizer, max_seq_len, options, skip_bad_samples)
+        self._samples: list[tuple[VideoSample, torch.Tensor, torch.Tensor]] = []
+        for sample in samples:
+            absent = next((v for v in sample.videos if not v.is_file()), None)
+            if absent is not None:
+                if not skip_bad_samples:
+                    raise FileNotFoundError(f"{sample.origin}: video file not found: {absent}")
+                self.num_skipped += 1
+                continue
+            self._samples.append((sample, *tokenize_video_sample(tokenizer, sample)))
+        if not self._samples:
+            skipped = f" ({self.num_skipped} with a missing video skipped)" if self.num_skipped else ""
+            raise ValueError(f"no usable video sample in {source}{skipped}")
+        if self.num_skipped:
+            logger.warning("skipped %d samples whose video file is missing", self.num_skipped)
+
+    def _configure(self, tokenizer, max_seq_len: int, options: VideoOptions, skip_bad_samples: bool) -> None:
+        """Check the tokenizer and keep the settings and special token ids."""
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
         if not getattr(tokenizer, "chat_template", None):
@@ -190,29 +222,25 @@ class VideoSFTDataset(Dataset):
         self.max_seq_len, self.options = max_seq_len, options
         self.skip_bad_samples = skip_bad_samples
         self.num_skipped = 0
-        self._samples: list[tuple[VideoSample, torch.Tensor, torch.Tensor]] = []
-        for sample in samples:
-            absent = next((v for v in sample.videos if not v.is_file()), None)
-            if absent is not None:
-                if not skip_bad_samples:
-                    raise FileNotFoundError(f"{sample.origin}: video file not found: {absent}")
-                self.num_skipped += 1
-                continue
-            self._samples.append((sample, *self._tokenize(tokenizer, sample)))
-        if not self._samples:
-            skipped = f" ({self.num_skipped} with a missing video skipped)" if self.num_skipped else ""
-            raise ValueError(f"no usable video sample in {source}{skipped}")
-        if self.num_skipped:
-            logger.warning("skipped %d samples whose video file is missing", self.num_skipped)
 
-    def _tokenize(self, tokenizer, sample: VideoSample) -> tuple[torch.Tensor, torch.Tensor]:
-        """``input_ids [L]`` with one ``<|video_pad|>`` per video and ``trainable [L]`` (bool:
-        the token belongs to an assistant turn)."""
-        input_ids, trainable = tokenize_conversation(tokenizer, sample.messages)
-        if int((input_ids == self.video_token_id).sum()) != len(sample.videos):
-            raise ValueError(f"{sample.origin}: the rendered conversation does not hold one {VIDEO_PAD} per video "
-                             f"(the text contains {VIDEO_PAD}, or the chat template dropped a placeholder)")
-        return input_ids, trainable
+    @classmethod
+    def from_tokenized(
+        cls,
+        tokenizer,
+        samples: Sequence[tuple[VideoSample, torch.Tensor, torch.Tensor]],
+        max_seq_len: int,
+        options: VideoOptions = VideoOptions(),
+        skip_bad_samples: bool = False,
+        num_skipped: int = 0,
+    ) -> "VideoSFTDataset":
+        """A dataset over samples validated and tokenized beforehand, ``(sample, input_ids [L],
+        trainable [L])`` each (one ``<|video_pad|>`` per video), e.g. the lazy view of a prepared
+        directory (:func:`omnilong.data.prepared_video_sft_dataset`); ``num_skipped`` counts the
+        samples left out of ``samples``."""
+        dataset = cls.__new__(cls)
+        dataset._configure(tokenizer, max_seq_len, options, skip_bad_samples)
+        dataset.num_skipped, dataset._samples = num_skipped, samples
+        return dataset
 
     def __len__(self) -> int:
         return len(self._samples)

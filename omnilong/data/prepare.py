@@ -1,0 +1,216 @@
+"""Tokenize a corpus once, in parallel, into a prepared directory (:mod:`omnilong.data.prepared`).
+
+The main process reads the source files in order and hands batches of documents to a
+pool of worker processes (each loads the tokenizer once); results are written in the
+original order as they come back, with at most a few batches in flight, so memory stays
+bounded whatever the corpus size. ``tools/prepare_data.py`` is the command line.
+"""
+
+import json
+import multiprocessing
+import os
+import shlex
+import time
+from collections import deque
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+from tqdm import tqdm
+
+from omnilong.data.chat import _validate_messages, tokenize_conversation
+from omnilong.data.packed_text import separator_id, tokenize_documents
+from omnilong.data.prepared import KINDS, META, PreparedWriter, source_fingerprint, tokenizer_fingerprint
+from omnilong.data.sources import PathLike, expand_data_files, read_records, read_text_documents
+from omnilong.data.tokenizer import load_tokenizer
+from omnilong.data.video_sft import parse_sample, tokenize_video_sample
+
+_TEXT_BATCH_CHARS = 1 << 20  # a text batch: about 1M characters
+_SAMPLE_BATCH = 64  # a chat / video batch: samples
+_worker_tokenizer = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_dir)
+
+
+def _text_batch(texts: list[str], separator: int) -> tuple[np.ndarray, np.ndarray]:
+    return tokenize_documents(_worker_tokenizer, texts, separator)
+
+
+def _sample_batch(kind: str, samples: list[tuple[str, Any, Optional[str]]], skip_bad: bool) -> list:
+    """``(tokens, trainable, record)`` per sample, or ``None`` for a bad one when skipping."""
+    out = []
+    for origin, record, root in samples:
+        try:
+            if kind == "chat":
+                input_ids, trainable = tokenize_conversation(_worker_tokenizer, _validate_messages(origin, record))
+                meta = {"origin": origin}
+            else:
+                sample = parse_sample(origin, record, Path(root))
+                absent = next((v for v in sample.videos if not v.is_file()), None)
+                if absent is not None:
+                    raise FileNotFoundError(f"{origin}: video file not found: {absent}")
+                input_ids, trainable = tokenize_video_sample(_worker_tokenizer, sample)
+                meta = {"origin": origin, "videos": [str(v) for v in sample.videos], "messages": sample.messages}
+        except (ValueError, FileNotFoundError):
+            if not skip_bad:
+                raise
+            out.append(None)
+            continue
+        out.append((input_ids.numpy().astype(np.uint32), trainable.numpy().astype(np.uint8), meta))
+    return out
+
+
+def _text_batches(files: Sequence[Path], text_column: str, counts: dict[str, int]) -> Iterator[list[str]]:
+    batch, chars = [], 0
+    for _, text in read_text_documents(files, text_column):
+        if not text.strip():
+            counts["empty_documents"] += 1
+            continue
+        batch.append(text)
+        chars += len(text)
+        if chars >= _TEXT_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _sample_batches(files: Sequence[Path], data_root: Optional[PathLike]) -> Iterator[list]:
+    batch = []
+    for path in files:
+        root = str(Path(data_root).expanduser() if data_root is not None else path.parent)
+        for origin, record in read_records(path):
+            batch.append((origin, record, root))
+            if len(batch) == _SAMPLE_BATCH:
+                yield batch
+                batch = []
+    if batch:
+        yield batch
+
+
+def _ordered_map(pool, fn, batches: Iterator[tuple], in_flight: int) -> Iterator:
+    """``fn(*args)`` for each args of ``batches``, in order, at most ``in_flight`` pending
+    (``pool`` None: in this process)."""
+    if pool is None:
+        yield from (fn(*args) for args in batches)
+        return
+    pending: deque = deque()
+    for args in batches:
+        pending.append(pool.apply_async(fn, args))
+        if len(pending) >= in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+def prepare(
+    kind: str,
+    data_files: Union[PathLike, Sequence[PathLike]],
+    tokenizer_dir: PathLike,
+    output: PathLike,
+    workers: int = 1,
+    text_column: str = "text",
+    separator_token: Optional[str] = None,
+    data_root: Optional[PathLike] = None,
+    skip_bad_samples: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize ``data_files`` into the prepared directory ``output``.
+
+    Args:
+        kind: ``text`` (stage 1: documents, ``separator_token`` after each), ``chat`` (stage 2:
+            conversations and their assistant-turn mask) or ``video_sft`` (stage 3: validated
+            samples with resolved video paths and their tokenized text; videos are decoded in
+            training).
+        data_files: files, directories or globs, as for the raw datasets.
+        tokenizer_dir: the model (or tokenizer) directory training will use.
+        output: the directory to write (replaced atomically once complete).
+        workers: tokenizer processes (1: in this process).
+        text_column, separator_token: text kind, as :class:`~omnilong.data.PackedTextDataset`.
+        data_root: video_sft kind, as :func:`~omnilong.data.video_sft_dataset`.
+        skip_bad_samples: chat / video_sft: skip and count malformed samples, samples with a
+            missing video or a rendering without their video tokens, instead of raising.
+        force: prepare again even if ``output`` already holds this very preparation.
+        progress: show a tqdm bar.
+
+    Returns:
+        The ``meta.json`` contents (counts, skipped, seconds, tokens per second, ...).
+
+    Raises:
+        ValueError: an unknown kind, no document, a bad sample (named) unless skipped.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    files = expand_data_files(data_files)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    settings: dict[str, Any] = {}
+    if kind == "text":
+        settings = {"separator_id": separator_id(tokenizer, separator_token), "text_column": text_column}
+    elif kind == "video_sft":
+        settings = {"data_root": None if data_root is None else str(Path(data_root).resolve())}
+    identity = {"settings": settings, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+                "sources": source_fingerprint(files)}
+    output = Path(output)
+    if not force and (output / META).is_file():
+        meta = json.loads((output / META).read_text())
+        if meta.get("kind") == kind and all(meta.get(k) == v for k, v in identity.items()):
+            return {**meta, "up_to_date": True}
+
+    command = ["python", "tools/prepare_data.py", "--kind", kind, "--tokenizer", str(tokenizer_dir),
+               "--output", str(output), "--workers", str(workers)]
+    if kind == "text":
+        command += ["--text-column", text_column] + (["--separator-token", separator_token] if separator_token else [])
+    if data_root is not None:
+        command += ["--data-root", str(data_root)]
+    command += ["--skip-bad-samples"] * skip_bad_samples
+    command += [str(f) for f in ([data_files] if isinstance(data_files, (str, Path)) else data_files)]
+
+    counts = {"empty_documents": 0, "bad_samples": 0}
+    writer = PreparedWriter(output, kind)
+    start = time.perf_counter()
+    if workers > 1:  # fork: the workers start at once; each loads the tokenizer once
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
+        pool = multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(tokenizer_dir),))
+    else:
+        pool = None
+        global _worker_tokenizer
+        _worker_tokenizer = tokenizer
+    bar = tqdm(desc=f"prepare {kind}", unit=" docs", disable=not progress, dynamic_ncols=True)
+    try:
+        if kind == "text":
+            batches = ((texts, settings["separator_id"]) for texts in _text_batches(files, text_column, counts))
+            for tokens, lengths in _ordered_map(pool, _text_batch, batches, 2 * workers):
+                writer.add_stream(tokens, lengths)
+                bar.update(len(lengths))
+                bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
+        else:
+            batches = ((kind, batch, skip_bad_samples) for batch in _sample_batches(files, data_root))
+            for results in _ordered_map(pool, _sample_batch, batches, 2 * workers):
+                for result in results:
+                    if result is None:
+                        counts["bad_samples"] += 1
+                    else:
+                        writer.add(*result)
+                bar.update(len(results))
+                bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
+        if writer.num_documents == 0:
+            raise ValueError(f"no usable document in {[str(f) for f in files][:5]} (skipped: {counts})")
+        seconds = time.perf_counter() - start
+        writer.commit({
+            **identity, "tokenizer_dir": str(tokenizer_dir), "num_skipped": counts, "workers": workers,
+            "prepare_seconds": round(seconds, 3), "command": shlex.join(command),
+        })
+        return {**json.loads((output / META).read_text()), "up_to_date": False}
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()

@@ -1,0 +1,185 @@
+"""Dataset components over prepared directories (``tools/prepare_data.py``), one or several
+mixed by weight.
+
+``sources`` in a config is a path, a list of paths (weight 1 each) or a list of
+``{path: ..., weight: ...}``. Construction opens memory maps and reads ``meta.json``; rows
+are sliced from the maps when asked for, so each rank touches only its own rows.
+"""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from omnilong.data.chat import ChatDataset, shifted_labels
+from omnilong.data.mixing import WeightedMix
+from omnilong.data.packed_text import PackedRows, row_pad_id, separator_id
+from omnilong.data.prepared import PreparedDataError, PreparedSource, open_prepared
+from omnilong.data.video import FACTOR, VideoOptions
+from omnilong.data.video_sft import VideoSample, VideoSFTDataset
+
+SourcesArg = Union[str, Path, Sequence[Union[str, Path, Mapping[str, Any]]]]
+
+
+def parse_sources(sources: SourcesArg) -> list[tuple[Path, float]]:
+    """``[(directory, weight)]`` of a ``sources`` argument.
+
+    Raises:
+        ValueError: an entry that is neither a path nor ``{path, weight > 0}`` (names it).
+    """
+    entries = [sources] if isinstance(sources, (str, Path)) else list(sources)
+    if not entries:
+        raise ValueError("dataset.sources is empty; give one or more prepared directories")
+    parsed = []
+    for i, entry in enumerate(entries):
+        if isinstance(entry, (str, Path)):
+            parsed.append((Path(entry), 1.0))
+            continue
+        weight = entry.get("weight", 1.0) if isinstance(entry, Mapping) else None
+        if (not isinstance(entry, Mapping) or set(entry) - {"path", "weight"} or not isinstance(entry.get("path"), str)
+                or isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
+            raise ValueError(f"dataset.sources[{i}] must be a path or {{path: <prepared dir>, weight: <number > 0>}}, "
+                             f"got {entry!r}")
+        parsed.append((Path(entry["path"]), float(weight)))
+    return parsed
+
+
+def _mix(datasets: list[Dataset], weights: list[float]) -> Dataset:
+    return datasets[0] if len(datasets) == 1 else WeightedMix(datasets, weights)
+
+
+def prepared_text_dataset(
+    tokenizer, sources: SourcesArg, max_seq_len: int, separator_token: Optional[str] = None
+) -> Dataset:
+    """Stage-1 packed rows (as :class:`~omnilong.data.PackedTextDataset`, row for row) from
+    prepared ``text`` directories, mixed by weight (:class:`~omnilong.data.mixing.WeightedMix`).
+
+    Args:
+        tokenizer: the run's tokenizer; must be the one the sources were prepared with.
+        sources: prepared directories, see the module docstring.
+        max_seq_len: tokens per row.
+        separator_token: must be the one the sources were prepared with (default: EOS).
+
+    Raises:
+        PreparedDataError: a source prepared with another tokenizer, kind or separator.
+    """
+    separator = separator_id(tokenizer, separator_token)
+    datasets, weights = [], []
+    for path, weight in parse_sources(sources):
+        source = open_prepared(path, "text", tokenizer, {"separator_id": separator})
+        datasets.append(PackedRows(source.tokens, source.offsets, max_seq_len, row_pad_id(tokenizer, separator)))
+        weights.append(weight)
+    return _mix(datasets, weights)
+
+
+class _ChatSamples(Sequence):
+    """``(input_ids [T], labels [T])`` of the kept samples of a prepared chat source."""
+
+    def __init__(self, source: PreparedSource, keep: np.ndarray):
+        self.source, self.keep = source, keep
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        d = int(self.keep[index])
+        lo, hi = int(self.source.offsets[d]), int(self.source.offsets[d + 1])
+        input_ids = torch.from_numpy(np.asarray(self.source.tokens[lo:hi], dtype=np.int64))
+        trainable = torch.from_numpy(np.asarray(self.source.trainable[lo:hi], dtype=np.bool_))
+        return input_ids, shifted_labels(input_ids, trainable)
+
+
+def _fitting(source: PreparedSource, max_seq_len: int, skip_bad_samples: bool) -> np.ndarray:
+    """Indices of the documents of at most ``max_seq_len`` tokens.
+
+    Raises:
+        ValueError: a longer one (names it) unless ``skip_bad_samples``.
+    """
+    lengths = np.diff(source.offsets)
+    too_long = np.flatnonzero(lengths > max_seq_len)
+    if len(too_long) and not skip_bad_samples:
+        first = int(too_long[0])
+        raise ValueError(f"{source.record(first)['origin']}: sample has {int(lengths[first])} tokens, more than "
+                         f"max_seq_len={max_seq_len} (raise max_seq_len or set skip_bad_samples: true to skip "
+                         f"such samples; {len(too_long)} in {source.path})")
+    return np.flatnonzero(lengths <= max_seq_len)
+
+
+def prepared_chat_dataset(tokenizer, sources: SourcesArg, max_seq_len: int, skip_bad_samples: bool = False) -> Dataset:
+    """Stage-2 chat samples (as :func:`~omnilong.data.chat_dataset`, sample for sample) from
+    prepared ``chat`` directories, mixed by weight.
+
+    Samples longer than ``max_seq_len`` are an error naming the first, or with
+    ``skip_bad_samples`` left out and counted in ``num_skipped`` (with those the prepare
+    step skipped).
+
+    Raises:
+        PreparedDataError: a source prepared with another tokenizer or kind.
+        ValueError: a sample longer than ``max_seq_len``, unless skipped; no sample left.
+    """
+    datasets, weights = [], []
+    for path, weight in parse_sources(sources):
+        source = open_prepared(path, "chat", tokenizer, {})
+        keep = _fitting(source, max_seq_len, skip_bad_samples)
+        if not len(keep):
+            raise ValueError(f"no chat sample of {source.path} fits max_seq_len={max_seq_len}")
+        skipped = source.num_documents - len(keep) + source.meta["num_skipped"]["bad_samples"]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        datasets.append(ChatDataset.from_tokenized(_ChatSamples(source, keep), max_seq_len, pad, skipped))
+        weights.append(weight)
+    return _mix(datasets, weights)
+
+
+class _VideoSamples(Sequence):
+    """``(sample, input_ids [L], trainable [L])`` of a prepared video_sft source."""
+
+    def __init__(self, source: PreparedSource):
+        self.source = source
+
+    def __len__(self) -> int:
+        return self.source.num_documents
+
+    def __getitem__(self, index: int) -> tuple[VideoSample, torch.Tensor, torch.Tensor]:
+        lo, hi = int(self.source.offsets[index]), int(self.source.offsets[index + 1])
+        record = self.source.record(index)
+        sample = VideoSample(record["origin"], tuple(Path(v) for v in record["videos"]), record["messages"])
+        input_ids = torch.from_numpy(np.asarray(self.source.tokens[lo:hi], dtype=np.int64))
+        return sample, input_ids, torch.from_numpy(np.asarray(self.source.trainable[lo:hi], dtype=np.bool_))
+
+
+def prepared_video_sft_dataset(
+    tokenizer,
+    sources: SourcesArg,
+    max_seq_len: int,
+    fps: float = 1.0,
+    max_frames: int = 768,
+    video_min_pixels: int = 128 * FACTOR * FACTOR,
+    video_max_pixels: int = 768 * FACTOR * FACTOR,
+    video_total_pixels: Optional[int] = None,
+    skip_bad_samples: bool = False,
+) -> Dataset:
+    """Stage-3 video samples (as :func:`~omnilong.data.video_sft_dataset`) from prepared
+    ``video_sft`` directories, mixed by weight: construction neither reads the sample files
+    nor tokenizes; videos are decoded per item, as before (a video gone since the prepare
+    step is a bad sample then).
+
+    Raises:
+        PreparedDataError: a source prepared with another tokenizer or kind.
+    """
+    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
+    datasets, weights = [], []
+    for path, weight in parse_sources(sources):
+        source = open_prepared(path, "video_sft", tokenizer, {})
+        datasets.append(VideoSFTDataset.from_tokenized(
+            tokenizer, _VideoSamples(source), max_seq_len, options, skip_bad_samples,
+            num_skipped=source.meta["num_skipped"]["bad_samples"],
+        ))
+        weights.append(weight)
+    dataset = _mix(datasets, weights)
+    # the recipe checks these against the model's; every source uses this tokenizer's
+    dataset.video_token_id, dataset.image_token_id = datasets[0].video_token_id, datasets[0].image_token_id
+    return dataset
+

@@ -1,0 +1,52 @@
+"""Tokenize a corpus once into a prepared directory that training memory-maps.
+
+    python tools/prepare_data.py --kind text --tokenizer checkpoints/Qwen2.5-VL-7B-Instruct \
+        --output data/prepared/stage1 --separator-token '<|endoftext|>' --workers 8 'data/stage1/*.jsonl'
+    python tools/prepare_data.py --kind chat --tokenizer ... --output data/prepared/stage2 data/stage2/
+    python tools/prepare_data.py --kind video_sft --tokenizer ... --output data/prepared/stage3 \
+        --data-root data/stage3/videos --skip-bad-samples data/stage3/*.jsonl
+
+Then point the config's dataset at it (omnilong.data.prepared_text_dataset /
+prepared_chat_dataset / prepared_video_sft_dataset, ``sources: [data/prepared/stage1]``).
+Running it again with the same sources, tokenizer and settings does nothing (--force redoes it).
+"""
+
+import argparse
+import os
+import sys
+
+from omnilong.data.prepare import prepare
+from omnilong.data.prepared import KINDS
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("data_files", nargs="+", help="files, directories or glob patterns")
+    parser.add_argument("--kind", required=True, choices=KINDS)
+    parser.add_argument("--tokenizer", required=True, help="model or tokenizer directory that training uses")
+    parser.add_argument("--output", required=True, help="prepared directory to write")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
+    parser.add_argument("--text-column", default="text", help="text: field of JSONL / JSON / parquet records")
+    parser.add_argument("--separator-token", default=None, help="text: token after each document (default EOS)")
+    parser.add_argument("--data-root", default=None, help="video_sft: directory of relative video paths")
+    parser.add_argument("--skip-bad-samples", action="store_true",
+                        help="chat / video_sft: skip and count bad samples instead of stopping")
+    parser.add_argument("--force", action="store_true", help="prepare again even if up to date")
+    args = parser.parse_args()
+    try:
+        meta = prepare(args.kind, args.data_files, args.tokenizer, args.output, workers=args.workers,
+                       text_column=args.text_column, separator_token=args.separator_token,
+                       data_root=args.data_root, skip_bad_samples=args.skip_bad_samples, force=args.force)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"prepare_data: {e}")
+    if meta["up_to_date"]:
+        print(f"{args.output} is up to date ({meta['num_tokens']:,} tokens); --force prepares it again")
+        return
+    seconds = meta["prepare_seconds"]
+    print(f"{args.output}: {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {seconds:.1f} s "
+          f"({meta['num_tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {args.workers} workers); skipped: "
+          f"{meta['num_skipped']['empty_documents']} empty documents, {meta['num_skipped']['bad_samples']} bad samples")
+
+
+if __name__ == "__main__":
+    main()
