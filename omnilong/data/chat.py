@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_records
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,10 @@ class ChatDataset(Dataset):
     def __len__(self) -> int:
         return len(self._samples)
 
+    def sample_lengths(self) -> list[int]:
+        """Tokens of each sample (what :class:`~omnilong.data.packing.PackedDataset` packs by)."""
+        return [len(input_ids) for input_ids, _ in self._samples]
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Sample ``index``: ``input_ids``, ``labels``, ``position_ids``, ``document_ids``, each ``[T]``."""
         input_ids, labels = self._samples[index]
@@ -150,11 +155,14 @@ def chat_dataset(
     data_files: Union[PathLike, Sequence[PathLike]],
     max_seq_len: int,
     skip_bad_samples: bool = False,
-) -> ChatDataset:
-    """:class:`ChatDataset` over JSONL / JSON / parquet files (paths, directories or globs)."""
+    packed: bool = True,
+) -> Union[ChatDataset, PackedDataset]:
+    """:class:`ChatDataset` over JSONL / JSON / parquet files (paths, directories or globs);
+    ``packed``: several samples per row (:mod:`omnilong.data.packing`), else one per row."""
     files = expand_data_files(data_files)
     samples = (sample for path in files for sample in read_records(path))
-    return ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples, source=", ".join(map(str, files)))
+    dataset = ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples, source=", ".join(map(str, files)))
+    return packed_or_not(dataset, packed)
 
 
 def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
@@ -173,9 +181,11 @@ def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
 
 
 def python_stdlib_chat_dataset(
-    tokenizer, max_seq_len: int, max_files: int = 0, skip_bad_samples: bool = False
-) -> ChatDataset:
+    tokenizer, max_seq_len: int, max_files: int = 0, skip_bad_samples: bool = False, packed: bool = True
+) -> Union[ChatDataset, PackedDataset]:
     """:class:`ChatDataset` of questions about standard-library functions and classes,
-    answered with their docstrings (the tiny stage-2 demo's data, present on every machine)."""
-    return ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, skip_bad_samples,
-                       source="the Python standard library's docstrings")
+    answered with their docstrings (the tiny stage-2 demo's data, present on every machine);
+    ``packed`` as :func:`chat_dataset`'s."""
+    dataset = ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, skip_bad_samples,
+                          source="the Python standard library's docstrings")
+    return packed_or_not(dataset, packed)
