@@ -161,8 +161,9 @@ class Qwen2_5_VL(nn.Module):
                 padding tokens are kept out of every real token's attention.
             position_ids: ``[B, T]`` text positions or ``[3, B, T]`` M-RoPE positions
                 (temporal, height, width). Default: :func:`rope_index` of the sequence (the
-                rule the model was trained and is served with) when grids are given, else
-                text positions derived from ``attention_mask``.
+                rule the model was trained and is served with; per document with
+                ``document_ids``) when grids are given, else text positions derived from
+                ``attention_mask``.
             document_ids: ``[B, T]`` document index per token of a packed row; tokens
                 attend only within their document.
             return_hidden: return the final hidden states (for a loss that applies the
@@ -198,7 +199,8 @@ class Qwen2_5_VL(nn.Module):
 
         if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
             position_ids = self.multimodal_position_ids(
-                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, mm_token_type_ids
+                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, mm_token_type_ids,
+                document_ids,
             )  # [3, B, T]
         elif position_ids is None:
             position_ids = text_position_ids(input_ids, attention_mask)  # [B, T]
