@@ -76,7 +76,8 @@ def run_one(config: str, packed: bool, steps: int, output_dir: str) -> dict:
     metrics = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     trained = sum(m["num_tokens"] for m in metrics)
     rows = steps * cfg.gradient_accumulation_steps * cfg.batch_size
-    return {"rows": len(recipe.dataset), "padding": padding / fed, "fill": (fed - padding) / (rows * cfg.max_seq_len), "samples_per_step": samples / steps,
+    return {"rows": len(recipe.dataset), "padding": padding / fed, "fill": (fed - padding) / (rows * cfg.max_seq_len),
+            "samples_per_step": samples / steps,
             "real_tokens_per_s": (fed - padding) / seconds, "trained_tokens_per_s": trained / seconds,
             "seconds": seconds}
 
@@ -107,7 +108,8 @@ def main() -> None:
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 base = base or r["real_tokens_per_s"]
-                print(f"{name:14} {packed:6} {r['rows']:5d} {r['samples_per_step']:12.2f} {r['padding']:8.1%} {r['fill']:6.1%} "
+                print(f"{name:14} {packed:6} {r['rows']:5d} {r['samples_per_step']:12.2f} {r['padding']:8.1%} "
+                      f"{r['fill']:6.1%} "
                       f"{r['real_tokens_per_s']:10.0f} {r['trained_tokens_per_s']:13.0f} "
                       f"{r['real_tokens_per_s'] / base:10.2f}")
 
