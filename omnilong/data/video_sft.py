@@ -33,6 +33,11 @@ like any other item (so every rank runs the same FSDP / context-parallel collect
 and adds nothing to the loss or to the count of trained tokens. Samples whose video
 file is missing at construction are dropped then (counted in ``num_skipped``); every
 rank reads the same files, so all ranks see the same dataset length.
+
+Packing (``packed`` of :func:`video_sft_dataset`) sizes each sample from its videos'
+metadata at construction (:meth:`VideoSFTDataset.sample_lengths`) and puts several samples
+in a row (:mod:`omnilong.data.packing`); a placeholder then takes its sample's place in
+the row, so the rows, too, are the same on every rank.
 """
 
 import logging
@@ -234,15 +239,13 @@ class VideoSFTDataset(Dataset):
 
     def _probed_length(self, sample: VideoSample, input_ids: torch.Tensor) -> int:
         try:
-            try:
-                shapes = [probe_video(path, self.options.fps, self.options.max_frames) for path in sample.videos]
-            except (FileNotFoundError, VideoDecodeError) as e:
-                raise BadSampleError(f"{sample.origin}: {e}") from e
+            shapes = [probe_video(path, self.options.fps, self.options.max_frames) for path in sample.videos]
             return self._checked_length(sample, input_ids, shapes)[1]
-        except BadSampleError as e:
+        except (FileNotFoundError, VideoDecodeError, BadSampleError) as e:
+            bad = e if isinstance(e, BadSampleError) else BadSampleError(f"{sample.origin}: {e}")
             if not self.skip_bad_samples:
-                raise
-            logger.warning("a bad sample will be skipped: %s", e)
+                raise bad from e
+            logger.warning("a bad sample will be skipped: %s", bad)
             return len(self._placeholder()["input_ids"])
 
     def _checked_length(
