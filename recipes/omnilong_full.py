@@ -70,11 +70,14 @@ def with_mrope_positions(batch: dict[str, torch.Tensor], model: torch.nn.Module)
     """``batch`` with ``position_ids [3, B, T]``, the model's M-RoPE positions of the full rows,
     when it holds vision grids and no positions: computed once per batch, before any
     context-parallel cut, by the rule Qwen2.5-VL was trained and is served with
-    (:func:`omnilong.models.qwen2_5_vl.rope_index`). Right padding continues the row's positions."""
+    (:func:`omnilong.models.qwen2_5_vl.rope_index`), per document when the batch has
+    ``document_ids`` (a packed row's documents each get their positions alone, from 0; so
+    does right padding, a document of its own)."""
     if "position_ids" in batch or not any(key in batch for key in ("image_grid_thw", "video_grid_thw")):
         return batch
     position_ids = model.multimodal_position_ids(
         batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
+        document_ids=batch.get("document_ids"),
     )
     return {**batch, "position_ids": position_ids}
 

@@ -2,6 +2,7 @@ from omnilong.data.chat import ChatDataset, chat_dataset, python_stdlib_chat_dat
 from omnilong.data.collate import collate_padded
 from omnilong.data.mixing import WeightedMix
 from omnilong.data.packed_text import PackedRows, PackedTextDataset, python_stdlib_dataset
+from omnilong.data.packing import PackedDataset
 from omnilong.data.prepared import PreparedDataError
 from omnilong.data.prepared_datasets import prepared_chat_dataset, prepared_text_dataset, prepared_video_sft_dataset
 from omnilong.data.tokenizer import load_tokenizer
@@ -11,6 +12,7 @@ from omnilong.data.video_sft import BadSampleError, VideoSFTDataset, video_sft_d
 __all__ = [
     "BadSampleError",
     "ChatDataset",
+    "PackedDataset",
     "PackedRows",
     "PackedTextDataset",
     "PreparedDataError",

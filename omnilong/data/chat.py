@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import Dataset
 
 from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_records
 
 logger = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ class ChatDataset(Dataset):
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.num_skipped = 0
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._lengths: list[int] = []
         for origin, record in samples:
             input_ids, labels = self._tokenize(tokenizer, _validate_messages(origin, record))
             if len(input_ids) > max_seq_len:
@@ -120,6 +122,7 @@ class ChatDataset(Dataset):
                 self.num_skipped += 1
                 continue
             self._samples.append((input_ids, labels))
+            self._lengths.append(len(input_ids))
         if not self._samples:
             skipped = f" ({self.num_skipped} longer than max_seq_len={max_seq_len} skipped)" if self.num_skipped else ""
             raise ValueError(f"no usable chat sample in {source}{skipped}")
@@ -128,14 +131,20 @@ class ChatDataset(Dataset):
 
     @classmethod
     def from_tokenized(
-        cls, samples: Sequence[tuple[torch.Tensor, torch.Tensor]], max_seq_len: int, pad_id: int, num_skipped: int = 0
+        cls,
+        samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        lengths: Sequence[int],
+        max_seq_len: int,
+        pad_id: int,
+        num_skipped: int = 0,
     ) -> "ChatDataset":
         """A dataset over samples tokenized beforehand, ``(input_ids [T], labels [T])`` each, e.g.
         the lazy view of a prepared directory (:func:`omnilong.data.prepared_chat_dataset`);
-        ``num_skipped`` counts the samples left out of ``samples``."""
+        ``lengths`` are their ``T``s (read without building the samples); ``num_skipped``
+        counts the samples left out of ``samples``."""
         dataset = cls.__new__(cls)
         dataset.max_seq_len, dataset.pad_id, dataset.num_skipped = max_seq_len, pad_id, num_skipped
-        dataset._samples = samples
+        dataset._samples, dataset._lengths = samples, lengths
         return dataset
 
     @staticmethod
@@ -145,6 +154,10 @@ class ChatDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    def sample_lengths(self) -> list[int]:
+        """Tokens of each sample (what :class:`~omnilong.data.packing.PackedDataset` packs by)."""
+        return [int(n) for n in self._lengths]
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Sample ``index``: ``input_ids``, ``labels``, ``position_ids``, ``document_ids``, each ``[T]``."""
@@ -162,11 +175,14 @@ def chat_dataset(
     data_files: Union[PathLike, Sequence[PathLike]],
     max_seq_len: int,
     skip_bad_samples: bool = False,
-) -> ChatDataset:
-    """:class:`ChatDataset` over JSONL / JSON / parquet files (paths, directories or globs)."""
+    packed: bool = True,
+) -> Union[ChatDataset, PackedDataset]:
+    """:class:`ChatDataset` over JSONL / JSON / parquet files (paths, directories or globs);
+    ``packed``: several samples per row (:mod:`omnilong.data.packing`), else one per row."""
     files = expand_data_files(data_files)
     samples = (sample for path in files for sample in read_records(path))
-    return ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples, source=", ".join(map(str, files)))
+    dataset = ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples, source=", ".join(map(str, files)))
+    return packed_or_not(dataset, packed)
 
 
 def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
@@ -185,9 +201,11 @@ def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
 
 
 def python_stdlib_chat_dataset(
-    tokenizer, max_seq_len: int, max_files: int = 0, skip_bad_samples: bool = False
-) -> ChatDataset:
+    tokenizer, max_seq_len: int, max_files: int = 0, skip_bad_samples: bool = False, packed: bool = True
+) -> Union[ChatDataset, PackedDataset]:
     """:class:`ChatDataset` of questions about standard-library functions and classes,
-    answered with their docstrings (the tiny stage-2 demo's data, present on every machine)."""
-    return ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, skip_bad_samples,
-                       source="the Python standard library's docstrings")
+    answered with their docstrings (the tiny stage-2 demo's data, present on every machine);
+    ``packed`` as :func:`chat_dataset`'s."""
+    dataset = ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, skip_bad_samples,
+                          source="the Python standard library's docstrings")
+    return packed_or_not(dataset, packed)

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from omnilong.data.chat import ChatDataset, shifted_labels
 from omnilong.data.mixing import WeightedMix
+from omnilong.data.packing import packed_or_not
 from omnilong.data.packed_text import PackedRows, row_pad_id, separator_id
 from omnilong.data.prepared import PreparedDataError, PreparedSource, open_prepared
 from omnilong.data.video import FACTOR, VideoOptions
@@ -108,9 +109,12 @@ def _fitting(source: PreparedSource, max_seq_len: int, skip_bad_samples: bool) -
     return np.flatnonzero(lengths <= max_seq_len)
 
 
-def prepared_chat_dataset(tokenizer, sources: SourcesArg, max_seq_len: int, skip_bad_samples: bool = False) -> Dataset:
+def prepared_chat_dataset(
+    tokenizer, sources: SourcesArg, max_seq_len: int, skip_bad_samples: bool = False, packed: bool = True
+) -> Dataset:
     """Stage-2 chat samples (as :func:`~omnilong.data.chat_dataset`, sample for sample) from
-    prepared ``chat`` directories, mixed by weight.
+    prepared ``chat`` directories, mixed by weight; ``packed``: each source's samples packed
+    several to a row (:mod:`omnilong.data.packing`) before mixing, so weights apply to rows.
 
     Samples longer than ``max_seq_len`` are an error naming the first, or with
     ``skip_bad_samples`` left out and counted in ``num_skipped`` (with those the prepare
@@ -128,7 +132,9 @@ def prepared_chat_dataset(tokenizer, sources: SourcesArg, max_seq_len: int, skip
             raise ValueError(f"no chat sample of {source.path} fits max_seq_len={max_seq_len}")
         skipped = source.num_documents - len(keep) + source.meta["num_skipped"]["bad_samples"]
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        datasets.append(ChatDataset.from_tokenized(_ChatSamples(source, keep), max_seq_len, pad, skipped))
+        lengths = np.diff(source.offsets)[keep]
+        dataset = ChatDataset.from_tokenized(_ChatSamples(source, keep), lengths, max_seq_len, pad, skipped)
+        datasets.append(packed_or_not(dataset, packed))
         weights.append(weight)
     return _mix(datasets, weights)
 
@@ -160,11 +166,13 @@ def prepared_video_sft_dataset(
     video_max_pixels: int = 768 * FACTOR * FACTOR,
     video_total_pixels: Optional[int] = None,
     skip_bad_samples: bool = False,
+    packed: bool = False,
 ) -> Dataset:
     """Stage-3 video samples (as :func:`~omnilong.data.video_sft_dataset`) from prepared
     ``video_sft`` directories, mixed by weight: construction neither reads the sample files
     nor tokenizes; videos are decoded per item, as before (a video gone since the prepare
-    step is a bad sample then).
+    step is a bad sample then). ``packed`` as :func:`~omnilong.data.video_sft_dataset`'s
+    (off by default; it reads every video's metadata at start-up), per source before mixing.
 
     Raises:
         PreparedDataError: a source prepared with another tokenizer or kind.
@@ -173,10 +181,10 @@ def prepared_video_sft_dataset(
     datasets, weights = [], []
     for path, weight in parse_sources(sources):
         source = open_prepared(path, "video_sft", tokenizer, {})
-        datasets.append(VideoSFTDataset.from_tokenized(
+        datasets.append(packed_or_not(VideoSFTDataset.from_tokenized(
             tokenizer, _VideoSamples(source), max_seq_len, options, skip_bad_samples,
             num_skipped=source.meta["num_skipped"]["bad_samples"],
-        ))
+        ), packed))
         weights.append(weight)
     dataset = _mix(datasets, weights)
     # the recipe checks these against the model's; every source uses this tokenizer's

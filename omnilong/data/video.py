@@ -97,6 +97,19 @@ def _open(path: Path):
         raise VideoDecodeError(f"{path}: cannot decode video ({str(e).splitlines()[0][:200]})") from e
 
 
+def _sampling_plan(path: Path, fps: float, max_frames: int):
+    """``(decoder, times, rate)``: an open decoder of ``path`` and the :func:`sample_timestamps`
+    of its stream, from its metadata."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: video file not found")
+    decoder = _open(path)
+    meta = decoder.metadata
+    if not meta.num_frames:
+        raise VideoDecodeError(f"{path}: video has no decodable frames")
+    times, rate = sample_timestamps(meta.begin_stream_seconds, meta.end_stream_seconds, fps, max_frames)
+    return decoder, times, rate
+
+
 def decode_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768) -> DecodedVideo:
     """Decode the frames of ``path`` shown at ``0, 1/fps, 2/fps, ...`` (from the stream's
     start, within its duration), spread more thinly when there would be over ``max_frames``.
@@ -108,19 +121,24 @@ def decode_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768
         FileNotFoundError: ``path`` does not exist.
         VideoDecodeError: the file is unreadable or corrupt, or has no decodable frame.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: video file not found")
-    decoder = _open(path)
-    meta = decoder.metadata
-    if not meta.num_frames:
-        raise VideoDecodeError(f"{path}: video has no decodable frames")
-    times, rate = sample_timestamps(meta.begin_stream_seconds, meta.end_stream_seconds, fps, max_frames)
+    decoder, times, rate = _sampling_plan(Path(path), fps, max_frames)
     try:
         frames = decoder.get_frames_played_at(seconds=times).data  # shape: [T, 3, H, W]
     except RuntimeError as e:
         raise VideoDecodeError(f"{path}: cannot decode frames ({str(e).splitlines()[0][:200]})") from e
     return DecodedVideo(frames=frames, fps=rate)
+
+
+def probe_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768) -> tuple[int, int, int]:
+    """``(frames, height, width)`` that :func:`decode_video` gives ``path``, from the stream's
+    metadata alone (what torchcodec reads on opening: headers and frame index; no frame is
+    decoded).
+
+    Raises:
+        FileNotFoundError, VideoDecodeError: as :func:`decode_video`.
+    """
+    decoder, times, _ = _sampling_plan(Path(path), fps, max_frames)
+    return len(times), decoder.metadata.height, decoder.metadata.width
 
 
 def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
@@ -156,8 +174,13 @@ def frame_max_pixels(options: VideoOptions, total_frames: int) -> int:
 def resized_sizes(videos: Sequence[DecodedVideo], options: VideoOptions) -> list[tuple[int, int]]:
     """``(height, width)`` every video of one sample is resized to, the pixel budget shared
     by all their frames."""
-    max_pixels = frame_max_pixels(options, sum(v.frames.shape[0] for v in videos))
-    return [smart_resize(*v.frames.shape[-2:], options.min_pixels, max_pixels) for v in videos]
+    return shape_sizes([(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos], options)
+
+
+def shape_sizes(shapes: Sequence[tuple[int, int, int]], options: VideoOptions) -> list[tuple[int, int]]:
+    """:func:`resized_sizes` of videos given as ``(frames, height, width)``."""
+    max_pixels = frame_max_pixels(options, sum(frames for frames, _, _ in shapes))
+    return [smart_resize(h, w, options.min_pixels, max_pixels) for _, h, w in shapes]
 
 
 def video_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:

@@ -33,6 +33,11 @@ like any other item (so every rank runs the same FSDP / context-parallel collect
 and adds nothing to the loss or to the count of trained tokens. Samples whose video
 file is missing at construction are dropped then (counted in ``num_skipped``); every
 rank reads the same files, so all ranks see the same dataset length.
+
+Packing (``packed`` of :func:`video_sft_dataset`) sizes each sample from its videos'
+metadata at construction (:meth:`VideoSFTDataset.sample_lengths`) and puts several samples
+in a row (:mod:`omnilong.data.packing`); a placeholder then takes its sample's place in
+the row, so the rows, too, are the same on every rank.
 """
 
 import logging
@@ -44,6 +49,7 @@ import torch
 from torch.utils.data import Dataset
 
 from omnilong.data.chat import shifted_labels, tokenize_conversation
+from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
     FACTOR,
@@ -54,8 +60,9 @@ from omnilong.data.video import (
     VideoOptions,
     decode_video,
     num_video_tokens,
+    probe_video,
     process_video,
-    resized_sizes,
+    shape_sizes,
 )
 logger = logging.getLogger(__name__)
 
@@ -222,6 +229,7 @@ class VideoSFTDataset(Dataset):
         self.max_seq_len, self.options = max_seq_len, options
         self.skip_bad_samples = skip_bad_samples
         self.num_skipped = 0
+        self._lengths: Optional[list[int]] = None  # set by sample_lengths(); items are held to them
 
     @classmethod
     def from_tokenized(
@@ -245,6 +253,49 @@ class VideoSFTDataset(Dataset):
     def __len__(self) -> int:
         return len(self._samples)
 
+    def sample_lengths(self) -> list[int]:
+        """Tokens of each sample, video tokens included, from its videos' metadata (no frame
+        is decoded; see :func:`~omnilong.data.video.probe_video`), for packing. From then on
+        an item must have exactly that many tokens: one whose decoded frames disagree with the
+        metadata is a bad sample. A sample that is bad already here (an unreadable video, too
+        many tokens) raises :class:`BadSampleError`, or with ``skip_bad_samples`` counts as
+        the 3 tokens of its placeholder.
+        """
+        if self._lengths is None:
+            self._lengths = [self._probed_length(sample, input_ids) for sample, input_ids, _ in self._samples]
+        return self._lengths
+
+    def _probed_length(self, sample: VideoSample, input_ids: torch.Tensor) -> int:
+        try:
+            shapes = [probe_video(path, self.options.fps, self.options.max_frames) for path in sample.videos]
+            return self._checked_length(sample, input_ids, shapes)[1]
+        except (FileNotFoundError, VideoDecodeError, BadSampleError) as e:
+            bad = e if isinstance(e, BadSampleError) else BadSampleError(f"{sample.origin}: {e}")
+            if not self.skip_bad_samples:
+                raise bad from e
+            logger.warning("a bad sample will be skipped: %s", bad)
+            return len(self._placeholder()["input_ids"])
+
+    def _checked_length(
+        self, sample: VideoSample, input_ids: torch.Tensor, shapes: list[tuple[int, int, int]]
+    ) -> tuple[list[tuple[int, int]], int, list[int]]:
+        """``(sizes, length, counts)`` of ``sample`` with videos of ``(frames, height, width)``:
+        the size each is resized to, the sample's tokens and each video's tokens.
+
+        Raises:
+            BadSampleError: more than ``max_seq_len`` tokens.
+        """
+        sizes = shape_sizes(shapes, self.options)
+        counts = [num_video_tokens(frames, h, w) for (frames, _, _), (h, w) in zip(shapes, sizes)]
+        length = len(input_ids) - len(shapes) + sum(counts)
+        if length > self.max_seq_len:
+            raise BadSampleError(
+                f"{sample.origin}: sample has {length} tokens ({sum(counts)} of them video, from "
+                f"{', '.join(map(str, sample.videos))}), more than max_seq_len={self.max_seq_len} (lower fps, "
+                "max_frames or video_total_pixels, raise max_seq_len, or set skip_bad_samples: true)"
+            )
+        return sizes, length, counts
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         """Sample ``index`` with its videos decoded and processed.
 
@@ -255,29 +306,25 @@ class VideoSFTDataset(Dataset):
         Raises:
             BadSampleError: an undecodable video or too many tokens, unless skipped.
         """
-        sample, input_ids, trainable = self._samples[index]
         try:
-            return self._item(sample, input_ids, trainable)
+            return self._item(index)
         except BadSampleError as e:
             if not self.skip_bad_samples:
                 raise
             logger.warning("skipping a bad sample: %s", e)
             return self._placeholder()
 
-    def _item(self, sample: VideoSample, input_ids: torch.Tensor, trainable: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _item(self, index: int) -> dict[str, torch.Tensor]:
+        sample, input_ids, trainable = self._samples[index]
         try:
             videos = [decode_video(path, self.options.fps, self.options.max_frames) for path in sample.videos]
         except (FileNotFoundError, VideoDecodeError) as e:
             raise BadSampleError(f"{sample.origin}: {e}") from e
-        sizes = resized_sizes(videos, self.options)
-        counts = [num_video_tokens(v.frames.shape[0], h, w) for v, (h, w) in zip(videos, sizes)]
-        length = len(input_ids) - len(videos) + sum(counts)
-        if length > self.max_seq_len:
-            raise BadSampleError(
-                f"{sample.origin}: sample has {length} tokens ({sum(counts)} of them video, from "
-                f"{', '.join(map(str, sample.videos))}), more than max_seq_len={self.max_seq_len} (lower fps, "
-                "max_frames or video_total_pixels, raise max_seq_len, or set skip_bad_samples: true)"
-            )
+        shapes = [(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos]
+        sizes, length, counts = self._checked_length(sample, input_ids, shapes)
+        if self._lengths is not None and length != self._lengths[index]:
+            raise BadSampleError(f"{sample.origin}: sample has {length} tokens once decoded, but its videos' "
+                                 f"metadata gave {self._lengths[index]} (what packing planned its row with)")
         vision = [process_video(v, h, w) for v, (h, w) in zip(videos, sizes)]
         return self._row(input_ids, trainable, counts, {
             key: torch.cat([item[key] for item in vision]) for key in vision[0]
@@ -324,7 +371,8 @@ def video_sft_dataset(
     video_max_pixels: int = 768 * FACTOR * FACTOR,
     video_total_pixels: Optional[int] = None,
     skip_bad_samples: bool = False,
-) -> VideoSFTDataset:
+    packed: bool = False,
+) -> Union[VideoSFTDataset, PackedDataset]:
     """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
 
     Args:
@@ -335,8 +383,12 @@ def video_sft_dataset(
         fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels: see
             :class:`~omnilong.data.video.VideoOptions`.
         skip_bad_samples: see :class:`VideoSFTDataset`.
+        packed: several samples per row (:mod:`omnilong.data.packing`), packed by the token
+            counts the videos' metadata gives (:meth:`VideoSFTDataset.sample_lengths`: every
+            video is opened once at construction); else one sample per row.
     """
     options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
     source = ", ".join(map(str, expand_data_files(data_files)))
-    return VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root), max_seq_len, options,
-                           skip_bad_samples, source)
+    dataset = VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root), max_seq_len, options,
+                              skip_bad_samples, source)
+    return packed_or_not(dataset, packed)

@@ -37,7 +37,7 @@ def _run(checkpoint_dir, data, output_dir, fault=None, **extra):
     overrides = {"checkpoint_dir": checkpoint_dir, "output_dir": output_dir, "max_steps": 5, "shuffle": "true",
                  "cp_degree": 2, "batch_size": 1, "gradient_accumulation_steps": 2, "save_every_n_steps": 2,
                  "keep_last_n_checkpoints": 3, "dataset._component_": "omnilong.data.chat_dataset",
-                 "~dataset.max_files": None, "dataset.data_files": f"[{data}]", **extra}
+                 "~dataset.max_files": None, "dataset.data_files": f"[{data}]", "dataset.packed": "false", **extra}
     return tune_run(STAGE2, overrides, nproc=2, env={**os.environ, FAULT_ENV: fault} if fault else None)
 
 

@@ -1,4 +1,5 @@
-"""Stage-2 chat formatting: labels only on assistant turns, shifted once."""
+"""Stage-2 chat formatting: labels only on assistant turns, shifted once (one sample per row
+here; packing: tests/data/test_packing.py)."""
 
 import json
 
@@ -25,7 +26,7 @@ def _conversation(*turns):
 def test_only_assistant_tokens_are_trained(tokenizer, tmp_path):
     sample = _conversation(("user", "name a module"), ("assistant", "pathlib"),
                            ("user", "another"), ("assistant", "textwrap"))
-    ds = chat_dataset(tokenizer, _jsonl(tmp_path / "c.jsonl", [sample]), max_seq_len=256)
+    ds = chat_dataset(tokenizer, _jsonl(tmp_path / "c.jsonl", [sample]), max_seq_len=256, packed=False)
     row = ds[0]
     ids, labels = row["input_ids"], row["labels"]
     trained_targets = ids[1:][labels[:-1] != -100]
@@ -38,7 +39,8 @@ def test_only_assistant_tokens_are_trained(tokenizer, tmp_path):
 
 
 def test_sample_without_assistant_turn_trains_nothing(tokenizer, tmp_path):
-    ds = chat_dataset(tokenizer, _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hello"))]), max_seq_len=64)
+    ds = chat_dataset(tokenizer, _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hello"))]), max_seq_len=64,
+                      packed=False)
     assert (ds[0]["labels"] == -100).all()
 
 
@@ -53,14 +55,14 @@ def test_too_long_sample_is_an_error_or_skipped_and_counted(tokenizer, tmp_path)
                                      _conversation(("user", "hi"), ("assistant", "ok"))])
     with pytest.raises(ValueError, match=r"c\.jsonl:1: sample has \d+ tokens, more than max_seq_len=64"):
         chat_dataset(tokenizer, f, max_seq_len=64)
-    ds = chat_dataset(tokenizer, f, max_seq_len=64, skip_bad_samples=True)
+    ds = chat_dataset(tokenizer, f, max_seq_len=64, skip_bad_samples=True, packed=False)
     assert len(ds) == 1 and ds.num_skipped == 1
 
 
 def test_collate_pads_right_with_ignored_labels_and_own_document(tokenizer, tmp_path):
     f = _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hi"), ("assistant", "a long answer here")),
                                      _conversation(("user", "hi"), ("assistant", "ok"))])
-    ds = chat_dataset(tokenizer, f, max_seq_len=128)
+    ds = chat_dataset(tokenizer, f, max_seq_len=128, packed=False)
     batch = collate_padded([ds[0], ds[1]], pad_id=ds.pad_id)
     n = len(ds[1]["input_ids"])
     assert batch["input_ids"].shape[0] == 2

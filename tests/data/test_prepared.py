@@ -69,7 +69,8 @@ def test_prepared_text_rows_equal_raw_rows(tokenizer, tiny_qwen_dir, tmp_path, m
     _assert_same_rows(raw, pickle.loads(sent_to_a_worker))
 
 
-def test_prepared_chat_samples_equal_raw_samples_and_skip_the_same(tokenizer, tiny_qwen_dir, tmp_path):
+@pytest.mark.parametrize("packed", [False, True])
+def test_prepared_chat_rows_equal_raw_rows_and_skip_the_same(tokenizer, tiny_qwen_dir, tmp_path, packed):
     def conversation(answer):
         return {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name one"},
                              {"role": "assistant", "content": answer}]}
@@ -78,9 +79,11 @@ def test_prepared_chat_samples_equal_raw_samples_and_skip_the_same(tokenizer, ti
     prepare("chat", f, tiny_qwen_dir, tmp_path / "prep", progress=False)
     with pytest.raises(ValueError, match=r"c\.jsonl:2: sample has \d+ tokens, more than max_seq_len=64"):
         prepared_chat_dataset(tokenizer, tmp_path / "prep", max_seq_len=64)
-    raw = chat_dataset(tokenizer, f, max_seq_len=64, skip_bad_samples=True)
-    prepared = prepared_chat_dataset(tokenizer, tmp_path / "prep", max_seq_len=64, skip_bad_samples=True)
+    raw = chat_dataset(tokenizer, f, max_seq_len=64, skip_bad_samples=True, packed=packed)
+    prepared = prepared_chat_dataset(tokenizer, tmp_path / "prep", max_seq_len=64, skip_bad_samples=True,
+                                     packed=packed)
     assert prepared.num_skipped == raw.num_skipped == 1
+    assert len(raw) == (1 if packed else 2)  # packed: both kept samples share a row
     _assert_same_rows(raw, prepared)
 
 

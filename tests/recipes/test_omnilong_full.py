@@ -58,7 +58,7 @@ def test_samples_without_trainable_tokens_contribute_nothing(tiny_qwen_dir, tmp_
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in [user_only, normal, user_only, user_only]))
     overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 2, "batch_size": 1,
-                 "shuffle": "false"}
+                 "shuffle": "false", "dataset.packed": "false"}
     result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(tmp_path / "out")

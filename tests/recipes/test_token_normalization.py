@@ -91,11 +91,11 @@ def test_step_loss_and_gradient_are_normalized_by_the_global_token_count(tiny_qw
     OmegaConf.save(config, tmp_path / "sgd.yaml")
     run = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 2, "shuffle": "false",
            "dataset._component_": "omnilong.data.chat_dataset", "~dataset.max_files": None,
-           "dataset.data_files": f"[{data}]", "clip_grad_norm": "null", **overrides}
+           "dataset.data_files": f"[{data}]", "dataset.packed": "false", "clip_grad_norm": "null", **overrides}
     result = tune_run(str(tmp_path / "sgd.yaml"), run, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    rows = chat_dataset(load_tokenizer(tiny_qwen_dir), [data], max_seq_len=512)
+    rows = chat_dataset(load_tokenizer(tiny_qwen_dir), [data], max_seq_len=512, packed=False)
     assert len(rows) == len(ROWS)
     tokens = [int((rows[i]["labels"] != -100).sum()) for i in range(len(ROWS))]
     assert tokens[1:8:2] == [0, 0, 0, 0] and len(set(tokens[0:8:2])) == 4  # the premise of the test

@@ -4,6 +4,7 @@ The vision tower's embeddings replace the image/video pad tokens of the sequence
 parallelism is applied from outside by ``omnilong.parallel``.
 """
 
+from functools import partial
 from typing import Optional
 
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from omnilong.models.blocks import RMSNorm
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs
-from omnilong.models.qwen2_5_vl.rope_index import rope_index
+from omnilong.models.qwen2_5_vl.rope_index import rope_index, rope_index_per_document
 from omnilong.models.qwen2_5_vl.vision import VisionTransformer
 from omnilong.models.rope import multimodal_rope_cos_sin
 
@@ -113,11 +114,16 @@ class Qwen2_5_VL(nn.Module):
         second_per_grid_ts: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
         mm_token_type_ids: Optional[torch.Tensor] = None,
+        document_ids: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``[3, B, T]`` M-RoPE positions of ``input_ids`` by the rule Qwen2.5-VL was trained and
-        is served with (see :func:`rope_index`; arguments as :meth:`forward`'s)."""
+        is served with (see :func:`rope_index`; arguments as :meth:`forward`'s).
+
+        With ``document_ids`` (``[B, T]``, packed rows: each run of equal ids is one document,
+        padding's -1 too), every document gets the positions it has alone, counted from 0
+        (:func:`rope_index_per_document`)."""
         vision_args = self._vision().args
-        position_ids, _ = rope_index(
+        position_ids, _ = (rope_index if document_ids is None else partial(rope_index_per_document, document_ids))(
             input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
             image_token_id=self.args.image_token_id, video_token_id=self.args.video_token_id,
             spatial_merge_size=vision_args.spatial_merge_size, tokens_per_second=vision_args.tokens_per_second,
@@ -155,8 +161,9 @@ class Qwen2_5_VL(nn.Module):
                 padding tokens are kept out of every real token's attention.
             position_ids: ``[B, T]`` text positions or ``[3, B, T]`` M-RoPE positions
                 (temporal, height, width). Default: :func:`rope_index` of the sequence (the
-                rule the model was trained and is served with) when grids are given, else
-                text positions derived from ``attention_mask``.
+                rule the model was trained and is served with; per document with
+                ``document_ids``) when grids are given, else text positions derived from
+                ``attention_mask``.
             document_ids: ``[B, T]`` document index per token of a packed row; tokens
                 attend only within their document.
             return_hidden: return the final hidden states (for a loss that applies the
@@ -192,7 +199,8 @@ class Qwen2_5_VL(nn.Module):
 
         if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
             position_ids = self.multimodal_position_ids(
-                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, mm_token_type_ids
+                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, mm_token_type_ids,
+                document_ids,
             )  # [3, B, T]
         elif position_ids is None:
             position_ids = text_position_ids(input_ids, attention_mask)  # [B, T]

@@ -32,6 +32,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from omnilong.models.varlen_attention import runs_of_equal_ids
+
 TEXT, IMAGE, VIDEO = 0, 1, 2
 
 #: The rule above, named where a user can see which one a checkpoint was trained with.
@@ -152,3 +154,51 @@ def rope_index(
     if leftover:
         raise ValueError(f"more {' and '.join(leftover)} grids than pad-token runs describe")
     return position_ids.to(input_ids.device), torch.tensor(deltas, device=input_ids.device).unsqueeze(1)
+
+
+def rope_index_per_document(
+    document_ids: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_grid_thw: Optional[torch.Tensor] = None,
+    video_grid_thw: Optional[torch.Tensor] = None,
+    second_per_grid_ts: Optional[Union[torch.Tensor, Sequence[float]]] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    *,
+    mm_token_type_ids: Optional[torch.Tensor] = None,
+    **rule,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`rope_index` of packed rows: each document gets the positions it has alone.
+
+    Every run of equal ``document_ids`` in a row is one document (padding's -1 too, so its
+    positions count from 0, as :func:`~omnilong.parallel.sequence_sharding.pad_batch` pads);
+    the documents are laid out one per row, in order, so the grids (given in token order over
+    the batch) pair with them as they do with whole rows, then their positions are put back.
+
+    Args:
+        document_ids: ``[B, T]`` document id per token; documents are contiguous runs.
+        input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
+            mm_token_type_ids: as :func:`rope_index`'s, over the packed rows.
+        rule: the keyword arguments of :func:`rope_index` naming the token ids and the rule.
+
+    Returns:
+        ``(position_ids [3, B, T], deltas [n_documents, 1])``: the deltas of the documents in
+        order (row after row).
+    """
+    segments = [(b, start, end) for b, row in enumerate(document_ids.tolist())
+                for _, start, end in runs_of_equal_ids(row)]
+    longest = max(end - start for _, start, end in segments)
+    shape = (len(segments), longest)
+    documents = input_ids.new_zeros(shape)
+    real = torch.zeros(shape, dtype=torch.bool, device=input_ids.device)
+    types = None if mm_token_type_ids is None else mm_token_type_ids.new_zeros(shape)
+    for i, (b, start, end) in enumerate(segments):
+        documents[i, : end - start] = input_ids[b, start:end]
+        real[i, : end - start] = True if attention_mask is None else attention_mask[b, start:end].bool()
+        if types is not None:
+            types[i, : end - start] = mm_token_type_ids[b, start:end]
+    positions, deltas = rope_index(documents, image_grid_thw, video_grid_thw, second_per_grid_ts, real,
+                                   mm_token_type_ids=types, **rule)  # [3, n_documents, longest]
+    position_ids = torch.zeros(3, *input_ids.shape, dtype=positions.dtype, device=positions.device)
+    for i, (b, start, end) in enumerate(segments):
+        position_ids[:, b, start:end] = positions[:, i, : end - start]
+    return position_ids, deltas
