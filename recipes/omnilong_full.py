@@ -42,6 +42,7 @@ from omnilong.checkpoint.training_state import (
     save_training_state,
     verify_checkpoint,
 )
+from omnilong.cli import parse
 from omnilong.config import validate_config
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.packed_text import IGNORE_INDEX
@@ -364,8 +365,14 @@ class OmniLongFullRecipe:
         shutdown_distributed(meshes.world if meshes is not None else None)
 
 
-@config.parse
+@parse
 def recipe_main(cfg: DictConfig) -> int:
+    """Full fine-tuning of a vision-language model on long inputs.
+
+    tune run [TORCHRUN-OPTIONS] omnilong_full --config <config> [key=value ...]
+
+    <config> is a YAML path or a shipped config name (`omnilong ls`: tiny/stage1_text, ...).
+    """
     recipe = None
     try:
         recipe = OmniLongFullRecipe(cfg)
