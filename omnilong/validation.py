@@ -36,6 +36,8 @@ class HeldOutShard(Dataset):
         return -(-len(self.dataset) // self.num_replicas)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} of a shard of {len(self)} rows")
         position = index * self.num_replicas + self.rank
         if position < len(self.dataset):
             return self.dataset[position]
