@@ -59,7 +59,7 @@ def _cp(source: str, destination: str) -> Path:
 def _run(args: list[str]) -> int:
     """``tune run [TORCHRUN-OPTIONS] omnilong_full --config <config> [overrides]`` in this process:
     the options before ``--config`` go to the launcher, the rest to the recipe."""
-    from torchtune._cli.tune import TuneCLIParser
+    from torchtune._cli.tune import main as tune_main
 
     if "--config" not in args and {"-h", "--help"} & set(args):
         print("usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [key=value ...]\n\n"
@@ -70,8 +70,8 @@ def _run(args: list[str]) -> int:
         raise ValueError("omnilong run needs --config <config> (`omnilong ls` lists the shipped ones)")
     at = args.index("--config")
     config = str(resolve_config(args[at + 1]))
-    parser = TuneCLIParser()
-    parser.run(parser.parse(["run", *args[:at], RECIPE, "--config", config, *args[at + 2:]]))
+    sys.argv = ["tune", "run", *args[:at], RECIPE, "--config", config, *args[at + 2:]]
+    tune_main()  # a single-process run exits here with the recipe's status
     return 0
 
 
