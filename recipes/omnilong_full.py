@@ -248,9 +248,10 @@ class OmniLongFullRecipe:
                               max_seq_len=self.cfg.max_seq_len)
         dp_mesh = self.meshes.dp
         shard = HeldOutShard(dataset, dp_mesh.size(), dp_mesh.get_local_rank())
-        logger.info("validation data: %d rows (%s), %d batches per rank every %s", len(dataset),
+        logger.info("validation data: %d rows (%s), %d batches per rank, evaluated %s", len(dataset),
                     type(dataset).__name__, -(-len(shard) // self.cfg.batch_size),
-                    f"{self.cfg.eval_every_n_steps} steps" if self.cfg.eval_every_n_steps else "run, at its end")
+                    f"every {self.cfg.eval_every_n_steps} steps and at the last" if self.cfg.eval_every_n_steps
+                    else "at the last step")
         return DataLoader(shard, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
                           collate_fn=partial(collate_padded, pad_id=dataset.pad_id))
 
