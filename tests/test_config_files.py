@@ -43,3 +43,9 @@ def test_an_unknown_name_is_refused_with_the_closest_names(root):
     with pytest.raises(FileNotFoundError, match=r"config tiny/stage1_txt: no such file, nor a shipped config "
                                                 r"\(3 in .*\); did you mean tiny/stage1_text"):
         resolve_config("tiny/stage1_txt", root)
+
+
+def test_without_shipped_configs_a_name_asks_for_a_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"nor a shipped config \(0 in .*\) \(a non-editable install does "
+                                                r"not ship them\); give a path"):
+        resolve_config("tiny/stage1_text", tmp_path / "site-packages" / "configs")
