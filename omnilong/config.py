@@ -1,42 +1,74 @@
 """The recipe's config keys: which are required, their defaults, and early validation."""
 
 import difflib
+import importlib.util
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
-REQUIRED_KEYS = ("checkpoint_dir", "output_dir", "max_seq_len", "max_steps", "dataset", "optimizer")
+REQUIRED = object()  # the default of a key every config must set
 
-DEFAULTS: dict[str, Any] = {
-    "tokenizer_dir": None,  # default: checkpoint_dir
-    "device": "auto",  # auto | cpu | cuda
-    "dtype": "bf16",  # compute dtype: bf16 | fp32 (sharded parameters and optimizer state stay fp32)
-    "seed": 0,
-    "batch_size": 1,  # rows per data-parallel rank per micro-step
-    "gradient_accumulation_steps": 1,
-    "shuffle": True,
-    "num_workers": 0,
-    "clip_grad_norm": 1.0,  # null: no clipping
-    "freeze_vision": True,  # the vision tower keeps its weights (no gradients, no optimizer state)
-    "rope_theta": None,  # override the checkpoint's RoPE base (long-context pretraining raises it)
-    "dp_replicate_degree": 1,  # HSDP replicas (e.g. nodes); parameters are sharded within each
-    "dp_shard_degree": -1,  # -1: the ranks left after dp_replicate and cp
-    "cp_degree": 1,  # context parallel: each sequence split across this many ranks (ring attention)
-    "fsdp_cpu_offload": False,
-    "enable_activation_checkpointing": True,
-    "loss": {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},  # FullLogitsCrossEntropy to compare
-    "lr_scheduler": None,
-    "save_every_n_steps": None,  # write a resumable checkpoint every N steps (and at the last step)
-    "keep_last_n_checkpoints": 2,
-    "resume_from_checkpoint": False,  # true: the latest under output_dir/checkpoints; or a step_N path
-    "overwrite_output_dir": False,  # true: move a previous run's output_dir aside (never deleted) and start anew
-    "allow_config_change_on_resume": False,  # true: resume although model, data or optimizer keys changed
-    "save_hf_at_end": False,  # export the final weights to output_dir/hf as a Hugging Face model
-    "metric_logger": None,
-    "log_every_n_steps": 1,
-}
+
+@dataclass(frozen=True)
+class Key:
+    """One top-level config key: its default (:data:`REQUIRED` when a config must set it) and
+    what it means, in one line (``omnilong keys`` prints these; the README's table is generated
+    from them)."""
+
+    name: str
+    default: Any
+    meaning: str
+
+
+KEYS: tuple[Key, ...] = (
+    Key("checkpoint_dir", REQUIRED, "local HF model directory (config.json + safetensors)"),
+    Key("output_dir", REQUIRED, "metrics, resolved config, checkpoints, HF export"),
+    Key("max_seq_len", REQUIRED, "tokens per row (stage 1) / most tokens per sample, and per packed row (`dataset.packed`), in stages 2 and 3"),
+    Key("max_steps", REQUIRED, "optimizer steps"),
+    Key("dataset", REQUIRED, "`_component_` building the dataset; gets the tokenizer and `max_seq_len`"),
+    Key("optimizer", REQUIRED, "e.g. `torch.optim.AdamW` with its arguments; gets the trainable parameters"),
+    Key("lr_scheduler", None, "e.g. `torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup` with "
+        "`num_warmup_steps` (`num_training_steps` = `max_steps`)"),
+    Key("loss", {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},
+        "`omnilong.loss.FullLogitsCrossEntropy` to compare"),
+    Key("tokenizer_dir", None, "where the tokenizer and chat template come from; null: `checkpoint_dir`"),
+    Key("device", "auto", "`auto`, `cuda` or `cpu`"),
+    Key("dtype", "bf16", "compute dtype, `bf16` or `fp32`; sharded parameters, gradients and optimizer state "
+        "stay fp32"),
+    Key("seed", 0, "model init and data order"),
+    Key("batch_size", 1, "rows per data-parallel rank per micro-step"),
+    Key("gradient_accumulation_steps", 1, "micro-steps per optimizer step"),
+    Key("shuffle", True, "shuffle rows each epoch"),
+    Key("num_workers", 0, "dataloader worker processes"),
+    Key("clip_grad_norm", 1.0, "max gradient norm; null: no clipping (the norm is still logged)"),
+    Key("freeze_vision", True, "the vision tower keeps its weights: no gradients, no optimizer state"),
+    Key("rope_theta", None, "RoPE base override (long-context pretraining raises it); null: the checkpoint's"),
+    Key("dp_replicate_degree", 1, "HSDP replicas (e.g. one per node); parameters are sharded within each"),
+    Key("dp_shard_degree", -1, "FSDP shard degree; -1: the ranks left after `dp_replicate` and `cp`"),
+    Key("cp_degree", 1, "context parallelism: each sequence split across this many ranks (ring attention)"),
+    Key("fsdp_cpu_offload", False, "parameters, gradients and optimizer state on CPU; the optimizer steps on CPU"),
+    Key("enable_activation_checkpointing", True, "recompute each decoder layer in backward"),
+    Key("save_every_n_steps", None, "write a resumable checkpoint every N steps and at the last"),
+    Key("keep_last_n_checkpoints", 2, "older checkpoints of the same run are deleted (never another run's)"),
+    Key("resume_from_checkpoint", False, "`true`: the latest under `output_dir/checkpoints`; or a `step_N` path"),
+    Key("overwrite_output_dir", False, "start anew in an `output_dir` holding another run: the old run is moved "
+        "to `<output_dir>.old-N`, never deleted"),
+    Key("allow_config_change_on_resume", False, "resume although the model, data or optimizer keys differ from "
+        "the checkpoint's `config.yaml`"),
+    Key("save_hf_at_end", False, "export the final weights to `output_dir/hf` as a Hugging Face model"),
+    Key("metric_logger", None, "a torchtune logger, e.g. `torchtune.training.metric_logging.TensorBoardLogger` "
+        "(`log_dir`) or `WandBLogger` (extra `wandb`)"),
+    Key("log_every_n_steps", 1, "metrics cadence: a `metrics.jsonl` record (and log line) every N steps"),
+    Key("validation_dataset", None, "held-out `_component_` like `dataset` (same tokenizer and `max_seq_len`); "
+        "its loss is `val_loss` in the metrics"),
+    Key("eval_every_n_steps", None, "evaluate `validation_dataset` every N steps; null: at the last step only"),
+)
+
+REQUIRED_KEYS = tuple(k.name for k in KEYS if k.default is REQUIRED)
+DEFAULTS: dict[str, Any] = {k.name: k.default for k in KEYS if k.default is not REQUIRED}
 
 _POSITIVE_INTS = ("max_seq_len", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
                   "dp_replicate_degree", "cp_degree", "keep_last_n_checkpoints")
@@ -45,6 +77,7 @@ _BOOLS = ("shuffle", "freeze_vision", "fsdp_cpu_offload", "enable_activation_che
 # Component keys -> what the recipe passes itself: (number of positional arguments, keyword arguments).
 _COMPONENTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "dataset": (1, ("max_seq_len",)),  # the tokenizer
+    "validation_dataset": (1, ("max_seq_len",)),
     "optimizer": (1, ()),  # the trainable parameters
     "lr_scheduler": (1, ("num_training_steps",)),  # the optimizer
     "loss": (0, ()),
@@ -71,8 +104,12 @@ def _value_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key} must be an integer >= 0, got {cfg[key]!r}")
     if not _is_int(cfg.dp_shard_degree) or not (cfg.dp_shard_degree == -1 or cfg.dp_shard_degree > 0):
         problems.append(f"dp_shard_degree must be -1 or a positive integer, got {cfg.dp_shard_degree!r}")
-    if cfg.save_every_n_steps is not None and (not _is_int(cfg.save_every_n_steps) or cfg.save_every_n_steps <= 0):
-        problems.append(f"save_every_n_steps must be a positive integer or null, got {cfg.save_every_n_steps!r}")
+    for key in ("save_every_n_steps", "eval_every_n_steps"):
+        if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] <= 0):
+            problems.append(f"{key} must be a positive integer or null, got {cfg[key]!r}")
+    if cfg.eval_every_n_steps is not None and cfg.validation_dataset is None:
+        problems.append("eval_every_n_steps is set but validation_dataset is not: add a validation_dataset "
+                        "or remove eval_every_n_steps")
     for key in _BOOLS:
         if not isinstance(cfg[key], bool):
             problems.append(f"{key} must be true or false, got {cfg[key]!r}")
@@ -98,7 +135,7 @@ def _value_problems(cfg: DictConfig) -> list[str]:
 def _component_problems(key: str, node: Any, passed: tuple[int, tuple[str, ...]]) -> list[str]:
     """Problems of a ``_component_`` node: an unimportable component, arguments it does not
     take (with the closest one), arguments the recipe passes itself, required ones missing."""
-    if node is None and key in ("lr_scheduler", "metric_logger"):
+    if node is None and key in ("lr_scheduler", "metric_logger", "validation_dataset"):
         return []
     if not OmegaConf.is_dict(node) or "_component_" not in node:
         return [f"{key} must be a mapping with a _component_"]
@@ -123,6 +160,27 @@ def _component_problems(key: str, node: Any, passed: tuple[int, tuple[str, ...]]
                 and name not in given and name not in node:
             problems.append(f"missing key {key}.{name} (required by {node._component_})")
     return problems
+
+
+# Metric loggers -> the package each one imports when built, and how to install it.
+_LOGGER_PACKAGES = {
+    "torchtune.training.metric_logging.WandBLogger": (
+        "wandb", 'the wandb extra: pip install -e ".[wandb]" (or OMNILONG_EXTRAS=wandb bash scripts/setup.sh)'),
+    "torchtune.training.metric_logging.TensorBoardLogger": ("tensorboard", "pip install tensorboard"),
+    "torchtune.training.metric_logging.CometLogger": ("comet_ml", "pip install comet_ml"),
+    "torchtune.training.metric_logging.MLFlowLogger": ("mlflow", "pip install mlflow"),
+}
+
+
+def _metric_logger_problems(node: Any) -> list[str]:
+    """A metric logger whose package is not installed (it would fail after the model is built)."""
+    if not OmegaConf.is_dict(node) or node.get("_component_") not in _LOGGER_PACKAGES:
+        return []
+    package, install = _LOGGER_PACKAGES[node._component_]
+    if importlib.util.find_spec(package) is not None:
+        return []
+    return [f"metric_logger {node._component_} needs the {package!r} package, which is not installed: "
+            f"install {install}"]
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:
@@ -150,6 +208,29 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     problems = _value_problems(merged)
     for key, passed in _COMPONENTS.items():
         problems += _component_problems(key, merged[key], passed)
+    problems += _metric_logger_problems(merged.metric_logger)
     if problems:
         raise ValueError("config error: " + "; ".join(problems))
     return merged
+
+
+def _default_text(value: Any) -> str:
+    """A key's default as the README shows it: ``required``, ``null``, ``true``, the component name."""
+    if value is REQUIRED:
+        return "required"
+    if isinstance(value, dict):
+        return f"`{value['_component_']}`"
+    return OmegaConf.to_yaml({"v": value}).removeprefix("v: ").strip()
+
+
+def keys_markdown() -> str:
+    """The table of every config key (default and meaning) that the README's Config keys section holds."""
+    rows = [f"| `{k.name}` | {_default_text(k.default)} | {k.meaning} |" for k in KEYS]
+    return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows]) + "\n"
+
+
+def keys_text() -> str:
+    """Every config key with its default and meaning, one aligned line each (``omnilong keys``, ``--help``)."""
+    rows = [(k.name, _default_text(k.default).strip("`"), k.meaning.replace("`", "")) for k in KEYS]
+    width = [max(len(r[i]) for r in rows) for i in (0, 1)]
+    return "\n".join(f"{n:<{width[0]}}  {d:<{width[1]}}  {m}" for n, d, m in rows) + "\n"

@@ -20,7 +20,7 @@ import time
 import uuid
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -42,16 +42,19 @@ from omnilong.checkpoint.training_state import (
     save_training_state,
     verify_checkpoint,
 )
+from omnilong.cli import parse
 from omnilong.config import validate_config
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device, shutdown_distributed
+from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
 from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
+from omnilong.validation import HeldOutShard, held_out_loss
 
 logger = logging.getLogger("omnilong")
 
@@ -120,8 +123,7 @@ class OmniLongFullRecipe:
         )
         self.meshes = build_mesh(self.dims, self.device.type)
         self.is_rank_zero = self.rank == 0
-        logging.basicConfig(level=logging.INFO if self.is_rank_zero else logging.WARNING,
-                            format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+        setup_logging(self.rank)
         saves = bool(self.cfg.save_every_n_steps) or self.cfg.save_hf_at_end
         moved = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves))
         if moved is not None:
@@ -130,6 +132,7 @@ class OmniLongFullRecipe:
 
         self.tokenizer = load_tokenizer(self.cfg.tokenizer_dir or self.checkpoint_dir)
         self.dataset, self.dataloader, self.sampler = self._setup_data()
+        self.val_dataloader = self._setup_validation()
         self.model = self._setup_model()
         self._check_data_matches_model()
         self.loss_fn = self._setup_loss()
@@ -209,10 +212,14 @@ class OmniLongFullRecipe:
     def _check_data_matches_model(self) -> None:
         """A dataset that places vision tokens must use the model's token ids."""
         args = self.model.args
-        for name in ("video_token_id", "image_token_id"):
-            if hasattr(self.dataset, name) and getattr(self.dataset, name) != getattr(args, name):
-                raise ValueError(f"the dataset's {name} {getattr(self.dataset, name)} is not the model's "
-                                 f"{getattr(args, name)}: use the tokenizer of the checkpoint")
+        datasets = {"dataset": self.dataset}
+        if self.val_dataloader is not None:
+            datasets["validation_dataset"] = self.val_dataloader.dataset.dataset
+        for key, dataset in datasets.items():
+            for name in ("video_token_id", "image_token_id"):
+                if hasattr(dataset, name) and getattr(dataset, name) != getattr(args, name):
+                    raise ValueError(f"the {key}'s {name} {getattr(dataset, name)} is not the model's "
+                                     f"{getattr(args, name)}: use the tokenizer of the checkpoint")
 
     def _setup_loss(self) -> torch.nn.Module:
         if self.cfg.loss.get("reduction", "sum") != "sum":
@@ -235,6 +242,21 @@ class OmniLongFullRecipe:
         logger.info("data: %d rows of up to %d tokens (%s); %d samples skipped while reading", len(dataset),
                     self.cfg.max_seq_len, type(dataset).__name__, getattr(dataset, "num_skipped", 0))
         return dataset, dataloader, sampler
+
+    def _setup_validation(self) -> Optional[DataLoader]:
+        """The held-out split's loader for this data-parallel rank (:class:`HeldOutShard`), or None."""
+        if self.cfg.validation_dataset is None:
+            return None
+        dataset = instantiate("validation_dataset", self.cfg.validation_dataset, self.tokenizer,
+                              max_seq_len=self.cfg.max_seq_len)
+        dp_mesh = self.meshes.dp
+        shard = HeldOutShard(dataset, dp_mesh.size(), dp_mesh.get_local_rank())
+        logger.info("validation data: %d rows (%s), %d batches per rank, evaluated %s", len(dataset),
+                    type(dataset).__name__, -(-len(shard) // self.cfg.batch_size),
+                    f"every {self.cfg.eval_every_n_steps} steps and at the last" if self.cfg.eval_every_n_steps
+                    else "at the last step")
+        return DataLoader(shard, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
+                          collate_fn=partial(collate_padded, pad_id=dataset.pad_id))
 
     def _resume(self) -> int:
         """Load the checkpoint asked for by ``resume_from_checkpoint``; returns its step (0: none)."""
@@ -268,17 +290,28 @@ class OmniLongFullRecipe:
         position on, with M-RoPE positions of the full sequence (:func:`with_mrope_positions`); with
         context parallelism, this rank's shard of each full-sequence batch."""
         dp = self.meshes.dp.size()
-        args = self.model.args
-        vision_token_ids = (args.image_token_id, args.video_token_id)
         while True:
             self.sampler.set_epoch(self.epoch, self.consumed)
             for batch in self.dataloader:
                 self.consumed += batch["input_ids"].shape[0] * dp
-                batch = with_mrope_positions(batch, self.model)
-                if self.dims.cp > 1:
-                    batch = shard_batch_for_cp(batch, self.meshes.cp, self.dataset.pad_id, vision_token_ids)
-                yield batch
+                yield self._model_batch(batch, self.dataset.pad_id)
             self.epoch, self.consumed = self.epoch + 1, 0
+
+    def _model_batch(self, batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
+        """A collated batch with M-RoPE positions of the full rows (:func:`with_mrope_positions`);
+        with context parallelism, this rank's shard of it."""
+        batch = with_mrope_positions(batch, self.model)
+        if self.dims.cp > 1:
+            args = self.model.args
+            batch = shard_batch_for_cp(batch, self.meshes.cp, pad_id, (args.image_token_id, args.video_token_id))
+        return batch
+
+    def _validate(self) -> dict[str, float]:
+        """``val_loss`` and ``val_tokens`` of the whole held-out split (:func:`held_out_loss`)."""
+        pad_id = self.val_dataloader.dataset.dataset.pad_id
+        batches = (self._model_batch(batch, pad_id) for batch in self.val_dataloader)
+        loss, tokens = held_out_loss(self.model, self.loss_fn, batches, self.device)
+        return {"val_loss": loss, "val_tokens": tokens}
 
     def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its (local) summed token loss."""
@@ -326,7 +359,11 @@ class OmniLongFullRecipe:
             loss_sum = loss_sum.double().cpu()
             dist.all_reduce(loss_sum)
             elapsed = time.perf_counter() - start
-            if step % cfg.log_every_n_steps == 0 or step == cfg.max_steps:
+            self.metrics.step_done(int(global_inputs))
+            last = step == cfg.max_steps
+            evaluate = self.val_dataloader is not None and (
+                last or bool(cfg.eval_every_n_steps) and step % cfg.eval_every_n_steps == 0)
+            if step % cfg.log_every_n_steps == 0 or last or evaluate:
                 self.metrics.log(step, {
                     "loss": float(loss_sum / max(float(counts[0]), 1.0)),
                     "lr": lr,
@@ -335,13 +372,16 @@ class OmniLongFullRecipe:
                     "tokens_per_sec": float(global_inputs) / elapsed,
                     "peak_memory_gb": peak_memory_gb(self.device),
                     "num_skipped": self.num_skipped,
+                    **(self._validate() if evaluate else {}),
                 })
-            last = step == cfg.max_steps
             if (cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or last)) or (last and cfg.save_hf_at_end):
                 self._save_checkpoint(step)
             maybe_inject_sigkill("after_step", step)
+        checkpoint = find_latest_checkpoint(self.output_dir) if cfg.save_every_n_steps or cfg.save_hf_at_end else None
         if cfg.save_hf_at_end:
-            self._export_hf(find_latest_checkpoint(self.output_dir))
+            self._export_hf(checkpoint)
+        self.metrics.summary(cfg.max_steps - self.start_step + 1, checkpoint,
+                             self.output_dir / "hf" if cfg.save_hf_at_end else None)
 
     def _export_hf(self, checkpoint: Path) -> None:
         """Rank 0 writes ``output_dir/hf`` from the final checkpoint, reading it shard by shard
@@ -367,8 +407,14 @@ class OmniLongFullRecipe:
         shutdown_distributed(meshes.world if meshes is not None else None)
 
 
-@config.parse
+@parse
 def recipe_main(cfg: DictConfig) -> int:
+    """Full fine-tuning of a vision-language model on long inputs.
+
+    tune run [TORCHRUN-OPTIONS] omnilong_full --config <config> [key=value ...]
+
+    <config> is a YAML path or a shipped config name (`omnilong ls`: tiny/stage1_text, ...).
+    """
     recipe = None
     try:
         recipe = OmniLongFullRecipe(cfg)

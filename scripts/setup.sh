@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs OmniLong into ./.venv (Python 3.10-3.13) and FFmpeg when missing and installable.
+# Optional extras (pyproject.toml), comma-separated: OMNILONG_EXTRAS=wandb bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,5 +15,6 @@ fi
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[test]"
-echo "setup: done (.venv)"
+EXTRAS=test${OMNILONG_EXTRAS:+,$OMNILONG_EXTRAS}
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+echo "setup: done (.venv, extras: $EXTRAS); run commands after: source .venv/bin/activate"

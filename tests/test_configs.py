@@ -1,12 +1,13 @@
 """Every shipped config is valid: known keys only, required keys present, components importable."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 from torchtune.config._utils import _get_component_from_path
 
-from omnilong.config import validate_config
+from omnilong.config import DEFAULTS, KEYS, REQUIRED_KEYS, keys_markdown, validate_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -41,3 +42,36 @@ def test_each_stage_starts_from_the_previous_stages_export(family):
               ("stage1_text.yaml", "stage2_text_sft.yaml", "stage3_video_sft.yaml")]
     for previous, stage in zip(stages, stages[1:]):
         assert Path(stage.checkpoint_dir) == Path(previous.output_dir) / "hf"
+
+
+def test_readme_config_keys_table_is_the_registry():
+    """The README's table is `omnilong keys --markdown`: regenerate it after changing omnilong/config.py KEYS."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert keys_markdown() in readme
+
+
+def test_every_key_has_a_meaning_and_defaults_follow_the_registry():
+    assert all(k.meaning.strip() for k in KEYS)
+    assert set(REQUIRED_KEYS) | set(DEFAULTS) == {k.name for k in KEYS}
+    assert len(KEYS) == len({k.name for k in KEYS})
+
+
+def _stage1(**overrides):
+    return OmegaConf.merge(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/stage1_text.yaml"),
+                           overrides)
+
+
+def test_a_metric_logger_whose_package_is_missing_is_refused_naming_the_extra(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    cfg = _stage1(metric_logger={"_component_": "torchtune.training.metric_logging.WandBLogger", "project": "x"})
+    with pytest.raises(ValueError, match=r"needs the 'wandb' package.*pip install -e \"\.\[wandb\]\".*OMNILONG_EXTRAS=wandb"):
+        validate_config(cfg)
+
+
+def test_eval_every_n_steps_needs_a_validation_dataset():
+    with pytest.raises(ValueError, match="eval_every_n_steps is set but validation_dataset is not"):
+        validate_config(_stage1(eval_every_n_steps=10))
+    with pytest.raises(ValueError, match="unknown key validation_dataset.max_filez"):
+        validate_config(_stage1(validation_dataset={"_component_": "omnilong.data.python_stdlib_dataset",
+                                                    "max_filez": 3}))

@@ -16,7 +16,7 @@ before the step. Either way: the peak memory the loss adds, its gradients includ
 Time on CUDA: the mean of 3 steps after one warm-up step (which also compiles).
 
 Usage:
-    .venv/bin/python tools/bench_loss.py [--tokens 4096 --hidden 1024 --vocab 152064]
+    python tools/bench_loss.py [--tokens 4096 --hidden 1024 --vocab 152064]
     python tools/bench_loss.py --device cuda [--tokens 16384 65536 --hidden 3584]
 """
 

@@ -18,7 +18,7 @@ dense bf16 peak where it is known, peak memory (CUDA: ``max_memory_allocated``; 
 resident-set high-water mark above the baseline), or "out of memory".
 
 Usage:
-    .venv/bin/python tools/bench_step.py                       # CPU default: 2 layers, hidden 512, 8K
+    python tools/bench_step.py                       # CPU default: 2 layers, hidden 512, 8K
     python tools/bench_step.py --device cuda                   # 4-layer 7B slice at 32K, 64K, 128K
 """
 

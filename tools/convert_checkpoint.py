@@ -4,7 +4,8 @@
         --base Qwen2.5-VL-7B-Instruct --output outputs/run/hf [--dtype bfloat16] \\
         [--max-shard-size 5GB] [--push-to-hub user/model [--private]]
 
-The output has the base's tensor names, files and config.json (with the run's rope_theta
+Run it in OmniLong's environment (``source .venv/bin/activate`` first, as for every command
+of the README). The output has the base's tensor names, files and config.json (with the run's rope_theta
 and dtype), loadable by transformers' ``from_pretrained``.
 """
 

@@ -1,0 +1,132 @@
+"""The ``omnilong`` command (``ls``, ``cp``, ``run``, ``keys``) and the recipe's command-line parser.
+
+torchtune's ``tune ls`` / ``tune cp`` read a fixed list of torchtune's own recipes
+(``torchtune._recipe_registry``) with no way to add one short of patching it, so OmniLong
+has its own command with the same verbs; ``omnilong run`` hands over to ``tune run``.
+
+    omnilong ls                                   # recipes and shipped configs
+    omnilong cp tiny/stage1_text my_stage1.yaml   # a config (or the recipe) to edit
+    omnilong run [TORCHRUN-OPTIONS] --config tiny/stage1_text [key=value ...]
+    omnilong keys [--markdown]                    # every config key, its default and meaning
+"""
+
+import argparse
+import functools
+import importlib.util
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from omnilong.config import keys_markdown, keys_text
+from omnilong.config_files import CONFIG_ROOT, resolve_config, shipped_configs
+
+RECIPE = "omnilong_full"
+
+
+def _recipe_file() -> Path:
+    """The installed ``omnilong_full`` module's source (found without importing it)."""
+    return Path(importlib.util.find_spec(RECIPE).origin)
+
+
+def _ls() -> str:
+    configs = list(shipped_configs()) or [f"(none: no configs in {CONFIG_ROOT})"]
+    lines = ["RECIPE          CONFIG"]
+    lines += [f"{RECIPE if i == 0 else '':<16}{name}" for i, name in enumerate(configs)]
+    return "\n".join(lines) + "\n"
+
+
+def _cp(source: str, destination: str) -> Path:
+    """Copy the recipe (``omnilong_full``) or a config to ``destination`` (a file, or a folder to
+    copy into); a config copy gets ``.yaml`` when ``destination`` has no suffix.
+
+    Raises:
+        FileNotFoundError: an unknown config (with the closest names).
+        FileExistsError: ``destination`` exists (nothing is overwritten).
+    """
+    src = _recipe_file() if source == RECIPE else resolve_config(source)
+    dest = Path(destination)
+    if dest.is_dir():
+        dest = dest / src.name
+    elif not dest.suffix:
+        dest = dest.with_suffix(src.suffix)
+    if dest.exists():
+        raise FileExistsError(f"{dest} exists; choose another name or remove it first")
+    shutil.copyfile(src, dest)
+    return dest
+
+
+def _run(args: list[str]) -> int:
+    """``tune run [TORCHRUN-OPTIONS] omnilong_full --config <config> [overrides]`` in this process:
+    the options before ``--config`` go to the launcher, the rest to the recipe."""
+    from torchtune._cli.tune import main as tune_main
+
+    if "--config" not in args and {"-h", "--help"} & set(args):
+        print("usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [key=value ...]\n\n"
+              "<config>: a YAML path or a shipped config name (`omnilong ls`); config keys (default, meaning):\n"
+              + keys_text(), end="")
+        return 0
+    if "--config" not in args or args.index("--config") + 1 >= len(args):
+        raise ValueError("omnilong run needs --config <config> (`omnilong ls` lists the shipped ones)")
+    at = args.index("--config")
+    config = str(resolve_config(args[at + 1]))
+    sys.argv = ["tune", "run", *args[:at], RECIPE, "--config", config, *args[at + 2:]]
+    tune_main()  # a single-process run exits here with the recipe's status
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point of the ``omnilong`` console script."""
+    parser = argparse.ArgumentParser(prog="omnilong", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("ls", help="list the recipe and the shipped configs")
+    cp = verbs.add_parser("cp", help="copy a shipped config (or the recipe) to edit")
+    cp.add_argument("source", help="config name (tiny/stage1_text) or omnilong_full")
+    cp.add_argument("destination", help="file or folder")
+    verbs.add_parser("run", help="tune run omnilong_full: [TORCHRUN-OPTIONS] --config <config> [key=value ...]",
+                     add_help=False)
+    keys = verbs.add_parser("keys", help="every config key with its default and meaning")
+    keys.add_argument("--markdown", action="store_true", help="as the README's table")
+    args, rest = parser.parse_known_args(argv)
+    if args.verb != "run" and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        if args.verb == "ls":
+            print(_ls(), end="")
+        elif args.verb == "cp":
+            print(f"copied to {_cp(args.source, args.destination)}")
+        elif args.verb == "keys":
+            print(keys_markdown() if args.markdown else keys_text(), end="")
+        else:
+            return _run(rest)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"omnilong {args.verb}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def parse(recipe_main: Callable[[Any], int]) -> Callable[[], None]:
+    """torchtune's ``config.parse`` for the recipe's ``main``, plus: ``--config`` may name a
+    shipped config (:func:`resolve_config`), and ``--help`` lists every config key."""
+    from torchtune.config._parse import TuneRecipeArgumentParser
+    from torchtune.config._utils import _merge_yaml_and_cli_args
+
+    @functools.wraps(recipe_main)
+    def wrapper() -> None:
+        parser = TuneRecipeArgumentParser(
+            description=recipe_main.__doc__, epilog="config keys (default, meaning):\n" + keys_text(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        argv = sys.argv[1:]
+        if "--config" in argv[:-1]:
+            at = argv.index("--config") + 1
+            try:
+                argv[at] = str(resolve_config(argv[at]))
+            except FileNotFoundError as e:
+                print(f"{RECIPE}: error: {e}", file=sys.stderr)
+                sys.exit(1)
+        yaml_args, cli_args = parser.parse_known_args(argv)
+        sys.exit(recipe_main(_merge_yaml_and_cli_args(yaml_args, cli_args)))
+
+    return wrapper

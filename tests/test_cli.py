@@ -1,0 +1,69 @@
+"""The `omnilong` command (ls, cp, keys, run --help) and the recipe's command line, in-process."""
+
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from omnilong.cli import main, parse
+from omnilong.config import KEYS, validate_config
+
+
+def test_ls_lists_the_recipe_and_every_shipped_config(capsys):
+    assert main(["ls"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["RECIPE", "CONFIG"] and out[1].split()[0] == "omnilong_full"
+    names = [line.split()[-1] for line in out[1:]]
+    assert "tiny/stage1_text" in names and "qwen2_5_vl_7b/stage3_video_sft" in names
+
+
+def test_cp_copies_a_config_or_the_recipe_and_never_overwrites(tmp_path, capsys):
+    assert main(["cp", "tiny/stage2_text_sft", str(tmp_path / "mine")]) == 0
+    assert OmegaConf.load(tmp_path / "mine.yaml").max_steps == 40
+    assert main(["cp", "omnilong_full", str(tmp_path)]) == 0
+    assert "class OmniLongFullRecipe" in (tmp_path / "omnilong_full.py").read_text()
+    assert main(["cp", "tiny/stage1_text", str(tmp_path / "mine.yaml")]) == 1
+    assert "mine.yaml exists" in capsys.readouterr().err
+
+
+def test_keys_prints_every_key_with_its_default(capsys):
+    assert main(["keys"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == [k.name for k in KEYS]
+    assert lines[[k.name for k in KEYS].index("log_every_n_steps")].split()[1] == "1"
+
+
+def test_run_without_config_says_what_is_missing(capsys):
+    assert main(["run", "--nproc_per_node", "2"]) == 1
+    assert "omnilong run needs --config" in capsys.readouterr().err
+    assert main(["run", "--help"]) == 0
+    assert "eval_every_n_steps" in capsys.readouterr().out
+
+
+def _parsed(monkeypatch, *argv):
+    """The config ``tune run omnilong_full ...`` would hand to the recipe."""
+    seen = {}
+    monkeypatch.setattr(sys, "argv", ["omnilong_full", *argv])
+    with pytest.raises(SystemExit) as stop:
+        parse(lambda cfg: seen.setdefault("cfg", cfg) and 0)()
+    return seen.get("cfg"), stop.value.code
+
+
+def test_recipe_help_lists_the_config_keys(monkeypatch, capsys):
+    cfg, code = _parsed(monkeypatch, "--help")
+    assert code == 0 and cfg is None
+    out = capsys.readouterr().out
+    assert "config keys (default, meaning)" in out and all(k.name in out for k in KEYS)
+
+
+def test_recipe_config_may_be_a_shipped_name_and_log_dir_follows_output_dir(monkeypatch, tmp_path):
+    cfg, code = _parsed(monkeypatch, "--config", "qwen2_5_vl_7b/stage1_text", f"output_dir={tmp_path}/run")
+    assert code == 0
+    cfg = validate_config(cfg)
+    assert cfg.metric_logger.log_dir == f"{tmp_path}/run/tensorboard"
+
+
+def test_recipe_refuses_an_unknown_config_name_with_one_line(monkeypatch, capsys):
+    cfg, code = _parsed(monkeypatch, "--config", "tiny/stage1_txt")
+    assert code == 1 and cfg is None
+    assert capsys.readouterr().err.startswith("omnilong_full: error: config tiny/stage1_txt: no such file")
