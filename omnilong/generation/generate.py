@@ -10,7 +10,7 @@ position). Every cp rank runs the same decode steps on the same token and gets t
 """
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Generator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -109,44 +109,62 @@ def prefill(
     return _hidden_at(hidden, positions, seq_len, cp_mesh)
 
 
-@torch.no_grad()
-def greedy_generate(
-    model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int, stop_token_ids: Sequence[int],
-    cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
-) -> Generation:
-    """Greedy decoding with a key/value cache: prefill the prompt, then one token per step
-    until a stop token or ``max_new_tokens``.
+def cached_logits(
+    model: nn.Module, inputs: dict[str, torch.Tensor], cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
+) -> Generator[torch.Tensor, int, None]:
+    """Decoding with a key/value cache, one token at a time: yields the next-token logits
+    (``[vocab]`` float32, the same on every cp rank), first after prefilling the prompt, then
+    after each token sent to it (``logits = steps.send(token)``). Closing it drops the cache.
 
     Args:
         model: a native model in eval mode (with ring attention when ``cp_mesh`` is given).
         inputs: one prompt row (``input_ids [1, T]`` and vision inputs; ``position_ids``
             computed when absent, see :func:`with_positions`).
+        cp_mesh, pad_token_id: see :func:`prefill`.
+    """
+    inputs = with_positions(model, inputs)
+    prompt_length = inputs["input_ids"].shape[1]
+    device = inputs["input_ids"].device
+    position = int(inputs["position_ids"].max()) + 1  # the served rule: past the prompt's largest position
+    with torch.no_grad(), kv_cache(model, None if cp_mesh is None else cp_mesh.get_group()) as cache:
+        hidden = prefill(model, inputs, [prompt_length - 1], cache, cp_mesh, pad_token_id)  # [1, 1, dim]
+        cache.decoding = True
+        while True:
+            token = yield output_logits(model, hidden[0, -1])
+            hidden = model(input_ids=torch.tensor([[token]], device=device),
+                           position_ids=torch.full((3, 1, 1), position, device=device), return_hidden=True)
+            position += 1
+
+
+def greedy_generate(
+    model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int, stop_token_ids: Sequence[int],
+    cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
+) -> Generation:
+    """Greedy decoding with a key/value cache (:func:`cached_logits`) until a stop token or
+    ``max_new_tokens``.
+
+    Args:
+        model, inputs, cp_mesh, pad_token_id: see :func:`cached_logits`.
         max_new_tokens: the token budget of the answer.
         stop_token_ids: tokens that end the answer (e.g. EOS, end of turn).
-        cp_mesh, pad_token_id: see :func:`prefill`.
 
     Raises:
         ValueError: ``max_new_tokens < 1`` or a batch of several rows.
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    inputs = with_positions(model, inputs)
-    prompt_length = inputs["input_ids"].shape[1]
-    device = inputs["input_ids"].device
-    next_position = int(inputs["position_ids"].max()) + 1
     stops, tokens = set(stop_token_ids), []
-    with kv_cache(model, None if cp_mesh is None else cp_mesh.get_group()) as cache:
-        hidden = prefill(model, inputs, [prompt_length - 1], cache, cp_mesh, pad_token_id)  # [1, 1, dim]
-        cache.decoding = True
+    steps = cached_logits(model, inputs, cp_mesh, pad_token_id)
+    try:
+        logits = next(steps)
         while True:
-            token = int(output_logits(model, hidden[:, -1]).argmax(-1))
-            tokens.append(token)
-            if token in stops or len(tokens) == max_new_tokens:
+            tokens.append(int(logits.argmax()))
+            if tokens[-1] in stops or len(tokens) == max_new_tokens:
                 break
-            position = torch.full((3, 1, 1), next_position + len(tokens) - 1, device=device)
-            hidden = model(input_ids=torch.tensor([[token]], device=device), position_ids=position,
-                           return_hidden=True)  # [1, 1, dim]
-    return Generation(tokens, "stop_token" if tokens[-1] in stops else "max_new_tokens", prompt_length)
+            logits = steps.send(tokens[-1])
+    finally:
+        steps.close()
+    return Generation(tokens, "stop_token" if tokens[-1] in stops else "max_new_tokens", inputs["input_ids"].shape[1])
 
 
 @torch.no_grad()
