@@ -12,7 +12,11 @@ A family provides (see :class:`ModelFamily`):
 * ``frames_per_step``: how many consecutive video frames the model encodes together
   (Qwen2.5-VL: 2, its temporal patch; a per-frame encoder: 1): a needle frame is inserted
   as that many copies at a multiple of it, so it never shares a step with a haystack frame;
-* ``video_options``: frame sampling and pixel limits for videos.
+* ``video_options``: frame sampling and pixel limits for videos;
+* ``frame_feature_cache(model)``: a context manager yielding an object whose
+  ``expect(keys)`` names the encoding steps (``frames_per_step`` frames each) of the next
+  video forward, so that steps with a known key reuse their features (V-NIAH's haystack is
+  encoded once for all depths).
 
 Families are looked up by the checkpoint's ``model_type`` (:func:`family_for`).
 """
@@ -20,9 +24,10 @@ Families are looked up by the checkpoint's ``model_type`` (:func:`family_for`).
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, ContextManager, Optional, Protocol
 
 import torch
+from torch import nn
 
 from omnilong.data.video import (
     FACTOR,
@@ -35,6 +40,7 @@ from omnilong.data.video import (
     resized_sizes,
     smart_resize,
 )
+from omnilong.eval.vision_cache import FramePairCache, frame_pair_cache
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,8 @@ class ModelFamily(Protocol):
     def stop_token_ids(self) -> list[int]: ...
 
     def prompt_inputs(self, prompt: Prompt, answer: Optional[str] = None) -> tuple[dict[str, torch.Tensor], int]: ...
+
+    def frame_feature_cache(self, model: nn.Module) -> ContextManager[Any]: ...
 
 
 def _pixel_bounds(model_dir: Path, name: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -110,6 +118,10 @@ class Qwen2_5_VLFamily:
     def stop_token_ids(self) -> list[int]:
         """``<|im_end|>`` and the tokenizer's EOS."""
         return self._stops
+
+    def frame_feature_cache(self, model: nn.Module) -> ContextManager[FramePairCache]:
+        """Frame-pair features reused by key (:func:`~omnilong.eval.vision_cache.frame_pair_cache`)."""
+        return frame_pair_cache(model)
 
     def _image_inputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         h, w = smart_resize(image.shape[-2], image.shape[-1], *self.image_bounds)
