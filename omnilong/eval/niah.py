@@ -3,9 +3,9 @@
 A needle sentence holding a random 7-digit number is put into a haystack of real text (local
 files; the demo uses this Python's standard-library sources) at relative depths 0..1, for
 prompt lengths from 1K tokens up to the model's limit. The haystack is tokenized once with
-the model's own tokenizer; the needle goes at the sentence boundary nearest its depth (a
-boundary: after a token ending a line, or after a token ending in ``.``, ``!`` or ``?``
-followed by whitespace). The question comes after the haystack, in one user turn.
+the model's own tokenizer and cut at the last sentence boundary that fits the length; the
+needle goes at the boundary nearest its depth (a boundary: after a token ending a line, or
+after a token ending in ``.``, ``!`` or ``?`` followed by whitespace). The question comes after the haystack, in one user turn.
 
 Two scores per item: *teacher forcing* (the number appended as the answer; correct iff the
 argmax at every answer position is the next answer token) and *generation* (greedy answer;
@@ -67,16 +67,16 @@ def read_haystack(files: Sequence[Path], tokenizer: Any, max_tokens: int) -> lis
 
 
 def sentence_boundaries(tokenizer: Any, ids: Sequence[int]) -> list[int]:
-    """Indices ``i`` (``0..len(ids)``) where a sentence may start before ``ids[i]``: 0, the end,
-    after a token ending a line, after a token ending in ``.!?`` when ``ids[i]`` starts with
-    whitespace."""
+    """Indices ``i`` (``0..len(ids)``) where a sentence may start before ``ids[i]``: 0; after a
+    token ending a line; after a token ending in ``.!?`` when the next token starts with
+    whitespace or there is none."""
     texts = tokenizer.batch_decode([[i] for i in ids])
     boundaries = [0]
-    for i in range(1, len(ids)):
-        before, after = texts[i - 1], texts[i]
+    for i in range(1, len(ids) + 1):
+        before, after = texts[i - 1], texts[i] if i < len(ids) else " "
         if before.endswith("\n") or (before.rstrip(" ").endswith(_SENTENCE_ENDS) and after[:1].isspace()):
             boundaries.append(i)
-    return boundaries + [len(ids)]
+    return boundaries
 
 
 def build_items(tokenizer: Any, family: ModelFamily, haystack: Sequence[int], lengths: Sequence[int],
@@ -98,8 +98,8 @@ def build_items(tokenizer: Any, family: ModelFamily, haystack: Sequence[int], le
         if budget < 1:
             raise ValueError(f"NIAH length {length} is too short: the question and needle take "
                              f"{overhead + needle_tokens} tokens")
-        hay = list(haystack[:budget])
-        boundaries = sentence_boundaries(tokenizer, hay)
+        boundaries = sentence_boundaries(tokenizer, haystack[:budget])
+        hay = list(haystack[:boundaries[-1]])  # the haystack ends at a boundary too (depth 1)
         for depth in depths:
             cut = min(boundaries, key=lambda b: abs(b - depth * len(hay)))
             number = str(rng.randrange(1_000_000, 10_000_000))
