@@ -12,11 +12,11 @@ _COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230),
 
 def write_needle_image(path: Path, colour: str = "red", size: int = 56) -> Path:
     """A PNG of one colour (``size x size``): V-NIAH's tiny needle ("What colour is ...?")."""
-    from torchvision.io import write_png
+    from torchcodec.encoders import PngEncoder
 
     image = torch.tensor(_COLOURS[colour], dtype=torch.uint8)[:, None, None].expand(3, size, size).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_png(image, str(path))
+    PngEncoder(image).to_file(path)
     return path
 
 

@@ -36,11 +36,14 @@ def read_image(path: Path) -> torch.Tensor:
     Raises:
         FileNotFoundError: no such file.
     """
-    from torchvision.io import ImageReadMode, decode_image
+    from torchcodec.decoders import decode_image
 
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: needle image not found")
-    return decode_image(str(path), mode=ImageReadMode.RGB)
+        raise FileNotFoundError(f"{path}: image not found")
+    try:
+        return decode_image(Path(path), mode="RGB")
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from e
 
 
 def insert_needle(frames: torch.Tensor, needle: torch.Tensor, depth: float, step: int) -> tuple[torch.Tensor, int]:
