@@ -15,9 +15,8 @@ from typing import Optional
 
 from omnilong.data.video import DecodedVideo, decode_video
 from omnilong.eval.ask import generate_answer
-from omnilong.eval.family import Prompt
+from omnilong.eval.family import Prompt, read_image
 from omnilong.eval.session import add_model_arguments, close_session, open_session
-from omnilong.eval.vniah import read_image
 
 
 def main() -> int:

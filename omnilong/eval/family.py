@@ -58,6 +58,23 @@ class Prompt:
     video: Optional[DecodedVideo] = None
 
 
+def read_image(path: Path) -> torch.Tensor:
+    """``[3, H, W]`` uint8 RGB of an image file (PNG, JPEG, ...).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: not a decodable image.
+    """
+    from torchcodec.decoders import decode_image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{path}: image not found")
+    try:
+        return decode_image(Path(path), mode="RGB")
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from e
+
+
 class ModelFamily(Protocol):
     """What the evaluations need of a model family (module docstring)."""
 

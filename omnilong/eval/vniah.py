@@ -30,22 +30,6 @@ from omnilong.eval.report import grid_accuracy, progress, write_heatmaps, write_
 from omnilong.generation.loading import InferenceModel
 
 
-def read_image(path: Path) -> torch.Tensor:
-    """``[3, H, W]`` uint8 RGB of an image file (PNG, JPEG, ...).
-
-    Raises:
-        FileNotFoundError: no such file.
-    """
-    from torchcodec.decoders import decode_image
-
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: image not found")
-    try:
-        return decode_image(Path(path), mode="RGB")
-    except (RuntimeError, ValueError) as e:
-        raise ValueError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from e
-
-
 def insert_needle(frames: torch.Tensor, needle: torch.Tensor, depth: float, step: int) -> tuple[torch.Tensor, int]:
     """``frames [T, 3, H, W]`` (T a multiple of ``step``) with ``step`` copies of ``needle``
     (resized to ``H x W``) inserted at the step boundary nearest ``depth * T``.

@@ -9,9 +9,9 @@ import json
 import torch
 
 from omnilong.data.video import DecodedVideo, decode_video
-from omnilong.eval.family import Prompt
+from omnilong.eval.family import Prompt, read_image
 from omnilong.eval.tiny_data import write_needle_image
-from omnilong.eval.vniah import insert_needle, read_image, run_vniah
+from omnilong.eval.vniah import insert_needle, run_vniah
 from omnilong.generation.generate import cached_logits
 
 
