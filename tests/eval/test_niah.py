@@ -5,6 +5,7 @@ needle sits at a sentence boundary found with the model's tokenizer, deeper for 
 depth, in prompts of the asked length; the two scorers agree on the model's own greedy
 answer; results.jsonl / results.json hold the length x depth grid."""
 
+import importlib.util
 import json
 
 import pytest
@@ -71,5 +72,6 @@ def test_run_writes_items_and_the_length_depth_grid(tiny_inference, tmp_path):
     assert (grid["rows"], grid["columns"]) == ([128, 192], [0.0, 1.0])
     assert summary["accuracy_forced"] == sum(r["forced_correct"] for r in records) / 4
     assert json.loads((tmp_path / "results.json").read_text()) == summary
+    assert (tmp_path / "heatmap.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
     with pytest.raises(ValueError, match="too short"):
         run_niah(loaded, family, tmp_path, python_stdlib_sources(3), [20], [0.5])
