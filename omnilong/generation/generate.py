@@ -41,16 +41,28 @@ class Generation:
 
 
 def with_positions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``inputs`` (one row) with ``position_ids``: M-RoPE ``[3, 1, T]`` by the model's rule when
-    it holds vision grids, else ``[1, T]`` text positions ``0..T-1``; kept when already there."""
-    if "position_ids" in inputs:
-        return inputs
+    """One prompt row ready for :func:`prefill`: ``position_ids`` added (M-RoPE ``[3, 1, T]`` by
+    the model's rule when there are vision grids, else ``[1, T]`` text positions ``0..T-1``;
+    kept when given), and a processor's ``attention_mask`` (all ones for one unpadded row) and
+    ``mm_token_type_ids`` (used for the positions) taken out.
+
+    Raises:
+        ValueError: several rows, or padding in the attention mask.
+    """
+    inputs = dict(inputs)
     input_ids = inputs["input_ids"]
     if input_ids.shape[0] != 1:
         raise ValueError(f"generation takes one prompt at a time, got a batch of {input_ids.shape[0]} rows")
+    mask = inputs.pop("attention_mask", None)
+    if mask is not None and not bool(mask.all()):
+        raise ValueError("the prompt's attention_mask has padding: give one unpadded prompt (padding=False)")
+    token_types = inputs.pop("mm_token_type_ids", None)
+    if "position_ids" in inputs:
+        return inputs
     if any(key in inputs for key in _VISION_GRIDS):
         positions = model.multimodal_position_ids(
-            input_ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts"))
+            input_ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts"),
+            mm_token_type_ids=token_types)
     else:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     return {**inputs, "position_ids": positions}

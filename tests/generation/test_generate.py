@@ -61,6 +61,10 @@ def test_greedy_generation_stops_on_stop_token_or_budget(tiny_qwen_dir):
     assert (stopped.tokens, stopped.stopped_by) == (free.tokens[:3], "stop_token")
     with pytest.raises(ValueError, match="max_new_tokens"):
         greedy_generate(model, inputs, 0, [])
+    with pytest.raises(ValueError, match="one prompt at a time"):
+        greedy_generate(model, {"input_ids": inputs["input_ids"].expand(2, -1)}, 5, [])
+    with pytest.raises(ValueError, match="padding"):
+        greedy_generate(model, {**inputs, "attention_mask": (torch.arange(40) > 2).long()[None]}, 5, [])
 
 
 def _generate_on_ranks(rank, world_size, model_dir, videos_dir):
