@@ -68,6 +68,8 @@ def test_greedy_generation_stops_on_stop_token_or_budget(tiny_qwen_dir):
 
 
 def _generate_on_ranks(rank, world_size, model_dir, videos_dir):
+    """Greedy tokens and per-step logits of the text and the video prompt, and the video prompt's
+    first logits through the frame-pair feature cache (encoded, then reused)."""
     torch.manual_seed(0)
     loaded = load_inference_model(model_dir, torch.device("cpu"), torch.float32)
     results = []
@@ -79,12 +81,21 @@ def _generate_on_ranks(rank, world_size, model_dir, videos_dir):
         logits = [next(steps)] + [steps.send(t) for t in generation.tokens[:-1]]
         steps.close()
         results.append((generation.tokens, torch.stack(logits).tolist()))  # plain lists cross processes
+    family = family_for("qwen2_5_vl", loaded.tokenizer, model_dir)
+    with family.frame_feature_cache(loaded.model) as cache:
+        for _ in range(2):
+            cache.expect([("video", j) for j in range(int(inputs["video_grid_thw"][0, 0]))])
+            steps = cached_logits(loaded.model, inputs, loaded.cp_mesh)
+            results.append(([], next(steps)[None].tolist()))
+            steps.close()
     return results
 
 
 def test_generation_under_cp2_equals_cp1(tiny_qwen_dir, tiny_videos_dir, run_distributed):
     one = _generate_on_ranks(0, 1, tiny_qwen_dir, tiny_videos_dir)
     ranks = run_distributed(_generate_on_ranks, 2, tiny_qwen_dir, tiny_videos_dir)
+    assert len(one) == 4
+    torch.testing.assert_close(torch.tensor(one[3][1]), torch.tensor(one[1][1][:1]), atol=1e-5, rtol=0)  # cache hit
     for rank in ranks:
         for (tokens, logits), (tokens1, logits1) in zip(rank, one):
             assert tokens == tokens1
