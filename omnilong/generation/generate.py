@@ -69,13 +69,13 @@ def with_positions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[st
 
 
 def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """``[..., dim]`` final hidden states -> ``[..., vocab]`` float32 logits with the model's
-    output projection (gathered first when FSDP holds it sharded: a collective, so every rank
-    must call this)."""
+    """``[..., dim]`` final hidden states -> ``[..., vocab]`` logits with the model's output
+    projection, computed in the weight's dtype and returned in float32 (the weight is gathered
+    first when FSDP holds it sharded: a collective, so every rank must call this)."""
     weight = model.output.weight
     if isinstance(weight, DTensor):
         weight = weight.full_tensor()
-    return hidden.float() @ weight.float().T
+    return (hidden.to(weight.dtype) @ weight.T).float()
 
 
 def _hidden_at(hidden: torch.Tensor, positions: Sequence[int], seq_len: int, cp_mesh: Optional[DeviceMesh]) -> torch.Tensor:
@@ -121,6 +121,7 @@ def prefill(
     return _hidden_at(hidden, positions, seq_len, cp_mesh)
 
 
+@torch.no_grad()  # on a generator: grad mode is off only while it runs, not between steps
 def cached_logits(
     model: nn.Module, inputs: dict[str, torch.Tensor], cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
 ) -> Generator[torch.Tensor, int, None]:
@@ -138,7 +139,7 @@ def cached_logits(
     prompt_length = inputs["input_ids"].shape[1]
     device = inputs["input_ids"].device
     position = int(inputs["position_ids"].max()) + 1  # the served rule: past the prompt's largest position
-    with torch.no_grad(), kv_cache(model, None if cp_mesh is None else cp_mesh.get_group()) as cache:
+    with kv_cache(model, None if cp_mesh is None else cp_mesh.get_group()) as cache:
         hidden = prefill(model, inputs, [prompt_length - 1], cache, cp_mesh, pad_token_id)  # [1, 1, dim]
         cache.decoding = True
         while True:
