@@ -150,8 +150,7 @@ def kv_cache(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Ite
         group: the cp process group when the prompt is prefilled sharded over it.
     """
     cache = KVCache(group)
-    owners = [module for module in model.modules() if isinstance(getattr(module, "core", None), nn.Module)
-              and not isinstance(module, CachedAttention)]
+    owners = [module for module in model.modules() if isinstance(getattr(module, "core", None), nn.Module)]
     originals = [owner.core for owner in owners]
     for owner, core in zip(owners, originals):
         owner.core = CachedAttention(core, cache)
