@@ -28,7 +28,9 @@ def reproduces_answer(loaded: InferenceModel, family: ModelFamily, prompt: Promp
     return predicted == inputs["input_ids"][0, -answer_length:].tolist()
 
 
-def generate_answer(loaded: InferenceModel, family: ModelFamily, prompt: Prompt, max_new_tokens: int) -> tuple[str, int]:
+def generate_answer(
+    loaded: InferenceModel, family: ModelFamily, prompt: Prompt, max_new_tokens: int
+) -> tuple[str, int]:
     """The greedy answer to ``prompt`` (stop token removed, special tokens skipped) and the
     prompt's token count."""
     inputs, _ = family.prompt_inputs(prompt)

@@ -129,7 +129,8 @@ class Qwen2_5_VLFamily:
         if missing:
             raise ValueError(f"the tokenizer lacks {missing}: not a Qwen2.5-VL tokenizer")
         self.image_pad, self.video_pad = vocab["<|image_pad|>"], vocab["<|video_pad|>"]
-        self._stops = sorted({vocab["<|im_end|>"], *([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])})
+        eos = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+        self._stops = sorted({vocab["<|im_end|>"], *eos})
 
     @property
     def stop_token_ids(self) -> list[int]:

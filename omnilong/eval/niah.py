@@ -5,7 +5,8 @@ files; the demo uses this Python's standard-library sources) at relative depths 
 prompt lengths from 1K tokens up to the model's limit. The haystack is tokenized once with
 the model's own tokenizer and cut at the last sentence boundary that fits the length; the
 needle goes at the boundary nearest its depth (a boundary: after a token ending a line, or
-after a token ending in ``.``, ``!`` or ``?`` followed by whitespace). The question comes after the haystack, in one user turn.
+after a token ending in ``.``, ``!`` or ``?`` followed by whitespace). The question comes
+after the haystack, in one user turn.
 
 Two scores per item: *teacher forcing* (the number appended as the answer; correct iff the
 argmax at every answer position is the next answer token) and *generation* (greedy answer;

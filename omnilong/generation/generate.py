@@ -78,7 +78,9 @@ def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return (hidden.to(weight.dtype) @ weight.T).float()
 
 
-def _hidden_at(hidden: torch.Tensor, positions: Sequence[int], seq_len: int, cp_mesh: Optional[DeviceMesh]) -> torch.Tensor:
+def _hidden_at(
+    hidden: torch.Tensor, positions: Sequence[int], seq_len: int, cp_mesh: Optional[DeviceMesh]
+) -> torch.Tensor:
     """``[1, n, dim]`` hidden states at global ``positions`` of a prompt, from this rank's
     ``hidden [1, t, dim]`` (its zigzag shard of ``seq_len`` padded tokens under cp: the owner
     of each position contributes it, summed over the cp group)."""
