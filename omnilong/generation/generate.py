@@ -9,13 +9,15 @@ three streams (Qwen2.5-VL's served rule: text after a video resumes past the vid
 position). Every cp rank runs the same decode steps on the same token and gets the same logits.
 """
 
+import contextlib
 from dataclasses import dataclass
-from typing import Generator, Optional, Sequence
+from typing import Generator, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from omnilong.generation.kv_cache import KVCache, kv_cache
@@ -123,6 +125,23 @@ def prefill(
     return _hidden_at(hidden, positions, seq_len, cp_mesh)
 
 
+@contextlib.contextmanager
+def layers_kept_gathered(model: nn.Module) -> Iterator[None]:
+    """Inside, FSDP-sharded blocks keep their parameters gathered after a forward (decode steps
+    then all-gather each block once, not once per token; the price is the whole model on every
+    rank); on exit they are resharded and reshard after forward again, as ``apply_fsdp`` set
+    them. The root module is left as it is (FSDP never reshards it after forward)."""
+    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model]
+    for block in blocks:
+        block.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            block.set_reshard_after_forward(True, recurse=False)
+            block.reshard()
+
+
 @torch.no_grad()  # on a generator: grad mode is off only while it runs, not between steps
 def cached_logits(
     model: nn.Module, inputs: dict[str, torch.Tensor], cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
@@ -144,11 +163,12 @@ def cached_logits(
     with kv_cache(model, None if cp_mesh is None else cp_mesh.get_group()) as cache:
         hidden = prefill(model, inputs, [prompt_length - 1], cache, cp_mesh, pad_token_id)  # [1, 1, dim]
         cache.decoding = True
-        while True:
-            token = yield output_logits(model, hidden[0, -1])
-            hidden = model(input_ids=torch.tensor([[token]], device=device),
-                           position_ids=torch.full((3, 1, 1), position, device=device), return_hidden=True)
-            position += 1
+        with layers_kept_gathered(model):
+            while True:
+                token = yield output_logits(model, hidden[0, -1])
+                hidden = model(input_ids=torch.tensor([[token]], device=device),
+                               position_ids=torch.full((3, 1, 1), position, device=device), return_hidden=True)
+                position += 1
 
 
 def greedy_generate(

@@ -8,6 +8,7 @@ processes (parameters FSDP-sharded over them) gives the same tokens and logits a
 
 import pytest
 import torch
+from torch.distributed.tensor import DTensor
 
 from omnilong.data.tokenizer import load_tokenizer
 from omnilong.data.video import decode_video
@@ -79,7 +80,10 @@ def _generate_on_ranks(rank, world_size, model_dir, videos_dir):
         generation = greedy_generate(loaded.model, inputs, 4, [], cp_mesh=loaded.cp_mesh)
         steps = cached_logits(loaded.model, inputs, loaded.cp_mesh)
         logits = [next(steps)] + [steps.send(t) for t in generation.tokens[:-1]]
+        # FSDP blocks stay gathered between decode steps, and are sharded again afterwards.
+        assert world_size == 1 or not isinstance(next(loaded.model.layers[0].parameters()), DTensor)
         steps.close()
+        assert world_size == 1 or isinstance(next(loaded.model.layers[0].parameters()), DTensor)
         results.append((generation.tokens, torch.stack(logits).tolist()))  # plain lists cross processes
     family = family_for("qwen2_5_vl", loaded.tokenizer, model_dir)
     with family.frame_feature_cache(loaded.model) as cache:
