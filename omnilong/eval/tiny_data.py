@@ -28,6 +28,8 @@ def write_tiny_videomme(root: Path, videos_dir: Path, n_videos: int = 2) -> Path
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if not 1 <= n_videos <= len(_COLOURS):
+        raise ValueError(f"n_videos must be 1..{len(_COLOURS)} (the tiny videos of the four colours the options name)")
     samples = [json.loads(line) for line in (videos_dir / "train.jsonl").read_text().splitlines()][:n_videos]
     (root / "data").mkdir(parents=True, exist_ok=True)
     (root / "videomme").mkdir(exist_ok=True)
