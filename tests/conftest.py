@@ -180,6 +180,17 @@ def no_host_sync() -> Callable:
     return _no_host_sync
 
 
+@pytest.fixture(scope="session")
+def tiny_inference(tiny_qwen_dir):
+    """The tiny checkpoint loaded for inference (fp32, CPU) and its evaluation family
+    (4 frames per video at most)."""
+    from omnilong.eval.family import family_for
+    from omnilong.generation.loading import load_inference_model
+
+    loaded = load_inference_model(tiny_qwen_dir, torch.device("cpu"), torch.float32)
+    return loaded, family_for("qwen2_5_vl", loaded.tokenizer, loaded.model_dir, max_frames=4)
+
+
 # ---------------------------------------------------------------- this checkout's code
 REPO = Path(__file__).resolve().parents[1]
 CHECKOUT_PATHS = (str(REPO), str(REPO / "recipes"))

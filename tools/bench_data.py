@@ -16,7 +16,7 @@ The child uses one torch thread, as a DataLoader worker does.
 The raw path runs at 1M and 10M only (about 150 bytes per token of peak memory).
 
 Usage:
-    .venv/bin/python tools/bench_data.py [--work-dir /tmp/omnilong-bench-data] [--workers 2]
+    python tools/bench_data.py [--work-dir /tmp/omnilong-bench-data] [--workers 2]
         [--max-seq-len 131072]
 """
 

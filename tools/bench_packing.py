@@ -12,7 +12,7 @@ setup and train, in-process) and reports:
   trained tokens (labels not ignored) per second.
 
 Usage (needs ``outputs/tiny-qwen2_5_vl`` and ``outputs/tiny-videos``, see the README's demo):
-    .venv/bin/python tools/bench_packing.py [--steps 20]
+    python tools/bench_packing.py [--steps 20]
 """
 
 import argparse

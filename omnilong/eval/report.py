@@ -1,0 +1,71 @@
+"""Evaluation outputs: ``results.json``, a progress bar over items, and heatmaps (matplotlib
+is an optional extra: ``pip install -e ".[eval]"``; without it the JSON is written and the
+log says how to get the picture)."""
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Sequence, TypeVar
+
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def progress(items: Iterable[T], total: int, description: str, enabled: bool) -> Iterator[T]:
+    """A tqdm bar over ``items`` (on the writing rank only)."""
+    return iter(tqdm(items, total=total, desc=description, disable=not enabled, dynamic_ncols=True))
+
+
+def write_json(path: Path, results: dict[str, Any]) -> None:
+    """Write ``results`` as indented JSON (the directory is created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def grid_accuracy(records: Sequence[dict], row_key: str, column_key: str, score_key: str) -> dict[str, Any]:
+    """Mean of ``score_key`` per ``(row, column)`` cell of ``records``.
+
+    Returns:
+        ``{"rows": [...], "columns": [...], "accuracy": [[...]]}``, rows and columns sorted,
+        ``None`` for an empty cell.
+    """
+    rows = sorted({r[row_key] for r in records})
+    columns = sorted({r[column_key] for r in records})
+    cells: dict[tuple, list[float]] = {}
+    for r in records:
+        cells.setdefault((r[row_key], r[column_key]), []).append(float(r[score_key]))
+    accuracy = [[(sum(cells[(a, b)]) / len(cells[(a, b)])) if (a, b) in cells else None for b in columns]
+                for a in rows]
+    return {"rows": rows, "columns": columns, "accuracy": accuracy}
+
+
+def write_heatmaps(path: Path, grids: dict[str, dict[str, Any]], row_label: str, column_label: str) -> bool:
+    """One heatmap panel per named grid (:func:`grid_accuracy`), depth down, length across,
+    green = found. Returns whether the PNG was written (False without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: %s not drawn (pip install -e \".[eval]\"; the numbers are "
+                       "in results.json)", path)
+        return False
+    fig, axes = plt.subplots(1, len(grids), figsize=(6 * len(grids), 4.5), squeeze=False)
+    for ax, (title, grid) in zip(axes[0], grids.items()):
+        values = [[float("nan") if v is None else v for v in row] for row in grid["accuracy"]]
+        transposed = [list(col) for col in zip(*values)]  # columns (depth) down, rows (length) across
+        image = ax.imshow(transposed, cmap="RdYlGn", vmin=0, vmax=1, aspect="auto", origin="upper")
+        ax.set_xticks(range(len(grid["rows"])), [str(r) for r in grid["rows"]], rotation=45)
+        ax.set_yticks(range(len(grid["columns"])), [f"{c:g}" for c in grid["columns"]])
+        ax.set_xlabel(row_label)
+        ax.set_ylabel(column_label)
+        ax.set_title(title)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

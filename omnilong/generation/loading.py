@@ -1,0 +1,126 @@
+"""A checkpoint ready to answer prompts: native model (eval mode), tokenizer, and, when the
+process runs under torchrun with several ranks, ring attention over them (every rank is one
+cp rank of the same model; parameters FSDP-sharded over the ranks, as in training).
+
+A checkpoint is either a Hugging Face model directory (``config.json`` + safetensors) or a
+training step folder (``output_dir/checkpoints/step_N``: DCP files and the run's
+``config.yaml``, whose ``checkpoint_dir`` names the base model for the architecture and the
+tokenizer, and whose ``rope_theta`` override is applied).
+"""
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+from omegaconf import OmegaConf
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+
+from omnilong.checkpoint.dcp_io import load_model_tensors
+from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.checkpoint.training_state import RUN_CONFIG_NAME, is_complete_checkpoint
+from omnilong.data.tokenizer import load_tokenizer
+from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
+from omnilong.parallel.context_parallel import apply_context_parallel
+from omnilong.parallel.fsdp import apply_fsdp
+from omnilong.parallel.mesh import ParallelDims, ParallelMeshes, build_mesh
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class InferenceModel:
+    """What the evaluations need of a loaded checkpoint.
+
+    Attributes:
+        model: the native model, eval mode.
+        tokenizer: the checkpoint's (or its base model's) tokenizer.
+        hf_config: the parsed ``config.json`` the model was built from.
+        model_dir: the Hugging Face directory holding config, tokenizer and processor files.
+        device: where inputs go.
+        meshes: the meshes when running on several ranks, else ``None``.
+    """
+
+    model: nn.Module
+    tokenizer: Any
+    hf_config: dict[str, Any]
+    model_dir: Path
+    device: torch.device
+    meshes: Optional[ParallelMeshes] = None
+
+    @property
+    def cp_mesh(self) -> Optional[DeviceMesh]:
+        """The cp mesh prompts are sharded over, or ``None`` on one device."""
+        return None if self.meshes is None else self.meshes.cp
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes results (rank 0, or the only process)."""
+        return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def describe_checkpoint(path: Union[str, Path]) -> tuple[Path, dict[str, Any], Optional[Path]]:
+    """``(model_dir, text_overrides, step_dir)`` of a checkpoint path: the Hugging Face directory
+    with its architecture and tokenizer, the args its run changed, and the DCP step folder
+    holding its weights (``None``: the weights are the HF directory's).
+
+    Raises:
+        FileNotFoundError: ``path`` is neither a step folder nor a model directory.
+    """
+    path = Path(path)
+    if is_complete_checkpoint(path):
+        run_config = path / RUN_CONFIG_NAME
+        if not run_config.is_file():
+            raise FileNotFoundError(f"{path} is a step folder without its {RUN_CONFIG_NAME}: cannot tell its base "
+                                    "model; convert it with tools/convert_checkpoint.py --base <model dir> first")
+        cfg = OmegaConf.load(run_config)
+        overrides = {} if cfg.get("rope_theta") is None else {"rope_theta": float(cfg.rope_theta)}
+        return Path(cfg.checkpoint_dir), overrides, path
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a checkpoint (neither a step_N folder with .metadata nor a "
+                                "Hugging Face model directory with config.json)")
+    return path, {}, None
+
+
+def _read_weights(model: nn.Module, model_dir: Path, step_dir: Optional[Path], dtype: torch.dtype) -> dict:
+    weights = load_native_state_dict(model_dir, dtype) if step_dir is None else load_model_tensors(step_dir)
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in check_state_dict_matches(model, weights).items()}
+
+
+def load_inference_model(
+    path: Union[str, Path], device: torch.device, dtype: torch.dtype = torch.bfloat16,
+    tokenizer_dir: Optional[Union[str, Path]] = None,
+) -> InferenceModel:
+    """Load a checkpoint for generation. Without a process group of several ranks the model is
+    whole on ``device``; with one (torchrun), all ranks form one cp group: ring attention over
+    them and parameters FSDP-sharded over them, rank 0 reading the weights and sending each
+    rank its shards.
+
+    Raises:
+        FileNotFoundError, ValueError: a bad checkpoint path or weights that do not match.
+    """
+    model_dir, overrides, step_dir = describe_checkpoint(path)
+    hf_config = read_hf_config(model_dir)
+    tokenizer = load_tokenizer(tokenizer_dir or model_dir)
+    with torch.device("meta"):
+        model = build_model_from_hf_config(hf_config, **overrides)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    meshes = None
+    if world == 1:
+        model.load_state_dict(_read_weights(model, model_dir, step_dir, dtype), assign=True)
+        if model.args.tie_word_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.to(device)
+    else:
+        meshes = build_mesh(ParallelDims.resolve(world, 1, 1, world), device.type)
+        apply_context_parallel(model, meshes.cp)
+        apply_fsdp(model, meshes, param_dtype=None if dtype == torch.float32 else dtype)  # shards stay fp32
+        model.to_empty(device=device)
+        weights = _read_weights(model, model_dir, step_dir, dtype) if dist.get_rank() == 0 else {}
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    logger.info("loaded %s (%s) on %d rank(s)", path, model_dir if step_dir else "Hugging Face directory", world)
+    return InferenceModel(model.eval(), tokenizer, hf_config, model_dir, device, meshes)

@@ -1,0 +1,59 @@
+"""``tools/evaluate.py`` and ``tools/generate.py`` as users call them, run in-process (their
+``main()`` with the argument list): each evaluation writes its results, a bad checkpoint is
+one line on stderr with exit status 1."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from omnilong.eval.tiny_data import write_needle_image, write_tiny_videomme
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
+
+
+def _main(name: str, argv: list[str], monkeypatch) -> int:
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", [name, *argv])
+    return module.main()
+
+
+def test_each_evaluation_writes_results(tiny_qwen_dir, tiny_videos_dir, tmp_path, monkeypatch, capsys):
+    model = ["--checkpoint", str(tiny_qwen_dir), "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "2"]
+    needle = write_needle_image(tmp_path / "needle.png")
+    root = write_tiny_videomme(tmp_path / "videomme", tiny_videos_dir)
+    runs = {
+        "niah": ["--lengths", "128", "--depths", "0", "1"],
+        "vniah": ["--haystack-video", str(tiny_videos_dir / "video_004.mp4"), "--needle-image", str(needle),
+                  "--question", "What colour?", "--answer", "red", "--frame-counts", "2", "--depths", "0.5"],
+        "videomme": ["--root", str(root), "--max-frames", "4", "--subtitles", "with", "--limit", "2"],
+    }
+    for evaluation, argv in runs.items():
+        out = tmp_path / evaluation
+        assert _main("evaluate", [evaluation, *model, "--output", str(out), *argv], monkeypatch) == 0
+        results = json.loads((out / "results.json").read_text())
+        assert results["evaluation"] == evaluation
+    assert json.loads((tmp_path / "videomme" / "results.json").read_text())["with_subtitles"]["questions"] == 2
+    assert f"results: {tmp_path / 'videomme' / 'results.json'}" in capsys.readouterr().out
+
+
+def test_generate_answers_and_bad_checkpoint_is_one_line(tiny_qwen_dir, tiny_videos_dir, tmp_path, monkeypatch,
+                                                          capsys):
+    argv = ["--checkpoint", str(tiny_qwen_dir), "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "3",
+            "--video", str(tiny_videos_dir / "video_000.mp4"), "--text", "What colour is the square?"]
+    assert _main("generate", argv, monkeypatch) == 0
+    assert "prompt tokens]" in capsys.readouterr().err
+    argv[1] = str(tmp_path)
+    assert _main("generate", argv, monkeypatch) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("generate: error:") and "not a checkpoint" in err and len(err.splitlines()) == 1
+
+
+def test_missing_needle_image_is_named(tiny_qwen_dir, tiny_videos_dir, tmp_path, monkeypatch, capsys):
+    argv = ["vniah", "--checkpoint", str(tiny_qwen_dir), "--output", str(tmp_path / "out"),
+            "--haystack-video", str(tiny_videos_dir / "video_004.mp4"), "--needle-image", str(tmp_path / "none.png"),
+            "--question", "q", "--answer", "a"]
+    assert _main("evaluate", argv, monkeypatch) == 1
+    assert "none.png: image not found" in capsys.readouterr().err
