@@ -79,10 +79,11 @@ def test_video_logits_and_gradients_match_transformers(tiny_llava_dir):
     assert _assert_logits_and_gradients_match(tiny_llava_dir, inputs) == 69 - 2  # all but post_layernorm
 
 
-@pytest.mark.parametrize("size", [(60, 150), (250, 230)], ids=["wide-unpadded", "large-downscaled"])
+@pytest.mark.parametrize("size", [(50, 130), (250, 140)], ids=["wide-unpadded", "tall-unpadded-downscaled"])
 def test_anyres_image_logits_and_gradients_match_transformers(tiny_llava_dir, size):
-    """An odd aspect ratio: the grid crops' features are unpadded; a large image's grid holds
-    more than 9 crops' worth and is downscaled (anyres_max_9)."""
+    """Odd aspect ratios: 50x130 goes into a 2x4-crop grid (6x12 features) whose padded rows are
+    cut (4x12 left); 250x140 into 6x4 crops (18x12), columns cut (18x10), more than 9 crops'
+    worth (9x9 features), so it is downscaled by 1.49 (anyres_max_9)."""
     inputs = _inputs(tiny_llava_dir, [{"type": "image"}, {"type": "text", "text": "describe"}],
                      images=[_image(*size, seed=2)])
     assert _assert_logits_and_gradients_match(tiny_llava_dir, inputs) == 69 - 2
