@@ -1,5 +1,6 @@
 from omnilong.data.chat import ChatDataset, chat_dataset, python_stdlib_chat_dataset
 from omnilong.data.collate import collate_padded
+from omnilong.data.llava_video import llava_video_sft_dataset
 from omnilong.data.mixing import WeightedMix
 from omnilong.data.packed_text import PackedRows, PackedTextDataset, python_stdlib_dataset
 from omnilong.data.packing import PackedDataset
@@ -23,6 +24,7 @@ __all__ = [
     "chat_dataset",
     "collate_padded",
     "decode_video",
+    "llava_video_sft_dataset",
     "load_tokenizer",
     "prepared_chat_dataset",
     "prepared_text_dataset",

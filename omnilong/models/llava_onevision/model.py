@@ -122,15 +122,28 @@ class LlavaOnevision(nn.Module):
             for f, size in zip(features, sizes)
         ])
 
-    def video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """``[n_videos * (frames * pooled^2 + 1), dim]``: ``pixel_values_videos [n_videos, frames,
-        C, S, S]`` through the tower frame by frame, pooled, and one newline after each video."""
-        n_videos, frames = pixel_values_videos.shape[:2]
-        features = self._projected(pixel_values_videos.flatten(0, 1))  # [n_videos * frames, grid^2, dim]
-        pooled = pool_video_features(features, self.visual.args.grid)  # [n_videos * frames, pooled^2, dim]
-        pooled = pooled.reshape(n_videos, -1, pooled.shape[-1])
-        newline = self.image_newline.to(pooled.dtype).expand(n_videos, 1, -1)
-        return torch.cat([pooled, newline], dim=1).flatten(0, 1)
+    def video_features(
+        self, pixel_values_videos: torch.Tensor, video_num_frames: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """``[sum_v (frames_v * pooled^2 + 1), dim]``: every frame through the tower on its own,
+        pooled, frames of a video in order and one newline after each video.
+
+        Args:
+            pixel_values_videos: ``[n_videos, frames, C, S, S]`` (the processor's layout) or
+                ``[total_frames, C, S, S]`` (OmniLong's data: videos of any lengths back to back).
+            video_num_frames: ``[n_videos]`` frames per video, for the second layout.
+        """
+        if pixel_values_videos.ndim == 5:
+            counts = [pixel_values_videos.shape[1]] * pixel_values_videos.shape[0]
+            pixel_values_videos = pixel_values_videos.flatten(0, 1)
+        elif video_num_frames is None:
+            raise ValueError("pixel_values_videos of shape [total_frames, C, S, S] need video_num_frames")
+        else:
+            counts = video_num_frames.tolist()
+        features = self._projected(pixel_values_videos)  # [total_frames, grid^2, dim]
+        pooled = pool_video_features(features, self.visual.args.grid)  # [total_frames, pooled^2, dim]
+        newline = self.image_newline.to(pooled.dtype)[None]
+        return torch.cat([row for video in pooled.split(counts) for row in (video.flatten(0, 1), newline)])
 
     # ------------------------------------------------------------ forward
     def forward(
@@ -145,6 +158,7 @@ class LlavaOnevision(nn.Module):
         image_sizes: Optional[torch.Tensor] = None,
         batch_num_images: Optional[torch.Tensor] = None,
         pixel_values_videos: Optional[torch.Tensor] = None,
+        video_num_frames: Optional[torch.Tensor] = None,
         vision_token_index: Optional[torch.Tensor] = None,
         **unused: Any,
     ) -> torch.Tensor:
@@ -158,7 +172,7 @@ class LlavaOnevision(nn.Module):
                 only within their document.
             return_hidden: return the final hidden states instead of logits.
             pixel_values, image_sizes, batch_num_images: images (see :meth:`image_features`).
-            pixel_values_videos: ``[n_videos, frames, C, S, S]`` videos.
+            pixel_values_videos, video_num_frames: videos (see :meth:`video_features`).
             vision_token_index: ``[B, T]`` which feature each vision token takes, for a shard of
                 a sequence (see :func:`omnilong.models.qwen2_5_vl.model.vision_token_index`).
             unused: other processor outputs (``image_sizes_videos``), which the model does not need.
@@ -179,7 +193,7 @@ class LlavaOnevision(nn.Module):
             features = self.image_features(pixel_values, image_sizes, batch_num_images)
             h = scatter_vision_embeddings(h, input_ids, self.args.image_token_id, features, "image", vision_token_index)
         if pixel_values_videos is not None:
-            features = self.video_features(pixel_values_videos)
+            features = self.video_features(pixel_values_videos, video_num_frames)
             h = scatter_vision_embeddings(h, input_ids, self.args.video_token_id, features, "video", vision_token_index)
         if position_ids is None:
             position_ids = text_position_ids(input_ids, attention_mask)  # [B, T]

@@ -106,3 +106,19 @@ def test_7b_parameter_count_equals_transformers():
                              rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
         ))
     assert sum(p.numel() for p in native.parameters()) == sum(p.numel() for p in hf.parameters())
+
+
+def test_videos_back_to_back_equal_the_processor_layout(tiny_llava_dir):
+    """OmniLong's data layout (frames of all videos concatenated, ``video_num_frames``) gives the
+    logits of the processor's ``[n_videos, frames, ...]`` layout; videos may differ in length."""
+    native = load_hf_model(tiny_llava_dir).eval()
+    inputs = _inputs(tiny_llava_dir, [{"type": "video"}, {"type": "video"}, {"type": "text", "text": "same?"}],
+                     videos=[_video(3, 42, 42, seed=5), _video(3, 50, 60, seed=6)])
+    flat = {**inputs, "pixel_values_videos": inputs["pixel_values_videos"].flatten(0, 1),
+            "video_num_frames": torch.tensor([3, 3])}
+    with torch.no_grad():
+        torch.testing.assert_close(native(**flat), native(**inputs), atol=ATOL, rtol=0)
+        one, two = inputs["pixel_values_videos"][0, :1], inputs["pixel_values_videos"][1]  # 1 and 3 frames
+        short = native.video_features(torch.cat([one, two]), torch.tensor([1, 3]))
+        assert short.shape[0] == (1 * 4 + 1) + (3 * 4 + 1)
+        torch.testing.assert_close(short[5:], native.video_features(two[None]), atol=ATOL, rtol=0)
