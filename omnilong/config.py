@@ -20,6 +20,7 @@ DEFAULTS: dict[str, Any] = {
     "num_workers": 0,
     "clip_grad_norm": 1.0,  # null: no clipping
     "freeze_vision": True,  # the vision tower keeps its weights (no gradients, no optimizer state)
+    "freeze_projector": None,  # the vision-to-text projector (Qwen: the merger) likewise; null: as freeze_vision
     "rope_theta": None,  # override the checkpoint's RoPE base (long-context pretraining raises it)
     "dp_replicate_degree": 1,  # HSDP replicas (e.g. nodes); parameters are sharded within each
     "dp_shard_degree": -1,  # -1: the ranks left after dp_replicate and cp
@@ -76,6 +77,8 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     for key in _BOOLS:
         if not isinstance(cfg[key], bool):
             problems.append(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg.freeze_projector is not None and not isinstance(cfg.freeze_projector, bool):
+        problems.append(f"freeze_projector must be true, false or null, got {cfg.freeze_projector!r}")
     for key in ("clip_grad_norm", "rope_theta"):
         if cfg[key] is not None and (not _is_number(cfg[key]) or cfg[key] <= 0):
             problems.append(f"{key} must be a positive number or null, got {cfg[key]!r}")

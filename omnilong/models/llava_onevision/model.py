@@ -84,8 +84,8 @@ class LlavaOnevision(nn.Module):
         if "position_ids" in batch:
             return batch
         docs = batch.get("document_ids")
-        positions = (positions_within_documents(docs) if docs is not None
-                     else text_position_ids(batch["input_ids"], batch.get("attention_mask")))
+        positions = (torch.stack([positions_within_documents(row) for row in docs]) if docs is not None
+                     else text_position_ids(batch["input_ids"], batch.get("attention_mask")))  # [B, T]
         return {**batch, "position_ids": positions}
 
     # ------------------------------------------------------------ vision features
