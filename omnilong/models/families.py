@@ -18,6 +18,7 @@ from omnilong.models.llava_onevision import _convert_weights as llava_keys
 from omnilong.models.llava_onevision import _hf_shapes as llava_shapes
 from omnilong.models.qwen2_5_vl import _convert_weights as qwen_keys
 from omnilong.models.qwen2_5_vl import _hf_shapes as qwen_shapes
+from omnilong.models.qwen2_5_vl.rope_index import POSITION_RULE
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class ModelFamily:
         is_vision_key: whether a native key is vision-side (left out of a text-only model).
         hf_tensor_shapes: config -> ``{hub key: ((size, config key), ...)}``.
         ties_embeddings: config -> whether the output projection is the embedding.
+        export_config_fields: fields an export adds to config.json.
     """
 
     build: Callable[..., nn.Module]
@@ -41,6 +43,7 @@ class ModelFamily:
     is_vision_key: Callable[[str], bool]
     hf_tensor_shapes: Callable
     ties_embeddings: Callable[[dict], bool]
+    export_config_fields: dict[str, Any]
 
 
 def _build_qwen(config: dict[str, Any], **text_overrides: Any) -> nn.Module:
@@ -55,10 +58,12 @@ def _build_llava(config: dict[str, Any], **text_overrides: Any) -> nn.Module:
 
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_5_vl": ModelFamily(_build_qwen, qwen_keys.hf_to_native, qwen_keys.native_to_hf, qwen_keys.to_hub_layout,
-                              qwen_keys.is_vision_key, qwen_shapes.hf_tensor_shapes, qwen_shapes.ties_embeddings),
+                              qwen_keys.is_vision_key, qwen_shapes.hf_tensor_shapes, qwen_shapes.ties_embeddings,
+                              # the M-RoPE rule the run trained with (see omnilong.checkpoint.hf_export)
+                              {"omnilong_mrope_positions": POSITION_RULE}),
     "llava_onevision": ModelFamily(_build_llava, llava_keys.hf_to_native, llava_keys.native_to_hf,
                                    llava_keys.to_hub_layout, llava_keys.is_vision_key,
-                                   llava_shapes.hf_tensor_shapes, llava_shapes.ties_embeddings),
+                                   llava_shapes.hf_tensor_shapes, llava_shapes.ties_embeddings, {}),
 }
 
 
