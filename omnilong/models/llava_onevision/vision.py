@@ -74,6 +74,9 @@ class SiglipVisionTower(nn.Module):
     exports back whole, never applied (LLaVA-OneVision takes the features before it).
     """
 
+    #: each image is encoded on its own (context parallelism may spread them over ranks)
+    encodes_independent_images = True
+
     def __init__(self, args: SiglipVisionArgs, feature_layer: int = -1):
         super().__init__()
         args.validate()
