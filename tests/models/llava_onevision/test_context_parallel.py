@@ -7,8 +7,6 @@ global count of trained tokens. Tolerance: loss and every parameter's gradient (
 cp ranks) within 1e-5.
 """
 
-import copy
-
 import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
@@ -17,7 +15,9 @@ from omnilong.data import collate_padded, llava_video_sft_dataset, load_tokenize
 from omnilong.models import load_hf_model
 from omnilong.models.llava_onevision.tiny_checkpoint import TINY_CROP, TINY_PATCH
 from omnilong.parallel.context_parallel import ImageSplit, apply_context_parallel, shard_batch_for_cp
-from tests.models.llava_onevision.test_model import _image, _inputs, _video
+from tests.models.llava_onevision.inputs import processor_inputs as _inputs
+from tests.models.llava_onevision.inputs import random_image as _image
+from tests.models.llava_onevision.inputs import random_video as _video
 
 TOL = 1e-5
 
@@ -41,44 +41,49 @@ def _loss(model, batch, global_tokens: int):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / global_tokens
 
 
-def _cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict) -> dict:
-    reference = load_hf_model(checkpoint)
-    model = copy.deepcopy(reference)
-    global_tokens = int((batch["labels"] != -100).sum())
-    expected = _loss(reference, batch, global_tokens)
-    expected.backward()
+def _one_device(checkpoint, batch) -> tuple[float, dict]:
+    """The oracle: loss and every parameter's gradient (None: not in the graph) on one device."""
+    model = load_hf_model(checkpoint)
+    loss = _loss(model, batch, int((batch["labels"] != -100).sum()))
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters()}
 
+
+def _cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict, expected: dict) -> dict:
+    """``{"loss" or parameter name: max abs error}`` of cp against ``expected`` (loss, grads)."""
+    model = load_hf_model(checkpoint)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     apply_context_parallel(model, mesh["cp"])
     assert isinstance(model.visual.split, ImageSplit)
+    global_tokens = int((batch["labels"] != -100).sum())
     local = _loss(model, shard_batch_for_cp(batch, mesh["cp"], 0, model.vision_token_ids), global_tokens)
     local.backward()
     total = local.detach().clone()
     torch.distributed.all_reduce(total)
-    errors = {"loss": (total - expected.detach()).abs().item()}
-    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
-        if ref.grad is None:  # post_layernorm: never in the graph
+    errors = {"loss": abs(total.item() - expected["loss"])}
+    for name, p in model.named_parameters():
+        if expected[name] is None:  # post_layernorm: in neither graph
             errors[name] = 0.0 if p.grad is None else float("inf")
             continue
-        grad = p.grad.clone()
-        torch.distributed.all_reduce(grad)
-        errors[name] = (grad - ref.grad).abs().max().item()
+        torch.distributed.all_reduce(p.grad)
+        errors[name] = (p.grad - expected[name]).abs().max().item()
     return errors
 
 
-def _assert_close(results):
-    for errors in results:
-        assert errors["loss"] <= TOL, errors["loss"]
-        bad = {k: v for k, v in errors.items() if k != "loss" and v > TOL}
+def _assert_close(checkpoint, batch, world_size, run_distributed):
+    expected_loss, expected = _one_device(checkpoint, batch)
+    assert expected["image_newline"] is not None and expected["visual.layers.1.feed_forward.w2.weight"] is not None
+    for errors in run_distributed(_cp_worker, world_size, str(checkpoint), batch, {**expected, "loss": expected_loss}):
+        assert errors.keys() == {"loss", *expected}
+        bad = {k: v for k, v in errors.items() if v > TOL}
         assert not bad, bad
-        assert any(k.startswith("visual.layers") for k in errors) and "image_newline" in errors
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_image_and_videos_under_cp_match_one_device(run_distributed, tiny_llava_dir, world_size):
     """9 crops and 6 frames over 2 or 4 ranks; ~100 tokens in zigzag shards."""
     batch = _processor_batch(tiny_llava_dir)
-    _assert_close(run_distributed(_cp_worker, world_size, str(tiny_llava_dir), batch))
+    _assert_close(tiny_llava_dir, batch, world_size, run_distributed)
 
 
 def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_llava_dir, tiny_videos_dir):
@@ -90,4 +95,4 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_llava
     assert len(packed.rows[0]) > 1
     batch = load_hf_model(tiny_llava_dir).with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
     batch.pop("skipped")
-    _assert_close(run_distributed(_cp_worker, 2, str(tiny_llava_dir), batch))
+    _assert_close(tiny_llava_dir, batch, 2, run_distributed)

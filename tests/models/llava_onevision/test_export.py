@@ -16,7 +16,8 @@ from omnilong.checkpoint.hf_export import export_hf_checkpoint
 from omnilong.checkpoint.hf_io import INDEX_NAME, read_hf_config
 from omnilong.models import load_hf_model
 from tests.checkpoint.test_hf_export import save_run_checkpoint
-from tests.models.llava_onevision.test_model import _inputs, _video
+from tests.models.llava_onevision.inputs import processor_inputs as _inputs
+from tests.models.llava_onevision.inputs import random_video as _video
 
 ATOL = 1e-5
 

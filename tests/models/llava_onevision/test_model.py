@@ -5,39 +5,22 @@ layout), fp32 on CPU, inputs from the checkpoint's own LlavaOnevisionProcessor; 
 max abs diff <= 1e-5 for logits and for every parameter's gradient.
 """
 
-import numpy as np
 import pytest
 import torch
-from transformers import (
-    AutoProcessor,
-    LlavaOnevisionConfig,
-    LlavaOnevisionForConditionalGeneration,
-)
+from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
 from omnilong.models import load_hf_model
 from omnilong.models.llava_onevision import llava_onevision_7b
 from omnilong.models.llava_onevision._convert_weights import native_to_hf, to_hub_layout
+from tests.models.llava_onevision.inputs import processor_inputs as _inputs
+from tests.models.llava_onevision.inputs import random_image as _image
+from tests.models.llava_onevision.inputs import random_video as _video
 
 ATOL = 1e-5
 
 
 def _hf_model(path):
     return LlavaOnevisionForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
-
-
-def _image(height, width, seed):
-    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-
-
-def _video(frames, height, width, seed):
-    return np.random.default_rng(seed).integers(0, 256, (frames, height, width, 3), dtype=np.uint8)
-
-
-def _inputs(path, content, videos=None, images=None):
-    processor = AutoProcessor.from_pretrained(path)
-    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
-    text = processor.apply_chat_template(messages)
-    return dict(processor(text=[text], images=images, videos=videos, return_tensors="pt"))
 
 
 def _assert_logits_and_gradients_match(path, inputs):
