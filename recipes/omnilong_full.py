@@ -196,7 +196,15 @@ class OmniLongFullRecipe:
         )
 
     def _check_data_matches_model(self) -> None:
-        """A dataset that places vision tokens must use the model's token ids."""
+        """A video dataset must be in the model family's video format (sized for its tower), and
+        a dataset that places vision tokens must use the model's token ids."""
+        video_format, model_type = getattr(self.dataset, "format", None), self.hf_config.get("model_type")
+        if video_format is not None:
+            if video_format.model_type != model_type:
+                raise ValueError(f"the dataset makes {video_format.model_type} video inputs, but the checkpoint is "
+                                 f"{model_type}: use its dataset component (omnilong.data.video_sft_dataset for "
+                                 "qwen2_5_vl, omnilong.data.llava_video_sft_dataset for llava_onevision)")
+            video_format.check_model(self.model.visual.args)
         args = self.model.args
         for name in ("video_token_id", "image_token_id"):
             if hasattr(self.dataset, name) and getattr(self.dataset, name) != getattr(args, name):

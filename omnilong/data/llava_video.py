@@ -39,6 +39,7 @@ class LlavaVideoFormat:
     mean: tuple[float, ...] = SIGLIP_MEAN
     std: tuple[float, ...] = SIGLIP_STD
 
+    model_type = "llava_onevision"
     marker = pad_token = VIDEO_TOKEN
     image_token = IMAGE_TOKEN
     required_tokens = (VIDEO_TOKEN, IMAGE_TOKEN)
@@ -46,6 +47,13 @@ class LlavaVideoFormat:
     def __post_init__(self):
         if self.crop <= 0 or self.patch <= 0 or self.crop % self.patch:
             raise ValueError(f"frame_size {self.crop} must be a positive multiple of patch_size {self.patch}")
+
+    def check_model(self, vision_args) -> None:
+        """Raise ``ValueError`` when the tower's crop or patch is not the data's (names the keys)."""
+        if (vision_args.image_size, vision_args.patch_size) != (self.crop, self.patch):
+            raise ValueError(f"dataset.frame_size {self.crop} and dataset.patch_size {self.patch} must be the "
+                             f"checkpoint's vision_config image_size {vision_args.image_size} and patch_size "
+                             f"{vision_args.patch_size}")
 
     @property
     def tokens_per_frame(self) -> int:

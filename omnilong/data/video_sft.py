@@ -181,9 +181,18 @@ class QwenVideoFormat:
     one token per 2x2 patches of a frame pair; items carry ``pixel_values_videos [N, 1176]``,
     ``video_grid_thw`` and ``second_per_grid_ts``."""
 
+    model_type = "qwen2_5_vl"
     marker = VISION_START + VIDEO_PAD + VISION_END
     pad_token, image_token = VIDEO_PAD, IMAGE_PAD
     required_tokens = (VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD)
+
+    def check_model(self, vision_args) -> None:
+        """Raise ``ValueError`` when the vision tower's patching is not the one the data makes."""
+        made = (PATCH_SIZE, TEMPORAL_PATCH_SIZE, MERGE_SIZE)
+        tower = (vision_args.patch_size, vision_args.temporal_patch_size, vision_args.spatial_merge_size)
+        if tower != made:
+            raise ValueError(f"the vision tower's (patch_size, temporal_patch_size, spatial_merge_size) {tower} "
+                             f"are not the video data's {made}")
 
     def sizes(self, shapes: list[tuple[int, int, int]], options: VideoOptions) -> list[tuple[int, int]]:
         """``(height, width)`` each video of ``(frames, height, width)`` is resized to."""
