@@ -30,7 +30,6 @@ class ModelFamily:
         hf_to_native: HF state dict (either layout) -> ``(native, vision_keys, unknown_keys)``.
         native_to_hf: native state dict -> hub layout.
         to_hub_layout: one key of either layout -> its hub name.
-        is_vision_key: whether a native key is vision-side (left out of a text-only model).
         hf_tensor_shapes: config -> ``{hub key: ((size, config key), ...)}``.
         ties_embeddings: config -> whether the output projection is the embedding.
         export_config_fields: fields an export adds to config.json.
@@ -40,7 +39,6 @@ class ModelFamily:
     hf_to_native: Callable
     native_to_hf: Callable
     to_hub_layout: Callable[[str], str]
-    is_vision_key: Callable[[str], bool]
     hf_tensor_shapes: Callable
     ties_embeddings: Callable[[dict], bool]
     export_config_fields: dict[str, Any]
@@ -58,12 +56,11 @@ def _build_llava(config: dict[str, Any], **text_overrides: Any) -> nn.Module:
 
 FAMILIES: dict[str, ModelFamily] = {
     "qwen2_5_vl": ModelFamily(_build_qwen, qwen_keys.hf_to_native, qwen_keys.native_to_hf, qwen_keys.to_hub_layout,
-                              qwen_keys.is_vision_key, qwen_shapes.hf_tensor_shapes, qwen_shapes.ties_embeddings,
+                              qwen_shapes.hf_tensor_shapes, qwen_shapes.ties_embeddings,
                               # the M-RoPE rule the run trained with (see omnilong.checkpoint.hf_export)
                               {"omnilong_mrope_positions": POSITION_RULE}),
     "llava_onevision": ModelFamily(_build_llava, llava_keys.hf_to_native, llava_keys.native_to_hf,
-                                   llava_keys.to_hub_layout, llava_keys.is_vision_key,
-                                   llava_shapes.hf_tensor_shapes, llava_shapes.ties_embeddings, {}),
+                                   llava_keys.to_hub_layout, llava_shapes.hf_tensor_shapes, llava_shapes.ties_embeddings, {}),
 }
 
 
