@@ -46,3 +46,10 @@ def test_each_stage_starts_from_the_previous_stages_export(chain):
     stages = [OmegaConf.load(directory / (prefix + name)) for name in STAGES]
     for previous, stage in zip(stages, stages[1:]):
         assert Path(stage.checkpoint_dir) == Path(previous.output_dir) / "hf"
+
+
+def test_freeze_projector_is_true_false_or_null():
+    cfg = OmegaConf.load(CONFIGS[0])
+    cfg.freeze_projector = "yes"
+    with pytest.raises(ValueError, match="freeze_projector must be true, false or null, got 'yes'"):
+        validate_config(cfg)

@@ -45,8 +45,8 @@ class LlavaVideoFormat:
     required_tokens = (VIDEO_TOKEN, IMAGE_TOKEN)
 
     def __post_init__(self):
-        if self.crop <= 0 or self.patch <= 0 or self.crop % self.patch:
-            raise ValueError(f"frame_size {self.crop} must be a positive multiple of patch_size {self.patch}")
+        if not 0 < self.patch <= self.crop:  # 384 px of 14 px patches: 27 per side, the last 6 px unused
+            raise ValueError(f"need 0 < patch_size <= frame_size, got patch_size {self.patch}, frame_size {self.crop}")
 
     def check_model(self, vision_args) -> None:
         """Raise ``ValueError`` when the tower's crop or patch is not the data's (names the keys)."""

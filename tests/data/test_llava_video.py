@@ -65,6 +65,21 @@ def test_skipped_placeholder_is_one_blank_frame(tiny_videos_dir, tokenizer, tmp_
     assert item["pixel_values_videos"].shape == (1, 3, TINY_CROP, TINY_CROP)
 
 
-def test_format_rejects_a_crop_that_is_not_whole_patches():
-    with pytest.raises(ValueError, match="frame_size 40 must be a positive multiple of patch_size 14"):
-        LlavaVideoFormat(crop=40, patch=14)
+def test_format_rejects_a_patch_larger_than_the_frame():
+    with pytest.raises(ValueError, match="need 0 < patch_size <= frame_size, got patch_size 14, frame_size 10"):
+        LlavaVideoFormat(crop=10, patch=14)
+
+
+def test_7b_format_counts_196_tokens_per_frame():
+    """384 px frames of 14 px patches: 27x27 features pooled to 14x14."""
+    assert LlavaVideoFormat().num_tokens(32, (384, 384)) == 32 * 196 + 1
+
+
+def test_data_sized_for_another_tower_is_refused_naming_the_keys(tiny_llava_dir):
+    from omnilong.models import load_hf_model
+
+    visual_args = load_hf_model(tiny_llava_dir).visual.args
+    LlavaVideoFormat(crop=TINY_CROP, patch=TINY_PATCH).check_model(visual_args)
+    with pytest.raises(ValueError, match="dataset.frame_size 384 and dataset.patch_size 14 must be the "
+                                         "checkpoint's vision_config image_size 42 and patch_size 14"):
+        LlavaVideoFormat().check_model(visual_args)
