@@ -105,3 +105,52 @@ def test_videos_back_to_back_equal_the_processor_layout(tiny_llava_dir):
         short = native.video_features(torch.cat([one, two]), torch.tensor([1, 3]))
         assert short.shape[0] == (1 * 4 + 1) + (3 * 4 + 1)
         torch.testing.assert_close(short[5:], native.video_features(two[None]), atol=ATOL, rtol=0)
+
+
+# The fields of llava-onevision-qwen2-7b-ov-hf's published config.json that the native model
+# reads (written by transformers 4.x: flat text_config with rope_theta, sparse vision_config).
+HUB_CONFIG = {
+    "architectures": ["LlavaOnevisionForConditionalGeneration"], "model_type": "llava_onevision",
+    "image_token_index": 151646, "video_token_index": 151647, "projector_hidden_act": "gelu",
+    "vision_feature_layer": -1, "vision_feature_select_strategy": "full", "vision_aspect_ratio": "anyres_max_9",
+    "image_grid_pinpoints": [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)],
+    "tie_word_embeddings": False, "use_image_newline_parameter": True,
+    "text_config": {"model_type": "qwen2", "hidden_size": 3584, "intermediate_size": 18944, "num_attention_heads": 28,
+                    "num_hidden_layers": 28, "num_key_value_heads": 4, "rope_theta": 1000000.0,
+                    "max_position_embeddings": 32768, "vocab_size": 152128, "tie_word_embeddings": False},
+    "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 1152, "image_size": 384,
+                      "intermediate_size": 4304, "num_attention_heads": 16, "num_hidden_layers": 26,
+                      "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_published_config_gives_the_7b_args():
+    from omnilong.models.llava_onevision import (
+        LlavaOnevisionTextArgs,
+        SiglipVisionArgs,
+        text_args_from_hf_config,
+        vision_args_from_hf_config,
+    )
+
+    assert text_args_from_hf_config(HUB_CONFIG) == LlavaOnevisionTextArgs()
+    assert vision_args_from_hf_config(HUB_CONFIG) == SiglipVisionArgs()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    (("vision_config", "vision_use_head"), True, "vision_use_head=true is not supported"),
+    (("text_config", "use_sliding_window"), True, "use_sliding_window=true"),
+    (("vision_feature_layer",), [-2, -1], "vision_feature_layer=\\[-2, -1\\] is not supported"),
+    (("vision_aspect_ratio",), "anyres", "vision_aspect_ratio 'anyres' is not supported"),
+])
+def test_unsupported_config_fields_are_named(field, value, message):
+    import copy
+
+    from omnilong.models import build_model_from_hf_config
+
+    config = copy.deepcopy(HUB_CONFIG)
+    node = config
+    for key in field[:-1]:
+        node = node[key]
+    node[field[-1]] = value
+    with torch.device("meta"), pytest.raises(ValueError, match=message):
+        build_model_from_hf_config(config)
