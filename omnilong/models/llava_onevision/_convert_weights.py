@@ -7,7 +7,7 @@ transformers v5 holds in memory (``model.vision_tower.*``, ``model.language_mode
 tower as ``vision_tower.*``) are read too.
 """
 
-from omnilong.models.qwen2_5_vl._convert_weights import _map_key
+from omnilong.models.key_map import KeyMap
 
 _TOWER = "vision_tower.vision_model."
 # HF hub key template -> native key template; "{}" is the layer index.
@@ -46,7 +46,6 @@ HF_TO_NATIVE: dict[str, str] = {
     "language_model.model.norm.weight": "norm.weight",
     "language_model.lm_head.weight": "output.weight",
 }
-NATIVE_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_NATIVE.items()}
 
 # transformers-v5 in-memory prefixes -> hub prefixes (longest first).
 _V5_PREFIXES = (
@@ -73,34 +72,5 @@ def is_vision_key(key: str) -> bool:
     return key.startswith(("visual.", "projector.")) or key == "image_newline"
 
 
-def hf_to_native(hf_state_dict: dict) -> tuple[dict, list[str], list[str]]:
-    """Convert an HF state dict (either layout) to native keys.
-
-    Returns:
-        ``(native_state_dict, vision_keys, unknown_keys)``, as the Qwen2.5-VL map's.
-    """
-    native, vision, unknown = {}, [], []
-    for key, tensor in hf_state_dict.items():
-        native_key = _map_key(to_hub_layout(key), HF_TO_NATIVE)
-        if native_key is None:
-            unknown.append(key)
-            continue
-        native[native_key] = tensor
-        if is_vision_key(native_key):
-            vision.append(native_key)
-    return native, vision, unknown
-
-
-def native_to_hf(state_dict: dict) -> dict:
-    """Convert native keys to the HF hub layout.
-
-    Raises:
-        KeyError: naming a native key that has no HF name.
-    """
-    out = {}
-    for key, tensor in state_dict.items():
-        hf_key = _map_key(key, NATIVE_TO_HF)
-        if hf_key is None:
-            raise KeyError(f"native key {key!r} has no Hugging Face name in the LLaVA-OneVision key map")
-        out[hf_key] = tensor
-    return out
+KEY_MAP = KeyMap("LLaVA-OneVision", HF_TO_NATIVE, to_hub_layout, is_vision_key)
+hf_to_native, native_to_hf = KEY_MAP.hf_to_native, KEY_MAP.native_to_hf
