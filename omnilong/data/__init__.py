@@ -5,7 +5,12 @@ from omnilong.data.mixing import WeightedMix
 from omnilong.data.packed_text import PackedRows, PackedTextDataset, python_stdlib_dataset
 from omnilong.data.packing import PackedDataset
 from omnilong.data.prepared import PreparedDataError
-from omnilong.data.prepared_datasets import prepared_chat_dataset, prepared_text_dataset, prepared_video_sft_dataset
+from omnilong.data.prepared_datasets import (
+    prepared_chat_dataset,
+    prepared_llava_video_sft_dataset,
+    prepared_text_dataset,
+    prepared_video_sft_dataset,
+)
 from omnilong.data.tokenizer import load_tokenizer
 from omnilong.data.video import VideoDecodeError, VideoOptions, decode_video, process_video
 from omnilong.data.video_sft import BadSampleError, VideoSFTDataset, video_sft_dataset
@@ -27,6 +32,7 @@ __all__ = [
     "llava_video_sft_dataset",
     "load_tokenizer",
     "prepared_chat_dataset",
+    "prepared_llava_video_sft_dataset",
     "prepared_text_dataset",
     "prepared_video_sft_dataset",
     "process_video",

@@ -83,3 +83,27 @@ def test_data_sized_for_another_tower_is_refused_naming_the_keys(tiny_llava_dir)
     with pytest.raises(ValueError, match="dataset.frame_size 384 and dataset.patch_size 14 must be the "
                                          "checkpoint's vision_config image_size 42 and patch_size 14"):
         LlavaVideoFormat().check_model(visual_args)
+
+
+def test_prepared_samples_equal_raw_samples_and_need_the_llava_format(tiny_llava_dir, tiny_videos_dir, tokenizer,
+                                                                      tmp_path):
+    """``--video-format llava_onevision`` prepares what the raw dataset tokenizes; a directory
+    prepared in Qwen2.5-VL's format is refused with the command to rerun."""
+    from omnilong.data import prepared_llava_video_sft_dataset
+    from omnilong.data.prepare import prepare
+    from omnilong.data.prepared import PreparedDataError
+
+    data = tiny_videos_dir / "train.jsonl"
+    prepare("video_sft", data, tiny_llava_dir, tmp_path / "prep", progress=False, video_format="llava_onevision")
+    raw = llava_video_sft_dataset(tokenizer, data, max_seq_len=4096, **TINY)
+    prepared = prepared_llava_video_sft_dataset(tokenizer, tmp_path / "prep", max_seq_len=4096, **TINY)
+    assert len(raw) == len(prepared) > 1 and prepared.format == raw.format
+    for i in range(len(raw)):
+        (sample_a, ids_a, mask_a), (sample_b, ids_b, mask_b) = raw._samples[i], prepared._samples[i]
+        assert sample_a == sample_b and torch.equal(ids_a, ids_b) and torch.equal(mask_a, mask_b)
+    a, b = raw[0], prepared[0]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    prepare("video_sft", data, tiny_llava_dir, tmp_path / "qwen", progress=False)
+    with pytest.raises(PreparedDataError, match="video_format: prepared None, wanted 'llava_onevision'"):
+        prepared_llava_video_sft_dataset(tokenizer, tmp_path / "qwen", max_seq_len=4096, **TINY)
