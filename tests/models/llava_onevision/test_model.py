@@ -79,6 +79,15 @@ def test_image_video_and_text_in_one_sequence_match_transformers(tiny_llava_dir)
     assert _assert_logits_and_gradients_match(tiny_llava_dir, inputs) == 69 - 2
 
 
+def test_two_images_in_one_sample_match_transformers(tiny_llava_dir):
+    """A sample of several images takes each as its base crop and a newline (no anyres grid)."""
+    inputs = _inputs(tiny_llava_dir, [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "same?"}],
+                     images=[[_image(50, 130, seed=8), _image(90, 40, seed=9)]])
+    assert inputs["batch_num_images"].tolist() == [2]
+    assert int((inputs["input_ids"] == 1024).sum()) == 2 * (9 + 1)
+    assert _assert_logits_and_gradients_match(tiny_llava_dir, inputs) == 69 - 2
+
+
 def test_7b_parameter_count_equals_transformers():
     """On the meta device, the published llava-onevision-qwen2-7b-ov-hf shape."""
     with torch.device("meta"):
