@@ -45,6 +45,8 @@ KEYS: tuple[Key, ...] = (
     Key("num_workers", 0, "dataloader worker processes"),
     Key("clip_grad_norm", 1.0, "max gradient norm; null: no clipping (the norm is still logged)"),
     Key("freeze_vision", True, "the vision tower keeps its weights: no gradients, no optimizer state"),
+    Key("freeze_projector", None, "the vision-to-text projector (LLaVA-OneVision's `multi_modal_projector`, "
+        "Qwen2.5-VL's merger) likewise; null: as `freeze_vision`"),
     Key("rope_theta", None, "RoPE base override (long-context pretraining raises it); null: the checkpoint's"),
     Key("dp_replicate_degree", 1, "HSDP replicas (e.g. one per node); parameters are sharded within each"),
     Key("dp_shard_degree", -1, "FSDP shard degree; -1: the ranks left after `dp_replicate` and `cp`"),
@@ -113,6 +115,8 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     for key in _BOOLS:
         if not isinstance(cfg[key], bool):
             problems.append(f"{key} must be true or false, got {cfg[key]!r}")
+    if cfg.freeze_projector is not None and not isinstance(cfg.freeze_projector, bool):
+        problems.append(f"freeze_projector must be true, false or null, got {cfg.freeze_projector!r}")
     for key in ("clip_grad_norm", "rope_theta"):
         if cfg[key] is not None and (not _is_number(cfg[key]) or cfg[key] <= 0):
             problems.append(f"{key} must be a positive number or null, got {cfg[key]!r}")

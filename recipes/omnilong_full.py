@@ -69,22 +69,6 @@ def instantiate(key: str, node: DictConfig, *args, **kwargs):
         raise ValueError(f"config key {key!r} ({node.get('_component_')}): {e}") from e
 
 
-def with_mrope_positions(batch: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """``batch`` with ``position_ids [3, B, T]``, the model's M-RoPE positions of the full rows,
-    when it holds vision grids and no positions: computed once per batch, before any
-    context-parallel cut, by the rule Qwen2.5-VL was trained and is served with
-    (:func:`omnilong.models.qwen2_5_vl.rope_index`), per document when the batch has
-    ``document_ids`` (a packed row's documents each get their positions alone, from 0; so
-    does right padding, a document of its own)."""
-    if "position_ids" in batch or not any(key in batch for key in ("image_grid_thw", "video_grid_thw")):
-        return batch
-    position_ids = model.multimodal_position_ids(
-        batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"), batch.get("second_per_grid_ts"),
-        document_ids=batch.get("document_ids"),
-    )
-    return {**batch, "position_ids": position_ids}
-
-
 def one_line(e: BaseException) -> str:
     """The message of ``e`` without the traceback a DataLoader worker's exception carries
     (``Caught X in DataLoader worker ... Original Traceback ...``: its last line is the message)."""
@@ -171,8 +155,10 @@ class OmniLongFullRecipe:
         with torch.device("meta"):
             model = build_model_from_hf_config(self.hf_config, **overrides)
         args = model.args
-        if model.visual is not None and self.cfg.freeze_vision:
-            model.visual.requires_grad_(False)
+        if model.visual is not None:
+            model.visual.requires_grad_(not self.cfg.freeze_vision)
+            freeze_projector = self.cfg.freeze_vision if self.cfg.freeze_projector is None else self.cfg.freeze_projector
+            model.projector.requires_grad_(not freeze_projector)
         if self.dims.cp > 1:
             apply_context_parallel(model, self.meshes.cp)
         if self.cfg.enable_activation_checkpointing:
@@ -187,9 +173,12 @@ class OmniLongFullRecipe:
         self._load_weights(model)
         n_params = sum(p.numel() for p in model.parameters())
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info("model: %s parameters (%s trained), %d layers, rope_theta %g, vision tower %s",
-                    f"{n_params:,}", f"{n_trained:,}", args.n_layers, args.rope_theta,
-                    "none" if model.visual is None else ("frozen" if self.cfg.freeze_vision else "trained"))
+        logger.info("model: %s, %s parameters (%s trained), %d layers, rope_theta %g, vision tower %s, "
+                    "projector %s", self.hf_config.get("model_type"), f"{n_params:,}",
+                    f"{n_trained:,}", args.n_layers, args.rope_theta,
+                    *(["none"] * 2 if model.visual is None else [
+                        "trained" if any(p.requires_grad for p in part.parameters()) else "frozen"
+                        for part in (model.visual.layers, model.projector)]))
         return model
 
     def _load_weights(self, model: torch.nn.Module) -> None:
@@ -210,7 +199,15 @@ class OmniLongFullRecipe:
         )
 
     def _check_data_matches_model(self) -> None:
-        """A dataset that places vision tokens must use the model's token ids."""
+        """A video dataset must be in the model family's video format (sized for its tower), and
+        a dataset that places vision tokens must use the model's token ids."""
+        video_format, model_type = getattr(self.dataset, "format", None), self.hf_config.get("model_type")
+        if video_format is not None:
+            if video_format.model_type != model_type:
+                raise ValueError(f"the dataset makes {video_format.model_type} video inputs, but the checkpoint is "
+                                 f"{model_type}: use its dataset component (omnilong.data.video_sft_dataset for "
+                                 "qwen2_5_vl, omnilong.data.llava_video_sft_dataset for llava_onevision)")
+            video_format.check_model(self.model.visual.args)
         args = self.model.args
         datasets = {"dataset": self.dataset}
         if self.val_dataloader is not None:
@@ -287,8 +284,8 @@ class OmniLongFullRecipe:
     # ------------------------------------------------------------------ train
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
         """Micro-batches for this rank, forever (epoch after epoch), from the saved data
-        position on, with M-RoPE positions of the full sequence (:func:`with_mrope_positions`); with
-        context parallelism, this rank's shard of each full-sequence batch."""
+        position on, with the model's positions of the full sequence (``model.with_positions``);
+        with context parallelism, this rank's shard of each full-sequence batch."""
         dp = self.meshes.dp.size()
         while True:
             self.sampler.set_epoch(self.epoch, self.consumed)
@@ -298,12 +295,11 @@ class OmniLongFullRecipe:
             self.epoch, self.consumed = self.epoch + 1, 0
 
     def _model_batch(self, batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-        """A collated batch with M-RoPE positions of the full rows (:func:`with_mrope_positions`);
+        """A collated batch with the model's positions of the full rows (``model.with_positions``);
         with context parallelism, this rank's shard of it."""
-        batch = with_mrope_positions(batch, self.model)
+        batch = self.model.with_positions(batch)
         if self.dims.cp > 1:
-            args = self.model.args
-            batch = shard_batch_for_cp(batch, self.meshes.cp, pad_id, (args.image_token_id, args.video_token_id))
+            batch = shard_batch_for_cp(batch, self.meshes.cp, pad_id, self.model.vision_token_ids)
         return batch
 
     def _validate(self) -> dict[str, float]:

@@ -97,6 +97,14 @@ def tiny_qwen_flat_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaVA-OneVision HF checkpoint + tokenizer + processor (hub layout)."""
+    from omnilong.models.llava_onevision.tiny_checkpoint import write_tiny_llava_onevision
+
+    return write_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava"), seed=0)
+
+
+@pytest.fixture(scope="session")
 def tiny_videos_dir(tmp_path_factory) -> Path:
     """Short generated videos (a coloured square moving) and a train.jsonl of conversations."""
     import subprocess

@@ -35,11 +35,16 @@ def test_shipped_config_saves_checkpoints_and_hugging_face_weights(path):
     assert cfg.save_hf_at_end is True
 
 
-@pytest.mark.parametrize("family", sorted({p.parent for p in CONFIGS}), ids=lambda d: d.name)
-def test_each_stage_starts_from_the_previous_stages_export(family):
+STAGES = ("stage1_text.yaml", "stage2_text_sft.yaml", "stage3_video_sft.yaml")
+# (directory, file-name prefix) of every chain of three stages: one per model and size.
+CHAINS = sorted({(p.parent, p.name[: -len(stage)]) for p in CONFIGS for stage in STAGES if p.name.endswith(stage)})
+
+
+@pytest.mark.parametrize("chain", CHAINS, ids=lambda c: f"{c[0].name}/{c[1]}stage*")
+def test_each_stage_starts_from_the_previous_stages_export(chain):
     """stage 2 trains the HF export of stage 1 (its output_dir/hf), stage 3 that of stage 2."""
-    stages = [OmegaConf.load(family / name) for name in
-              ("stage1_text.yaml", "stage2_text_sft.yaml", "stage3_video_sft.yaml")]
+    directory, prefix = chain
+    stages = [OmegaConf.load(directory / (prefix + name)) for name in STAGES]
     for previous, stage in zip(stages, stages[1:]):
         assert Path(stage.checkpoint_dir) == Path(previous.output_dir) / "hf"
 
@@ -75,3 +80,10 @@ def test_eval_every_n_steps_needs_a_validation_dataset():
     with pytest.raises(ValueError, match="unknown key validation_dataset.max_filez"):
         validate_config(_stage1(validation_dataset={"_component_": "omnilong.data.python_stdlib_dataset",
                                                     "max_filez": 3}))
+
+
+def test_freeze_projector_is_true_false_or_null():
+    cfg = OmegaConf.load(CONFIGS[0])
+    cfg.freeze_projector = "yes"
+    with pytest.raises(ValueError, match="freeze_projector must be true, false or null, got 'yes'"):
+        validate_config(cfg)

@@ -8,6 +8,8 @@
 
 Then point the config's dataset at it (omnilong.data.prepared_text_dataset /
 prepared_chat_dataset / prepared_video_sft_dataset, ``sources: [data/prepared/stage1]``).
+For LLaVA-OneVision, add ``--video-format llava_onevision`` to the video_sft step and read it
+with omnilong.data.prepared_llava_video_sft_dataset.
 Running it again with the same sources, tokenizer and settings does nothing (--force redoes it).
 """
 
@@ -15,7 +17,7 @@ import argparse
 import os
 import sys
 
-from omnilong.data.prepare import prepare
+from omnilong.data.prepare import VIDEO_FORMATS, prepare
 from omnilong.data.prepared import KINDS
 
 
@@ -31,12 +33,15 @@ def main() -> None:
     parser.add_argument("--data-root", default=None, help="video_sft: directory of relative video paths")
     parser.add_argument("--skip-bad-samples", action="store_true",
                         help="chat / video_sft: skip and count bad samples instead of stopping")
+    parser.add_argument("--video-format", default="qwen2_5_vl", choices=sorted(VIDEO_FORMATS),
+                        help="video_sft: the model family whose video placeholders the text gets")
     parser.add_argument("--force", action="store_true", help="prepare again even if up to date")
     args = parser.parse_args()
     try:
         meta = prepare(args.kind, args.data_files, args.tokenizer, args.output, workers=args.workers,
                        text_column=args.text_column, separator_token=args.separator_token,
-                       data_root=args.data_root, skip_bad_samples=args.skip_bad_samples, force=args.force)
+                       data_root=args.data_root, skip_bad_samples=args.skip_bad_samples, force=args.force,
+                       video_format=args.video_format)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"prepare_data: {e}")
     if meta["up_to_date"]:

@@ -9,8 +9,8 @@ from typing import Any, Optional
 from safetensors import SafetensorError, safe_open
 
 from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files
-from omnilong.models.qwen2_5_vl._convert_weights import to_hub_layout
-from omnilong.models.qwen2_5_vl._hf_shapes import Dim, hf_tensor_shapes, ties_embeddings
+from omnilong.models.families import model_family
+from omnilong.models.qwen2_5_vl._hf_shapes import Dim
 
 _SHOWN = 3  # problems named in one message; the rest are counted
 
@@ -45,7 +45,8 @@ def check_hf_weights(model_dir: Path, config: dict[str, Any]) -> None:
             config does not describe; a weight file that cannot be read.
     """
     model_dir = Path(model_dir)
-    expected = hf_tensor_shapes(config)
+    family = model_family(config)
+    to_hub_layout, expected = family.to_hub_layout, family.hf_tensor_shapes(config)
     found: dict[str, tuple[str, Path, tuple[int, ...]]] = {}  # hub key -> (file's key, file, shape)
     for path in hf_weight_files(model_dir):
         try:
@@ -58,7 +59,7 @@ def check_hf_weights(model_dir: Path, config: dict[str, Any]) -> None:
     weight_map = json.loads(index.read_text())["weight_map"] if index.is_file() else {}
     problems = []
     for hub_key, dims in expected.items():
-        if hub_key == "lm_head.weight" and hub_key not in found and ties_embeddings(config):
+        if hub_key == "lm_head.weight" and hub_key not in found and family.ties_embeddings(config):
             continue
         if hub_key not in found:
             file_key = next((k for k in weight_map if to_hub_layout(k) == hub_key), None)

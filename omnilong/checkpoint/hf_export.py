@@ -34,16 +34,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from omnilong.checkpoint.dcp_io import load_model_tensors, model_tensor_metadata, read_checkpoint_metadata
 from omnilong.checkpoint.hf_check import check_hf_weights, shape_problem
 from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files, read_hf_config
-from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf, to_hub_layout
-from omnilong.models.qwen2_5_vl._hf_shapes import hf_tensor_shapes, ties_embeddings
-from omnilong.models.qwen2_5_vl.rope_index import POSITION_RULE
+from omnilong.models.families import ModelFamily, model_family
 
 logger = logging.getLogger(__name__)
 
 RUN_CONFIG_NAME = "config.yaml"
-#: config.json field naming the M-RoPE position rule the checkpoint was trained with.
+#: config.json field naming the M-RoPE position rule a Qwen2.5-VL checkpoint was trained with
+#: (each family's extra fields: :attr:`ModelFamily.export_config_fields`).
 POSITION_RULE_KEY = "omnilong_mrope_positions"
-_TIED_OUTPUT = ("output.weight", "lm_head.weight")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -132,36 +130,37 @@ def _base_tensors(base: Path) -> dict[str, tuple[Path, tuple[int, ...], torch.dt
     return {key: (path, shape, _SAFETENSORS_DTYPES[dtype]) for key, (path, shape, dtype) in out.items()}
 
 
-def _hub_name(native_key: str) -> str:
+def _hub_name(family: ModelFamily, native_key: str) -> str:
     """The HF hub name of a native key (``KeyError`` naming it when it has none)."""
-    return next(iter(native_to_hf({native_key: torch.empty(0)})))
+    return next(iter(family.native_to_hf({native_key: torch.empty(0)})))
 
 
 def _plan(
     base_tensors: dict[str, tuple[Path, tuple[int, ...], torch.dtype]],
     trained: dict[str, TensorStorageMetadata],
     dtype: Optional[torch.dtype],
+    family: ModelFamily,
     tied: bool,
 ) -> list[_Entry]:
     """Every tensor of the base, with the checkpoint as source where the run trained it.
 
-    With ``tied`` embeddings the base stores no ``lm_head.weight``, and the checkpoint's
-    ``output.weight`` (the embedding itself) is left out.
+    With ``tied`` embeddings the base stores no output projection (``lm_head.weight``), and
+    the checkpoint's ``output.weight`` (the embedding itself) is left out.
 
     Raises:
         ValueError: a checkpoint tensor has no place in the base or another shape (names them).
     """
-    base_name = {to_hub_layout(key): key for key in base_tensors}
+    base_name = {family.to_hub_layout(key): key for key in base_tensors}
     source: dict[str, str] = {}  # base key -> native key
     errors = []
     for native_key, md in trained.items():
         try:
-            hub_key = _hub_name(native_key)
+            hub_key = _hub_name(family, native_key)
         except KeyError as e:
             errors.append(str(e.args[0]))
             continue
         if hub_key not in base_name:
-            if not (tied and (native_key, hub_key) == _TIED_OUTPUT):
+            if not (tied and native_key == "output.weight"):
                 errors.append(f"checkpoint tensor {native_key!r} ({hub_key}) has no place in the base")
             continue
         key = base_name[hub_key]
@@ -191,7 +190,7 @@ def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
 
 
 def _check_shapes(checkpoint: Path, trained: dict[str, TensorStorageMetadata], base: Path,
-                  base_config: dict[str, Any]) -> None:
+                  base_config: dict[str, Any], family: ModelFamily) -> None:
     """Every tensor of the base's weights and of the checkpoint has the shape the base's
     config.json gives it.
 
@@ -199,10 +198,10 @@ def _check_shapes(checkpoint: Path, trained: dict[str, TensorStorageMetadata], b
         ValueError: naming the tensor, both shapes and the config key.
     """
     check_hf_weights(base, base_config)
-    expected = hf_tensor_shapes(base_config)
+    expected = family.hf_tensor_shapes(base_config)
     problems = []
     for native_key, md in trained.items():
-        hub_key = _map_or_none(native_key)
+        hub_key = _map_or_none(family, native_key)
         if hub_key in expected:
             problem = shape_problem(hub_key, tuple(md.size), expected[hub_key], f"the checkpoint ({native_key})")
             if problem is not None:
@@ -213,9 +212,9 @@ def _check_shapes(checkpoint: Path, trained: dict[str, TensorStorageMetadata], b
                          f"{'; '.join(problems[:3])}{more}")
 
 
-def _map_or_none(native_key: str) -> Optional[str]:
+def _map_or_none(family: ModelFamily, native_key: str) -> Optional[str]:
     try:
-        return _hub_name(native_key)
+        return _hub_name(family, native_key)
     except KeyError:
         return None  # reported by _plan
 
@@ -287,9 +286,10 @@ def set_dtype(config: dict[str, Any], dtype: torch.dtype) -> None:
 
 def _write_config(base: Path, out_dir: Path, rope_theta: Optional[float], dtype: Optional[torch.dtype]) -> None:
     """Write the base's config.json with the run's ``rope_theta`` and ``dtype`` (when set) and
-    the position rule the run trained with (:data:`POSITION_RULE_KEY`)."""
+    the family's extra fields (Qwen2.5-VL: the position rule the run trained with,
+    :data:`POSITION_RULE_KEY`)."""
     config = read_hf_config(base)
-    config[POSITION_RULE_KEY] = POSITION_RULE
+    config.update(model_family(config).export_config_fields)
     if rope_theta is not None:
         set_rope_theta(config, rope_theta)
     if dtype is not None:
@@ -333,8 +333,9 @@ def export_hf_checkpoint(
     rope_theta = _run_rope_theta(checkpoint, base)
     base_tensors = _base_tensors(base)
     base_config = read_hf_config(base)
-    _check_shapes(checkpoint, trained, base, base_config)
-    entries = _plan(base_tensors, trained, dtype, ties_embeddings(base_config))
+    family = model_family(base_config)
+    _check_shapes(checkpoint, trained, base, base_config, family)
+    entries = _plan(base_tensors, trained, dtype, family, family.ties_embeddings(base_config))
     copied = [e.key for e in entries if e.native_key is None]
     if copied:
         logger.info("%d tensors the run did not train are copied from %s: %s ...", len(copied), base,

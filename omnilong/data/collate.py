@@ -6,7 +6,7 @@ from omnilong.data.packed_text import IGNORE_INDEX
 
 #: Per-sample vision tensors, concatenated over the batch along dim 0 (their rows are
 #: matched to pad tokens in order, row-major over the batch).
-VISION_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+VISION_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "video_num_frames")
 
 
 def collate_padded(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[str, torch.Tensor]:

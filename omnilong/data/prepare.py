@@ -23,11 +23,14 @@ from omnilong.data.packed_text import separator_id, tokenize_documents
 from omnilong.data.prepared import KINDS, META, PreparedWriter, source_fingerprint, tokenizer_fingerprint
 from omnilong.data.sources import PathLike, expand_data_files, read_records, read_text_documents
 from omnilong.data.tokenizer import load_tokenizer
-from omnilong.data.video_sft import parse_sample, tokenize_video_sample
+from omnilong.data.llava_video import LlavaVideoFormat
+from omnilong.data.video_sft import QwenVideoFormat, parse_sample, tokenize_video_sample
 
 _TEXT_BATCH_CHARS = 1 << 20  # a text batch: about 1M characters
 _SAMPLE_BATCH = 64  # a chat / video batch: samples
 _worker_tokenizer = None
+#: video_sft: how each family writes a video in the text, ``(marker, pad token)``.
+VIDEO_FORMATS = {f.model_type: (f.marker, f.pad_token) for f in (QwenVideoFormat, LlavaVideoFormat)}
 
 
 def _init_worker(tokenizer_dir: str) -> None:
@@ -39,7 +42,8 @@ def _text_batch(texts: list[str], separator: int) -> tuple[np.ndarray, np.ndarra
     return tokenize_documents(_worker_tokenizer, texts, separator)
 
 
-def _sample_batch(kind: str, samples: list[tuple[str, Any, Optional[str]]], skip_bad: bool) -> list:
+def _sample_batch(kind: str, samples: list[tuple[str, Any, Optional[str]]], skip_bad: bool,
+                  video_format: str = "qwen2_5_vl") -> list:
     """``(tokens, trainable, record)`` per sample, or ``None`` for a bad one when skipping."""
     out = []
     for origin, record, root in samples:
@@ -48,11 +52,12 @@ def _sample_batch(kind: str, samples: list[tuple[str, Any, Optional[str]]], skip
                 input_ids, trainable = tokenize_conversation(_worker_tokenizer, _validate_messages(origin, record))
                 meta = {"origin": origin}
             else:
-                sample = parse_sample(origin, record, Path(root))
+                marker, pad_token = VIDEO_FORMATS[video_format]
+                sample = parse_sample(origin, record, Path(root), marker)
                 absent = next((v for v in sample.videos if not v.is_file()), None)
                 if absent is not None:
                     raise FileNotFoundError(f"{origin}: video file not found: {absent}")
-                input_ids, trainable = tokenize_video_sample(_worker_tokenizer, sample)
+                input_ids, trainable = tokenize_video_sample(_worker_tokenizer, sample, pad_token)
                 meta = {"origin": origin, "videos": [str(v) for v in sample.videos], "messages": sample.messages}
         except (ValueError, FileNotFoundError):
             if not skip_bad:
@@ -118,6 +123,7 @@ def prepare(
     skip_bad_samples: bool = False,
     force: bool = False,
     progress: bool = True,
+    video_format: str = "qwen2_5_vl",
 ) -> dict[str, Any]:
     """Tokenize ``data_files`` into the prepared directory ``output``.
 
@@ -136,6 +142,8 @@ def prepare(
             missing video or a rendering without their video tokens, instead of raising.
         force: prepare again even if ``output`` already holds this very preparation.
         progress: show a tqdm bar.
+        video_format: video_sft kind: the model family whose video placeholders the text gets
+            (:data:`VIDEO_FORMATS`; ``llava_onevision`` for ``llava_video_sft_dataset``).
 
     Returns:
         The ``meta.json`` contents (counts, skipped, seconds, tokens per second, ...).
@@ -145,6 +153,8 @@ def prepare(
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if video_format not in VIDEO_FORMATS:
+        raise ValueError(f"video_format must be one of {sorted(VIDEO_FORMATS)}, got {video_format!r}")
     if workers < 1:
         raise ValueError(f"workers must be at least 1, got {workers}")
     files = expand_data_files(data_files)
@@ -154,6 +164,8 @@ def prepare(
         settings = {"separator_id": separator_id(tokenizer, separator_token), "text_column": text_column}
     elif kind == "video_sft":
         settings = {"data_root": None if data_root is None else str(Path(data_root).resolve())}
+        if video_format != "qwen2_5_vl":  # Qwen2.5-VL's directories predate the setting
+            settings["video_format"] = video_format
     identity = {"settings": settings, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
                 "sources": source_fingerprint(files)}
     output = Path(output)
@@ -169,6 +181,7 @@ def prepare(
     if data_root is not None:
         command += ["--data-root", str(data_root)]
     command += ["--skip-bad-samples"] * skip_bad_samples
+    command += ["--video-format", video_format] * ("video_format" in settings)
     command += [str(f) for f in ([data_files] if isinstance(data_files, (str, Path)) else data_files)]
 
     counts = {"empty_documents": 0, "bad_samples": 0}
@@ -190,7 +203,7 @@ def prepare(
                 bar.update(len(lengths))
                 bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
         else:
-            batches = ((kind, batch, skip_bad_samples) for batch in _sample_batches(files, data_root))
+            batches = ((kind, batch, skip_bad_samples, video_format) for batch in _sample_batches(files, data_root))
             for results in _ordered_map(pool, _sample_batch, batches, 2 * workers):
                 for result in results:
                     if result is None:

@@ -20,7 +20,8 @@ from omnilong.data.packing import packed_or_not
 from omnilong.data.packed_text import PackedRows, row_pad_id, separator_id
 from omnilong.data.prepared import PreparedDataError, PreparedSource, open_prepared
 from omnilong.data.video import FACTOR, VideoOptions
-from omnilong.data.video_sft import VideoSample, VideoSFTDataset
+from omnilong.data.llava_video import SIGLIP_MEAN, SIGLIP_STD, LlavaVideoFormat
+from omnilong.data.video_sft import QwenVideoFormat, VideoSample, VideoSFTDataset
 
 SourcesArg = Union[str, Path, Sequence[Union[str, Path, Mapping[str, Any]]]]
 
@@ -178,16 +179,46 @@ def prepared_video_sft_dataset(
         PreparedDataError: a source prepared with another tokenizer or kind.
     """
     options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
+    return _prepared_videos(tokenizer, sources, max_seq_len, options, QwenVideoFormat(), {}, skip_bad_samples, packed)
+
+
+def prepared_llava_video_sft_dataset(
+    tokenizer,
+    sources: SourcesArg,
+    max_seq_len: int,
+    fps: float = 1.0,
+    max_frames: int = 32,
+    frame_size: int = 384,
+    patch_size: int = 14,
+    image_mean: Sequence[float] = SIGLIP_MEAN,
+    image_std: Sequence[float] = SIGLIP_STD,
+    skip_bad_samples: bool = False,
+    packed: bool = False,
+) -> Dataset:
+    """Stage-3 video samples for LLaVA-OneVision (as :func:`~omnilong.data.llava_video_sft_dataset`)
+    from ``video_sft`` directories prepared with ``--video-format llava_onevision``, mixed by weight.
+
+    Raises:
+        PreparedDataError: a source prepared with another tokenizer, kind or video format.
+    """
+    video_format = LlavaVideoFormat(frame_size, patch_size, tuple(image_mean), tuple(image_std))
+    return _prepared_videos(tokenizer, sources, max_seq_len, VideoOptions(fps=fps, max_frames=max_frames),
+                            video_format, {"video_format": video_format.model_type}, skip_bad_samples, packed)
+
+
+def _prepared_videos(tokenizer, sources: SourcesArg, max_seq_len: int, options: VideoOptions, video_format,
+                     settings: dict[str, Any], skip_bad_samples: bool, packed: bool) -> Dataset:
+    """The video SFT datasets of prepared ``sources`` in ``video_format``, mixed by weight."""
     datasets, weights = [], []
     for path, weight in parse_sources(sources):
-        source = open_prepared(path, "video_sft", tokenizer, {})
+        source = open_prepared(path, "video_sft", tokenizer, settings)
         datasets.append(packed_or_not(VideoSFTDataset.from_tokenized(
             tokenizer, _VideoSamples(source), max_seq_len, options, skip_bad_samples,
-            num_skipped=source.meta["num_skipped"]["bad_samples"],
+            num_skipped=source.meta["num_skipped"]["bad_samples"], video_format=video_format,
         ), packed))
         weights.append(weight)
     dataset = _mix(datasets, weights)
-    # the recipe checks these against the model's; every source uses this tokenizer's
+    # the recipe checks these against the model's; every source uses this tokenizer and format
     dataset.video_token_id, dataset.image_token_id = datasets[0].video_token_id, datasets[0].image_token_id
+    dataset.format = video_format
     return dataset
-

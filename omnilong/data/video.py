@@ -209,6 +209,17 @@ def patchify(frames: torch.Tensor) -> torch.Tensor:
     return x.reshape(gt * gh * MERGE_SIZE * gw * MERGE_SIZE, c * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE)
 
 
+def resize_and_normalize(
+    frames: torch.Tensor, height: int, width: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """``[T, 3, H, W]`` uint8 -> ``[T, 3, height, width]`` fp32 as transformers' processors do it:
+    bicubic antialiased resize of the uint8 frames, then rescaling by 1/255 and normalisation
+    fused as ``(x - 255 * mean) / (255 * std)``."""
+    frames = tvF.resize(frames, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    scale = 1.0 / (1.0 / 255.0)  # transformers folds rescaling into the normalisation this way
+    return tvF.normalize(frames.to(torch.float32), torch.tensor(mean) * scale, torch.tensor(std) * scale, inplace=True)
+
+
 def process_video(video: DecodedVideo, height: int, width: int) -> dict[str, torch.Tensor]:
     """The vision inputs of one video resized to ``height x width`` (multiples of 28).
 
@@ -217,10 +228,7 @@ def process_video(video: DecodedVideo, height: int, width: int) -> dict[str, tor
         int64 ``(t, h, w)`` in patches, ``second_per_grid_ts`` ``[1]`` fp32
         (``2 / fps``, seconds per temporal patch).
     """
-    frames = tvF.resize(video.frames, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
-    scale = 1.0 / (1.0 / 255.0)  # transformers folds rescaling into the normalisation this way
-    mean, std = torch.tensor(CLIP_MEAN) * scale, torch.tensor(CLIP_STD) * scale
-    frames = tvF.normalize(frames.to(torch.float32), mean, std, inplace=True)
+    frames = resize_and_normalize(video.frames, height, width, CLIP_MEAN, CLIP_STD)
     if pad := -frames.shape[0] % TEMPORAL_PATCH_SIZE:
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     return {

@@ -1,4 +1,5 @@
-"""Stage 3 data: video instruction tuning samples for Qwen2.5-VL.
+"""Stage 3 data: video instruction tuning samples (Qwen2.5-VL's format here; LLaVA-OneVision's
+in :mod:`omnilong.data.llava_video`, through the same dataset).
 
 A sample is a JSONL line (or an element of a JSON list) in one of the common shapes::
 
@@ -20,13 +21,17 @@ video resumes at the video's largest M-RoPE position + 1, as transformers 4.49-4
 vLLM and Qwen's own fine-tuning code do; not transformers >= 5.3's rule). An item
 carries what they need: the token ids, ``video_grid_thw`` and ``second_per_grid_ts``.
 
+How a video is written in the text, sized, counted in tokens and turned into tensors is
+the model family's *video format* (:class:`QwenVideoFormat`, the default; the dataset is
+otherwise the same for every family).
+
 Construction reads and validates the sample files (and tokenizes the text); videos are
 decoded in ``__getitem__``, so in the DataLoader's workers.
 
 Bad samples and lockstep: a video that cannot be decoded, or a sample longer than
 ``max_seq_len`` once its videos are sized, raises :class:`BadSampleError` naming the
-sample and file. With ``skip_bad_samples`` the item is instead a *placeholder*: a
-three-token row holding one blank 2x28x28 video (one LLM token) with every label
+sample and file. With ``skip_bad_samples`` the item is instead a *placeholder* (Qwen's: a
+three-token row holding one blank 2x28x28 video, one LLM token) with every label
 ignored, flagged ``skipped = True``. It keeps the index -> item mapping (every rank
 draws the same number of items, so the same number of steps), feeds the vision tower
 like any other item (so every rank runs the same FSDP / context-parallel collectives)
@@ -111,8 +116,9 @@ def _messages(origin: str, record: dict) -> list[dict]:
     return messages
 
 
-def parse_sample(origin: str, record: Any, root: Path) -> VideoSample:
-    """Validate one raw sample and resolve its video paths against ``root``.
+def parse_sample(origin: str, record: Any, root: Path, marker: str = VISION_START + VIDEO_PAD + VISION_END) -> VideoSample:
+    """Validate one raw sample, resolve its video paths against ``root`` and write each
+    ``<video>`` placeholder as ``marker`` (the family's video format's).
 
     Raises:
         ValueError: a malformed sample, a ``<video>`` placeholder outside user turns, or
@@ -132,14 +138,14 @@ def parse_sample(origin: str, record: Any, root: Path) -> VideoSample:
         problem = "no" if found == 0 else ("more" if found > len(videos) else "fewer")
         raise ValueError(f"{origin}: {problem} {VIDEO_PLACEHOLDER} placeholders than videos "
                          f"({found} placeholders, {len(videos)} videos)")
-    marker = VISION_START + VIDEO_PAD + VISION_END
     for m in messages:
         m["content"] = m["content"].replace(VIDEO_PLACEHOLDER, marker)
     return VideoSample(origin, tuple(root / v for v in videos), messages)
 
 
 def read_video_samples(
-    data_files: Union[PathLike, Sequence[PathLike]], data_root: Optional[PathLike] = None
+    data_files: Union[PathLike, Sequence[PathLike]], data_root: Optional[PathLike] = None,
+    marker: str = VISION_START + VIDEO_PAD + VISION_END,
 ) -> Iterable[VideoSample]:
     """Validated samples of JSONL / JSON / parquet files (paths, directories or globs).
 
@@ -147,40 +153,82 @@ def read_video_samples(
         data_files: sample files.
         data_root: directory relative video paths are resolved against; default each
             sample file's directory.
+        marker: what each ``<video>`` placeholder is written as (see :func:`parse_sample`).
     """
     for path in expand_data_files(data_files):
         root = Path(data_root).expanduser() if data_root is not None else path.parent
         for origin, record in read_records(path):
-            yield parse_sample(origin, record, root)
+            yield parse_sample(origin, record, root, marker)
 
 
-def tokenize_video_sample(tokenizer, sample: VideoSample) -> tuple[torch.Tensor, torch.Tensor]:
-    """``input_ids [L]`` with one ``<|video_pad|>`` per video and ``trainable [L]`` (bool: the
+def tokenize_video_sample(tokenizer, sample: VideoSample, pad_token: str = VIDEO_PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids [L]`` with one ``pad_token`` per video and ``trainable [L]`` (bool: the
     token belongs to an assistant turn).
 
     Raises:
-        ValueError: the rendering does not hold one ``<|video_pad|>`` per video (names the sample).
+        ValueError: the rendering does not hold one ``pad_token`` per video (names the sample).
     """
     input_ids, trainable = tokenize_conversation(tokenizer, sample.messages)
-    if int((input_ids == tokenizer.convert_tokens_to_ids(VIDEO_PAD)).sum()) != len(sample.videos):
-        raise ValueError(f"{sample.origin}: the rendered conversation does not hold one {VIDEO_PAD} per video "
-                         f"(the text contains {VIDEO_PAD}, or the chat template dropped a placeholder)")
+    if int((input_ids == tokenizer.convert_tokens_to_ids(pad_token)).sum()) != len(sample.videos):
+        raise ValueError(f"{sample.origin}: the rendered conversation does not hold one {pad_token} per video "
+                         f"(the text contains {pad_token}, or the chat template dropped a placeholder)")
     return input_ids, trainable
+
+
+class QwenVideoFormat:
+    """Qwen2.5-VL's video format: ``<|vision_start|>`` + ``<|video_pad|>`` x tokens +
+    ``<|vision_end|>``; frames smart-resized to multiples of 28 (:mod:`omnilong.data.video`),
+    one token per 2x2 patches of a frame pair; items carry ``pixel_values_videos [N, 1176]``,
+    ``video_grid_thw`` and ``second_per_grid_ts``."""
+
+    model_type = "qwen2_5_vl"
+    marker = VISION_START + VIDEO_PAD + VISION_END
+    pad_token, image_token = VIDEO_PAD, IMAGE_PAD
+    required_tokens = (VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD)
+
+    def check_model(self, vision_args) -> None:
+        """Raise ``ValueError`` when the vision tower's patching is not the one the data makes."""
+        made = (PATCH_SIZE, TEMPORAL_PATCH_SIZE, MERGE_SIZE)
+        tower = (vision_args.patch_size, vision_args.temporal_patch_size, vision_args.spatial_merge_size)
+        if tower != made:
+            raise ValueError(f"the vision tower's (patch_size, temporal_patch_size, spatial_merge_size) {tower} "
+                             f"are not the video data's {made}")
+
+    def sizes(self, shapes: list[tuple[int, int, int]], options: VideoOptions) -> list[tuple[int, int]]:
+        """``(height, width)`` each video of ``(frames, height, width)`` is resized to."""
+        return shape_sizes(shapes, options)
+
+    def num_tokens(self, frames: int, size: tuple[int, int]) -> int:
+        return num_video_tokens(frames, *size)
+
+    def process(self, video, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        return process_video(video, *size)
+
+    def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
+        """``(input_ids, video tokens, vision inputs)`` of a skipped item: one blank 2x28x28
+        video (one LLM token) between ``<|vision_start|>`` and ``<|vision_end|>``."""
+        grid = torch.tensor([[1, MERGE_SIZE, MERGE_SIZE]])
+        return [ids[VISION_START], ids[VIDEO_PAD], ids[VISION_END]], 1, {
+            "pixel_values_videos": torch.zeros(int(grid.prod()), 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE),
+            "video_grid_thw": grid,
+            "second_per_grid_ts": torch.tensor([TEMPORAL_PATCH_SIZE / options.fps], dtype=torch.float32),
+        }
 
 
 class VideoSFTDataset(Dataset):
     """Video chat samples; text tokenized at construction, videos decoded per item.
 
     Args:
-        tokenizer: a transformers fast tokenizer with a chat template and the Qwen
-            vision tokens (``<|vision_start|>``, ``<|vision_end|>``, ``<|video_pad|>``).
-        samples: validated samples (:func:`read_video_samples`).
+        tokenizer: a transformers fast tokenizer with a chat template and the video
+            format's tokens (Qwen's: ``<|vision_start|>``, ``<|vision_end|>``, ``<|video_pad|>``).
+        samples: validated samples (:func:`read_video_samples` with the format's marker).
         max_seq_len: most tokens per sample, video tokens included.
         options: frame sampling and sizing.
         skip_bad_samples: drop samples whose video is missing (counted in
             ``num_skipped``) and turn unusable items into skipped placeholders instead
             of raising (see the module docstring).
         source: what the samples were read from (e.g. the file names), for errors.
+        video_format: the model family's (default :class:`QwenVideoFormat`).
 
     Raises:
         ValueError: no usable sample, a tokenizer without the vision tokens or a chat
@@ -196,8 +244,9 @@ class VideoSFTDataset(Dataset):
         options: VideoOptions = VideoOptions(),
         skip_bad_samples: bool = False,
         source: str = "the dataset",
+        video_format=None,
     ):
-        self._configure(tokenizer, max_seq_len, options, skip_bad_samples)
+        self._configure(tokenizer, max_seq_len, options, skip_bad_samples, video_format)
         self._samples: list[tuple[VideoSample, torch.Tensor, torch.Tensor]] = []
         for sample in samples:
             absent = next((v for v in sample.videos if not v.is_file()), None)
@@ -206,25 +255,27 @@ class VideoSFTDataset(Dataset):
                     raise FileNotFoundError(f"{sample.origin}: video file not found: {absent}")
                 self.num_skipped += 1
                 continue
-            self._samples.append((sample, *tokenize_video_sample(tokenizer, sample)))
+            self._samples.append((sample, *tokenize_video_sample(tokenizer, sample, self.format.pad_token)))
         if not self._samples:
             skipped = f" ({self.num_skipped} with a missing video skipped)" if self.num_skipped else ""
             raise ValueError(f"no usable video sample in {source}{skipped}")
         if self.num_skipped:
             logger.warning("skipped %d samples whose video file is missing", self.num_skipped)
 
-    def _configure(self, tokenizer, max_seq_len: int, options: VideoOptions, skip_bad_samples: bool) -> None:
+    def _configure(self, tokenizer, max_seq_len: int, options: VideoOptions, skip_bad_samples: bool,
+                   video_format=None) -> None:
         """Check the tokenizer and keep the settings and special token ids."""
+        self.format = video_format if video_format is not None else QwenVideoFormat()
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template; stage-3 video data needs one")
-        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in (VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD)}
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.format.required_tokens}
         missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
         if missing:
-            raise ValueError(f"the tokenizer lacks the vision tokens {missing}; use Qwen2.5-VL's tokenizer")
-        self.vision_start_id, self.vision_end_id = ids[VISION_START], ids[VISION_END]
-        self.video_token_id, self.image_token_id = ids[VIDEO_PAD], ids[IMAGE_PAD]
+            raise ValueError(f"the tokenizer lacks the vision tokens {missing}; use the checkpoint's tokenizer")
+        self._token_ids = ids
+        self.video_token_id, self.image_token_id = ids[self.format.pad_token], ids[self.format.image_token]
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.max_seq_len, self.options = max_seq_len, options
         self.skip_bad_samples = skip_bad_samples
@@ -240,13 +291,14 @@ class VideoSFTDataset(Dataset):
         options: VideoOptions = VideoOptions(),
         skip_bad_samples: bool = False,
         num_skipped: int = 0,
+        video_format=None,
     ) -> "VideoSFTDataset":
         """A dataset over samples validated and tokenized beforehand, ``(sample, input_ids [L],
         trainable [L])`` each (one ``<|video_pad|>`` per video), e.g. the lazy view of a prepared
         directory (:func:`omnilong.data.prepared_video_sft_dataset`); ``num_skipped`` counts the
         samples left out of ``samples``."""
         dataset = cls.__new__(cls)
-        dataset._configure(tokenizer, max_seq_len, options, skip_bad_samples)
+        dataset._configure(tokenizer, max_seq_len, options, skip_bad_samples, video_format)
         dataset.num_skipped, dataset._samples = num_skipped, samples
         return dataset
 
@@ -285,8 +337,8 @@ class VideoSFTDataset(Dataset):
         Raises:
             BadSampleError: more than ``max_seq_len`` tokens.
         """
-        sizes = shape_sizes(shapes, self.options)
-        counts = [num_video_tokens(frames, h, w) for (frames, _, _), (h, w) in zip(shapes, sizes)]
+        sizes = self.format.sizes(shapes, self.options)
+        counts = [self.format.num_tokens(frames, size) for (frames, _, _), size in zip(shapes, sizes)]
         length = len(input_ids) - len(shapes) + sum(counts)
         if length > self.max_seq_len:
             raise BadSampleError(
@@ -325,7 +377,7 @@ class VideoSFTDataset(Dataset):
         if self._lengths is not None and length != self._lengths[index]:
             raise BadSampleError(f"{sample.origin}: sample has {length} tokens once decoded, but its videos' "
                                  f"metadata gave {self._lengths[index]} (what packing planned its row with)")
-        vision = [process_video(v, h, w) for v, (h, w) in zip(videos, sizes)]
+        vision = [self.format.process(v, size) for v, size in zip(videos, sizes)]
         return self._row(input_ids, trainable, counts, {
             key: torch.cat([item[key] for item in vision]) for key in vision[0]
         }, skipped=False)
@@ -348,16 +400,11 @@ class VideoSFTDataset(Dataset):
         }
 
     def _placeholder(self) -> dict[str, torch.Tensor]:
-        """A skipped item: ``<|vision_start|><|video_pad|><|vision_end|>`` over one blank
-        2x28x28 video (one LLM token), no label trained."""
-        input_ids = torch.tensor([self.vision_start_id, self.video_token_id, self.vision_end_id])
-        grid = torch.tensor([[1, MERGE_SIZE, MERGE_SIZE]])
-        vision = {
-            "pixel_values_videos": torch.zeros(int(grid.prod()), 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE),
-            "video_grid_thw": grid,
-            "second_per_grid_ts": torch.tensor([TEMPORAL_PATCH_SIZE / self.options.fps], dtype=torch.float32),
-        }
-        return self._row(input_ids, torch.zeros(3, dtype=torch.bool), [1], vision, skipped=True)
+        """A skipped item: the format's placeholder over one blank video (Qwen's:
+        ``<|vision_start|><|video_pad|><|vision_end|>``, one LLM token), no label trained."""
+        input_ids, count, vision = self.format.placeholder(self._token_ids, self.options)
+        return self._row(torch.tensor(input_ids), torch.zeros(len(input_ids), dtype=torch.bool), [count], vision,
+                         skipped=True)
 
 
 def video_sft_dataset(

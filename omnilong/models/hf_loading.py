@@ -1,7 +1,6 @@
 """Native models from local Hugging Face model directories."""
 
 import logging
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -9,15 +8,15 @@ import torch
 from torch import nn
 
 from omnilong.checkpoint.hf_io import read_hf_config, read_hf_state_dict
-from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config, vision_args_from_hf_config
-from omnilong.models.qwen2_5_vl._convert_weights import hf_to_native, is_vision_key
+from omnilong.models.families import model_family
 
 logger = logging.getLogger(__name__)
 
 
 def build_model_from_hf_config(config: dict[str, Any], **text_overrides: Any) -> nn.Module:
-    """The native model (random init) described by a parsed ``config.json``, with its
-    vision tower when the config has a ``vision_config``.
+    """The native model (random init) described by a parsed ``config.json`` (its family from
+    ``model_type``: :mod:`omnilong.models.families`), with its vision tower when the config
+    has a ``vision_config``.
 
     Build it under ``torch.device("meta")`` to allocate nothing. ``text_overrides`` replace
     fields of the language model's args (e.g. ``rope_theta``).
@@ -25,11 +24,7 @@ def build_model_from_hf_config(config: dict[str, Any], **text_overrides: Any) ->
     Raises:
         ValueError: the model type is not one OmniLong implements.
     """
-    model_type = config.get("model_type")
-    if model_type == "qwen2_5_vl":
-        text_args = replace(text_args_from_hf_config(config), **text_overrides)
-        return qwen2_5_vl(text_args, vision_args_from_hf_config(config))
-    raise ValueError(f"model_type {model_type!r} is not supported; supported: qwen2_5_vl")
+    return model_family(config).build(config, **text_overrides)
 
 
 def load_native_state_dict(model_dir: Union[str, Path], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -38,7 +33,8 @@ def load_native_state_dict(model_dir: Union[str, Path], dtype: torch.dtype = tor
     Raises:
         ValueError: the checkpoint has keys that match nothing in the key map.
     """
-    native, _, unknown = hf_to_native(read_hf_state_dict(model_dir, dtype))
+    family = model_family(read_hf_config(model_dir))
+    native, _, unknown = family.hf_to_native(read_hf_state_dict(model_dir, dtype))
     if unknown:
         raise ValueError(f"{model_dir} has {len(unknown)} keys that match no native parameter: {sorted(unknown)[:20]}")
     return native
@@ -56,13 +52,13 @@ def check_state_dict_matches(model: nn.Module, state_dict: dict[str, torch.Tenso
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if getattr(model, "visual", None) is None:
-        vision = sorted(k for k in state_dict if is_vision_key(k))
+        vision = sorted(k for k in state_dict if k.startswith("visual."))
         if vision:
             logger.warning(
                 "the model has no vision tower: %d vision-tower tensors of the checkpoint are not loaded: %s ...",
                 len(vision), ", ".join(vision[:3]),
             )
-            state_dict = {k: v for k, v in state_dict.items() if not is_vision_key(k)}
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("visual.")}
     if "output.weight" in expected and "output.weight" not in state_dict and getattr(model.args, "tie_word_embeddings", False):
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     missing = sorted(set(expected) - set(state_dict))

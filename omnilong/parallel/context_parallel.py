@@ -19,7 +19,9 @@ _VISION_KEYS = ("pixel_values", "pixel_values_videos")
 
 def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> int:
     """Swap every single-device attention core of ``model`` for ring attention over ``cp_mesh``,
-    and spread its vision tower's frames over the cp ranks (:class:`VisionFrameSplit`).
+    and spread its vision tower's frames over the cp ranks (:class:`ImageSplit` for a tower that
+    encodes independent images, ``encodes_independent_images``; else :class:`VisionFrameSplit`,
+    Qwen2.5-VL's frame pairs).
 
     Returns:
         The number of attention modules swapped.
@@ -31,7 +33,8 @@ def apply_context_parallel(model: nn.Module, cp_mesh: DeviceMesh) -> int:
             swapped += 1
     visual = getattr(model, "visual", None)
     if visual is not None:
-        visual.split = VisionFrameSplit(cp_mesh, visual.args.spatial_merge_size)
+        visual.split = (ImageSplit(cp_mesh) if getattr(visual, "encodes_independent_images", False)
+                        else VisionFrameSplit(cp_mesh, visual.args.spatial_merge_size))
     return swapped
 
 
@@ -155,3 +158,39 @@ class VisionFrameSplit:
                 grids.append([1, h, w])
             previous = item
         return torch.tensor(grids, device=device)
+
+
+class ImageSplit:
+    """Encode a share of the images (crops or frames) on each cp rank and give every rank all
+    the features, for a tower that encodes each image on its own (LLaVA-OneVision's SigLIP).
+
+    Images are dealt to the cp ranks in contiguous runs of about equal count, each rank
+    encodes its run, and the features are all-gathered (their gradients summed back), as
+    :class:`VisionFrameSplit` does with frame pairs. A rank with no image encodes the first
+    one as padding, so that every rank runs the same collectives forward and backward.
+
+    Args:
+        cp_mesh: the cp mesh (or its 1-D sub-mesh).
+    """
+
+    def __init__(self, cp_mesh: DeviceMesh):
+        self.group = cp_mesh.get_group()
+        self.rank, self.size = dist.get_rank(self.group), dist.get_world_size(self.group)
+
+    def __call__(self, encode: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            encode: the tower's single-device ``encode(images)``.
+            images: ``[N, C, S, S]`` every image (the same on every cp rank).
+
+        Returns:
+            ``[N, L, D]`` every image's features, as ``encode`` would give them.
+        """
+        ranges = _balanced_ranges([1] * images.shape[0], self.size)
+        lo, hi = ranges[self.rank]
+        features = encode(images[lo:hi] if hi > lo else images[:1])  # [n, L, D]
+        shape = features.shape[1:]
+        longest = max(max(b - a for a, b in ranges), 1)
+        block = F.pad(features.flatten(1), (0, 0, 0, longest - features.shape[0]))  # [longest, L * D]
+        gathered = _GatherBlocks.apply(block, self.group)  # [cp, longest, L * D]
+        return torch.cat([gathered[r, : b - a] for r, (a, b) in enumerate(ranges)]).view(-1, *shape)

@@ -128,14 +128,13 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_qwen_
     """Two packed rows of the demo videos (several documents each, right padding, then cp
     padding), M-RoPE positions per document computed on the full rows by the recipe, zigzag
     shards over 2 ranks."""
-    from omnilong_full import with_mrope_positions
 
     from omnilong.data import collate_padded, load_tokenizer, video_sft_dataset
 
     packed = video_sft_dataset(load_tokenizer(tiny_qwen_dir), tiny_videos_dir / "train.jsonl", max_seq_len=300,
                                video_min_pixels=3136, video_max_pixels=12544, packed=True)
     assert len(packed.rows[0]) > 1
-    batch = with_mrope_positions(collate_padded([packed[0], packed[1]], packed.pad_id), load_hf_model(tiny_qwen_dir))
+    batch = load_hf_model(tiny_qwen_dir).with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
     batch.pop("skipped")
     for errors in run_distributed(_packed_cp_worker, 2, str(tiny_qwen_dir), batch):
         assert errors["loss"] <= TOL * 100, errors["loss"]  # a sum over ~500 tokens

@@ -11,7 +11,6 @@ import json
 
 import pytest
 import torch
-from omnilong_full import with_mrope_positions
 
 from omnilong.data import chat_dataset, collate_padded, load_tokenizer, video_sft_dataset
 from omnilong.models import load_hf_model
@@ -26,7 +25,7 @@ def test_video_batch_gets_the_positions_of_each_full_row(tiny_qwen_dir, tiny_vid
     first = ds[0]
     second = next(ds[i] for i in range(1, len(ds)) if len(ds[i]["input_ids"]) != len(first["input_ids"]))
     items = [first, second]
-    batch = with_mrope_positions(collate_padded(items, ds.pad_id), model)
+    batch = model.with_positions(collate_padded(items, ds.pad_id))
     length = batch["input_ids"].shape[1]
     assert batch["position_ids"].shape == (3, 2, length)
     for row, item in enumerate(items):
@@ -41,8 +40,8 @@ def test_video_batch_gets_the_positions_of_each_full_row(tiny_qwen_dir, tiny_vid
 def test_batches_with_positions_or_without_vision_pass_unchanged(tiny_qwen_dir):
     model = load_hf_model(tiny_qwen_dir)
     text = {"input_ids": torch.tensor([[5, 6, 7]]), "position_ids": torch.tensor([[0, 1, 0]])}
-    assert with_mrope_positions(text, model) is text
-    assert with_mrope_positions({"input_ids": text["input_ids"]}, model).keys() == {"input_ids"}
+    assert model.with_positions(text) is text
+    assert model.with_positions({"input_ids": text["input_ids"]}).keys() == {"input_ids"}
 
 
 def _alone(ds, item):
@@ -65,7 +64,7 @@ def packed_videos(tiny_qwen_dir, tiny_videos_dir):
 def test_packed_rows_get_each_samples_positions_alone(tiny_qwen_dir, packed_videos):
     model = load_hf_model(tiny_qwen_dir)
     plain, packed = packed_videos
-    batch = with_mrope_positions(collate_padded([packed[0], packed[1]], packed.pad_id), model)
+    batch = model.with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
     for row, members in enumerate(packed.rows[:2]):
         expected = torch.cat([_alone(plain, plain[i]) for i in members], dim=1)
         n = expected.shape[1]
@@ -92,9 +91,9 @@ def test_a_packed_row_gives_each_document_the_logits_of_its_sample_alone(tiny_qw
                                           chat_dataset(tokenizer, chats, 128))):
         members = max(packed.rows, key=len)
         assert len(members) > 1
-        row = _logits(model, with_mrope_positions(collate_padded([packed[packed.rows.index(members)]], 0), model))
+        row = _logits(model, model.with_positions(collate_padded([packed[packed.rows.index(members)]], 0)))
         start = 0
         for i in members:
-            alone = _logits(model, with_mrope_positions(collate_padded([plain[i]], 0), model))
+            alone = _logits(model, model.with_positions(collate_padded([plain[i]], 0)))
             assert (row[start:start + len(alone)] - alone).abs().max() <= 1e-5
             start += len(alone)

@@ -5,9 +5,7 @@ Checkpoints in the wild use two layouts: the hub one (``model.layers.*``, ``visu
 ``model.visual.*``). Both are read; the hub layout is the one written.
 """
 
-import re
-
-import torch
+from omnilong.models.key_map import KeyMap
 
 # HF hub key template -> native key template; "{}" is the layer (block) index.
 HF_TO_NATIVE: dict[str, str] = {
@@ -47,11 +45,8 @@ HF_TO_NATIVE: dict[str, str] = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "output.weight",
 }
-NATIVE_TO_HF: dict[str, str] = {v: k for k, v in HF_TO_NATIVE.items()}
-
 # transformers-v5 in-memory prefixes -> hub prefixes.
 _V5_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 
 def to_hub_layout(key: str) -> str:
@@ -62,55 +57,10 @@ def to_hub_layout(key: str) -> str:
     return key
 
 
-def _map_key(key: str, table: dict[str, str]) -> str | None:
-    """``key`` through ``table``: an exact entry first, else the template with its first index as ``{}``."""
-    if key in table:
-        return table[key]
-    match = _LAYER_INDEX.search(key)
-    if match is None:
-        return None
-    template = table.get(key[: match.start()] + ".{}." + key[match.end():])
-    return None if template is None else template.format(match.group(1))
-
-
 def is_vision_key(key: str) -> bool:
     """Whether a hub or native key names a vision-tower tensor (both layouts use ``visual.``)."""
     return key.startswith("visual.")
 
 
-def hf_to_native(
-    hf_state_dict: dict[str, torch.Tensor],
-) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """Convert an HF state dict (either layout) to native keys.
-
-    Returns:
-        ``(native_state_dict, vision_keys, unknown_keys)``: every converted tensor (language
-        model and vision tower), the native names of the vision-tower tensors among them
-        (for a text-only model to leave out), and the names of keys that match nothing in
-        the map.
-    """
-    native, vision, unknown = {}, [], []
-    for key, tensor in hf_state_dict.items():
-        native_key = _map_key(to_hub_layout(key), HF_TO_NATIVE)
-        if native_key is None:
-            unknown.append(key)
-            continue
-        native[native_key] = tensor
-        if is_vision_key(native_key):
-            vision.append(native_key)
-    return native, vision, unknown
-
-
-def native_to_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Convert native keys to the HF hub layout.
-
-    Raises:
-        KeyError: naming a native key that has no HF name.
-    """
-    out = {}
-    for key, tensor in state_dict.items():
-        hf_key = _map_key(key, NATIVE_TO_HF)
-        if hf_key is None:
-            raise KeyError(f"native key {key!r} has no Hugging Face name in the Qwen2.5-VL key map")
-        out[hf_key] = tensor
-    return out
+KEY_MAP = KeyMap("Qwen2.5-VL", HF_TO_NATIVE, to_hub_layout, is_vision_key)
+hf_to_native, native_to_hf = KEY_MAP.hf_to_native, KEY_MAP.native_to_hf

@@ -106,6 +106,31 @@ class Qwen2_5_VL(nn.Module):
         if args.tie_word_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
+    # ------------------------------------------------------------ family interface
+    @property
+    def vision_token_ids(self) -> tuple[Optional[int], ...]:
+        """The token ids vision features replace: ``(image, video)``."""
+        return self.args.image_token_id, self.args.video_token_id
+
+    @property
+    def projector(self) -> nn.Module:
+        """The module that maps vision features to the language model's width: the merger."""
+        return self._vision().merger
+
+    def with_positions(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` with ``position_ids [3, B, T]``, the M-RoPE positions of the full rows, when
+        it holds vision grids and no positions (else unchanged): called once per batch, before
+        any context-parallel cut. By the rule Qwen2.5-VL was trained and is served with
+        (:func:`rope_index`), per document when the batch has ``document_ids`` (a packed row's
+        documents each get their positions alone, from 0; so does right padding)."""
+        if "position_ids" in batch or not any(key in batch for key in ("image_grid_thw", "video_grid_thw")):
+            return batch
+        position_ids = self.multimodal_position_ids(
+            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"),
+            batch.get("second_per_grid_ts"), document_ids=batch.get("document_ids"),
+        )
+        return {**batch, "position_ids": position_ids}
+
     def multimodal_position_ids(
         self,
         input_ids: torch.Tensor,

@@ -60,9 +60,10 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def train_tiny_tokenizer(vocab_size: int = 1024):
+def train_tiny_tokenizer(vocab_size: int = 1024, chat_template: str = CHAT_TEMPLATE, extra_special_tokens: tuple = ()):
     """A byte-level BPE tokenizer learnt from a few standard-library modules, with the
-    Qwen special tokens and a ChatML chat template, as a transformers fast tokenizer."""
+    Qwen special tokens (then ``extra_special_tokens``) and a ChatML chat template, as a
+    transformers fast tokenizer."""
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
@@ -76,11 +77,12 @@ def train_tiny_tokenizer(vocab_size: int = 1024):
     )
     files = [str(stdlib_dir() / name) for name in _TOKENIZER_CORPUS]
     tok.train(files, trainer)
+    tok.add_special_tokens(list(extra_special_tokens))
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        chat_template=CHAT_TEMPLATE,
+        chat_template=chat_template,
         model_max_length=1 << 20,
     )
 

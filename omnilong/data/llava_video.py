@@ -1,0 +1,115 @@
+"""Stage 3 video data for LLaVA-OneVision: the video SFT dataset with LLaVA's video format.
+
+A video is decoded as for Qwen2.5-VL (:func:`omnilong.data.video.decode_video`: frames at
+``fps``, at most ``max_frames`` spread evenly), each frame resized to the tower's square crop
+(384 px for the 7B) and normalised as transformers' ``LlavaOnevisionVideoProcessor`` does (bit
+for bit, see ``tests/data/test_llava_video.py``). In the text a video is ``<video>`` repeated
+``frames * ceil(grid / 2)^2 + 1`` times (``grid = crop / patch``: 27 -> 14, so 196 tokens per
+frame, and one newline per video). Items carry ``pixel_values_videos [frames, 3, crop, crop]``
+and ``video_num_frames [1]``; a batch concatenates both over its videos.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from omnilong.data.packing import PackedDataset, packed_or_not
+from omnilong.data.sources import PathLike, expand_data_files
+from omnilong.data.video import DecodedVideo, VideoOptions, resize_and_normalize
+from omnilong.data.video_sft import VideoSFTDataset, read_video_samples
+
+VIDEO_TOKEN, IMAGE_TOKEN = "<video>", "<image>"
+SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # llava-onevision-qwen2-7b-ov-hf's processors
+
+
+@dataclass(frozen=True)
+class LlavaVideoFormat:
+    """LLaVA-OneVision's video format.
+
+    Args:
+        crop: side of the square frames (the tower's ``image_size`` and the processor's size).
+        patch: the tower's patch size.
+        mean, std: the video processor's normalisation.
+    """
+
+    crop: int = 384
+    patch: int = 14
+    mean: tuple[float, ...] = SIGLIP_MEAN
+    std: tuple[float, ...] = SIGLIP_STD
+
+    model_type = "llava_onevision"
+    marker = pad_token = VIDEO_TOKEN
+    image_token = IMAGE_TOKEN
+    required_tokens = (VIDEO_TOKEN, IMAGE_TOKEN)
+
+    def __post_init__(self):
+        if not 0 < self.patch <= self.crop:  # 384 px of 14 px patches: 27 per side, the last 6 px unused
+            raise ValueError(f"need 0 < patch_size <= frame_size, got patch_size {self.patch}, frame_size {self.crop}")
+
+    def check_model(self, vision_args) -> None:
+        """Raise ``ValueError`` when the tower's crop or patch is not the data's (names the keys)."""
+        if (vision_args.image_size, vision_args.patch_size) != (self.crop, self.patch):
+            raise ValueError(f"dataset.frame_size {self.crop} and dataset.patch_size {self.patch} must be the "
+                             f"checkpoint's vision_config image_size {vision_args.image_size} and patch_size "
+                             f"{vision_args.patch_size}")
+
+    @property
+    def tokens_per_frame(self) -> int:
+        """``ceil(grid / 2)^2``: 196 for 384 px crops of 14 px patches."""
+        return math.ceil(self.crop // self.patch / 2) ** 2
+
+    def sizes(self, shapes: list[tuple[int, int, int]], options: VideoOptions) -> list[tuple[int, int]]:
+        return [(self.crop, self.crop)] * len(shapes)
+
+    def num_tokens(self, frames: int, size: tuple[int, int]) -> int:
+        return frames * self.tokens_per_frame + 1
+
+    def process(self, video: DecodedVideo, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``pixel_values_videos [T, 3, crop, crop]`` fp32 and ``video_num_frames [1]``."""
+        frames = resize_and_normalize(video.frames, self.crop, self.crop, self.mean, self.std)
+        return {"pixel_values_videos": frames, "video_num_frames": torch.tensor([frames.shape[0]])}
+
+    def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
+        """A skipped item: one ``<video>`` over one blank frame (``tokens_per_frame + 1`` tokens)."""
+        return [ids[VIDEO_TOKEN]], self.num_tokens(1, (self.crop, self.crop)), {
+            "pixel_values_videos": torch.zeros(1, 3, self.crop, self.crop),
+            "video_num_frames": torch.tensor([1]),
+        }
+
+
+def llava_video_sft_dataset(
+    tokenizer,
+    data_files: Union[PathLike, Sequence[PathLike]],
+    max_seq_len: int,
+    data_root: Optional[PathLike] = None,
+    fps: float = 1.0,
+    max_frames: int = 32,
+    frame_size: int = 384,
+    patch_size: int = 14,
+    image_mean: Sequence[float] = SIGLIP_MEAN,
+    image_std: Sequence[float] = SIGLIP_STD,
+    skip_bad_samples: bool = False,
+    packed: bool = False,
+) -> Union[VideoSFTDataset, PackedDataset]:
+    """Video SFT samples (the formats of :func:`omnilong.data.video_sft_dataset`) for
+    LLaVA-OneVision; the config's ``dataset:`` component.
+
+    Args:
+        tokenizer: the model's tokenizer (given by the recipe), with ``<video>`` and ``<image>``.
+        data_files: JSONL / JSON / parquet files, directories or globs.
+        max_seq_len: most tokens per sample (given by the recipe).
+        data_root: directory for relative video paths (default: each sample file's directory).
+        fps, max_frames: frame sampling (``max_frames`` frames spread over a video longer than
+            ``max_frames / fps`` seconds; LLaVA-OneVision's usual budget is 32).
+        frame_size, patch_size, image_mean, image_std: the checkpoint's video processor and
+            tower (``size``, ``patch_size``, ``image_mean``, ``image_std``).
+        skip_bad_samples, packed: as :func:`omnilong.data.video_sft_dataset`'s.
+    """
+    video_format = LlavaVideoFormat(frame_size, patch_size, tuple(image_mean), tuple(image_std))
+    options = VideoOptions(fps=fps, max_frames=max_frames)
+    source = ", ".join(map(str, expand_data_files(data_files)))
+    dataset = VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root, video_format.marker), max_seq_len,
+                              options, skip_bad_samples, source, video_format)
+    return packed_or_not(dataset, packed)
