@@ -26,6 +26,8 @@ DEFAULTS: dict[str, Any] = {
     "cp_degree": 1,  # context parallel: each sequence split across this many ranks (ring attention)
     "fsdp_cpu_offload": False,
     "enable_activation_checkpointing": True,
+    "activation_offload": False,  # CUDA: saved activations (the checkpointed layer inputs) to pinned host memory
+    "mlp_chunk_size": None,  # tokens per chunk of each decoder layer's norm + MLP (null: whole sequence)
     "loss": {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},  # FullLogitsCrossEntropy to compare
     "lr_scheduler": None,
     "save_every_n_steps": None,  # write a resumable checkpoint every N steps (and at the last step)
@@ -41,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
 _POSITIVE_INTS = ("max_seq_len", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
                   "dp_replicate_degree", "cp_degree", "keep_last_n_checkpoints")
 _BOOLS = ("shuffle", "freeze_vision", "fsdp_cpu_offload", "enable_activation_checkpointing", "save_hf_at_end",
-          "overwrite_output_dir", "allow_config_change_on_resume")
+          "overwrite_output_dir", "allow_config_change_on_resume", "activation_offload")
 # Component keys -> what the recipe passes itself: (number of positional arguments, keyword arguments).
 _COMPONENTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "dataset": (1, ("max_seq_len",)),  # the tokenizer
@@ -71,6 +73,8 @@ def _value_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key} must be an integer >= 0, got {cfg[key]!r}")
     if not _is_int(cfg.dp_shard_degree) or not (cfg.dp_shard_degree == -1 or cfg.dp_shard_degree > 0):
         problems.append(f"dp_shard_degree must be -1 or a positive integer, got {cfg.dp_shard_degree!r}")
+    if cfg.mlp_chunk_size is not None and (not _is_int(cfg.mlp_chunk_size) or cfg.mlp_chunk_size <= 0):
+        problems.append(f"mlp_chunk_size must be a positive number of tokens or null, got {cfg.mlp_chunk_size!r}")
     if cfg.save_every_n_steps is not None and (not _is_int(cfg.save_every_n_steps) or cfg.save_every_n_steps <= 0):
         problems.append(f"save_every_n_steps must be a positive integer or null, got {cfg.save_every_n_steps!r}")
     for key in _BOOLS:
