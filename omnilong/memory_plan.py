@@ -13,7 +13,7 @@ parameter is sharded over = gpus / dp_replicate):
 * optimizer state: AdamW's two fp32 moments of the trained shards (host with offload);
 * saved activations: each checkpointed layer's input (``T D c``), with ``activation_offload``
   two of them (the one being copied out, the one brought back ahead); the final norm's saved
-  tensors and the loss's hidden-state gradient;
+  tensors, the loss's hidden-state gradient, the rope tables and ids shared by all layers;
 * one layer's recompute: what a decoder layer saves for its backward (norms, q/k/v, attention
   output, the MLP's four ``[T, F]`` intermediates) plus the backward's transient gradients;
   with ``mlp_chunk_size`` the MLP part is one chunk's;
@@ -47,6 +47,7 @@ class ModelShape:
     kv_dim: int  # key/value width: n_kv_heads * head_dim
     hidden_dim: int  # MLP width
     n_heads: int
+    head_dim: int
     vocab_size: int
     layer_params: int  # one decoder layer
     root_params: int  # embeddings, final norm, output and the vision tower's unwrapped parts
@@ -64,7 +65,7 @@ class ModelShape:
         vision = count(model.visual) if model.visual is not None else 0
         return cls(
             n_layers=args.n_layers, dim=args.dim, kv_dim=args.n_kv_heads * args.head_dim,
-            hidden_dim=args.hidden_dim, n_heads=args.n_heads, vocab_size=args.vocab_size,
+            hidden_dim=args.hidden_dim, n_heads=args.n_heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
             layer_params=layers // args.n_layers, root_params=total - layers - blocks, other_params=blocks,
             trained_params=total - (vision if freeze_vision else 0),
         )
@@ -148,7 +149,8 @@ def plan(shape: ModelShape, run: RunSetup) -> dict[str, int]:
         recompute = 2 * c * tokens * shape.hidden_dim
     final = tokens * (_norm_saved(c, d) + (c * d if c == 4 else 0))  # its fp32 input is kept, not copied
     grad_hidden = tokens * c * d  # the loss's hidden-state gradient, computed in the forward
-    saved = layer_inputs + final + grad_hidden
+    batch_wide = tokens * (2 * shape.head_dim * c + 32)  # rope cos/sin; token, position ids (int64)
+    saved = layer_inputs + final + grad_hidden + batch_wide
     loss_chunk = min(tokens, run.loss_chunk_size or auto_chunk_size(v)) * v * (4 + (c if c != 4 else 0))
     communication = 0
     if run.fsdp:
