@@ -8,7 +8,7 @@ synced to S3 (a restarted job resumes from them).
         --instance-type ml.p5.48xlarge --instance-count 2 \\
         --channel model=s3://bucket/Qwen2.5-VL-7B-Instruct --channel data=fsx://fs-0123/abcdefgh/long-text \\
         --checkpoint-s3 s3://bucket/omnilong/stage1 \\
-        'dataset.data_files=[$SM_CHANNEL_DATA/train.jsonl]' max_steps=1000
+        'dataset.sources=[$SM_CHANNEL_DATA]' max_steps=1000
     python launch/sagemaker_job.py ... --dry-run    # print the estimator's arguments, start nothing
 
 Needs the SageMaker Python SDK v2 (``pip install '.[sagemaker]'``), only on the machine that
