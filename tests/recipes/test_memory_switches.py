@@ -5,6 +5,10 @@ Oracle: the same run without the switches; per-step losses and gradient norms wi
 relative (chunking reorders no sum: each token's MLP is computed alone either way).
 """
 
+import pytest
+from omegaconf import OmegaConf
+
+from omnilong.config import validate_config
 from tests.recipe_runs import STAGE1, metrics, tune_run
 
 
@@ -19,3 +23,12 @@ def test_activation_offload_and_mlp_chunks_train_like_the_plain_run(tiny_qwen_di
     for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "switched"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * abs(a["grad_norm"]), (a, b)
+
+
+def test_bad_switch_values_are_named_before_any_work():
+    cfg = OmegaConf.load(STAGE1)
+    cfg.mlp_chunk_size, cfg.activation_offload = 0, "yes"
+    with pytest.raises(ValueError) as error:
+        validate_config(cfg)
+    assert "mlp_chunk_size must be a positive number of tokens or null, got 0" in str(error.value)
+    assert "activation_offload must be true or false, got 'yes'" in str(error.value)
