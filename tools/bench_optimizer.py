@@ -4,8 +4,9 @@
 offload), side by side in one run.
 
 The parameters are fp32, ``--numel`` in all (default 250M, ~4 GB with gradients and the two
-moments), cut into ``--tensors`` tensors of equal size; each implementation gets a fresh
-copy. Reported: median seconds per step over ``--steps`` timed steps after one warm-up step,
+moments), cut into ``--tensors`` tensors of equal size. Each implementation runs in a fresh
+subprocess (its own memory, and no OpenMP runtime of another library spinning next to it:
+DeepSpeed's op links its own). Reported: median seconds per step over ``--steps`` timed steps after one warm-up step,
 and the ratio to the for-loop (torch's default for CPU parameters). OmniLong builds the
 fused one (``omnilong.optimizer``).
 
@@ -14,7 +15,10 @@ Usage:
 """
 
 import argparse
+import json
 import statistics
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -56,15 +60,24 @@ def main() -> None:
     parser.add_argument("--numel", type=int, default=250_000_000)
     parser.add_argument("--tensors", type=int, default=100)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     impls = _implementations()
+    if args.child:
+        print(json.dumps(_seconds_per_step(impls[args.child], args.numel, args.tensors, args.steps)))
+        return
     print(f"AdamW step over {args.numel / 1e6:.0f}M fp32 parameters in {args.tensors} tensors, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads"
           + ("" if "DeepSpeedCPUAdam" in impls else "; deepspeed not importable: DeepSpeedCPUAdam not run"))
     print(f"{'implementation':<24} {'s/step':>8} {'x for-loop':>10}")
     base = None
-    for name, make in impls.items():
-        seconds = _seconds_per_step(make, args.numel, args.tensors, args.steps)
+    for name in impls:
+        child = [sys.executable, __file__, "--numel", str(args.numel), "--tensors", str(args.tensors),
+                 "--steps", str(args.steps), "--child", name]
+        run = subprocess.run(child, capture_output=True, text=True)
+        if run.returncode != 0:
+            raise SystemExit(f"{name} failed:\n{run.stderr[-3000:]}")
+        seconds = json.loads(run.stdout.strip().splitlines()[-1])
         base = base or seconds
         print(f"{name:<24} {seconds:>8.3f} {seconds / base:>10.2f}")
 
