@@ -16,7 +16,7 @@ from omnilong.models import qwen2_5_vl_7b
 from tests.recipe_runs import REPO
 
 sys.path.insert(0, str(REPO / "tools"))
-from plan_memory import measure_cpu_in_subprocess  # noqa: E402
+from plan_memory import measure_cpu_in_subprocess, model_shape  # noqa: E402
 
 SMALL = dict(vocab_size=4096, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=1024, mrope_section=[8, 12, 12])
 
@@ -62,3 +62,15 @@ def test_longest_seq_len_is_the_last_that_fits(shape_7b):
 def test_degrees_that_do_not_divide_the_gpus_are_refused(shape_7b):
     with pytest.raises(ValueError, match="gpus 8 must be a multiple of dp_replicate \\* cp = 3"):
         plan(shape_7b, RunSetup(seq_len=1024, gpus=8, cp=3))
+
+
+def test_shape_of_a_checkpoint_directory_and_a_bad_name(tiny_qwen_dir):
+    from omnilong.checkpoint.hf_io import read_hf_config
+
+    config = read_hf_config(tiny_qwen_dir)
+    text = config.get("text_config", config)
+    shape = model_shape(str(tiny_qwen_dir))
+    assert (shape.dim, shape.n_layers, shape.vocab_size) == (text["hidden_size"], text["num_hidden_layers"],
+                                                              text["vocab_size"])
+    with pytest.raises(SystemExit, match="neither a checkpoint directory nor a known name"):
+        model_shape("/nonexistent/model")
