@@ -132,24 +132,27 @@ def test_the_switch_does_nothing_on_cpu():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (pinned memory, side stream)")
-def test_cuda_offload_gives_identical_gradients_and_a_lower_peak():
+def test_cuda_offload_gives_the_same_gradients_and_a_lower_peak():
+    """16K tokens: each layer input is 2 MiB (offloaded: >= 1 MiB). Tolerance 1e-6: CUDA
+    attention backward may add in another order from run to run."""
     device = torch.device("cuda")
-    tokens = torch.randint(0, 64, (1, 4096), generator=torch.Generator().manual_seed(1)).to(device)
+    tokens = torch.randint(0, 64, (1, 16384), generator=torch.Generator().manual_seed(1)).to(device)
 
     def run(enabled):
         model = _model(device)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        with_offload = activation_offload(enabled, device)
-        assert isinstance(with_offload, SavedTensorOffload) == enabled
-        loss, grads = _step(model, tokens, with_offload)
+        context = activation_offload(enabled, device)
+        assert isinstance(context, SavedTensorOffload) == enabled
+        loss, grads = _step(model, tokens, context)
         torch.cuda.synchronize()
-        return loss, grads, torch.cuda.max_memory_allocated() - before
+        return loss, grads, torch.cuda.max_memory_allocated() - before, getattr(context, "offloaded", 0)
 
-    ref_loss, ref_grads, ref_peak = run(False)
-    loss, grads, peak = run(True)
-    assert torch.equal(loss, ref_loss)
+    ref_loss, ref_grads, ref_peak, _ = run(False)
+    loss, grads, peak, offloaded = run(True)
+    assert offloaded == ARGS["n_layers"] + 2
+    assert torch.allclose(loss, ref_loss, rtol=0, atol=1e-6)
     for name in ref_grads:
-        assert torch.equal(grads[name], ref_grads[name]), name
+        assert torch.allclose(grads[name], ref_grads[name], rtol=0, atol=1e-6), name
     assert peak < ref_peak
