@@ -35,6 +35,8 @@ from typing import Optional
 
 from torch import nn
 
+from omnilong.loss.chunked_linear_ce import auto_chunk_size
+
 GiB = 2**30
 
 
@@ -125,8 +127,6 @@ def plan(shape: ModelShape, run: RunSetup) -> dict[str, int]:
         ``layer_recompute``, ``loss_chunk``, ``communication`` and ``peak``.
     """
     run.validate()
-    from omnilong.loss.chunked_linear_ce import auto_chunk_size
-
     c, d, v = run.compute_bytes, shape.dim, shape.vocab_size
     shards = run.gpus // run.dp_replicate
     tokens = math.ceil(run.batch_size * run.seq_len / run.cp)
