@@ -51,8 +51,13 @@ KEYS: tuple[Key, ...] = (
     Key("dp_replicate_degree", 1, "HSDP replicas (e.g. one per node); parameters are sharded within each"),
     Key("dp_shard_degree", -1, "FSDP shard degree; -1: the ranks left after `dp_replicate` and `cp`"),
     Key("cp_degree", 1, "context parallelism: each sequence split across this many ranks (ring attention)"),
-    Key("fsdp_cpu_offload", False, "parameters, gradients and optimizer state on CPU; the optimizer steps on CPU"),
+    Key("fsdp_cpu_offload", False, "parameters, gradients and optimizer state on CPU; the optimizer steps on CPU "
+        "(torch's fused CPU AdamW, see *Longest context per GPU*)"),
     Key("enable_activation_checkpointing", True, "recompute each decoder layer in backward"),
+    Key("activation_offload", False, "CUDA: the saved activations (each checkpointed layer's input) go to pinned "
+        "host memory in the forward and come back one layer ahead in the backward; on CPU accepted and does nothing"),
+    Key("mlp_chunk_size", None, "tokens per chunk of each decoder layer's norm + MLP, each chunk checkpointed: a "
+        "layer's recompute peak grows with the chunk, not the sequence (one more MLP forward per step); null: whole"),
     Key("save_every_n_steps", None, "write a resumable checkpoint every N steps and at the last"),
     Key("keep_last_n_checkpoints", 2, "older checkpoints of the same run are deleted (never another run's)"),
     Key("resume_from_checkpoint", False, "`true`: the latest under `output_dir/checkpoints`; or a `step_N` path"),
@@ -75,7 +80,7 @@ DEFAULTS: dict[str, Any] = {k.name: k.default for k in KEYS if k.default is not 
 _POSITIVE_INTS = ("max_seq_len", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
                   "dp_replicate_degree", "cp_degree", "keep_last_n_checkpoints")
 _BOOLS = ("shuffle", "freeze_vision", "fsdp_cpu_offload", "enable_activation_checkpointing", "save_hf_at_end",
-          "overwrite_output_dir", "allow_config_change_on_resume")
+          "overwrite_output_dir", "allow_config_change_on_resume", "activation_offload")
 # Component keys -> what the recipe passes itself: (number of positional arguments, keyword arguments).
 _COMPONENTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "dataset": (1, ("max_seq_len",)),  # the tokenizer
@@ -112,6 +117,8 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     if cfg.eval_every_n_steps is not None and cfg.validation_dataset is None:
         problems.append("eval_every_n_steps is set but validation_dataset is not: add a validation_dataset "
                         "or remove eval_every_n_steps")
+    if cfg.mlp_chunk_size is not None and (not _is_int(cfg.mlp_chunk_size) or cfg.mlp_chunk_size <= 0):
+        problems.append(f"mlp_chunk_size must be a positive number of tokens or null, got {cfg.mlp_chunk_size!r}")
     for key in _BOOLS:
         if not isinstance(cfg[key], bool):
             problems.append(f"{key} must be true or false, got {cfg[key]!r}")

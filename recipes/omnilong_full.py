@@ -51,6 +51,9 @@ from omnilong.distributed import init_distributed, resolve_device, shutdown_dist
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
+from omnilong.models.sequence_chunks import set_mlp_chunk_size
+from omnilong.optimizer import implementation_kwargs
+from omnilong.parallel.activation_offload import activation_offload
 from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
@@ -121,7 +124,10 @@ class OmniLongFullRecipe:
         self._check_data_matches_model()
         self.loss_fn = self._setup_loss()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = instantiate("optimizer", self.cfg.optimizer, trainable)
+        params_on_cpu = self.cfg.fsdp_cpu_offload or self.device.type == "cpu"
+        self.optimizer = instantiate("optimizer", self.cfg.optimizer, trainable,
+                                     **implementation_kwargs(self.cfg.optimizer, params_on_cpu))
+        self.activation_offload = activation_offload(self.cfg.activation_offload, self.device)
         self.lr_scheduler = (
             instantiate("lr_scheduler", self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
             if self.cfg.lr_scheduler is not None else None
@@ -161,6 +167,7 @@ class OmniLongFullRecipe:
             model.projector.requires_grad_(not freeze_projector)
         if self.dims.cp > 1:
             apply_context_parallel(model, self.meshes.cp)
+        set_mlp_chunk_size(model, self.cfg.mlp_chunk_size)
         if self.cfg.enable_activation_checkpointing:
             apply_activation_checkpointing(model)
         apply_fsdp(
@@ -313,7 +320,8 @@ class OmniLongFullRecipe:
         """Forward and backward of one micro-batch; returns its (local) summed token loss."""
         batch = {k: v.to(self.device) for k, v in batch.items() if k != "skipped"}
         labels = batch.pop("labels")
-        hidden = self.model(**batch, return_hidden=True)
+        with self.activation_offload:
+            hidden = self.model(**batch, return_hidden=True)
         weight = self.model.output.weight
         loss_sum, _ = self.loss_fn(hidden, weight, labels)
         (loss_sum / global_tokens.clamp(min=1)).backward()

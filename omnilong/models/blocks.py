@@ -1,6 +1,6 @@
 """Decoder building blocks shared by the model families (Qwen2 language model)."""
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +8,7 @@ from torch import nn
 
 from omnilong.models.attention import CausalAttention
 from omnilong.models.rope import apply_rope
+from omnilong.models.sequence_chunks import sequence_chunked
 
 
 class RMSNorm(nn.Module):
@@ -96,6 +97,8 @@ class DecoderLayer(nn.Module):
         self.feed_forward = feed_forward
         self.attention_norm = RMSNorm(dim, norm_eps)
         self.ffn_norm = RMSNorm(dim, norm_eps)
+        # Tokens per chunk of norm + MLP (None: the whole sequence); see omnilong.models.sequence_chunks.
+        self.mlp_chunk_size: Optional[int] = None
 
     def forward(
         self,
@@ -104,4 +107,7 @@ class DecoderLayer(nn.Module):
         attention_plan: Any = None,
     ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, attention_plan)
-        return h + self.feed_forward(self.ffn_norm(h))
+        return h + sequence_chunked(self._norm_mlp, h, self.mlp_chunk_size)
+
+    def _norm_mlp(self, h: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.ffn_norm(h))
