@@ -210,6 +210,14 @@ def tiny_llava_inference(tiny_llava_dir):
     return loaded, family_for("llava_onevision", loaded.tokenizer, loaded.model_dir, max_frames=4)
 
 
+@pytest.fixture(params=["qwen2_5_vl", "llava_onevision"])
+def family_inference(request):
+    """Each model family's tiny checkpoint loaded for inference, with its family
+    (:func:`tiny_inference`, :func:`tiny_llava_inference`)."""
+    return request.getfixturevalue({"qwen2_5_vl": "tiny_inference", "llava_onevision": "tiny_llava_inference"}
+                                   [request.param])
+
+
 # ---------------------------------------------------------------- this checkout's code
 REPO = Path(__file__).resolve().parents[1]
 CHECKOUT_PATHS = (str(REPO), str(REPO / "recipes"))
