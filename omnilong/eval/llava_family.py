@@ -39,6 +39,7 @@ class LlavaOnevisionFamily:
 
     Raises:
         ValueError: pixel limits given, or a tokenizer without the LLaVA tokens.
+        FileNotFoundError: (images only) no ``preprocessor_config.json`` in ``model_dir``.
     """
 
     frames_per_step = 1
@@ -94,6 +95,9 @@ class LlavaOnevisionFamily:
         if self._image_processor is None:
             from transformers import AutoImageProcessor
 
+            if not (self.model_dir / "preprocessor_config.json").is_file():
+                raise FileNotFoundError(f"{self.model_dir / 'preprocessor_config.json'} not found: images need the "
+                                        "checkpoint's image processor (copy it from the base model's directory)")
             self._image_processor = AutoImageProcessor.from_pretrained(self.model_dir)
         out = self._image_processor(images=[list(images)], return_tensors="pt")
         return {key: out[key] for key in ("pixel_values", "image_sizes", "batch_num_images")}

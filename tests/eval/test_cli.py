@@ -26,7 +26,8 @@ def _main(name: str, argv: list[str], monkeypatch) -> int:
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 def test_each_evaluation_writes_results(checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys, request):
-    model = ["--checkpoint", str(request.getfixturevalue(checkpoint)), "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "2"]
+    model = ["--checkpoint", str(request.getfixturevalue(checkpoint)), "--dtype", "fp32", "--device", "cpu",
+             "--max-new-tokens", "2"]
     needle = write_needle_image(tmp_path / "needle.png")
     root = write_tiny_videomme(tmp_path / "videomme", tiny_videos_dir)
     runs = {

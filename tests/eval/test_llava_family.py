@@ -27,7 +27,7 @@ def _processor_output(model_dir, prompt):
 def test_prompt_inputs_equal_the_transformers_processor(tiny_llava_inference, tiny_llava_dir, tiny_videos_dir):
     loaded, family = tiny_llava_inference
     video = decode_video(tiny_videos_dir / "video_002.mp4", 1.0, 3)
-    image = (torch.arange(3 * 50 * 130) % 253).to(torch.uint8).view(3, 50, 130)  # a wide image: base crop + a 2x4 crop grid
+    image = (torch.arange(3 * 50 * 130) % 253).to(torch.uint8).view(3, 50, 130)  # wide: base crop + a 2x4 grid
     prompt = Prompt("Which colour?", (image,), video)
     ours, answer_length = family.prompt_inputs(prompt)
     theirs = _processor_output(tiny_llava_dir, prompt)

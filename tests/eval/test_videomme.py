@@ -1,6 +1,7 @@
 """Video-MME on a tiny Video-MME-shaped folder (two generated videos, four questions, one
-subtitle file) with the tiny random model (each family's for a whole run): data reading, subtitles at the sampled frames,
-the official prompt, both subtitle settings, resuming, and missing videos."""
+subtitle file) with the tiny random model (each family's for a whole run): data reading,
+subtitles at the sampled frames, the official prompt, both subtitle settings, resuming, and
+missing videos."""
 
 import json
 

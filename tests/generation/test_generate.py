@@ -91,7 +91,8 @@ def _generate_on_ranks(rank, world_size, model_dir, videos_dir, model_type):
         assert world_size == 1 or isinstance(next(loaded.model.layers[0].parameters()), DTensor)
         results.append((generation.tokens, torch.stack(logits).tolist()))  # plain lists cross processes
     family = family_for(model_type, loaded.tokenizer, model_dir)
-    steps_per_video = int(inputs["video_grid_thw"][0, 0] if "video_grid_thw" in inputs else inputs["video_num_frames"][0])
+    steps_per_video = int(inputs["video_grid_thw"][0, 0] if "video_grid_thw" in inputs
+                          else inputs["video_num_frames"][0])  # frame pairs / frames
     with family.frame_feature_cache(loaded.model) as cache:
         for _ in range(2):
             cache.expect([("video", j) for j in range(steps_per_video)])
