@@ -27,6 +27,17 @@ from omnilong.models.llava_onevision.args import text_args_from_hf_config, visio
 from omnilong.models.llava_onevision.features import num_crops, pack_image_features
 
 
+def _processor_config(model_dir: Path, name: str, key: str) -> Optional[dict[str, Any]]:
+    """A processor's config: ``name`` (the hub's ``preprocessor_config.json`` /
+    ``video_preprocessor_config.json``) or ``processor_config.json``'s ``key`` entry (as
+    transformers v5 saves a processor); ``None`` when neither is there."""
+    if (model_dir / name).is_file():
+        return json.loads((model_dir / name).read_text())
+    if (model_dir / "processor_config.json").is_file():
+        return json.loads((model_dir / "processor_config.json").read_text()).get(key)
+    return None
+
+
 class LlavaOnevisionFamily:
     """LLaVA-OneVision (module docstring).
 
@@ -39,7 +50,7 @@ class LlavaOnevisionFamily:
 
     Raises:
         ValueError: pixel limits given, or a tokenizer without the LLaVA tokens.
-        FileNotFoundError: (images only) no ``preprocessor_config.json`` in ``model_dir``.
+        FileNotFoundError: (images only) no image processor config in ``model_dir``.
     """
 
     frames_per_step = 1
@@ -61,8 +72,7 @@ class LlavaOnevisionFamily:
         config = read_hf_config(self.model_dir)
         self.args, self.vision_args = text_args_from_hf_config(config), vision_args_from_hf_config(config)
         self.image_token, self.video_token = vocab[IMAGE_TOKEN], vocab[VIDEO_TOKEN]
-        video_config = self.model_dir / "video_preprocessor_config.json"
-        norm = json.loads(video_config.read_text()) if video_config.is_file() else {}
+        norm = _processor_config(self.model_dir, "video_preprocessor_config.json", "video_processor") or {}
         self.video_format = LlavaVideoFormat(
             self.vision_args.image_size, self.vision_args.patch_size,
             *(tuple(norm[k]) for k in ("image_mean", "image_std") if k in norm))
@@ -95,9 +105,10 @@ class LlavaOnevisionFamily:
         if self._image_processor is None:
             from transformers import AutoImageProcessor
 
-            if not (self.model_dir / "preprocessor_config.json").is_file():
-                raise FileNotFoundError(f"{self.model_dir / 'preprocessor_config.json'} not found: images need the "
-                                        "checkpoint's image processor (copy it from the base model's directory)")
+            if _processor_config(self.model_dir, "preprocessor_config.json", "image_processor") is None:
+                raise FileNotFoundError(f"{self.model_dir}: no preprocessor_config.json (nor processor_config.json "
+                                        "with an image_processor): images need the checkpoint's image processor "
+                                        "(copy it from the base model's directory)")
             self._image_processor = AutoImageProcessor.from_pretrained(self.model_dir)
         out = self._image_processor(images=[list(images)], return_tensors="pt")
         return {key: out[key] for key in ("pixel_values", "image_sizes", "batch_num_images")}

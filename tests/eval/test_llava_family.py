@@ -4,6 +4,9 @@ gives bitwise the same ``input_ids`` and vision inputs (the video pixels in Omni
 ``[frames, 3, S, S]`` layout, the processor's being ``[1, frames, 3, S, S]``), and generation
 from the processor's whole output equals generation from the family's."""
 
+import json
+import shutil
+
 import pytest
 import torch
 from transformers import AutoProcessor
@@ -61,3 +64,19 @@ def test_stop_tokens_and_refused_pixel_limits(tiny_llava_inference, tiny_llava_d
     assert family.frames_per_step == 1
     with pytest.raises(ValueError, match=r"\['video_max_pixels'\] do not apply to LLaVA-OneVision"):
         family_for("llava_onevision", loaded.tokenizer, tiny_llava_dir, video_max_pixels=1000)
+
+
+def test_video_normalisation_from_the_checkpoint_and_missing_image_processor_named(tiny_llava_inference,
+                                                                                    tiny_llava_dir, tmp_path):
+    tokenizer = tiny_llava_inference[0].tokenizer
+    for name in ("config.json", "processor_config.json"):
+        shutil.copy(tiny_llava_dir / name, tmp_path / name)
+    processor = json.loads((tmp_path / "processor_config.json").read_text())
+    processor["video_processor"].update(image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6])
+    (tmp_path / "processor_config.json").write_text(json.dumps(processor))
+    family = family_for("llava_onevision", tokenizer, tmp_path)
+    assert (family.video_format.mean, family.video_format.std) == ((0.1, 0.2, 0.3), (0.4, 0.5, 0.6))
+    (tmp_path / "processor_config.json").unlink()
+    family = family_for("llava_onevision", tokenizer, tmp_path)
+    with pytest.raises(FileNotFoundError, match="no preprocessor_config.json .* image processor"):
+        family.prompt_inputs(Prompt("?", (torch.zeros(3, 8, 8, dtype=torch.uint8),)))
