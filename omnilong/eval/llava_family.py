@@ -58,11 +58,11 @@ class LlavaOnevisionFamily:
     def __init__(self, tokenizer: Any, model_dir: Path, fps: float = 1.0, max_frames: int = 768,
                  video_min_pixels: Optional[int] = None, video_max_pixels: Optional[int] = None,
                  video_total_pixels: Optional[int] = None):
-        given = {name: value for name, value in (("video_min_pixels", video_min_pixels),
-                                                 ("video_max_pixels", video_max_pixels),
-                                                 ("video_total_pixels", video_total_pixels)) if value is not None}
+        limits = {"video_min_pixels": video_min_pixels, "video_max_pixels": video_max_pixels,
+                  "video_total_pixels": video_total_pixels}
+        given = [name for name, value in limits.items() if value is not None]
         if given:
-            raise ValueError(f"{sorted(given)} do not apply to LLaVA-OneVision (every frame is resized to the "
+            raise ValueError(f"{given} do not apply to LLaVA-OneVision (every frame is resized to the "
                              "tower's square crop): leave them out")
         vocab = tokenizer.get_vocab()
         missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, "<|im_end|>") if t not in vocab]
@@ -75,7 +75,7 @@ class LlavaOnevisionFamily:
         norm = _processor_config(self.model_dir, "video_preprocessor_config.json", "video_processor") or {}
         self.video_format = LlavaVideoFormat(
             self.vision_args.image_size, self.vision_args.patch_size,
-            *(tuple(norm[k]) for k in ("image_mean", "image_std") if k in norm))
+            **{field: tuple(norm[key]) for field, key in (("mean", "image_mean"), ("std", "image_std")) if key in norm})
         self.video_options = VideoOptions(fps, max_frames)
         self._stops = sorted({vocab["<|im_end|>"], *(vocab[t] for t in ("<|endoftext|>",) if t in vocab)})
         self._image_processor = None
