@@ -3,10 +3,19 @@
 # the checkpoint given as first argument: NIAH over this Python's standard-library sources,
 # V-NIAH on a tiny generated video with a one-colour needle, Video-MME on a tiny Video-MME-shaped
 # folder. Results (results.json, heatmaps with matplotlib) in outputs/tiny-eval/.
+#
+#   bash scripts/demo_eval.sh [llava_onevision | <checkpoint>]
+#
+# With llava_onevision, the LLaVA-OneVision demo's stage-3 model (bash scripts/demo.sh
+# llava_onevision first), results in outputs/tiny-llava_ov-eval/. Any checkpoint is evaluated
+# with its own family (its config.json's model_type).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 checkpoint="${1:-outputs/tiny-stage3/hf}"
 out=outputs/tiny-eval
+if [ "$checkpoint" = llava_onevision ]; then
+  checkpoint=outputs/tiny-llava_ov-stage3/hf out=outputs/tiny-llava_ov-eval
+fi
 .venv/bin/python tools/make_tiny_videos.py --output outputs/tiny-videos
 rm -rf "$out"
 .venv/bin/python tools/make_tiny_eval_data.py --videos outputs/tiny-videos --output "$out/data"

@@ -199,6 +199,25 @@ def tiny_inference(tiny_qwen_dir):
     return loaded, family_for("qwen2_5_vl", loaded.tokenizer, loaded.model_dir, max_frames=4)
 
 
+@pytest.fixture(scope="session")
+def tiny_llava_inference(tiny_llava_dir):
+    """The tiny LLaVA-OneVision checkpoint loaded for inference (fp32, CPU) and its evaluation
+    family (4 frames per video at most)."""
+    from omnilong.eval.family import family_for
+    from omnilong.generation.loading import load_inference_model
+
+    loaded = load_inference_model(tiny_llava_dir, torch.device("cpu"), torch.float32)
+    return loaded, family_for("llava_onevision", loaded.tokenizer, loaded.model_dir, max_frames=4)
+
+
+@pytest.fixture(params=["qwen2_5_vl", "llava_onevision"])
+def family_inference(request):
+    """Each model family's tiny checkpoint loaded for inference, with its family
+    (:func:`tiny_inference`, :func:`tiny_llava_inference`)."""
+    return request.getfixturevalue({"qwen2_5_vl": "tiny_inference", "llava_onevision": "tiny_llava_inference"}
+                                   [request.param])
+
+
 # ---------------------------------------------------------------- this checkout's code
 REPO = Path(__file__).resolve().parents[1]
 CHECKOUT_PATHS = (str(REPO), str(REPO / "recipes"))

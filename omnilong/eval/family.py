@@ -18,7 +18,9 @@ A family provides (see :class:`ModelFamily`):
   video forward, so that steps with a known key reuse their features (V-NIAH's haystack is
   encoded once for all depths).
 
-Families are looked up by the checkpoint's ``model_type`` (:func:`family_for`).
+Families are looked up by the checkpoint's ``model_type`` (:func:`family_for`): Qwen2.5-VL
+(:class:`Qwen2_5_VLFamily`, here) and LLaVA-OneVision
+(:class:`~omnilong.eval.llava_family.LlavaOnevisionFamily`).
 """
 
 import json
@@ -186,4 +188,8 @@ def family_for(model_type: str, tokenizer: Any, model_dir: Path, **video: Any) -
     """
     if model_type == "qwen2_5_vl":
         return Qwen2_5_VLFamily(tokenizer, Path(model_dir), **video)
-    raise ValueError(f"no evaluation family for model_type {model_type!r}; supported: qwen2_5_vl")
+    if model_type == "llava_onevision":
+        from omnilong.eval.llava_family import LlavaOnevisionFamily  # it imports Prompt from here
+
+        return LlavaOnevisionFamily(tokenizer, Path(model_dir), **video)
+    raise ValueError(f"no evaluation family for model_type {model_type!r}; supported: qwen2_5_vl, llava_onevision")

@@ -25,9 +25,12 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="bf16", choices=tuple(_DTYPES))
     parser.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
     parser.add_argument("--max-frames", type=int, default=768, help="most frames per video (default 768)")
-    parser.add_argument("--video-min-pixels", type=int, help="least pixels per frame (default: the processor's)")
-    parser.add_argument("--video-max-pixels", type=int, help="most pixels per frame (default: the processor's)")
-    parser.add_argument("--video-total-pixels", type=int, help="pixel budget of all frames of a video (default: none)")
+    parser.add_argument("--video-min-pixels", type=int,
+                        help="least pixels per frame (Qwen2.5-VL; default: the processor's)")
+    parser.add_argument("--video-max-pixels", type=int,
+                        help="most pixels per frame (Qwen2.5-VL; default: the processor's)")
+    parser.add_argument("--video-total-pixels", type=int,
+                        help="pixel budget of all frames of a video (Qwen2.5-VL; default: none)")
 
 
 def open_session(args: argparse.Namespace) -> tuple[InferenceModel, ModelFamily]:

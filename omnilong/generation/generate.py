@@ -2,11 +2,13 @@
 the prompt prefilled under context parallelism (ring attention over zigzag shards).
 
 The prompt is a full-sequence batch of one row, as a processor gives it
-(``input_ids [1, T]`` and any vision inputs: ``model(**inputs)`` works on it). Its M-RoPE
-positions are computed on the full row by the model's rule before any context-parallel cut;
-generated tokens continue at the prompt's largest position + 1, one position per token on all
-three streams (Qwen2.5-VL's served rule: text after a video resumes past the video's largest
-position). Every cp rank runs the same decode steps on the same token and gets the same logits.
+(``input_ids [1, T]`` and any vision inputs: ``model(**inputs)`` works on it). Its positions
+are computed on the full row by the model's rule before any context-parallel cut (Qwen2.5-VL's
+M-RoPE ``[3, 1, T]`` with vision grids; otherwise, LLaVA-OneVision's 1-D RoPE included, text
+positions ``[1, T]``); generated tokens continue at the prompt's largest position + 1, one
+position per token (on all three M-RoPE streams: Qwen2.5-VL's served rule, text after a video
+resumes past the video's largest position). Every cp rank runs the same decode steps on the
+same token and gets the same logits.
 """
 
 import contextlib
@@ -160,6 +162,7 @@ def cached_logits(
     prompt_length = inputs["input_ids"].shape[1]
     device = inputs["input_ids"].device
     position = int(inputs["position_ids"].max()) + 1  # the served rule: past the prompt's largest position
+    step_shape = (*inputs["position_ids"].shape[:-1], 1)  # M-RoPE [3, 1, 1] (all streams alike) or 1-D [1, 1]
     with kv_cache(model, None if cp_mesh is None else cp_mesh.get_group()) as cache:
         hidden = prefill(model, inputs, [prompt_length - 1], cache, cp_mesh, pad_token_id)  # [1, 1, dim]
         cache.decoding = True
@@ -167,7 +170,7 @@ def cached_logits(
             while True:
                 token = yield output_logits(model, hidden[0, -1])
                 hidden = model(input_ids=torch.tensor([[token]], device=device),
-                               position_ids=torch.full((3, 1, 1), position, device=device), return_hidden=True)
+                               position_ids=torch.full(step_shape, position, device=device), return_hidden=True)
                 position += 1
 
 

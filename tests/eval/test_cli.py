@@ -1,15 +1,19 @@
 """``tools/evaluate.py`` and ``tools/generate.py`` as users call them, run in-process (their
 ``main()`` with the argument list): each evaluation writes its results, a bad checkpoint is
-one line on stderr with exit status 1."""
+one line on stderr with exit status 1; both model families (the checkpoint's ``model_type``
+picks the family)."""
 
 import importlib.util
 import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from omnilong.eval.tiny_data import write_needle_image, write_tiny_videomme
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
+CHECKPOINTS = ["tiny_qwen_dir", "tiny_llava_dir"]  # fixtures: a Qwen2.5-VL and a LLaVA-OneVision checkpoint
 
 
 def _main(name: str, argv: list[str], monkeypatch) -> int:
@@ -20,8 +24,10 @@ def _main(name: str, argv: list[str], monkeypatch) -> int:
     return module.main()
 
 
-def test_each_evaluation_writes_results(tiny_qwen_dir, tiny_videos_dir, tmp_path, monkeypatch, capsys):
-    model = ["--checkpoint", str(tiny_qwen_dir), "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "2"]
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+def test_each_evaluation_writes_results(checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys, request):
+    model = ["--checkpoint", str(request.getfixturevalue(checkpoint)), "--dtype", "fp32", "--device", "cpu",
+             "--max-new-tokens", "2"]
     needle = write_needle_image(tmp_path / "needle.png")
     root = write_tiny_videomme(tmp_path / "videomme", tiny_videos_dir)
     runs = {
@@ -39,9 +45,11 @@ def test_each_evaluation_writes_results(tiny_qwen_dir, tiny_videos_dir, tmp_path
     assert f"results: {tmp_path / 'videomme' / 'results.json'}" in capsys.readouterr().out
 
 
-def test_generate_answers_and_bad_checkpoint_is_one_line(tiny_qwen_dir, tiny_videos_dir, tmp_path, monkeypatch,
-                                                          capsys):
-    argv = ["--checkpoint", str(tiny_qwen_dir), "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "3",
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+def test_generate_answers_and_bad_checkpoint_is_one_line(checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys,
+                                                          request):
+    argv = ["--checkpoint", str(request.getfixturevalue(checkpoint)), "--dtype", "fp32", "--device", "cpu",
+            "--max-new-tokens", "3", "--image", str(write_needle_image(tmp_path / "needle.png")),
             "--video", str(tiny_videos_dir / "video_000.mp4"), "--text", "What colour is the square?"]
     assert _main("generate", argv, monkeypatch) == 0
     assert "prompt tokens]" in capsys.readouterr().err

@@ -64,8 +64,8 @@ def test_teacher_forcing_accepts_exactly_the_greedy_answer(tiny_inference):
     assert not reproduces_answer(loaded, family, prompt, answer + "9")
 
 
-def test_run_writes_items_and_the_length_depth_grid(tiny_inference, tmp_path):
-    loaded, family = tiny_inference
+def test_run_writes_items_and_the_length_depth_grid(family_inference, tmp_path):
+    loaded, family = family_inference
     summary = run_niah(loaded, family, tmp_path, python_stdlib_sources(3), [128, 192], [0.0, 1.0], max_new_tokens=2)
     records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
     assert len(records) == 4 and {r["length"] for r in records} == {128, 192}

@@ -1,6 +1,7 @@
 """Video-MME on a tiny Video-MME-shaped folder (two generated videos, four questions, one
-subtitle file) with the tiny random model: data reading, subtitles at the sampled frames,
-the official prompt, both subtitle settings, resuming, and missing videos."""
+subtitle file) with the tiny random model (each family's for a whole run): data reading,
+subtitles at the sampled frames, the official prompt, both subtitle settings, resuming, and
+missing videos."""
 
 import json
 
@@ -36,8 +37,8 @@ def test_official_prompt_with_and_without_subtitles(videomme_root):
     assert build_prompt_text(question, []).splitlines()[1] == "No subtitles available"
 
 
-def test_run_writes_scores_and_resumes(tiny_inference, videomme_root, tmp_path):
-    loaded, family = tiny_inference
+def test_run_writes_scores_and_resumes(family_inference, videomme_root, tmp_path):
+    loaded, family = family_inference
     results = run_videomme(loaded, family, videomme_root, tmp_path, max_new_tokens=2)
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
     assert len(answers) == 8  # 4 questions x (without, with subtitles)
