@@ -77,6 +77,21 @@ def read_image(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from e
 
 
+def render_prompt(tokenizer: Any, prompt: Prompt, answer: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``prompt`` as one user turn (images, then the video, then the text) with the checkpoint's
+    chat template and the assistant's generation prompt: its token ids ``[T]`` (one placeholder
+    token per image / video, for the family to expand) and ``answer``'s ``[A]`` (empty without one)."""
+    content = [{"type": "image"} for _ in prompt.images]
+    content += [{"type": "video"}] if prompt.video is not None else []
+    content.append({"type": "text", "text": prompt.text})
+    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    answer_ids = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else [],
+                              dtype=torch.long)
+    return ids, answer_ids
+
+
 class ModelFamily(Protocol):
     """What the evaluations need of a model family (module docstring)."""
 
@@ -156,14 +171,7 @@ class Qwen2_5_VLFamily:
             ``image_grid_thw``, ``pixel_values_videos`` / ``video_grid_thw`` /
             ``second_per_grid_ts`` when there are images / a video.
         """
-        content = [{"type": "image"} for _ in prompt.images]
-        content += [{"type": "video"}] if prompt.video is not None else []
-        content.append({"type": "text", "text": prompt.text})
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        answer_ids = torch.tensor(self.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else [],
-                                  dtype=torch.long)
+        ids, answer_ids = render_prompt(self.tokenizer, prompt, answer)
         inputs: dict[str, torch.Tensor] = {}
         repeats = torch.ones_like(ids)
         if prompt.images:

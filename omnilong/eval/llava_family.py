@@ -21,7 +21,7 @@ from torch import nn
 from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.data.llava_video import IMAGE_TOKEN, VIDEO_TOKEN, LlavaVideoFormat
 from omnilong.data.video import VideoOptions
-from omnilong.eval.family import Prompt
+from omnilong.eval.family import Prompt, render_prompt
 from omnilong.eval.vision_cache import FrameCache, frame_cache
 from omnilong.models.llava_onevision.args import text_args_from_hf_config, vision_args_from_hf_config
 from omnilong.models.llava_onevision.features import num_crops, pack_image_features
@@ -121,14 +121,7 @@ class LlavaOnevisionFamily:
             ``image_sizes`` / ``batch_num_images``, ``pixel_values_videos [frames, 3, S, S]`` /
             ``video_num_frames [1]`` when there are images / a video.
         """
-        content = [{"type": "image"} for _ in prompt.images]
-        content += [{"type": "video"}] if prompt.video is not None else []
-        content.append({"type": "text", "text": prompt.text})
-        text = self.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                                  add_generation_prompt=True)
-        ids = torch.tensor(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        answer_ids = torch.tensor(self.tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else [],
-                                  dtype=torch.long)
+        ids, answer_ids = render_prompt(self.tokenizer, prompt, answer)
         inputs: dict[str, torch.Tensor] = {}
         repeats = torch.ones_like(ids)
         if prompt.images:
