@@ -194,7 +194,8 @@ def prepare(
         pool = None
         global _worker_tokenizer
         _worker_tokenizer = tokenizer
-    bar = tqdm(desc=f"prepare {kind}", unit=" docs", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(desc=f"prepare {kind}", unit=" docs", disable=None if progress else True,  # None: terminal only
+               dynamic_ncols=True)
     try:
         if kind == "text":
             batches = ((texts, settings["separator_id"]) for texts in _text_batches(files, text_column, counts))

@@ -14,8 +14,9 @@ T = TypeVar("T")
 
 
 def progress(items: Iterable[T], total: int, description: str, enabled: bool) -> Iterator[T]:
-    """A tqdm bar over ``items`` (on the writing rank only)."""
-    return iter(tqdm(items, total=total, desc=description, disable=not enabled, dynamic_ncols=True))
+    """A tqdm bar over ``items`` (on the writing rank only, and only when stderr is a terminal:
+    redirected to a file a bar is one long line)."""
+    return iter(tqdm(items, total=total, desc=description, disable=None if enabled else True, dynamic_ncols=True))
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:
