@@ -18,7 +18,7 @@ from omnilong.data.chat import ChatDataset, shifted_labels
 from omnilong.data.mixing import WeightedMix
 from omnilong.data.packing import packed_or_not
 from omnilong.data.packed_text import PackedRows, row_pad_id, separator_id
-from omnilong.data.prepared import PreparedDataError, PreparedSource, open_prepared
+from omnilong.data.prepared import PreparedSource, open_prepared
 from omnilong.data.video import FACTOR, VideoOptions
 from omnilong.data.llava_video import SIGLIP_MEAN, SIGLIP_STD, LlavaVideoFormat
 from omnilong.data.video_sft import QwenVideoFormat, VideoSample, VideoSFTDataset
