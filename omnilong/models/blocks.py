@@ -111,3 +111,19 @@ class DecoderLayer(nn.Module):
 
     def _norm_mlp(self, h: torch.Tensor) -> torch.Tensor:
         return self.feed_forward(self.ffn_norm(h))
+
+
+def qwen2_decoder_layers(
+    n_layers: int, dim: int, n_heads: int, n_kv_heads: int, head_dim: int, hidden_dim: int, norm_eps: float
+) -> nn.ModuleList:
+    """``n_layers`` Qwen2 decoder layers (GQA with q/k/v biases, SwiGLU), the language model
+    both Qwen2.5-VL and LLaVA-OneVision are built on."""
+    return nn.ModuleList(
+        DecoderLayer(
+            attention=GroupedQueryAttention(dim, n_heads, n_kv_heads, head_dim, qkv_bias=True),
+            feed_forward=FeedForward(dim, hidden_dim),
+            dim=dim,
+            norm_eps=norm_eps,
+        )
+        for _ in range(n_layers)
+    )

@@ -2,7 +2,7 @@
 
 from torch import nn
 
-from omnilong.models.blocks import DecoderLayer, FeedForward, GroupedQueryAttention, RMSNorm
+from omnilong.models.blocks import RMSNorm, qwen2_decoder_layers
 from omnilong.models.llava_onevision.args import LlavaOnevisionTextArgs, SiglipVisionArgs
 from omnilong.models.llava_onevision.model import LlavaOnevision, Projector
 from omnilong.models.llava_onevision.vision import SiglipVisionTower
@@ -12,15 +12,8 @@ def llava_onevision(args: LlavaOnevisionTextArgs, vision_args: SiglipVisionArgs)
     """A LLaVA-OneVision model of the given shape (random init; build under
     ``torch.device("meta")`` to allocate nothing)."""
     args.validate()
-    layers = nn.ModuleList(
-        DecoderLayer(
-            attention=GroupedQueryAttention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, qkv_bias=True),
-            feed_forward=FeedForward(args.dim, args.hidden_dim),
-            dim=args.dim,
-            norm_eps=args.norm_eps,
-        )
-        for _ in range(args.n_layers)
-    )
+    layers = qwen2_decoder_layers(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim,
+                                  args.hidden_dim, args.norm_eps)
     model = LlavaOnevision(
         args,
         tok_embeddings=nn.Embedding(args.vocab_size, args.dim),

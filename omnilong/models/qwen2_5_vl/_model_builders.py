@@ -4,7 +4,7 @@ from typing import Optional
 
 from torch import nn
 
-from omnilong.models.blocks import DecoderLayer, FeedForward, GroupedQueryAttention, RMSNorm
+from omnilong.models.blocks import FeedForward, RMSNorm, qwen2_decoder_layers
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs, Qwen2_5_VLVisionArgs
 from omnilong.models.qwen2_5_vl.model import Qwen2_5_VL
 from omnilong.models.qwen2_5_vl.vision import PatchEmbed, PatchMerger, VisionAttention, VisionBlock, VisionTransformer
@@ -39,15 +39,8 @@ def qwen2_5_vl(args: Qwen2_5_VLTextArgs, vision_args: Optional[Qwen2_5_VLVisionA
     args.validate()
     if vision_args is not None and vision_args.out_dim != args.dim:
         raise ValueError(f"vision out_hidden_size {vision_args.out_dim} must equal the text hidden_size {args.dim}")
-    layers = nn.ModuleList(
-        DecoderLayer(
-            attention=GroupedQueryAttention(args.dim, args.n_heads, args.n_kv_heads, args.head_dim, qkv_bias=True),
-            feed_forward=FeedForward(args.dim, args.hidden_dim),
-            dim=args.dim,
-            norm_eps=args.norm_eps,
-        )
-        for _ in range(args.n_layers)
-    )
+    layers = qwen2_decoder_layers(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim,
+                                  args.hidden_dim, args.norm_eps)
     return Qwen2_5_VL(
         args,
         tok_embeddings=nn.Embedding(args.vocab_size, args.dim),
