@@ -53,6 +53,8 @@ KEYS: tuple[Key, ...] = (
     Key("cp_degree", 1, "context parallelism: each sequence split across this many ranks (ring attention)"),
     Key("fsdp_cpu_offload", False, "parameters, gradients and optimizer state on CPU; the optimizer steps on CPU "
         "(torch's fused CPU AdamW, see *Longest context per GPU*)"),
+    Key("cpu_threads_per_rank", None, "CPU threads of each rank (the offloaded optimizer step); null: the node's "
+        "cores divided among its ranks (torchrun would give each rank 1), or `OMP_NUM_THREADS` when set"),
     Key("enable_activation_checkpointing", True, "recompute each decoder layer in backward"),
     Key("activation_offload", False, "CUDA: the saved activations (each checkpointed layer's input) go to pinned "
         "host memory in the forward and come back one layer ahead in the backward; on CPU accepted and does nothing"),
@@ -117,6 +119,8 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     if cfg.eval_every_n_steps is not None and cfg.validation_dataset is None:
         problems.append("eval_every_n_steps is set but validation_dataset is not: add a validation_dataset "
                         "or remove eval_every_n_steps")
+    if cfg.cpu_threads_per_rank is not None and (not _is_int(cfg.cpu_threads_per_rank) or cfg.cpu_threads_per_rank <= 0):
+        problems.append(f"cpu_threads_per_rank must be a positive integer or null, got {cfg.cpu_threads_per_rank!r}")
     if cfg.mlp_chunk_size is not None and (not _is_int(cfg.mlp_chunk_size) or cfg.mlp_chunk_size <= 0):
         problems.append(f"mlp_chunk_size must be a positive number of tokens or null, got {cfg.mlp_chunk_size!r}")
     for key in _BOOLS:

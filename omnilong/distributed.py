@@ -3,6 +3,7 @@
 import gc
 import os
 import socket
+from collections.abc import Mapping
 from typing import Optional
 
 import torch
@@ -27,6 +28,36 @@ def resolve_device(name: str) -> torch.device:
     if name == "cpu":
         return torch.device("cpu")
     raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
+
+
+def cpu_threads_per_rank(requested: Optional[int], environ: Mapping[str, str], cores: int) -> tuple[int, str]:
+    """How many intra-op CPU threads this rank uses (the offloaded optimizer step, CPU compute),
+    and why.
+
+    torchrun (and so ``tune run --nproc_per_node N``) sets ``OMP_NUM_THREADS=1`` in every rank
+    when it starts more than one process on a node and the variable is unset, which would leave
+    each rank's CPU AdamW step on one core of a many-core host. So, unless the config asks for a
+    number, the ranks of a node share its cores: ``cores // LOCAL_WORLD_SIZE``. An
+    ``OMP_NUM_THREADS`` the user set is kept; the one value that cannot be told apart from
+    torchrun's default (``1`` with several ranks on the node) is treated as that default.
+
+    Args:
+        requested: the config's ``cpu_threads_per_rank`` (a positive integer, or None: automatic).
+        environ: the process environment (``OMP_NUM_THREADS``, ``LOCAL_WORLD_SIZE``).
+        cores: CPU cores this process may run on.
+    """
+    if requested is not None:
+        return requested, "cpu_threads_per_rank"
+    local_ranks = int(environ.get("LOCAL_WORLD_SIZE", 1))
+    omp = environ.get("OMP_NUM_THREADS")
+    if omp is not None and not (omp == "1" and local_ranks > 1):
+        return max(1, int(omp)), "OMP_NUM_THREADS"
+    return max(1, cores // local_ranks), f"{cores} cores / {local_ranks} ranks on this node"
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def init_distributed(device: torch.device) -> None:

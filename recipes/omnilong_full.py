@@ -14,6 +14,7 @@ divided by the all-reduced count of trained tokens.
 import json
 import logging
 import math
+import os
 import shutil
 import sys
 import time
@@ -47,7 +48,7 @@ from omnilong.config import validate_config
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
-from omnilong.distributed import init_distributed, resolve_device, shutdown_distributed
+from omnilong.distributed import available_cores, cpu_threads_per_rank, init_distributed, resolve_device, shutdown_distributed
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
@@ -111,6 +112,9 @@ class OmniLongFullRecipe:
         self.meshes = build_mesh(self.dims, self.device.type)
         self.is_rank_zero = self.rank == 0
         setup_logging(self.rank)
+        threads, why = cpu_threads_per_rank(self.cfg.cpu_threads_per_rank, os.environ, available_cores())
+        torch.set_num_threads(threads)
+        logger.info("CPU threads per rank: %d (%s)", threads, why)
         saves = bool(self.cfg.save_every_n_steps) or self.cfg.save_hf_at_end
         moved = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves))
         if moved is not None:

@@ -1,5 +1,6 @@
 """The memory switches through the recipe, on CPU: ``activation_offload`` is accepted and
-does nothing there, ``mlp_chunk_size`` chunks each layer's norm + MLP.
+does nothing there, ``mlp_chunk_size`` chunks each layer's norm + MLP, ``cpu_threads_per_rank``
+sets the rank's CPU threads.
 
 Oracle: the same run without the switches; per-step losses and gradient norms within 1e-5
 relative (chunking reorders no sum: each token's MLP is computed alone either way).
@@ -18,8 +19,11 @@ def test_activation_offload_and_mlp_chunks_train_like_the_plain_run(tiny_qwen_di
     plain = tune_run(STAGE1, {**small, "output_dir": tmp_path / "plain"})
     assert plain.returncode == 0, plain.stderr[-3000:]
     switched = tune_run(STAGE1, {**small, "output_dir": tmp_path / "switched", "activation_offload": "true",
-                                 "mlp_chunk_size": 48})  # 128 tokens: chunks of 48, 48, 32
+                                 "mlp_chunk_size": 48,  # 128 tokens: chunks of 48, 48, 32
+                                 "cpu_threads_per_rank": 1})
     assert switched.returncode == 0, switched.stderr[-3000:]
+    assert "CPU threads per rank: 1 (cpu_threads_per_rank)" in switched.stderr
+    assert "CPU threads per rank: 1 (OMP_NUM_THREADS)" in plain.stderr  # tune_run sets it: kept
     for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "switched"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * abs(a["grad_norm"]), (a, b)
@@ -27,8 +31,9 @@ def test_activation_offload_and_mlp_chunks_train_like_the_plain_run(tiny_qwen_di
 
 def test_bad_switch_values_are_named_before_any_work():
     cfg = OmegaConf.load(STAGE1)
-    cfg.mlp_chunk_size, cfg.activation_offload = 0, "yes"
+    cfg.mlp_chunk_size, cfg.activation_offload, cfg.cpu_threads_per_rank = 0, "yes", 0
     with pytest.raises(ValueError) as error:
         validate_config(cfg)
     assert "mlp_chunk_size must be a positive number of tokens or null, got 0" in str(error.value)
     assert "activation_offload must be true or false, got 'yes'" in str(error.value)
+    assert "cpu_threads_per_rank must be a positive integer or null, got 0" in str(error.value)
