@@ -45,7 +45,7 @@ from omnilong.checkpoint.training_state import (
 from omnilong.cli import parse
 from omnilong.config import validate_config
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
-from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.constants import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device, shutdown_distributed
 from omnilong.logs import setup_logging

@@ -38,7 +38,8 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from omnilong.data.packed_text import IGNORE_INDEX, positions_within_documents
+from omnilong.constants import IGNORE_INDEX
+from omnilong.data.packed_text import positions_within_documents
 from omnilong.loss import ChunkedLinearCrossEntropy
 from omnilong.metrics import host_peak_memory, reset_host_peak_memory
 from omnilong.models.qwen2_5_vl import Qwen2_5_VLTextArgs, qwen2_5_vl

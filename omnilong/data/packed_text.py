@@ -8,11 +8,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from omnilong.constants import IGNORE_INDEX
 from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_text_documents
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 def separator_id(tokenizer, separator_token: Optional[str] = None) -> int:
