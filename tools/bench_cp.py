@@ -39,7 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from omnilong.constants import IGNORE_INDEX
-from omnilong.data.packed_text import positions_within_documents
+from omnilong.documents import positions_within_documents
 from omnilong.loss import ChunkedLinearCrossEntropy
 from omnilong.metrics import host_peak_memory, reset_host_peak_memory
 from omnilong.models.qwen2_5_vl import Qwen2_5_VLTextArgs, qwen2_5_vl

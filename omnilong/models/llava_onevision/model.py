@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilong.data.packed_text import positions_within_documents
+from omnilong.documents import positions_within_documents
 from omnilong.models.blocks import RMSNorm
 from omnilong.models.llava_onevision.args import LlavaOnevisionTextArgs
 from omnilong.models.llava_onevision.features import num_crops, pack_image_features, pool_video_features
