@@ -32,7 +32,6 @@ from torchtune import config
 
 from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
-from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.checkpoint.run_dir import check_resume_config, prepare_output_dir, resume_path
 from omnilong.checkpoint.training_state import (
     checkpoint_run_id,
@@ -48,6 +47,7 @@ from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.constants import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device, shutdown_distributed
+from omnilong.hf_io import read_hf_config
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict

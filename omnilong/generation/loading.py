@@ -21,9 +21,9 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from omnilong.checkpoint.dcp_io import load_model_tensors
-from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.checkpoint.training_state import RUN_CONFIG_NAME, is_complete_checkpoint
 from omnilong.data.tokenizer import load_tokenizer
+from omnilong.hf_io import read_hf_config
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
 from omnilong.parallel.context_parallel import apply_context_parallel
 from omnilong.parallel.fsdp import apply_fsdp

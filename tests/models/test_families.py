@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.hf_io import read_hf_config
 from omnilong.models import LlavaOnevision, Qwen2_5_VL, build_model_from_hf_config
 from omnilong.models.families import model_family
 
