@@ -51,10 +51,12 @@ from omnilong.hf_io import read_hf_config
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
+from omnilong.models.parallelize import apply_context_parallel
 from omnilong.models.sequence_chunks import set_mlp_chunk_size
+from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.optimizer import implementation_kwargs
 from omnilong.parallel.activation_offload import activation_offload
-from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
+from omnilong.parallel.context_parallel import shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
 from omnilong.validation import HeldOutShard, held_out_loss
@@ -166,7 +168,7 @@ class OmniLongFullRecipe:
             freeze_projector = self.cfg.freeze_vision if self.cfg.freeze_projector is None else self.cfg.freeze_projector
             model.projector.requires_grad_(not freeze_projector)
         if self.dims.cp > 1:
-            apply_context_parallel(model, self.meshes.cp)
+            apply_context_parallel(self.hf_config, model, self.meshes.cp)
         set_mlp_chunk_size(model, self.cfg.mlp_chunk_size)
         if self.cfg.enable_activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -306,7 +308,7 @@ class OmniLongFullRecipe:
         with context parallelism, this rank's shard of it."""
         batch = self.model.with_positions(batch)
         if self.dims.cp > 1:
-            batch = shard_batch_for_cp(batch, self.meshes.cp, pad_id, self.model.vision_token_ids)
+            batch = shard_batch_for_cp(with_vision_token_index(batch, self.model.vision_token_ids), self.meshes.cp, pad_id)
         return batch
 
     def _validate(self) -> dict[str, float]:

@@ -43,7 +43,8 @@ from omnilong.documents import positions_within_documents
 from omnilong.loss import ChunkedLinearCrossEntropy
 from omnilong.metrics import host_peak_memory, reset_host_peak_memory
 from omnilong.models.qwen2_5_vl import Qwen2_5_VLTextArgs, qwen2_5_vl
-from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
+from omnilong.models.qwen2_5_vl.parallelize import apply_context_parallel
+from omnilong.parallel.context_parallel import shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, ParallelMeshes, build_mesh
 from omnilong.parallel.sequence_sharding import contiguous_positions, zigzag_positions
