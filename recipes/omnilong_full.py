@@ -42,9 +42,9 @@ from omnilong.checkpoint.training_state import (
     verify_checkpoint,
 )
 from omnilong.cli import parse
-from omnilong.config import validate_config
-from omnilong.data import BadSampleError, collate_padded, load_tokenizer
+from omnilong.config import takes_argument, validate_config
 from omnilong.constants import IGNORE_INDEX
+from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import init_distributed, resolve_device, shutdown_distributed
 from omnilong.hf_io import read_hf_config
@@ -123,7 +123,6 @@ class OmniLongFullRecipe:
         self.dataset, self.dataloader, self.sampler = self._setup_data()
         self.val_dataloader = self._setup_validation()
         self.model = self._setup_model()
-        self._check_data_matches_model()
         self.loss_fn = self._setup_loss()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         params_on_cpu = self.cfg.fsdp_cpu_offload or self.device.type == "cpu"
@@ -162,6 +161,7 @@ class OmniLongFullRecipe:
         overrides = {} if self.cfg.rope_theta is None else {"rope_theta": float(self.cfg.rope_theta)}
         with torch.device("meta"):
             model = build_model_from_hf_config(self.hf_config, **overrides)
+        self._check_data_matches_model(model)
         args = model.args
         if model.visual is not None:
             model.visual.requires_grad_(not self.cfg.freeze_vision)
@@ -207,17 +207,11 @@ class OmniLongFullRecipe:
             model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         )
 
-    def _check_data_matches_model(self) -> None:
-        """A video dataset must be in the model family's video format (sized for its tower), and
-        a dataset that places vision tokens must use the model's token ids."""
-        video_format, model_type = getattr(self.dataset, "format", None), self.hf_config.get("model_type")
-        if video_format is not None:
-            if video_format.model_type != model_type:
-                raise ValueError(f"the dataset makes {video_format.model_type} video inputs, but the checkpoint is "
-                                 f"{model_type}: use its dataset component (omnilong.data.video_sft_dataset for "
-                                 "qwen2_5_vl, omnilong.data.llava_video_sft_dataset for llava_onevision)")
-            video_format.check_model(self.model.visual.args)
-        args = self.model.args
+    def _check_data_matches_model(self, model: torch.nn.Module) -> None:
+        """A dataset that places vision tokens must use the model's token ids (its tokenizer is the
+        checkpoint's); checked on the meta-device model, before any weight is read. (A video
+        dataset's format and sizes come from the checkpoint's config: ``model_config``.)"""
+        args = model.args
         datasets = {"dataset": self.dataset}
         if self.val_dataloader is not None:
             datasets["validation_dataset"] = self.val_dataloader.dataset.dataset
@@ -232,8 +226,14 @@ class OmniLongFullRecipe:
             raise ValueError("loss.reduction must be 'sum': the recipe divides by the global token count itself")
         return instantiate("loss", self.cfg.loss, reduction="sum")
 
+    def _model_config_for(self, node: DictConfig) -> dict:
+        """``{"model_config": the checkpoint's parsed config.json}`` for a dataset component that
+        takes it (the video datasets size their inputs from it), else nothing."""
+        return {"model_config": self.hf_config} if takes_argument(node, "model_config") else {}
+
     def _setup_data(self):
-        dataset = instantiate("dataset", self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len)
+        dataset = instantiate("dataset", self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len,
+                              **self._model_config_for(self.cfg.dataset))
         dp_mesh = self.meshes.dp
         sampler = ResumableDistributedSampler(
             len(dataset), num_replicas=dp_mesh.size(), rank=dp_mesh.get_local_rank(),
@@ -254,7 +254,7 @@ class OmniLongFullRecipe:
         if self.cfg.validation_dataset is None:
             return None
         dataset = instantiate("validation_dataset", self.cfg.validation_dataset, self.tokenizer,
-                              max_seq_len=self.cfg.max_seq_len)
+                              max_seq_len=self.cfg.max_seq_len, **self._model_config_for(self.cfg.validation_dataset))
         dp_mesh = self.meshes.dp
         shard = HeldOutShard(dataset, dp_mesh.size(), dp_mesh.get_local_rank())
         logger.info("validation data: %d rows (%s), %d batches per rank, evaluated %s", len(dataset),
