@@ -75,8 +75,8 @@ def _violations(module_prefix: str, forbidden, allowed=()) -> list[str]:
 
 def test_parallel_imports_no_model_data_or_checkpoint():
     """omnilong.parallel applies generic mechanisms: of the models it knows only the attention entry point."""
-    problems = [p for p in _violations("omnilong.parallel", ["omnilong"], ["omnilong.parallel", "omnilong.constants",
-                                                                          "omnilong.distributed", *ATTENTION])]
+    problems = _violations("omnilong.parallel", ["omnilong"],
+                           ["omnilong.parallel", "omnilong.constants", "omnilong.distributed", *ATTENTION])
     assert not problems, problems
 
 
