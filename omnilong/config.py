@@ -28,7 +28,9 @@ KEYS: tuple[Key, ...] = (
     Key("output_dir", REQUIRED, "metrics, resolved config, checkpoints, HF export"),
     Key("max_seq_len", REQUIRED, "tokens per row (stage 1) / most tokens per sample, and per packed row (`dataset.packed`), in stages 2 and 3"),
     Key("max_steps", REQUIRED, "optimizer steps"),
-    Key("dataset", REQUIRED, "`_component_` building the dataset; gets the tokenizer and `max_seq_len`"),
+    Key("dataset", REQUIRED, "`_component_` building the dataset; gets the tokenizer and `max_seq_len`, and "
+        "the checkpoint's parsed config.json as `model_config` when it takes one (the video datasets: "
+        "frames cut as the checkpoint's tower cuts them)"),
     Key("optimizer", REQUIRED, "e.g. `torch.optim.AdamW` with its arguments; gets the trainable parameters"),
     Key("lr_scheduler", None, "e.g. `torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup` with "
         "`num_warmup_steps` (`num_training_steps` = `max_steps`)"),
@@ -85,8 +87,8 @@ _BOOLS = ("shuffle", "freeze_vision", "fsdp_cpu_offload", "enable_activation_che
           "overwrite_output_dir", "allow_config_change_on_resume", "activation_offload")
 # Component keys -> what the recipe passes itself: (number of positional arguments, keyword arguments).
 _COMPONENTS: dict[str, tuple[int, tuple[str, ...]]] = {
-    "dataset": (1, ("max_seq_len",)),  # the tokenizer
-    "validation_dataset": (1, ("max_seq_len",)),
+    "dataset": (1, ("max_seq_len", "model_config")),  # the tokenizer; model_config: when the component takes it
+    "validation_dataset": (1, ("max_seq_len", "model_config")),
     "optimizer": (1, ()),  # the trainable parameters
     "lr_scheduler": (1, ("num_training_steps",)),  # the optimizer
     "loss": (0, ()),
@@ -145,6 +147,11 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     if cfg.device not in ("auto", "cpu", "cuda"):
         problems.append(f"device must be auto, cpu or cuda, got {cfg.device!r}")
     return problems
+
+
+def takes_argument(node: DictConfig, argument: str) -> bool:
+    """Whether the ``_component_`` of a (validated) component node has a parameter ``argument``."""
+    return argument in inspect.signature(_get_component_from_path(node._component_)).parameters
 
 
 def _component_problems(key: str, node: Any, passed: tuple[int, tuple[str, ...]]) -> list[str]:

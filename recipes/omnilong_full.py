@@ -33,7 +33,6 @@ from torchtune import config
 
 from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
-from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.checkpoint.run_dir import check_resume_config, prepare_output_dir, resume_path
 from omnilong.checkpoint.training_state import (
     checkpoint_run_id,
@@ -44,18 +43,21 @@ from omnilong.checkpoint.training_state import (
     verify_checkpoint,
 )
 from omnilong.cli import parse
-from omnilong.config import validate_config
+from omnilong.config import takes_argument, validate_config
+from omnilong.constants import IGNORE_INDEX
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
-from omnilong.data.packed_text import IGNORE_INDEX
 from omnilong.data.sampler import ResumableDistributedSampler
 from omnilong.distributed import available_cores, cpu_threads_per_rank, init_distributed, resolve_device, shutdown_distributed
+from omnilong.hf_io import read_hf_config
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
+from omnilong.models.parallelize import apply_context_parallel
 from omnilong.models.sequence_chunks import set_mlp_chunk_size
+from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.optimizer import implementation_kwargs
 from omnilong.parallel.activation_offload import activation_offload
-from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
+from omnilong.parallel.context_parallel import shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
 from omnilong.validation import HeldOutShard, held_out_loss
@@ -125,7 +127,6 @@ class OmniLongFullRecipe:
         self.dataset, self.dataloader, self.sampler = self._setup_data()
         self.val_dataloader = self._setup_validation()
         self.model = self._setup_model()
-        self._check_data_matches_model()
         self.loss_fn = self._setup_loss()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         params_on_cpu = self.cfg.fsdp_cpu_offload or self.device.type == "cpu"
@@ -164,13 +165,14 @@ class OmniLongFullRecipe:
         overrides = {} if self.cfg.rope_theta is None else {"rope_theta": float(self.cfg.rope_theta)}
         with torch.device("meta"):
             model = build_model_from_hf_config(self.hf_config, **overrides)
+        self._check_data_matches_model(model)
         args = model.args
         if model.visual is not None:
             model.visual.requires_grad_(not self.cfg.freeze_vision)
             freeze_projector = self.cfg.freeze_vision if self.cfg.freeze_projector is None else self.cfg.freeze_projector
             model.projector.requires_grad_(not freeze_projector)
         if self.dims.cp > 1:
-            apply_context_parallel(model, self.meshes.cp)
+            apply_context_parallel(self.hf_config, model, self.meshes.cp)
         set_mlp_chunk_size(model, self.cfg.mlp_chunk_size)
         if self.cfg.enable_activation_checkpointing:
             apply_activation_checkpointing(model)
@@ -209,17 +211,11 @@ class OmniLongFullRecipe:
             model, state_dict, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
         )
 
-    def _check_data_matches_model(self) -> None:
-        """A video dataset must be in the model family's video format (sized for its tower), and
-        a dataset that places vision tokens must use the model's token ids."""
-        video_format, model_type = getattr(self.dataset, "format", None), self.hf_config.get("model_type")
-        if video_format is not None:
-            if video_format.model_type != model_type:
-                raise ValueError(f"the dataset makes {video_format.model_type} video inputs, but the checkpoint is "
-                                 f"{model_type}: use its dataset component (omnilong.data.video_sft_dataset for "
-                                 "qwen2_5_vl, omnilong.data.llava_video_sft_dataset for llava_onevision)")
-            video_format.check_model(self.model.visual.args)
-        args = self.model.args
+    def _check_data_matches_model(self, model: torch.nn.Module) -> None:
+        """A dataset that places vision tokens must use the model's token ids (its tokenizer is the
+        checkpoint's); checked on the meta-device model, before any weight is read. (A video
+        dataset's format and sizes come from the checkpoint's config: ``model_config``.)"""
+        args = model.args
         datasets = {"dataset": self.dataset}
         if self.val_dataloader is not None:
             datasets["validation_dataset"] = self.val_dataloader.dataset.dataset
@@ -234,8 +230,14 @@ class OmniLongFullRecipe:
             raise ValueError("loss.reduction must be 'sum': the recipe divides by the global token count itself")
         return instantiate("loss", self.cfg.loss, reduction="sum")
 
+    def _model_config_for(self, node: DictConfig) -> dict:
+        """``{"model_config": the checkpoint's parsed config.json}`` for a dataset component that
+        takes it (the video datasets size their inputs from it), else nothing."""
+        return {"model_config": self.hf_config} if takes_argument(node, "model_config") else {}
+
     def _setup_data(self):
-        dataset = instantiate("dataset", self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len)
+        dataset = instantiate("dataset", self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len,
+                              **self._model_config_for(self.cfg.dataset))
         dp_mesh = self.meshes.dp
         sampler = ResumableDistributedSampler(
             len(dataset), num_replicas=dp_mesh.size(), rank=dp_mesh.get_local_rank(),
@@ -256,7 +258,7 @@ class OmniLongFullRecipe:
         if self.cfg.validation_dataset is None:
             return None
         dataset = instantiate("validation_dataset", self.cfg.validation_dataset, self.tokenizer,
-                              max_seq_len=self.cfg.max_seq_len)
+                              max_seq_len=self.cfg.max_seq_len, **self._model_config_for(self.cfg.validation_dataset))
         dp_mesh = self.meshes.dp
         shard = HeldOutShard(dataset, dp_mesh.size(), dp_mesh.get_local_rank())
         logger.info("validation data: %d rows (%s), %d batches per rank, evaluated %s", len(dataset),
@@ -310,7 +312,7 @@ class OmniLongFullRecipe:
         with context parallelism, this rank's shard of it."""
         batch = self.model.with_positions(batch)
         if self.dims.cp > 1:
-            batch = shard_batch_for_cp(batch, self.meshes.cp, pad_id, self.model.vision_token_ids)
+            batch = shard_batch_for_cp(with_vision_token_index(batch, self.model.vision_token_ids), self.meshes.cp, pad_id)
         return batch
 
     def _validate(self) -> dict[str, float]:

@@ -65,7 +65,7 @@ def test_degrees_that_do_not_divide_the_gpus_are_refused(shape_7b):
 
 
 def test_shape_of_a_checkpoint_directory_and_a_bad_name(tiny_qwen_dir):
-    from omnilong.checkpoint.hf_io import read_hf_config
+    from omnilong.hf_io import read_hf_config
 
     config = read_hf_config(tiny_qwen_dir)
     text = config.get("text_config", config)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.constants import IGNORE_INDEX
 from omnilong.validation import HeldOutShard
 
 

@@ -38,11 +38,13 @@ import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from omnilong.data.packed_text import IGNORE_INDEX, positions_within_documents
+from omnilong.constants import IGNORE_INDEX
+from omnilong.documents import positions_within_documents
 from omnilong.loss import ChunkedLinearCrossEntropy
 from omnilong.metrics import host_peak_memory, reset_host_peak_memory
 from omnilong.models.qwen2_5_vl import Qwen2_5_VLTextArgs, qwen2_5_vl
-from omnilong.parallel.context_parallel import apply_context_parallel, shard_batch_for_cp
+from omnilong.models.qwen2_5_vl.parallelize import apply_context_parallel
+from omnilong.parallel.context_parallel import shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, ParallelMeshes, build_mesh
 from omnilong.parallel.sequence_sharding import contiguous_positions, zigzag_positions

@@ -40,7 +40,7 @@ CPU_CASES = [
 
 def model_shape(model: str, freeze_vision: bool = True) -> ModelShape:
     """The shape of a named model or of the checkpoint directory ``model`` (built on meta)."""
-    from omnilong.checkpoint.hf_io import read_hf_config
+    from omnilong.hf_io import read_hf_config
     from omnilong.models import qwen2_5_vl_7b
     from omnilong.models.hf_loading import build_model_from_hf_config
 

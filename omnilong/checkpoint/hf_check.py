@@ -8,9 +8,9 @@ from typing import Any, Optional
 
 from safetensors import SafetensorError, safe_open
 
-from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files
+from omnilong.hf_io import INDEX_NAME, hf_weight_files
 from omnilong.models.families import model_family
-from omnilong.models.qwen2_5_vl._hf_shapes import Dim
+from omnilong.models.key_map import Dim
 
 _SHOWN = 3  # problems named in one message; the rest are counted
 

@@ -33,7 +33,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from omnilong.checkpoint.dcp_io import load_model_tensors, model_tensor_metadata, read_checkpoint_metadata
 from omnilong.checkpoint.hf_check import check_hf_weights, shape_problem
-from omnilong.checkpoint.hf_io import INDEX_NAME, hf_weight_files, read_hf_config
+from omnilong.hf_io import INDEX_NAME, hf_weight_files, read_hf_config
 from omnilong.models.families import ModelFamily, model_family
 
 logger = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence, Union
 import torch
 from torch.utils.data import Dataset
 
-from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.constants import IGNORE_INDEX
 from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_records
 

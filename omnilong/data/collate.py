@@ -2,7 +2,7 @@
 
 import torch
 
-from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.constants import IGNORE_INDEX
 
 #: Per-sample vision tensors, concatenated over the batch along dim 0 (their rows are
 #: matched to pad tokens in order, row-major over the batch).

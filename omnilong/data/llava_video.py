@@ -9,16 +9,19 @@ frame, and one newline per video). Items carry ``pixel_values_videos [frames, 3,
 and ``video_num_frames [1]``; a batch concatenates both over its videos.
 """
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 
 from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files
 from omnilong.data.video import DecodedVideo, VideoOptions, resize_and_normalize
-from omnilong.data.video_sft import VideoSFTDataset, read_video_samples
+from omnilong.data.video_sft import VideoSFTDataset, check_model_type, read_video_samples
+
+logger = logging.getLogger(__name__)
 
 VIDEO_TOKEN, IMAGE_TOKEN = "<video>", "<image>"
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)  # llava-onevision-qwen2-7b-ov-hf's processors
@@ -48,12 +51,18 @@ class LlavaVideoFormat:
         if not 0 < self.patch <= self.crop:  # 384 px of 14 px patches: 27 per side, the last 6 px unused
             raise ValueError(f"need 0 < patch_size <= frame_size, got patch_size {self.patch}, frame_size {self.crop}")
 
-    def check_model(self, vision_args) -> None:
-        """Raise ``ValueError`` when the tower's crop or patch is not the data's (names the keys)."""
-        if (vision_args.image_size, vision_args.patch_size) != (self.crop, self.patch):
-            raise ValueError(f"dataset.frame_size {self.crop} and dataset.patch_size {self.patch} must be the "
-                             f"checkpoint's vision_config image_size {vision_args.image_size} and patch_size "
-                             f"{vision_args.patch_size}")
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any], mean: Sequence[float] = SIGLIP_MEAN,
+                          std: Sequence[float] = SIGLIP_STD) -> "LlavaVideoFormat":
+        """The format of the checkpoint with the parsed ``config.json`` ``config``: its tower's
+        ``vision_config`` ``image_size`` and ``patch_size``.
+
+        Raises:
+            ValueError: not a LLaVA-OneVision checkpoint (:func:`~omnilong.data.video_sft.check_model_type`).
+        """
+        check_model_type(cls, config)
+        vision = config.get("vision_config") or {}
+        return cls(vision.get("image_size", cls.crop), vision.get("patch_size", cls.patch), tuple(mean), tuple(std))
 
     @property
     def tokens_per_frame(self) -> int:
@@ -79,6 +88,35 @@ class LlavaVideoFormat:
         }
 
 
+def llava_video_format(
+    model_config: Optional[dict[str, Any]], frame_size: Optional[int], patch_size: Optional[int],
+    image_mean: Sequence[float], image_std: Sequence[float],
+) -> LlavaVideoFormat:
+    """The video format of the dataset components: the checkpoint's (``model_config``, its parsed
+    ``config.json``, given by the recipe) or, without one, ``frame_size`` and ``patch_size``
+    (default the 7B's 384 and 14). With a checkpoint, ``frame_size`` and ``patch_size`` are no
+    longer needed: a value the checkpoint agrees with is only warned about.
+
+    Raises:
+        ValueError: a ``frame_size`` or ``patch_size`` that is not the checkpoint's (names the keys),
+            or a checkpoint that is not LLaVA-OneVision's.
+    """
+    if model_config is None:
+        return LlavaVideoFormat(LlavaVideoFormat.crop if frame_size is None else frame_size,
+                                LlavaVideoFormat.patch if patch_size is None else patch_size,
+                                tuple(image_mean), tuple(image_std))
+    video_format = LlavaVideoFormat.from_model_config(model_config, image_mean, image_std)
+    for key, given, config_key, derived in (("frame_size", frame_size, "image_size", video_format.crop),
+                                            ("patch_size", patch_size, "patch_size", video_format.patch)):
+        if given is not None and given != derived:
+            raise ValueError(f"dataset.{key} {given} is not the checkpoint's vision_config {config_key} {derived}: "
+                             f"remove dataset.{key} (the frames are sized from the checkpoint)")
+        if given is not None:
+            logger.warning("dataset.%s is no longer needed (the checkpoint's vision_config %s gives it): remove it",
+                           key, config_key)
+    return video_format
+
+
 def llava_video_sft_dataset(
     tokenizer,
     data_files: Union[PathLike, Sequence[PathLike]],
@@ -86,12 +124,13 @@ def llava_video_sft_dataset(
     data_root: Optional[PathLike] = None,
     fps: float = 1.0,
     max_frames: int = 32,
-    frame_size: int = 384,
-    patch_size: int = 14,
+    frame_size: Optional[int] = None,
+    patch_size: Optional[int] = None,
     image_mean: Sequence[float] = SIGLIP_MEAN,
     image_std: Sequence[float] = SIGLIP_STD,
     skip_bad_samples: bool = False,
     packed: bool = False,
+    model_config: Optional[dict[str, Any]] = None,
 ) -> Union[VideoSFTDataset, PackedDataset]:
     """Video SFT samples (the formats of :func:`omnilong.data.video_sft_dataset`) for
     LLaVA-OneVision; the config's ``dataset:`` component.
@@ -103,11 +142,14 @@ def llava_video_sft_dataset(
         data_root: directory for relative video paths (default: each sample file's directory).
         fps, max_frames: frame sampling (``max_frames`` frames spread over a video longer than
             ``max_frames / fps`` seconds; LLaVA-OneVision's usual budget is 32).
-        frame_size, patch_size, image_mean, image_std: the checkpoint's video processor and
-            tower (``size``, ``patch_size``, ``image_mean``, ``image_std``).
+        image_mean, image_std: the checkpoint's video processor's normalisation.
+        frame_size, patch_size: the tower's ``image_size`` and ``patch_size``; not needed with
+            ``model_config`` (see :func:`llava_video_format`).
         skip_bad_samples, packed: as :func:`omnilong.data.video_sft_dataset`'s.
+        model_config: the checkpoint's parsed ``config.json`` (given by the recipe), that the
+            frames are sized from.
     """
-    video_format = LlavaVideoFormat(frame_size, patch_size, tuple(image_mean), tuple(image_std))
+    video_format = llava_video_format(model_config, frame_size, patch_size, image_mean, image_std)
     options = VideoOptions(fps=fps, max_frames=max_frames)
     source = ", ".join(map(str, expand_data_files(data_files)))
     dataset = VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root, video_format.marker), max_seq_len,

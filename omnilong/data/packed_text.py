@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from omnilong.constants import IGNORE_INDEX
 from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_text_documents
+from omnilong.documents import positions_within_documents
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 def separator_id(tokenizer, separator_token: Optional[str] = None) -> int:
@@ -142,17 +142,6 @@ class PackedTextDataset(PackedRows):
         super().__init__(tokens, offsets, max_seq_len, row_pad_id(tokenizer, separator))
         if self.num_empty_documents:
             logger.warning("skipped %d empty documents", self.num_empty_documents)
-
-
-def positions_within_documents(document_ids: torch.Tensor) -> torch.Tensor:
-    """``[T]`` offset of each token from the first token of its (contiguous) document segment."""
-    t = document_ids.shape[-1]
-    index = torch.arange(t)
-    starts = torch.zeros(t, dtype=torch.bool)
-    starts[0] = True
-    starts[1:] = document_ids[1:] != document_ids[:-1]
-    segment_start = torch.cummax(torch.where(starts, index, 0), dim=0).values
-    return index - segment_start
 
 
 def python_stdlib_dataset(

@@ -19,8 +19,8 @@ from omnilong.data.mixing import WeightedMix
 from omnilong.data.packing import packed_or_not
 from omnilong.data.packed_text import PackedRows, row_pad_id, separator_id
 from omnilong.data.prepared import PreparedSource, open_prepared
-from omnilong.data.video import FACTOR, VideoOptions
-from omnilong.data.llava_video import SIGLIP_MEAN, SIGLIP_STD, LlavaVideoFormat
+from omnilong.data.video import VideoOptions
+from omnilong.data.llava_video import SIGLIP_MEAN, SIGLIP_STD, llava_video_format
 from omnilong.data.video_sft import QwenVideoFormat, VideoSample, VideoSFTDataset
 
 SourcesArg = Union[str, Path, Sequence[Union[str, Path, Mapping[str, Any]]]]
@@ -163,23 +163,27 @@ def prepared_video_sft_dataset(
     max_seq_len: int,
     fps: float = 1.0,
     max_frames: int = 768,
-    video_min_pixels: int = 128 * FACTOR * FACTOR,
-    video_max_pixels: int = 768 * FACTOR * FACTOR,
+    video_min_pixels: int = VideoOptions.min_pixels,
+    video_max_pixels: int = VideoOptions.max_pixels,
     video_total_pixels: Optional[int] = None,
     skip_bad_samples: bool = False,
     packed: bool = False,
+    model_config: Optional[dict[str, Any]] = None,
 ) -> Dataset:
     """Stage-3 video samples (as :func:`~omnilong.data.video_sft_dataset`) from prepared
     ``video_sft`` directories, mixed by weight: construction neither reads the sample files
     nor tokenizes; videos are decoded per item, as before (a video gone since the prepare
     step is a bad sample then). ``packed`` as :func:`~omnilong.data.video_sft_dataset`'s
-    (off by default; it reads every video's metadata at start-up), per source before mixing.
+    (off by default; it reads every video's metadata at start-up), per source before mixing;
+    ``model_config`` as :func:`~omnilong.data.video_sft_dataset`'s.
 
     Raises:
         PreparedDataError: a source prepared with another tokenizer or kind.
+        ValueError: ``model_config`` is not a Qwen2.5-VL checkpoint's.
     """
+    video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
     options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
-    return _prepared_videos(tokenizer, sources, max_seq_len, options, QwenVideoFormat(), {}, skip_bad_samples, packed)
+    return _prepared_videos(tokenizer, sources, max_seq_len, options, video_format, {}, skip_bad_samples, packed)
 
 
 def prepared_llava_video_sft_dataset(
@@ -188,20 +192,23 @@ def prepared_llava_video_sft_dataset(
     max_seq_len: int,
     fps: float = 1.0,
     max_frames: int = 32,
-    frame_size: int = 384,
-    patch_size: int = 14,
+    frame_size: Optional[int] = None,
+    patch_size: Optional[int] = None,
     image_mean: Sequence[float] = SIGLIP_MEAN,
     image_std: Sequence[float] = SIGLIP_STD,
     skip_bad_samples: bool = False,
     packed: bool = False,
+    model_config: Optional[dict[str, Any]] = None,
 ) -> Dataset:
-    """Stage-3 video samples for LLaVA-OneVision (as :func:`~omnilong.data.llava_video_sft_dataset`)
-    from ``video_sft`` directories prepared with ``--video-format llava_onevision``, mixed by weight.
+    """Stage-3 video samples for LLaVA-OneVision (as :func:`~omnilong.data.llava_video_sft_dataset`,
+    sized from ``model_config`` the same way) from ``video_sft`` directories prepared with
+    ``--video-format llava_onevision``, mixed by weight.
 
     Raises:
         PreparedDataError: a source prepared with another tokenizer, kind or video format.
+        ValueError: see :func:`~omnilong.data.llava_video.llava_video_format`.
     """
-    video_format = LlavaVideoFormat(frame_size, patch_size, tuple(image_mean), tuple(image_std))
+    video_format = llava_video_format(model_config, frame_size, patch_size, image_mean, image_std)
     return _prepared_videos(tokenizer, sources, max_seq_len, VideoOptions(fps=fps, max_frames=max_frames),
                             video_format, {"video_format": video_format.model_type}, skip_bad_samples, packed)
 
@@ -218,7 +225,6 @@ def _prepared_videos(tokenizer, sources: SourcesArg, max_seq_len: int, options: 
         ), packed))
         weights.append(weight)
     dataset = _mix(datasets, weights)
-    # the recipe checks these against the model's; every source uses this tokenizer and format
+    # the recipe checks these against the model's; every source uses this tokenizer
     dataset.video_token_id, dataset.image_token_id = datasets[0].video_token_id, datasets[0].image_token_id
-    dataset.format = video_format
     return dataset

@@ -5,23 +5,49 @@ Processing reproduces transformers' ``Qwen2VLVideoProcessor`` bit for bit (see
 ``[min_pixels, max_pixels]``, bicubic antialiased resize of the uint8 frames, rescale
 and CLIP normalisation fused as ``(x - 255 * mean) / (255 * std)`` in fp32, an odd
 frame count padded by repeating the last frame, and patches flattened so that every
-2x2 merge group is 4 consecutive rows of ``3 * 2 * 14 * 14`` values.
+2x2 merge group is 4 consecutive rows of ``3 * 2 * 14 * 14`` values. The numbers are the
+vision tower's (:class:`Patching`, from the checkpoint's ``vision_config``; Qwen2.5-VL's
+14 px patches over 2 frames, 2x2 per LLM token, by default).
 """
 
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torchvision.transforms.v2.functional as tvF
 
-PATCH_SIZE = 14
-MERGE_SIZE = 2
-TEMPORAL_PATCH_SIZE = 2
-FACTOR = PATCH_SIZE * MERGE_SIZE  # side of the pixels behind one LLM token
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class Patching:
+    """How a Qwen2.5-VL vision tower cuts frames: ``patch`` px square patches spanning ``temporal``
+    frames, ``merge x merge`` neighbouring patches per LLM token (``vision_config``'s
+    ``patch_size``, ``temporal_patch_size``, ``spatial_merge_size``)."""
+
+    patch: int = 14
+    temporal: int = 2
+    merge: int = 2
+
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]) -> "Patching":
+        """The patching of a parsed ``config.json`` (transformers' defaults for keys it leaves out)."""
+        vision = config.get("vision_config") or {}
+        return cls(vision.get("patch_size", cls.patch), vision.get("temporal_patch_size", cls.temporal),
+                   vision.get("spatial_merge_size", cls.merge))
+
+    @property
+    def factor(self) -> int:
+        """Side of the pixels behind one LLM token (28)."""
+        return self.patch * self.merge
+
+    @property
+    def patch_dim(self) -> int:
+        """Values of one patch row: ``3 * temporal * patch^2`` (1176)."""
+        return 3 * self.temporal * self.patch * self.patch
 
 
 class VideoDecodeError(ValueError):
@@ -46,8 +72,8 @@ class VideoOptions:
 
     fps: float = 1.0
     max_frames: int = 768
-    min_pixels: int = 128 * FACTOR * FACTOR
-    max_pixels: int = 768 * FACTOR * FACTOR
+    min_pixels: int = 128 * 28 * 28  # 128 LLM tokens of 28x28 px (Qwen2.5-VL's video processor)
+    max_pixels: int = 768 * 28 * 28
     total_pixels: Optional[int] = None
 
     def __post_init__(self):
@@ -141,7 +167,7 @@ def probe_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768)
     return len(times), decoder.metadata.height, decoder.metadata.width
 
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = FACTOR) -> tuple[int, int]:
+def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = Patching().factor) -> tuple[int, int]:
     """``(height, width)`` rounded to multiples of ``factor``, scaled (keeping the aspect
     ratio) into ``[min_pixels, max_pixels]``; transformers' ``smart_resize``.
 
@@ -162,51 +188,54 @@ def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, fact
     return h, w
 
 
-def frame_max_pixels(options: VideoOptions, total_frames: int) -> int:
+def frame_max_pixels(options: VideoOptions, total_frames: int, patching: Patching = Patching()) -> int:
     """Most pixels per frame when ``total_frames`` frames share ``options.total_pixels``
     (transformers' ``cap_pixels_per_frame`` rule, qwen-vl-utils' ``VIDEO_TOTAL_PIXELS``)."""
     if options.total_pixels is None:
         return options.max_pixels
-    share = options.total_pixels * TEMPORAL_PATCH_SIZE // total_frames
+    share = options.total_pixels * patching.temporal // total_frames
     return max(min(options.max_pixels, share), int(options.min_pixels * 1.05))
 
 
-def resized_sizes(videos: Sequence[DecodedVideo], options: VideoOptions) -> list[tuple[int, int]]:
+def resized_sizes(videos: Sequence[DecodedVideo], options: VideoOptions,
+                  patching: Patching = Patching()) -> list[tuple[int, int]]:
     """``(height, width)`` every video of one sample is resized to, the pixel budget shared
     by all their frames."""
-    return shape_sizes([(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos], options)
+    return shape_sizes([(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos], options, patching)
 
 
-def shape_sizes(shapes: Sequence[tuple[int, int, int]], options: VideoOptions) -> list[tuple[int, int]]:
+def shape_sizes(shapes: Sequence[tuple[int, int, int]], options: VideoOptions,
+                patching: Patching = Patching()) -> list[tuple[int, int]]:
     """:func:`resized_sizes` of videos given as ``(frames, height, width)``."""
-    max_pixels = frame_max_pixels(options, sum(frames for frames, _, _ in shapes))
-    return [smart_resize(h, w, options.min_pixels, max_pixels) for _, h, w in shapes]
+    max_pixels = frame_max_pixels(options, sum(frames for frames, _, _ in shapes), patching)
+    return [smart_resize(h, w, options.min_pixels, max_pixels, patching.factor) for _, h, w in shapes]
 
 
-def video_grid(num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+def video_grid(num_frames: int, height: int, width: int, patching: Patching = Patching()) -> tuple[int, int, int]:
     """Patch grid ``(t, h, w)`` of ``num_frames`` frames resized to ``height x width``
     (an odd frame count is padded to even)."""
-    return -(-num_frames // TEMPORAL_PATCH_SIZE), height // PATCH_SIZE, width // PATCH_SIZE
+    return -(-num_frames // patching.temporal), height // patching.patch, width // patching.patch
 
 
-def num_video_tokens(num_frames: int, height: int, width: int) -> int:
+def num_video_tokens(num_frames: int, height: int, width: int, patching: Patching = Patching()) -> int:
     """LLM tokens of a video: ``ceil(T / 2) * (H / 28) * (W / 28)``."""
-    t, h, w = video_grid(num_frames, height, width)
-    return t * (h // MERGE_SIZE) * (w // MERGE_SIZE)
+    t, h, w = video_grid(num_frames, height, width, patching)
+    return t * (h // patching.merge) * (w // patching.merge)
 
 
-def patchify(frames: torch.Tensor) -> torch.Tensor:
+def patchify(frames: torch.Tensor, patching: Patching = Patching()) -> torch.Tensor:
     """``[T, C, H, W]`` (``T`` even, ``H`` and ``W`` multiples of 28) -> ``[N, C * 2 * 14 * 14]``.
 
     Rows run over temporal patches, then 2x2 merge groups in raster order, then the 4
     patches of a group in raster order; a row holds channel, time, row, column of its patch.
     """
     t, c, h, w = frames.shape
-    gt, gh, gw = t // TEMPORAL_PATCH_SIZE, h // FACTOR, w // FACTOR
-    x = frames.reshape(gt, TEMPORAL_PATCH_SIZE, c, gh, MERGE_SIZE, PATCH_SIZE, gw, MERGE_SIZE, PATCH_SIZE)
+    p, tp, m = patching.patch, patching.temporal, patching.merge
+    gt, gh, gw = t // tp, h // patching.factor, w // patching.factor
+    x = frames.reshape(gt, tp, c, gh, m, p, gw, m, p)
     # -> [gt, gh, gw, merge_row, merge_col, c, time, patch_row, patch_col]
     x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-    return x.reshape(gt * gh * MERGE_SIZE * gw * MERGE_SIZE, c * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE)
+    return x.reshape(gt * gh * m * gw * m, c * tp * p * p)
 
 
 def resize_and_normalize(
@@ -220,8 +249,8 @@ def resize_and_normalize(
     return tvF.normalize(frames.to(torch.float32), torch.tensor(mean) * scale, torch.tensor(std) * scale, inplace=True)
 
 
-def process_video(video: DecodedVideo, height: int, width: int) -> dict[str, torch.Tensor]:
-    """The vision inputs of one video resized to ``height x width`` (multiples of 28).
+def process_video(video: DecodedVideo, height: int, width: int, patching: Patching = Patching()) -> dict[str, torch.Tensor]:
+    """The vision inputs of one video resized to ``height x width`` (multiples of 28), cut by ``patching``.
 
     Returns:
         ``pixel_values_videos`` ``[t * h * w, 1176]`` fp32, ``video_grid_thw`` ``[1, 3]``
@@ -229,10 +258,10 @@ def process_video(video: DecodedVideo, height: int, width: int) -> dict[str, tor
         (``2 / fps``, seconds per temporal patch).
     """
     frames = resize_and_normalize(video.frames, height, width, CLIP_MEAN, CLIP_STD)
-    if pad := -frames.shape[0] % TEMPORAL_PATCH_SIZE:
+    if pad := -frames.shape[0] % patching.temporal:
         frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
     return {
-        "pixel_values_videos": patchify(frames),  # shape: [t * h * w, 1176]
-        "video_grid_thw": torch.tensor([video_grid(frames.shape[0], height, width)]),
-        "second_per_grid_ts": torch.tensor([TEMPORAL_PATCH_SIZE / video.fps], dtype=torch.float32),
+        "pixel_values_videos": patchify(frames, patching),  # shape: [t * h * w, 1176]
+        "video_grid_thw": torch.tensor([video_grid(frames.shape[0], height, width, patching)]),
+        "second_per_grid_ts": torch.tensor([patching.temporal / video.fps], dtype=torch.float32),
     }

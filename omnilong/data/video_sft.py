@@ -57,10 +57,7 @@ from omnilong.data.chat import shifted_labels, tokenize_conversation
 from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
-    FACTOR,
-    MERGE_SIZE,
-    PATCH_SIZE,
-    TEMPORAL_PATCH_SIZE,
+    Patching,
     VideoDecodeError,
     VideoOptions,
     decode_video,
@@ -175,43 +172,63 @@ def tokenize_video_sample(tokenizer, sample: VideoSample, pad_token: str = VIDEO
     return input_ids, trainable
 
 
+def check_model_type(video_format, model_config: dict[str, Any]) -> None:
+    """Raise ``ValueError`` when the checkpoint of ``model_config`` (its parsed ``config.json``) is
+    not of the family ``video_format`` makes inputs for (names the dataset component to use)."""
+    model_type = model_config.get("model_type")
+    if model_type != video_format.model_type:
+        raise ValueError(f"the dataset makes {video_format.model_type} video inputs, but the checkpoint is "
+                         f"{model_type}: use its dataset component (omnilong.data.video_sft_dataset for "
+                         "qwen2_5_vl, omnilong.data.llava_video_sft_dataset for llava_onevision)")
+
+
+@dataclass(frozen=True)
 class QwenVideoFormat:
     """Qwen2.5-VL's video format: ``<|vision_start|>`` + ``<|video_pad|>`` x tokens +
     ``<|vision_end|>``; frames smart-resized to multiples of 28 (:mod:`omnilong.data.video`),
     one token per 2x2 patches of a frame pair; items carry ``pixel_values_videos [N, 1176]``,
-    ``video_grid_thw`` and ``second_per_grid_ts``."""
+    ``video_grid_thw`` and ``second_per_grid_ts``.
+
+    Args:
+        patching: the vision tower's (:meth:`from_model_config`: the checkpoint's).
+    """
+
+    patching: Patching = Patching()
 
     model_type = "qwen2_5_vl"
     marker = VISION_START + VIDEO_PAD + VISION_END
     pad_token, image_token = VIDEO_PAD, IMAGE_PAD
     required_tokens = (VISION_START, VISION_END, VIDEO_PAD, IMAGE_PAD)
 
-    def check_model(self, vision_args) -> None:
-        """Raise ``ValueError`` when the vision tower's patching is not the one the data makes."""
-        made = (PATCH_SIZE, TEMPORAL_PATCH_SIZE, MERGE_SIZE)
-        tower = (vision_args.patch_size, vision_args.temporal_patch_size, vision_args.spatial_merge_size)
-        if tower != made:
-            raise ValueError(f"the vision tower's (patch_size, temporal_patch_size, spatial_merge_size) {tower} "
-                             f"are not the video data's {made}")
+    @classmethod
+    def from_model_config(cls, config: dict[str, Any]) -> "QwenVideoFormat":
+        """The format of the checkpoint with the parsed ``config.json`` ``config``.
+
+        Raises:
+            ValueError: not a Qwen2.5-VL checkpoint (:func:`check_model_type`).
+        """
+        check_model_type(cls, config)
+        return cls(Patching.from_model_config(config))
 
     def sizes(self, shapes: list[tuple[int, int, int]], options: VideoOptions) -> list[tuple[int, int]]:
         """``(height, width)`` each video of ``(frames, height, width)`` is resized to."""
-        return shape_sizes(shapes, options)
+        return shape_sizes(shapes, options, self.patching)
 
     def num_tokens(self, frames: int, size: tuple[int, int]) -> int:
-        return num_video_tokens(frames, *size)
+        return num_video_tokens(frames, *size, self.patching)
 
     def process(self, video, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        return process_video(video, *size)
+        return process_video(video, *size, self.patching)
 
     def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """``(input_ids, video tokens, vision inputs)`` of a skipped item: one blank 2x28x28
         video (one LLM token) between ``<|vision_start|>`` and ``<|vision_end|>``."""
-        grid = torch.tensor([[1, MERGE_SIZE, MERGE_SIZE]])
+        merge = self.patching.merge
+        grid = torch.tensor([[1, merge, merge]])
         return [ids[VISION_START], ids[VIDEO_PAD], ids[VISION_END]], 1, {
-            "pixel_values_videos": torch.zeros(int(grid.prod()), 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE),
+            "pixel_values_videos": torch.zeros(int(grid.prod()), self.patching.patch_dim),
             "video_grid_thw": grid,
-            "second_per_grid_ts": torch.tensor([TEMPORAL_PATCH_SIZE / options.fps], dtype=torch.float32),
+            "second_per_grid_ts": torch.tensor([self.patching.temporal / options.fps], dtype=torch.float32),
         }
 
 
@@ -414,11 +431,12 @@ def video_sft_dataset(
     data_root: Optional[PathLike] = None,
     fps: float = 1.0,
     max_frames: int = 768,
-    video_min_pixels: int = 128 * FACTOR * FACTOR,
-    video_max_pixels: int = 768 * FACTOR * FACTOR,
+    video_min_pixels: int = VideoOptions.min_pixels,
+    video_max_pixels: int = VideoOptions.max_pixels,
     video_total_pixels: Optional[int] = None,
     skip_bad_samples: bool = False,
     packed: bool = False,
+    model_config: Optional[dict[str, Any]] = None,
 ) -> Union[VideoSFTDataset, PackedDataset]:
     """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
 
@@ -433,9 +451,16 @@ def video_sft_dataset(
         packed: several samples per row (:mod:`omnilong.data.packing`), packed by the token
             counts the videos' metadata gives (:meth:`VideoSFTDataset.sample_lengths`: every
             video is opened once at construction); else one sample per row.
+        model_config: the checkpoint's parsed ``config.json`` (given by the recipe): the
+            frames are cut as its vision tower cuts them (:meth:`QwenVideoFormat.from_model_config`);
+            ``None``: Qwen2.5-VL's patching.
+
+    Raises:
+        ValueError: ``model_config`` is not a Qwen2.5-VL checkpoint's (names the component to use).
     """
+    video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
     options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
     source = ", ".join(map(str, expand_data_files(data_files)))
     dataset = VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root), max_seq_len, options,
-                              skip_bad_samples, source)
+                              skip_bad_samples, source, video_format)
     return packed_or_not(dataset, packed)

@@ -32,10 +32,8 @@ import torch
 from torch import nn
 
 from omnilong.data.video import (
-    FACTOR,
-    MERGE_SIZE,
-    TEMPORAL_PATCH_SIZE,
     DecodedVideo,
+    Patching,
     VideoOptions,
     num_video_tokens,
     process_video,
@@ -43,6 +41,7 @@ from omnilong.data.video import (
     smart_resize,
 )
 from omnilong.eval.vision_cache import FramePairCache, frame_pair_cache
+from omnilong.hf_io import read_hf_config
 
 
 @dataclass(frozen=True)
@@ -126,19 +125,21 @@ class Qwen2_5_VLFamily:
 
     Args:
         tokenizer: the checkpoint's tokenizer (with its chat template).
-        model_dir: the Hugging Face directory (processor configs give the pixel limits).
+        model_dir: the Hugging Face directory (config.json gives the tower's patching, processor
+            configs the pixel limits).
         fps, max_frames: video frame sampling.
         video_min_pixels, video_max_pixels, video_total_pixels: override the processor's limits.
     """
-
-    frames_per_step = TEMPORAL_PATCH_SIZE
 
     def __init__(self, tokenizer: Any, model_dir: Path, fps: float = 1.0, max_frames: int = 768,
                  video_min_pixels: Optional[int] = None, video_max_pixels: Optional[int] = None,
                  video_total_pixels: Optional[int] = None):
         self.tokenizer = tokenizer
-        video_bounds = _pixel_bounds(model_dir, "video_preprocessor_config.json", (128 * FACTOR**2, 768 * FACTOR**2))
-        self.image_bounds = _pixel_bounds(model_dir, "preprocessor_config.json", (56 * 56, 1280 * FACTOR**2))
+        self.patching = Patching.from_model_config(read_hf_config(model_dir))
+        self.frames_per_step = self.patching.temporal
+        factor = self.patching.factor
+        video_bounds = _pixel_bounds(model_dir, "video_preprocessor_config.json", (128 * factor**2, 768 * factor**2))
+        self.image_bounds = _pixel_bounds(model_dir, "preprocessor_config.json", (56 * 56, 1280 * factor**2))
         self.video_options = VideoOptions(fps, max_frames, video_min_pixels or video_bounds[0],
                                           video_max_pixels or video_bounds[1], video_total_pixels)
         vocab = tokenizer.get_vocab()
@@ -159,8 +160,8 @@ class Qwen2_5_VLFamily:
         return frame_pair_cache(model)
 
     def _image_inputs(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
-        h, w = smart_resize(image.shape[-2], image.shape[-1], *self.image_bounds)
-        vision = process_video(DecodedVideo(image[None], fps=1.0), h, w)
+        h, w = smart_resize(image.shape[-2], image.shape[-1], *self.image_bounds, self.patching.factor)
+        vision = process_video(DecodedVideo(image[None], fps=1.0), h, w, self.patching)
         return {"pixel_values": vision["pixel_values_videos"], "image_grid_thw": vision["video_grid_thw"]}
 
     def prompt_inputs(self, prompt: Prompt, answer: Optional[str] = None) -> tuple[dict[str, torch.Tensor], int]:
@@ -178,11 +179,11 @@ class Qwen2_5_VLFamily:
             images = [self._image_inputs(image) for image in prompt.images]
             inputs["pixel_values"] = torch.cat([i["pixel_values"] for i in images])
             inputs["image_grid_thw"] = torch.cat([i["image_grid_thw"] for i in images])
-            repeats[ids == self.image_pad] = inputs["image_grid_thw"].prod(-1) // MERGE_SIZE**2
+            repeats[ids == self.image_pad] = inputs["image_grid_thw"].prod(-1) // self.patching.merge**2
         if prompt.video is not None:
-            (h, w), = resized_sizes([prompt.video], self.video_options)
-            inputs.update(process_video(prompt.video, h, w))
-            repeats[ids == self.video_pad] = num_video_tokens(prompt.video.frames.shape[0], h, w)
+            (h, w), = resized_sizes([prompt.video], self.video_options, self.patching)
+            inputs.update(process_video(prompt.video, h, w, self.patching))
+            repeats[ids == self.video_pad] = num_video_tokens(prompt.video.frames.shape[0], h, w, self.patching)
         input_ids = torch.cat([ids.repeat_interleave(repeats), answer_ids])
         return {"input_ids": input_ids[None], **inputs}, len(answer_ids)
 

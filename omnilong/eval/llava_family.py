@@ -18,11 +18,11 @@ from typing import Any, ContextManager, Optional
 import torch
 from torch import nn
 
-from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.data.llava_video import IMAGE_TOKEN, VIDEO_TOKEN, LlavaVideoFormat
 from omnilong.data.video import VideoOptions
 from omnilong.eval.family import Prompt, render_prompt
 from omnilong.eval.vision_cache import FrameCache, frame_cache
+from omnilong.hf_io import read_hf_config
 from omnilong.models.llava_onevision.args import text_args_from_hf_config, vision_args_from_hf_config
 from omnilong.models.llava_onevision.features import num_crops, pack_image_features
 

@@ -2,8 +2,8 @@
 
 Both families' towers encode each unit of a video on its own: Qwen2.5-VL every frame pair
 (temporal patch; the fact context parallelism's
-:class:`~omnilong.parallel.context_parallel.VisionFrameSplit` rests on), LLaVA-OneVision's
-SigLIP every frame (:class:`~omnilong.parallel.context_parallel.ImageSplit`). A unit gives the
+:class:`~omnilong.models.qwen2_5_vl.parallelize.VisionFrameSplit` rests on), LLaVA-OneVision's
+SigLIP every frame (:class:`~omnilong.models.llava_onevision.parallelize.ImageSplit`). A unit gives the
 same features alone as inside its video, so the haystack's units are encoded once and only
 the needle's are encoded per depth.
 

@@ -23,6 +23,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from omnilong.generation.kv_cache import KVCache, kv_cache
+from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.parallel.context_parallel import shard_batch_for_cp
 from omnilong.parallel.sequence_sharding import padded_length, zigzag_positions
 
@@ -116,8 +117,7 @@ def prefill(
     """
     seq_len = inputs["input_ids"].shape[1]
     if cp_mesh is not None:
-        args = model.args
-        inputs = shard_batch_for_cp(inputs, cp_mesh, pad_token_id, (args.image_token_id, args.video_token_id))
+        inputs = shard_batch_for_cp(with_vision_token_index(inputs, model.vision_token_ids), cp_mesh, pad_token_id)
         padded = padded_length(seq_len, cp_mesh.size())
         if cache is not None:
             cache.prompt_valid = (zigzag_positions(padded, cp_mesh.get_local_rank(), cp_mesh.size()) < seq_len)[None]

@@ -21,11 +21,11 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from torch.distributed.device_mesh import DeviceMesh
 
 from omnilong.checkpoint.dcp_io import load_model_tensors
-from omnilong.checkpoint.hf_io import read_hf_config
 from omnilong.checkpoint.training_state import RUN_CONFIG_NAME, is_complete_checkpoint
 from omnilong.data.tokenizer import load_tokenizer
+from omnilong.hf_io import read_hf_config
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
-from omnilong.parallel.context_parallel import apply_context_parallel
+from omnilong.models.parallelize import apply_context_parallel
 from omnilong.parallel.fsdp import apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, ParallelMeshes, build_mesh
 
@@ -117,7 +117,7 @@ def load_inference_model(
         model.to(device)
     else:
         meshes = build_mesh(ParallelDims.resolve(world, 1, 1, world), device.type)
-        apply_context_parallel(model, meshes.cp)
+        apply_context_parallel(hf_config, model, meshes.cp)
         apply_fsdp(model, meshes, param_dtype=None if dtype == torch.float32 else dtype)  # shards stay fp32
         model.to_empty(device=device)
         weights = _read_weights(model, model_dir, step_dir, dtype) if dist.get_rank() == 0 else {}

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.distributed.tensor import DTensor, Partial
 
+from omnilong.constants import IGNORE_INDEX
+
 # fp32 elements in one chunk of logits (512 MiB): large enough that the three matmuls of a
 # chunk run near full speed (tools/bench_loss.py, T=4096, V=152064: 0.77x the full-logits
 # time with 512-token chunks, 0.84x with 256), small next to a 7B model's weight gradient (2.2 GB).
@@ -203,7 +205,7 @@ class ChunkedLinearCrossEntropy(nn.Module):
         z_loss: coefficient of the ``lse^2`` term (0 disables it).
     """
 
-    def __init__(self, chunk_size: Optional[int] = None, ignore_index: int = -100,
+    def __init__(self, chunk_size: Optional[int] = None, ignore_index: int = IGNORE_INDEX,
                  reduction: str = "mean", z_loss: float = 0.0):
         super().__init__()
         if reduction not in ("mean", "sum"):

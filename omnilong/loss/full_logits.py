@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnilong.constants import IGNORE_INDEX
+
 
 class FullLogitsCrossEntropy(nn.Module):
     """Cross-entropy of ``hidden @ weight.T`` computed on the full logits.
@@ -20,7 +22,7 @@ class FullLogitsCrossEntropy(nn.Module):
             none) or ``"sum"`` (returns ``(loss_sum, num_tokens)``).
     """
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+    def __init__(self, ignore_index: int = IGNORE_INDEX, reduction: str = "mean"):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")

@@ -7,7 +7,7 @@ from typing import Any, Union
 import torch
 from torch import nn
 
-from omnilong.checkpoint.hf_io import read_hf_config, read_hf_state_dict
+from omnilong.hf_io import read_hf_config, read_hf_state_dict
 from omnilong.models.families import model_family
 
 logger = logging.getLogger(__name__)

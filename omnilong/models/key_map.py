@@ -2,7 +2,8 @@
 
 Each model family holds its key map as data (``"model.layers.{}.mlp.up_proj.weight" ->
 "layers.{}.feed_forward.w3.weight"``, ``{}`` a layer index) and the rewrite of other layouts
-of its checkpoints to the hub one; the renaming itself is here.
+of its checkpoints to the hub one; the renaming itself is here, with the types the family's
+checkpoint adapter shares with omnilong.checkpoint.
 """
 
 import re
@@ -12,6 +13,8 @@ from typing import Callable, Optional
 import torch
 
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
+
+Dim = tuple[int, str]  # a checkpoint tensor's dimension: (size, the config key or expression it comes from)
 
 
 def map_key(key: str, table: dict[str, str]) -> Optional[str]:

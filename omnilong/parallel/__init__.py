@@ -3,7 +3,6 @@
 from omnilong.parallel.local_ring import LocalRing, run_local_ring
 from omnilong.parallel.ring_attention import RingAttention, RingAttentionFunction, plan_ring, ring_backward, ring_forward
 from omnilong.parallel.sequence_sharding import (
-    IGNORE_INDEX,
     SEQUENCE_KEYS,
     contiguous_positions,
     gather_sequence,
@@ -17,7 +16,6 @@ from omnilong.parallel.sequence_sharding import (
 )
 
 __all__ = [
-    "IGNORE_INDEX",
     "SEQUENCE_KEYS",
     "LocalRing",
     "RingAttention",

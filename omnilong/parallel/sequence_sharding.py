@@ -13,7 +13,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from omnilong.data.packed_text import IGNORE_INDEX
+from omnilong.constants import IGNORE_INDEX
 
 #: Batch keys whose last dimension is the sequence; other keys pass through untouched.
 SEQUENCE_KEYS = ("input_ids", "labels", "position_ids", "document_ids", "vision_token_index")

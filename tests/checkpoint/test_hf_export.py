@@ -23,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from omnilong.checkpoint.hf_export import POSITION_RULE_KEY, export_hf_checkpoint, parse_size
-from omnilong.checkpoint.hf_io import INDEX_NAME, read_hf_config, read_hf_state_dict
+from omnilong.hf_io import INDEX_NAME, read_hf_config, read_hf_state_dict
 from omnilong.models import load_hf_model, qwen2_5_vl
 from omnilong.models.qwen2_5_vl import text_args_from_hf_config
 from omnilong.models.qwen2_5_vl.rope_index import POSITION_RULE

@@ -105,7 +105,7 @@ def test_run_ends_with_a_hugging_face_export_that_transformers_loads(tiny_qwen_d
     weights of the final checkpoint (fp32, 1e-5)."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from omnilong.checkpoint.hf_io import read_hf_state_dict
+    from omnilong.hf_io import read_hf_state_dict
     from omnilong.models import load_hf_model
 
     result = _run(tiny_qwen_dir, tmp_path / "run", nproc=2, max_steps=2, save_every_n_steps="null",

@@ -12,7 +12,8 @@ import torch
 from transformers import AutoProcessor
 
 from omnilong.data import collate_padded, decode_video, llava_video_sft_dataset, load_tokenizer
-from omnilong.data.llava_video import LlavaVideoFormat
+from omnilong.data.llava_video import LlavaVideoFormat, llava_video_format
+from omnilong.hf_io import read_hf_config
 from omnilong.models.llava_onevision.tiny_checkpoint import SIGLIP_MEAN, SIGLIP_STD, TINY_CROP, TINY_PATCH
 
 TINY = dict(frame_size=TINY_CROP, patch_size=TINY_PATCH, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
@@ -75,14 +76,27 @@ def test_7b_format_counts_196_tokens_per_frame():
     assert LlavaVideoFormat().num_tokens(32, (384, 384)) == 32 * 196 + 1
 
 
-def test_data_sized_for_another_tower_is_refused_naming_the_keys(tiny_llava_dir):
-    from omnilong.models import load_hf_model
+def test_format_comes_from_the_checkpoint_config(tiny_llava_dir, tiny_qwen_dir):
+    """The frames are sized as the checkpoint's tower takes them (the recipe passes its config.json
+    as ``model_config``); a checkpoint of another family is refused, naming the component to use."""
+    config = read_hf_config(tiny_llava_dir)
+    assert llava_video_format(config, None, None, SIGLIP_MEAN, SIGLIP_STD) == LlavaVideoFormat(TINY_CROP, TINY_PATCH)
+    with pytest.raises(ValueError, match="the checkpoint is qwen2_5_vl: use its dataset component "
+                                         r"\(omnilong.data.video_sft_dataset for qwen2_5_vl"):
+        llava_video_format(read_hf_config(tiny_qwen_dir), None, None, SIGLIP_MEAN, SIGLIP_STD)
 
-    visual_args = load_hf_model(tiny_llava_dir).visual.args
-    LlavaVideoFormat(crop=TINY_CROP, patch=TINY_PATCH).check_model(visual_args)
-    with pytest.raises(ValueError, match="dataset.frame_size 384 and dataset.patch_size 14 must be the "
-                                         "checkpoint's vision_config image_size 42 and patch_size 14"):
-        LlavaVideoFormat().check_model(visual_args)
+
+def test_data_sized_for_another_tower_is_refused_naming_the_keys(tiny_llava_dir, caplog):
+    """``frame_size`` / ``patch_size`` are no longer needed with a checkpoint config: a value it
+    disagrees with is an error naming both keys, one it agrees with a warning."""
+    config = read_hf_config(tiny_llava_dir)
+    with pytest.raises(ValueError, match="dataset.frame_size 384 is not the checkpoint's vision_config image_size 42"):
+        llava_video_format(config, 384, None, SIGLIP_MEAN, SIGLIP_STD)
+    with pytest.raises(ValueError, match="dataset.patch_size 16 is not the checkpoint's vision_config patch_size 14"):
+        llava_video_format(config, None, 16, SIGLIP_MEAN, SIGLIP_STD)
+    with caplog.at_level("WARNING"):
+        assert llava_video_format(config, TINY_CROP, TINY_PATCH, SIGLIP_MEAN, SIGLIP_STD).crop == TINY_CROP
+    assert "dataset.frame_size is no longer needed" in caplog.text
 
 
 def test_prepared_samples_equal_raw_samples_and_need_the_llava_format(tiny_llava_dir, tiny_videos_dir, tokenizer,

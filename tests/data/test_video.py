@@ -18,7 +18,9 @@ from omnilong.data import (
     process_video,
     video_sft_dataset,
 )
-from omnilong.data.video import DecodedVideo, num_video_tokens, resized_sizes
+from omnilong.data.video import DecodedVideo, Patching, num_video_tokens, resized_sizes
+from omnilong.data.video_sft import QwenVideoFormat
+from omnilong.hf_io import read_hf_config
 from omnilong.models.qwen2_5_vl.tiny_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_tiny_videos.py"
@@ -101,6 +103,27 @@ def test_odd_frame_count_repeats_the_last_frame(videos):
     padded = DecodedVideo(torch.cat([clip.frames, clip.frames[-1:]]), clip.fps)
     assert torch.equal(process_video(clip, 56, 112)["pixel_values_videos"],
                        process_video(padded, 56, 112)["pixel_values_videos"])
+
+
+def test_patching_comes_from_the_checkpoint_config(tiny_qwen_dir, tiny_llava_dir, videos):
+    """The dataset cuts frames as the checkpoint's tower does (``model_config``): another patch
+    size gives other grids and token counts, consistent with each other; a checkpoint of another
+    family is refused, naming the component to use."""
+    config = read_hf_config(tiny_qwen_dir)
+    assert QwenVideoFormat.from_model_config(config).patching == Patching()  # the tiny tower is cut as the 7B's
+    vision = {**config["vision_config"], "patch_size": 7}
+    other = QwenVideoFormat.from_model_config({**config, "vision_config": vision})
+    assert other.patching == Patching(patch=7, temporal=2, merge=2)
+    clip = decode_video(videos / "video_003.mp4", fps=1.0)
+    (h, w), = other.sizes([(clip.frames.shape[0], *clip.frames.shape[-2:])], VideoOptions(min_pixels=196, max_pixels=56 * 56))
+    assert h % 14 == 0 and w % 14 == 0
+    vision_inputs = other.process(clip, (h, w))
+    t = -(-clip.frames.shape[0] // 2)
+    assert vision_inputs["video_grid_thw"].tolist() == [[t, h // 7, w // 7]]
+    assert vision_inputs["pixel_values_videos"].shape == (t * (h // 7) * (w // 7), 3 * 2 * 7 * 7)
+    assert other.num_tokens(clip.frames.shape[0], (h, w)) == vision_inputs["pixel_values_videos"].shape[0] // 4
+    with pytest.raises(ValueError, match="the checkpoint is llava_onevision: use its dataset component"):
+        QwenVideoFormat.from_model_config(read_hf_config(tiny_llava_dir))
 
 
 def test_pixel_budgets_shrink_tokens():

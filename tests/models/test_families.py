@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.hf_io import read_hf_config
 from omnilong.models import LlavaOnevision, Qwen2_5_VL, build_model_from_hf_config
 from omnilong.models.families import model_family
 
@@ -29,3 +29,10 @@ def test_shapes_table_is_the_checkpoint_written_by_transformers(tiny_llava_dir):
     with safe_open(tiny_llava_dir / "model.safetensors", framework="pt") as f:
         found = {family.to_hub_layout(k): tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     assert found == {k: tuple(size for size, _ in dims) for k, dims in expected.items()}
+
+
+def test_every_family_has_its_context_parallelism():
+    from omnilong.models.families import FAMILIES
+    from omnilong.models.parallelize import CONTEXT_PARALLEL
+
+    assert set(CONTEXT_PARALLEL) == set(FAMILIES)

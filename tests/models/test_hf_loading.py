@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.hf_io import read_hf_config
 from omnilong.models import load_hf_model
 from omnilong.models.hf_loading import check_state_dict_matches, load_native_state_dict
 from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config

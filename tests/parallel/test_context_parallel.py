@@ -13,9 +13,13 @@ import pytest
 import torch
 from torch.distributed.device_mesh import init_device_mesh
 
+from omnilong.hf_io import read_hf_config
 from omnilong.models import load_hf_model
+from omnilong.models.parallelize import apply_context_parallel
 from omnilong.models.qwen2_5_vl.model import Qwen2_5_VL
-from omnilong.parallel.context_parallel import VisionFrameSplit, apply_context_parallel, shard_batch_for_cp
+from omnilong.models.qwen2_5_vl.parallelize import VisionFrameSplit
+from omnilong.models.vision_tokens import with_vision_token_index
+from omnilong.parallel.context_parallel import shard_batch_for_cp
 
 TOL = 1e-5
 
@@ -60,10 +64,9 @@ def _cp_worker(rank: int, world_size: int, checkpoint: str) -> dict:
     expected.backward()
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
-    apply_context_parallel(model, mesh["cp"])
-    args = model.args
-    shard = shard_batch_for_cp(batch, mesh["cp"], pad_token_id=0,
-                               vision_token_ids=[args.image_token_id, args.video_token_id])
+    apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
+    assert isinstance(model.visual.split, VisionFrameSplit)  # the family picks its tower's split
+    shard = shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], pad_token_id=0)
     local = _loss_sum(model, shard)
     local.backward()
     total = local.detach().clone()
@@ -110,9 +113,8 @@ def _packed_cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict) 
     expected.backward()
 
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
-    apply_context_parallel(model, mesh["cp"])
-    args = model.args
-    local = _loss_sum(model, shard_batch_for_cp(batch, mesh["cp"], 0, [args.image_token_id, args.video_token_id]))
+    apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
+    local = _loss_sum(model, shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], 0))
     local.backward()
     total = local.detach().clone()
     torch.distributed.all_reduce(total)
@@ -140,3 +142,11 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_qwen_
         assert errors["loss"] <= TOL * 100, errors["loss"]  # a sum over ~500 tokens
         bad = {k: v for k, v in errors.items() if k != "loss" and v > TOL}
         assert not bad, bad
+
+
+def test_vision_batch_without_its_token_index_is_refused():
+    """A shard could not tell which features its pad tokens take: the model's
+    ``with_vision_token_index`` must run on the full sequence first (no mesh is reached)."""
+    batch = {"input_ids": torch.zeros(1, 8, dtype=torch.long), "pixel_values_videos": torch.zeros(4, 6)}
+    with pytest.raises(ValueError, match="with_vision_token_index"):
+        shard_batch_for_cp(batch, cp_mesh=None, pad_token_id=0)

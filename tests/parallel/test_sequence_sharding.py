@@ -6,8 +6,8 @@ Oracle: the layout's definition (rank r holds chunks r and 2*cp-1-r) written out
 import pytest
 import torch
 
+from omnilong.constants import IGNORE_INDEX
 from omnilong.parallel.sequence_sharding import (
-    IGNORE_INDEX,
     contiguous_positions,
     pad_batch,
     pad_to_shardable,

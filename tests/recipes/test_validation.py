@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from omnilong.data import load_tokenizer
-from omnilong.data.packed_text import IGNORE_INDEX, PackedTextDataset
+from omnilong.constants import IGNORE_INDEX
+from omnilong.data.packed_text import PackedTextDataset
 from omnilong.models.hf_loading import load_hf_model
 from tests.recipe_runs import STAGE1, metrics, tune_run
 

@@ -8,11 +8,10 @@ from typing import Any
 
 import torch
 
+from omnilong.models.key_map import Dim
 from omnilong.models.llava_onevision._convert_weights import native_to_hf
 from omnilong.models.llava_onevision._model_builders import llava_onevision
 from omnilong.models.llava_onevision.args import text_args_from_hf_config, vision_args_from_hf_config
-
-Dim = tuple[int, str]  # (size, where config.json sets it)
 
 
 def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[Dim, ...]]:

@@ -3,7 +3,7 @@
 Images (``anyres_max_N``) and videos become rows of projected SigLIP features that replace
 the ``<image>`` / ``<video>`` tokens of the sequence (:mod:`.features`); the decoder is the
 shared one of :mod:`omnilong.models.blocks` with 1-D RoPE. Parallelism is applied from
-outside by ``omnilong.parallel``.
+outside (:mod:`omnilong.models.llava_onevision.parallelize`).
 """
 
 from typing import Any, Optional
@@ -12,13 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilong.data.packed_text import positions_within_documents
+from omnilong.documents import positions_within_documents
 from omnilong.models.blocks import RMSNorm
 from omnilong.models.llava_onevision.args import LlavaOnevisionTextArgs
 from omnilong.models.llava_onevision.features import num_crops, pack_image_features, pool_video_features
 from omnilong.models.llava_onevision.vision import SiglipVisionTower
-from omnilong.models.qwen2_5_vl.model import scatter_vision_embeddings, text_position_ids
+from omnilong.models.qwen2_5_vl.model import text_position_ids
 from omnilong.models.rope import multimodal_rope_cos_sin
+from omnilong.models.vision_tokens import scatter_vision_embeddings
 
 
 class Projector(nn.Module):
@@ -174,7 +175,7 @@ class LlavaOnevision(nn.Module):
             pixel_values, image_sizes, batch_num_images: images (see :meth:`image_features`).
             pixel_values_videos, video_num_frames: videos (see :meth:`video_features`).
             vision_token_index: ``[B, T]`` which feature each vision token takes, for a shard of
-                a sequence (see :func:`omnilong.models.qwen2_5_vl.model.vision_token_index`).
+                a sequence (see :func:`omnilong.models.vision_tokens.vision_token_index`).
             unused: other processor outputs (``image_sizes_videos``), which the model does not need.
 
         Returns:

@@ -74,9 +74,6 @@ class SiglipVisionTower(nn.Module):
     exports back whole, never applied (LLaVA-OneVision takes the features before it).
     """
 
-    #: each image is encoded on its own (context parallelism may spread them over ranks)
-    encodes_independent_images = True
-
     def __init__(self, args: SiglipVisionArgs, feature_layer: int = -1):
         super().__init__()
         args.validate()
@@ -89,7 +86,8 @@ class SiglipVisionTower(nn.Module):
         self.pos_embed = nn.Embedding(args.grid**2, args.dim)
         self.layers = nn.ModuleList(SiglipBlock(args) for _ in range(args.n_layers))
         self.post_norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
-        # Set by context parallelism (``omnilong.parallel``): a strategy ``split(encode, images)``
+        # How the work is spread: None encodes everything here; context parallelism
+        # (:mod:`omnilong.models.llava_onevision.parallelize`) sets a strategy ``split(encode, images)``
         # that encodes a share of the images on each rank and returns all the features.
         self.split: Optional[Callable[..., torch.Tensor]] = None
 

@@ -7,9 +7,8 @@ symptom further down (a RoPE section that does not add up, a size mismatch on lo
 
 from typing import Any
 
+from omnilong.models.key_map import Dim
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLVisionArgs
-
-Dim = tuple[int, str]  # (size, the config key or expression it comes from)
 
 
 def _text_dims(config: dict[str, Any]) -> tuple[dict[str, Dim], int]:

@@ -1,7 +1,7 @@
 """Qwen2.5-VL as native single-device PyTorch: vision tower + language model.
 
 The vision tower's embeddings replace the image/video pad tokens of the sequence;
-parallelism is applied from outside by ``omnilong.parallel``.
+parallelism is applied from outside (:mod:`omnilong.models.qwen2_5_vl.parallelize`).
 """
 
 from functools import partial
@@ -15,6 +15,7 @@ from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs
 from omnilong.models.qwen2_5_vl.rope_index import rope_index, rope_index_per_document
 from omnilong.models.qwen2_5_vl.vision import VisionTransformer
 from omnilong.models.rope import multimodal_rope_cos_sin
+from omnilong.models.vision_tokens import scatter_vision_embeddings
 
 
 def text_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -24,55 +25,6 @@ def text_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Te
         return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions.masked_fill(attention_mask == 0, 1)
-
-
-def vision_token_index(input_ids: torch.Tensor, token_ids: list[Optional[int]]) -> torch.Tensor:
-    """``[B, T]`` ordinal of each vision pad token among the pad tokens of its kind in the
-    batch (row-major), -1 for other tokens. Computed on the full sequence, it tells a shard
-    of the sequence which vision features its pad tokens take."""
-    index = torch.full_like(input_ids, -1)
-    for token_id in token_ids:
-        if token_id is not None:
-            mask = input_ids == token_id
-            index[mask] = torch.arange(int(mask.sum()), device=input_ids.device)
-    return index
-
-
-def scatter_vision_embeddings(
-    h: torch.Tensor,
-    input_ids: torch.Tensor,
-    token_id: Optional[int],
-    embeddings: torch.Tensor,
-    kind: str,
-    token_index: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``h`` with the rows at ``token_id`` positions replaced by vision embeddings.
-
-    Args:
-        h: ``[B, T, dim]`` token embeddings.
-        input_ids: ``[B, T]``.
-        token_id: the pad token id of this kind (from the config).
-        embeddings: ``[n_features, dim]`` vision embeddings, items in sequence order.
-        kind: ``"image"`` or ``"video"``, for the error message.
-        token_index: ``[B, T]`` feature index of each pad token (:func:`vision_token_index`
-            of the full sequence, sharded with it); ``None``: pad tokens take the features
-            in order, one each.
-
-    Raises:
-        ValueError: the pad-token count differs from the number of embeddings.
-    """
-    if token_id is None:
-        raise ValueError(f"the config has no {kind}_token_id, so {kind} inputs cannot be placed")
-    mask = input_ids == token_id  # [B, T]
-    if token_index is not None:
-        return h.masked_scatter(mask.unsqueeze(-1), embeddings[token_index[mask]].to(h.dtype))
-    n_tokens = int(mask.sum())
-    if n_tokens != embeddings.shape[0]:
-        raise ValueError(
-            f"{kind} pad tokens and {kind} features do not match: {n_tokens} <|{kind}_pad|> tokens (id {token_id}) "
-            f"in input_ids, {embeddings.shape[0]} features from the {kind} grids"
-        )
-    return h.masked_scatter(mask.unsqueeze(-1), embeddings.to(h.dtype))
 
 
 class Qwen2_5_VL(nn.Module):
@@ -201,7 +153,7 @@ class Qwen2_5_VL(nn.Module):
             mm_token_type_ids: ``[B, T]`` text 0 / image 1 / video 2 per token, as the
                 processor returns them (for positions only; default: read from the pad tokens).
             vision_token_index: ``[B, T]`` which feature each pad token takes, for a shard of a
-                sequence (see :func:`vision_token_index`); default: in order.
+                sequence (see :func:`omnilong.models.vision_tokens.vision_token_index`); default: in order.
 
         Returns:
             ``[B, T, vocab]`` logits, or ``[B, T, dim]`` hidden states.

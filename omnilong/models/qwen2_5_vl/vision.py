@@ -245,9 +245,9 @@ class VisionTransformer(nn.Module):
         self.patch_embed = patch_embed
         self.layers = layers
         self.merger = merger
-        # How the work is spread: None encodes everything here; ``omnilong.parallel`` sets a
-        # strategy ``split(encode, pixel_values, grid_thw)`` that encodes a share of the frames
-        # on each context-parallel rank and returns every feature.
+        # How the work is spread: None encodes everything here; context parallelism
+        # (:mod:`omnilong.models.qwen2_5_vl.parallelize`) sets a strategy ``split(encode, pixel_values,
+        # grid_thw)`` that encodes a share of the frames on each cp rank and returns every feature.
         self.split: Optional[Callable[..., torch.Tensor]] = None
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:

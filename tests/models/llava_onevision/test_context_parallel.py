@@ -12,9 +12,13 @@ import torch
 from torch.distributed.device_mesh import init_device_mesh
 
 from omnilong.data import collate_padded, llava_video_sft_dataset, load_tokenizer
+from omnilong.hf_io import read_hf_config
 from omnilong.models import load_hf_model
+from omnilong.models.llava_onevision.parallelize import ImageSplit
 from omnilong.models.llava_onevision.tiny_checkpoint import TINY_CROP, TINY_PATCH
-from omnilong.parallel.context_parallel import ImageSplit, apply_context_parallel, shard_batch_for_cp
+from omnilong.models.parallelize import apply_context_parallel
+from omnilong.models.vision_tokens import with_vision_token_index
+from omnilong.parallel.context_parallel import shard_batch_for_cp
 from tests.models.llava_onevision.inputs import processor_inputs as _inputs
 from tests.models.llava_onevision.inputs import random_image as _image
 from tests.models.llava_onevision.inputs import random_video as _video
@@ -53,10 +57,10 @@ def _cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict, expecte
     """``{"loss" or parameter name: max abs error}`` of cp against ``expected`` (loss, grads)."""
     model = load_hf_model(checkpoint)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
-    apply_context_parallel(model, mesh["cp"])
+    apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])  # the family picks its tower's split
     assert isinstance(model.visual.split, ImageSplit)
     global_tokens = int((batch["labels"] != -100).sum())
-    local = _loss(model, shard_batch_for_cp(batch, mesh["cp"], 0, model.vision_token_ids), global_tokens)
+    local = _loss(model, shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], 0), global_tokens)
     local.backward()
     total = local.detach().clone()
     torch.distributed.all_reduce(total)

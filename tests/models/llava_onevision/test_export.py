@@ -13,7 +13,7 @@ from safetensors import safe_open
 from transformers import LlavaOnevisionForConditionalGeneration
 
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
-from omnilong.checkpoint.hf_io import INDEX_NAME, read_hf_config
+from omnilong.hf_io import INDEX_NAME, read_hf_config
 from omnilong.models import load_hf_model
 from tests.checkpoint.test_hf_export import save_run_checkpoint
 from tests.models.llava_onevision.inputs import processor_inputs as _inputs

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.hf_io import read_hf_config
 from omnilong.models import load_hf_model, qwen2_5_vl_7b
 from omnilong.models.qwen2_5_vl import text_args_from_hf_config
 from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf

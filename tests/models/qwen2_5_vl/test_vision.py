@@ -17,7 +17,7 @@ from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
-from omnilong.checkpoint.hf_io import read_hf_config
+from omnilong.hf_io import read_hf_config
 from omnilong.models import load_hf_model
 from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config, vision_args_from_hf_config
 from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf
