@@ -21,7 +21,8 @@ from omnilong.models.llava_onevision.vision import SiglipAttention
 from omnilong.models.qwen2_5_vl import qwen2_5_vl
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs
 from omnilong.models.qwen2_5_vl.vision import VisionAttention, VisionBlock
-from omnilong.models.varlen_attention import AttentionKernel, VarlenSegments
+from omnilong.models import varlen_attention
+from omnilong.models.varlen_attention import AttentionKernel, VarlenSegments, pack_tokens, unpack_tokens
 from omnilong.parallel import plan_ring, ring_backward, ring_forward, run_local_ring
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -63,6 +64,29 @@ def test_packed_documents_match_masked_attention(masked_attention, heads):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     for got, want in zip((q, k, v), ref):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["CPU_FLASH", "EXACT"])
+def test_kernels_match_masked_attention(masked_attention, kernel):
+    """Each portable kernel on its own (EXACT runs on CUDA in fp32; its math is checked here):
+    packed documents, GQA 28/4, forward with the log-sum-exp of the masked scores, and the
+    backward given the forward's ``(out, lse)``."""
+    kernel = getattr(varlen_attention, kernel)
+    q, k, v = _qkv(28, 4)
+    segments = document_segments(DOCUMENTS)
+    packed = [pack_tokens(x) for x in (q, k, v)]
+    out, lse = kernel.forward(*packed, segments)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = kernel.backward(dout, *packed, out, lse, segments)
+    ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    expected = masked_attention(*ref, DOCUMENTS)
+    expected.backward(unpack_tokens(dout, 2))
+    visible = torch.ones(24, 24, dtype=torch.bool).tril() & (DOCUMENTS[:, :, None] == DOCUMENTS[:, None, :])
+    scores = (q @ k.repeat_interleave(7, 1).transpose(-1, -2) / 8**0.5).masked_fill(~visible[:, None], float("-inf"))
+    torch.testing.assert_close(unpack_tokens(out, 2), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, pack_tokens(scores.logsumexp(-1)[..., None])[..., 0].T, atol=1e-5, rtol=0)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(unpack_tokens(got, 2), want.grad, atol=1e-5, rtol=0)
 
 
 def _tiny_text_model() -> torch.nn.Module:
