@@ -120,8 +120,8 @@ def prefill(
         inputs = shard_batch_for_cp(inputs, cp_mesh, pad_token_id, (args.image_token_id, args.video_token_id))
         padded = padded_length(seq_len, cp_mesh.size())
         if cache is not None:
-            positions = zigzag_positions(padded, cp_mesh.get_local_rank(), cp_mesh.size())  # [padded / cp], host
-            cache.prompt_length = int((positions < seq_len).sum())
+            held = zigzag_positions(padded, cp_mesh.get_local_rank(), cp_mesh.size())  # [padded / cp], on the host
+            cache.prompt_length = int((held < seq_len).sum())
         seq_len = padded
     hidden = model(**inputs, return_hidden=True)  # [1, t, dim]
     return _hidden_at(hidden, positions, seq_len, cp_mesh)
