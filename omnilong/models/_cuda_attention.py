@@ -2,8 +2,9 @@
 
 :data:`FLASH_VARLEN`, chosen by :func:`omnilong.models.attention.kernel_for` for fp16/bf16
 CUDA tensors and imported there lazily; never on CPU. The ops are
-``aten._flash_attention_forward`` / ``_backward`` called with cumulative sequence lengths, as ``torch.nn.attention.varlen.varlen_attn`` calls them
-(present with this signature in torch 2.11 and 2.14). They are used directly rather than
+``aten._flash_attention_forward`` / ``_backward`` called with cumulative sequence lengths,
+as ``torch.nn.attention.varlen.varlen_attn`` calls them (present with this signature in
+torch 2.11 and 2.14). They are used directly rather than
 through ``varlen_attn`` because ring attention needs the backward on its own, given the
 ring's merged output and log-sum-exp.
 """

@@ -164,7 +164,9 @@ def _cpu_backward(
         dout, q, k, v, out, lse.contiguous(), 0.0, causal)
 
 
-def _exact_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _exact_forward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention in fp32, ``[n, H, L, D]`` layout: ``(out [n, Hq, Lq, D], lse [n, Hq, Lq])``."""
     scores = _scores(q, k, causal)  # [n, Hq, Lq, Lk] fp32
     lse = scores.logsumexp(-1)

@@ -122,7 +122,9 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.wo = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: VarlenSegments) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: VarlenSegments
+    ) -> torch.Tensor:
         """
         Args:
             x: ``[N, dim]``.
@@ -151,7 +153,9 @@ class VisionBlock(nn.Module):
         self.attention_norm = RMSNorm(dim, VISION_NORM_EPS)
         self.ffn_norm = RMSNorm(dim, VISION_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: VarlenSegments) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: VarlenSegments
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, segments)
         return h + self.feed_forward(self.ffn_norm(h))
 
