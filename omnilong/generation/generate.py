@@ -120,8 +120,8 @@ def prefill(
         inputs = shard_batch_for_cp(with_vision_token_index(inputs, model.vision_token_ids), cp_mesh, pad_token_id)
         padded = padded_length(seq_len, cp_mesh.size())
         if cache is not None:
-            cache.prompt_valid = (zigzag_positions(padded, cp_mesh.get_local_rank(), cp_mesh.size()) < seq_len)[None]
-            cache.prompt_valid = cache.prompt_valid.to(inputs["input_ids"].device)
+            held = zigzag_positions(padded, cp_mesh.get_local_rank(), cp_mesh.size())  # [padded / cp], on the host
+            cache.prompt_length = int((held < seq_len).sum())
         seq_len = padded
     hidden = model(**inputs, return_hidden=True)  # [1, t, dim]
     return _hidden_at(hidden, positions, seq_len, cp_mesh)

@@ -9,39 +9,42 @@ Every decoder layer calls ``core(q, k, v, plan)`` with rotary already applied
   keys/values are kept: under context parallelism each cp rank keeps its zigzag shard;
 * **decode** (``cache.decoding`` true): one new token per step, the same on every cp rank.
   Each rank attends the new query to its shard of the prompt's keys (the padding that made
-  the prompt shardable masked out) and returns ``(out, lse)``; the keys of the tokens
-  generated so far are kept on every rank but attended on cp rank 0 only, so each key
-  counts once. The partial results are all-gathered and merged with the ring's log-sum-exp
-  rule (:func:`omnilong.parallel.ring_attention.merge`):
+  the prompt shardable left out) and to the keys of the tokens generated so far, which are
+  kept on every rank but attended on cp rank 0 only, so each key counts once: two calls of
+  the attention entry point (:func:`omnilong.models.attention.attention_with_lse`) whose
+  ``(out, lse)`` are merged, then all-gathered and merged over the cp ranks, with the ring's
+  log-sum-exp rule (:func:`omnilong.parallel.ring_attention.merge`):
   ``lse = logaddexp(lse_a, lse_b); out = out_a exp(lse_a - lse) + out_b exp(lse_b - lse)``.
 """
 
 import contextlib
-import math
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from omnilong.models.attention import attention_with_lse
+from omnilong.models.varlen_attention import VarlenSegments, pack_tokens, unpack_tokens
 from omnilong.parallel.ring_attention import merge
 
 
 class KVCache:
-    """What the cached cores of one model share: the phase, the cp group and which prompt keys
-    of this rank are real.
+    """What the cached cores of one model share: the phase, the cp group and how many prompt
+    keys of this rank are real.
 
     Attributes:
         decoding: false while the prompt is prefilled, true for decode steps.
         group: the cp process group, or ``None`` on one device.
-        prompt_valid: ``[B, L]`` bool, the keys of this rank's prompt (shard) that are real
-            tokens rather than the padding added for the zigzag layout; ``None``: all are.
+        prompt_length: how many keys at the start of each row of this rank's prompt (shard) are
+            real tokens; the rest is the padding added for the zigzag layout, which ends every
+            shard (positions increase along a shard). ``None``: all are.
     """
 
     def __init__(self, group: Optional[dist.ProcessGroup] = None):
         self.group = group
         self.decoding = False
-        self.prompt_valid: Optional[torch.Tensor] = None
+        self.prompt_length: Optional[int] = None
 
     @property
     def attends_generated(self) -> bool:
@@ -49,47 +52,26 @@ class KVCache:
         return self.group is None or dist.get_rank(self.group) == 0
 
 
-def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: Optional[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of new queries to earlier keys (all visible), in fp32, with its log-sum-exp.
+class DecodePlan(NamedTuple):
+    """One decode step's kernel calls: each row's new query against its real prompt keys, and
+    against the generated keys (its own included); ``None`` where this rank attends none."""
 
-    Args:
-        q: ``[B, Hq, 1, D]`` the new token's queries.
-        k, v: ``[B, Hkv, L, D]`` keys/values, ``Hq % Hkv == 0``.
-        valid: ``[B, L]`` bool mask of the keys to attend, or ``None`` for all.
-
-    Returns:
-        ``out [B, Hq, 1, D]`` float32 (0 where no key is visible) and ``lse [B, Hq, 1]``
-        float32 (``-inf`` there).
-    """
-    b, hq, n, d = q.shape
-    hkv = k.shape[1]
-    qg = q.float().view(b, hkv, hq // hkv, n, d)  # [B, Hkv, G, 1, D]
-    scores = torch.einsum("bhgnd,bhld->bhgnl", qg, k.float()) / math.sqrt(d)  # [B, Hkv, G, 1, L]
-    if valid is not None:
-        scores = scores.masked_fill(~valid[:, None, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # [B, Hkv, G, 1]
-    weights = torch.exp(scores - lse.masked_fill(torch.isneginf(lse), 0.0)[..., None])
-    out = torch.einsum("bhgnl,bhld->bhgnd", weights, v.float())  # [B, Hkv, G, 1, D]
-    return out.reshape(b, hq, n, d), lse.reshape(b, hq, n)
+    prompt: Optional[VarlenSegments]
+    generated: Optional[VarlenSegments]
 
 
 def merge_over_group(out: torch.Tensor, lse: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Every cp rank's partial ``(out [B, Hq, 1, D], lse [B, Hq, 1])`` merged: all-gather, then
-    the log-sum-exp merge, in rank order. Returns ``[B, Hq, 1, D]`` float32, the same on every rank."""
-    b, hq, n, d = out.shape
+    """Every cp rank's partial ``(out [N, Hq, D], lse [Hq, N])`` merged: all-gather, then the
+    log-sum-exp merge, in rank order. Returns ``[N, Hq, D]`` float32, the same on every rank."""
     outs = [torch.empty_like(out) for _ in range(dist.get_world_size(group))]
     lses = [torch.empty_like(lse) for _ in outs]
     dist.all_gather(outs, out.contiguous(), group=group)
     dist.all_gather(lses, lse.contiguous(), group=group)
-    # merge() takes packed rows: out [N, H, D], lse [H, N] with N = B * 1.
-    merged = torch.zeros(b * n, hq, d, dtype=torch.float32, device=out.device)
-    merged_lse = torch.full((hq, b * n), float("-inf"), dtype=torch.float32, device=out.device)
+    merged = torch.zeros_like(out)
+    merged_lse = torch.full_like(lse, float("-inf"))
     for part, part_lse in zip(outs, lses):
-        merged, merged_lse = merge(merged, merged_lse, part.transpose(1, 2).reshape(b * n, hq, d),
-                                   part_lse.transpose(1, 2).reshape(b * n, hq).T)
-    return merged.view(b, n, hq, d).transpose(1, 2)
+        merged, merged_lse = merge(merged, merged_lse, part, part_lse)
+    return merged
 
 
 class CachedAttention(nn.Module):
@@ -104,23 +86,33 @@ class CachedAttention(nn.Module):
         super().__init__()
         self.inner = inner
         self.cache = cache
-        self.prompt_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # each [B, Hkv, L, D]
+        self.prompt_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # each [B * P, Hkv, D], real keys
         self.generated_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # each [B, Hkv, n, D]
 
     def plan(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor]) -> Any:
-        """The wrapped core's plan while prefilling; nothing to plan for a decode step."""
-        return None if self.cache.decoding else self.inner.plan(input_ids, document_ids)
+        """The wrapped core's plan while prefilling; a :class:`DecodePlan` for a decode step
+        (``input_ids [B, 1]``), from the sizes of this core's cache (every layer's are alike)."""
+        if not self.cache.decoding:
+            return self.inner.plan(input_ids, document_ids)
+        batch, device = input_ids.shape[0], input_ids.device
+        prompt = self.prompt_kv[0].shape[0] // batch
+        generated = 1 + (0 if self.generated_kv is None else self.generated_kv[0].shape[2])
+        segments = lambda keys: VarlenSegments.from_lengths([1] * batch, [keys] * batch, False, device)  # noqa: E731
+        return DecodePlan(segments(prompt) if prompt else None,
+                          segments(generated) if self.cache.attends_generated else None)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any = None) -> torch.Tensor:
         """
         Args:
             q: ``[B, Hq, T, D]`` (decode: ``T = 1``); k, v: ``[B, Hkv, T, D]``.
+            plan: :meth:`plan` of the step.
 
         Returns:
             ``[B, Hq, T, D]`` in the dtype of ``q``.
         """
         if not self.cache.decoding:
-            self.prompt_kv, self.generated_kv = (k, v), None
+            real = k.shape[2] if self.cache.prompt_length is None else self.cache.prompt_length
+            self.prompt_kv, self.generated_kv = tuple(pack_tokens(x[:, :, :real]) for x in (k, v)), None
             return self.inner(q, k, v, plan)
         if q.shape[2] != 1:
             raise ValueError(f"a decode step takes one token per row, got {q.shape[2]}")
@@ -128,15 +120,16 @@ class CachedAttention(nn.Module):
             self.generated_kv = (k, v)
         else:
             self.generated_kv = tuple(torch.cat([old, new], dim=2) for old, new in zip(self.generated_kv, (k, v)))
-        keys, values, valid = *self.prompt_kv, self.cache.prompt_valid
-        if self.cache.attends_generated:
-            keys, values = torch.cat([keys, self.generated_kv[0]], 2), torch.cat([values, self.generated_kv[1]], 2)
-            if valid is not None:
-                valid = torch.cat([valid, valid.new_ones(valid.shape[0], self.generated_kv[0].shape[2])], dim=1)
-        out, lse = decode_attention(q, keys, values, valid)
+        query = pack_tokens(q)  # [B, Hq, D]
+        out = torch.zeros(query.shape, dtype=torch.float32, device=q.device)
+        lse = torch.full((q.shape[1], q.shape[0]), float("-inf"), dtype=torch.float32, device=q.device)
+        parts = ((self.prompt_kv, plan.prompt), (tuple(map(pack_tokens, self.generated_kv)), plan.generated))
+        for (keys, values), segments in parts:
+            if segments is not None:
+                out, lse = merge(out, lse, *attention_with_lse(query, keys, values, segments))
         if self.cache.group is not None:
             out = merge_over_group(out, lse, self.cache.group)
-        return out.to(q.dtype)
+        return unpack_tokens(out.to(q.dtype), q.shape[0])
 
 
 @contextlib.contextmanager

@@ -1,16 +1,17 @@
 """CUDA only: PyTorch's flash-attention varlen kernel (FlashAttention-2, built into torch).
 
-Imported lazily by :mod:`omnilong.models.varlen_attention` for fp16/bf16 CUDA tensors;
-never on CPU. The ops are ``aten._flash_attention_forward`` / ``_backward`` called with
-cumulative sequence lengths, as ``torch.nn.attention.varlen.varlen_attn`` calls them
-(present with this signature in torch 2.11 and 2.14). They are used directly rather than
+:data:`FLASH_VARLEN`, chosen by :func:`omnilong.models.attention.kernel_for` for fp16/bf16
+CUDA tensors and imported there lazily; never on CPU. The ops are
+``aten._flash_attention_forward`` / ``_backward`` called with cumulative sequence lengths,
+as ``torch.nn.attention.varlen.varlen_attn`` calls them (present with this signature in
+torch 2.11 and 2.14). They are used directly rather than
 through ``varlen_attn`` because ring attention needs the backward on its own, given the
 ring's merged output and log-sum-exp.
 """
 
 import torch
 
-from omnilong.models.varlen_attention import VarlenSegments
+from omnilong.models.varlen_attention import AttentionKernel, VarlenSegments
 
 
 def flash_varlen_forward(
@@ -42,3 +43,7 @@ def flash_varlen_backward(
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
         segments.cu_q, segments.cu_k, segments.max_q, segments.max_k, 0.0, segments.causal, rng_state, unused)
     return dq, dk, dv
+
+
+FLASH_VARLEN = AttentionKernel(flash_varlen_forward, flash_varlen_backward)
+"""All segments in one flash-attention call, forward and backward."""

@@ -10,7 +10,8 @@ accumulated ``dK``/``dV`` of each block with it, one hop behind, until they are 
 The zigzag layout (:mod:`.sequence_sharding`) makes every step's block pair either
 diagonal, fully visible or fully hidden chunk by chunk (:func:`zigzag_block`). Packed
 documents cut a block pair into per-document pieces; all pieces of a step are one
-varlen kernel call (:mod:`omnilong.models.varlen_attention`). Which rows each step
+call of the attention entry point (:func:`omnilong.models.attention.attention_with_lse`,
+:func:`~omnilong.models.attention.attention_backward`). Which rows each step
 attends is planned once per batch (:func:`plan_ring`, :meth:`RingAttention.plan`), so the
 ring itself never reads a tensor back to the host.
 
@@ -26,14 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from omnilong.models.varlen_attention import (
-    VarlenSegments,
-    pack_tokens,
-    runs_of_equal_ids,
-    unpack_tokens,
-    varlen_attention_backward,
-    varlen_attention_forward,
-)
+from omnilong.models.attention import attention_backward, attention_with_lse
+from omnilong.models.varlen_attention import VarlenSegments, pack_tokens, runs_of_equal_ids, unpack_tokens
 
 Rows = Union[slice, torch.Tensor]  # packed rows: a contiguous range, or an index tensor
 
@@ -268,7 +263,7 @@ def ring_forward(
     for index, step in enumerate(steps):
         incoming = ring.shift(held) if index + 1 < ring.size else None
         if step is not None:
-            block_out, block_lse = varlen_attention_forward(
+            block_out, block_lse = attention_with_lse(
                 _take(q, step.q_rows), _take(held[0], step.k_rows), _take(held[1], step.k_rows), step.segments)
             merged_out, merged_lse = merge(
                 _take(out, step.q_rows), _take(lse, step.q_rows, dim=1), block_out, block_lse)
@@ -310,7 +305,7 @@ def ring_backward(
         incoming = ring.shift(held) if index + 1 < ring.size else None
         grads = None
         if step is not None:
-            grads = varlen_attention_backward(
+            grads = attention_backward(
                 _take(dout, step.q_rows), _take(q, step.q_rows), _take(held[0], step.k_rows),
                 _take(held[1], step.k_rows), _take(out, step.q_rows), _take(lse, step.q_rows, dim=1).contiguous(),
                 step.segments)

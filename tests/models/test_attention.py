@@ -1,5 +1,7 @@
-"""Attention planned once per batch: packed documents in one varlen call per layer, and no
-host sync inside a layer's forward, recompute or backward.
+"""The one attention entry point: every place that attends (decoder, both vision towers, ring
+steps, cached decoding) runs the kernel chosen in ``kernel_for``. Attention planned once per
+batch: packed documents in one varlen call per layer, and no host sync inside a layer's
+forward, recompute or backward.
 
 Oracle for values: attention with an explicit ``T x T`` mask (causal and same document),
 fp32, CPU math path (the ``masked_attention`` fixture); tolerance 1e-5 (max abs diff).
@@ -11,11 +13,16 @@ import pytest
 import torch
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from omnilong.models.attention import CausalAttention, document_segments
+from omnilong.generation.kv_cache import CachedAttention, KVCache
+from omnilong.models import attention as entry
+from omnilong.models.attention import CausalAttention, attention, document_segments, row_segments
 from omnilong.models.blocks import DecoderLayer, FeedForward, GroupedQueryAttention
+from omnilong.models.llava_onevision.vision import SiglipAttention
 from omnilong.models.qwen2_5_vl import qwen2_5_vl
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs
-from omnilong.models.qwen2_5_vl.vision import SegmentPlan, VisionAttention, VisionBlock
+from omnilong.models.qwen2_5_vl.vision import VisionAttention, VisionBlock
+from omnilong.models import varlen_attention
+from omnilong.models.varlen_attention import AttentionKernel, VarlenSegments, pack_tokens, unpack_tokens
 from omnilong.parallel import plan_ring, ring_backward, ring_forward, run_local_ring
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -57,6 +64,29 @@ def test_packed_documents_match_masked_attention(masked_attention, heads):
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
     for got, want in zip((q, k, v), ref):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kernel", ["CPU_FLASH", "EXACT"])
+def test_kernels_match_masked_attention(masked_attention, kernel):
+    """Each portable kernel on its own (EXACT runs on CUDA in fp32; its math is checked here):
+    packed documents, GQA 28/4, forward with the log-sum-exp of the masked scores, and the
+    backward given the forward's ``(out, lse)``."""
+    kernel = getattr(varlen_attention, kernel)
+    q, k, v = _qkv(28, 4)
+    segments = document_segments(DOCUMENTS)
+    packed = [pack_tokens(x) for x in (q, k, v)]
+    out, lse = kernel.forward(*packed, segments)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    grads = kernel.backward(dout, *packed, out, lse, segments)
+    ref = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    expected = masked_attention(*ref, DOCUMENTS)
+    expected.backward(unpack_tokens(dout, 2))
+    visible = torch.ones(24, 24, dtype=torch.bool).tril() & (DOCUMENTS[:, :, None] == DOCUMENTS[:, None, :])
+    scores = (q @ k.repeat_interleave(7, 1).transpose(-1, -2) / 8**0.5).masked_fill(~visible[:, None], float("-inf"))
+    torch.testing.assert_close(unpack_tokens(out, 2), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(lse, pack_tokens(scores.logsumexp(-1)[..., None])[..., 0].T, atol=1e-5, rtol=0)
+    for got, want in zip(grads, ref):
+        torch.testing.assert_close(unpack_tokens(got, 2), want.grad, atol=1e-5, rtol=0)
 
 
 def _tiny_text_model() -> torch.nn.Module:
@@ -131,12 +161,16 @@ def test_ring_steps_do_not_sync_with_the_host(no_host_sync):
     assert run_local_ring(2, rank_fn) == [True, True]
 
 
+def _vision_segments(lengths: list[int], device) -> VarlenSegments:
+    return VarlenSegments.from_lengths(lengths, lengths, causal=False, device=device)
+
+
 def test_a_vision_block_does_not_sync_with_the_host(no_host_sync):
     """Window segments planned once per encode; the block itself reads nothing back."""
     torch.manual_seed(0)
     block = VisionBlock(VisionAttention(32, 4), FeedForward(32, 48, bias=True), 32)
     x = torch.randn(60, 32, requires_grad=True)
-    segments = SegmentPlan.of([16, 16, 8, 4, 16], x)
+    segments = _vision_segments([16, 16, 8, 4, 16], x.device)
     rope = (torch.ones(60, 8), torch.zeros(60, 8))
     with no_host_sync():
         block(x, rope, segments).sum().backward()
@@ -144,17 +178,75 @@ def test_a_vision_block_does_not_sync_with_the_host(no_host_sync):
 
 
 def test_vision_segments_match_masked_attention():
-    """Segment attention (batched by length) equals attention masked to the segments."""
-    from omnilong.models.qwen2_5_vl.vision import segment_attention
-
+    """Bidirectional segment attention (runs of equal lengths batched) equals attention masked
+    to the segments."""
     lengths = [16, 16, 8, 4, 16]
     q, k, v = (torch.randn(60, 4, 8) for _ in range(3))
     segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     mask = segment[:, None] == segment[None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(
         *(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask).transpose(0, 1)
-    got = segment_attention(q, k, v, SegmentPlan.of(lengths, q))
+    got = attention(q, k, v, _vision_segments(lengths, q.device))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def _every_attention_site() -> dict[str, list[torch.Tensor]]:
+    """Outputs and input gradients of every place that attends, on fixed inputs: a decoder layer
+    (packed documents), the Qwen2.5-VL vision attention (windows), SigLIP's attention (images),
+    the ring's steps (two virtual ranks, forward and backward) and a cached decode step."""
+    torch.manual_seed(0)
+    layer, x = _layer(), torch.randn(2, 24, 32, requires_grad=True)
+    layer_out = layer(x, _rope(24, 8), layer.attention.core.plan(None, DOCUMENTS))
+    layer_out.sum().backward()
+    vision, xv = VisionAttention(32, 4), torch.randn(60, 32, requires_grad=True)
+    vision_out = vision(xv, (torch.ones(60, 8), torch.zeros(60, 8)), _vision_segments([16, 16, 8, 4, 16], xv.device))
+    vision_out.sum().backward()
+    siglip, xs = SiglipAttention(32, 4), torch.randn(3, 9, 32, requires_grad=True)
+    siglip_out = siglip(xs, row_segments(3, 9, causal=False, device=xs.device))
+    siglip_out.sum().backward()
+
+    def rank_fn(ring):
+        g = torch.Generator().manual_seed(ring.rank)
+        steps = plan_ring(ring.rank, 2, [[[0, 0, 1, 1, 1, 2, 2, 2]], [[3, 3, 3, 3, 2, 2, 1, 1]]], 1, 8,
+                          torch.device("cpu"))
+        q, k, v = (torch.randn(8, h, 8, generator=g) for h in (4, 2, 2))
+        out, lse = ring_forward(q, k, v, steps, ring)
+        return out, ring_backward(torch.ones_like(out), q, k, v, out, lse, steps, ring)[2]
+
+    ring = run_local_ring(2, rank_fn)
+    cache = KVCache()
+    core = CachedAttention(CausalAttention(), cache)
+    q, k, v = _qkv(4, 2)
+    core(q[:1], k[:1], v[:1], core.plan(torch.zeros(1, 24, dtype=torch.long), None))  # prefill
+    cache.decoding = True
+    decoded = core(q[1:, :, :1], k[1:, :, :1], v[1:, :, :1], core.plan(torch.zeros(1, 1, dtype=torch.long), None))
+    return {"decoder": [layer_out, x.grad], "qwen2_5_vl vision": [vision_out, xv.grad], "siglip": [siglip_out, xs.grad],
+            "ring": [t for rank in ring for t in rank], "decode": [decoded]}
+
+
+def test_every_attention_goes_through_the_one_kernel_choice(monkeypatch):
+    """The rule of the entry point: ``kernel_for`` is the one place a kernel is chosen. A kernel
+    swapped in there (the real one attending ``2 v``: outputs exactly double) changes every
+    place that attends; the ring's and the decode step's outputs are exactly doubled."""
+    plain = _every_attention_site()
+    real_kernel_for = entry.kernel_for
+
+    def doubling_kernel_for(q):
+        real = real_kernel_for(q)
+
+        def backward(dout, q, k, v, out, lse, segments):
+            dq, dk, dv = real.backward(dout, q, k, 2 * v, out, lse, segments)
+            return dq, dk, 2 * dv
+
+        return AttentionKernel(lambda q, k, v, segments: real.forward(q, k, 2 * v, segments), backward)
+
+    monkeypatch.setattr(entry, "kernel_for", doubling_kernel_for)
+    swapped = _every_attention_site()
+    for site, tensors in plain.items():
+        for before, after in zip(tensors, swapped[site]):
+            assert not torch.allclose(before, after), f"{site} does not go through kernel_for"
+    for site in ("ring", "decode"):
+        torch.testing.assert_close(swapped[site][0], 2 * plain[site][0], atol=1e-5, rtol=0)
 
 
 @CUDA
@@ -168,7 +260,7 @@ def test_on_cuda_layers_and_vision_blocks_never_sync(masked_attention):
     x = torch.randn(2, 24, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     block = VisionBlock(VisionAttention(32, 4), FeedForward(32, 48, bias=True), 32).cuda().bfloat16()
     xv = torch.randn(60, 32, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    segments = SegmentPlan.of([16, 16, 8, 4, 16], xv)
+    segments = _vision_segments([16, 16, 8, 4, 16], xv.device)
     rope = (torch.ones(60, 8, device="cuda"), torch.zeros(60, 8, device="cuda"))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")

@@ -12,11 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnilong.models.attention import attention, row_segments
 from omnilong.models.llava_onevision.args import SiglipVisionArgs
+from omnilong.models.varlen_attention import VarlenSegments
 
 
 class SiglipAttention(nn.Module):
-    """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
+    """Bidirectional multi-head self-attention with biased q/k/v/out projections, within each
+    image (through the one attention entry point, :func:`omnilong.models.attention.attention`)."""
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
@@ -26,12 +29,19 @@ class SiglipAttention(nn.Module):
         self.wv = nn.Linear(dim, dim)
         self.wo = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x [N, L, dim]`` -> ``[N, L, dim]``."""
+    def forward(self, x: torch.Tensor, images: VarlenSegments) -> torch.Tensor:
+        """
+        Args:
+            x: ``[N, L, dim]`` the tokens of ``N`` images.
+            images: one bidirectional segment per image (:func:`row_segments`).
+
+        Returns:
+            ``[N, L, dim]``.
+        """
         n, length, dim = x.shape
-        q, k, v = (w(x).view(n, length, self.n_heads, -1).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
-        out = F.scaled_dot_product_attention(q, k, v)  # [N, H, L, head_dim]
-        return self.wo(out.transpose(1, 2).reshape(n, length, dim))
+        q, k, v = (w(x).view(n * length, self.n_heads, -1) for w in (self.wq, self.wk, self.wv))  # [N * L, H, hd]
+        out = attention(q, k, v, images)  # [N * L, H, head_dim]
+        return self.wo(out.reshape(n, length, dim))
 
 
 class SiglipMLP(nn.Module):
@@ -56,8 +66,8 @@ class SiglipBlock(nn.Module):
         self.ffn_norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
         self.feed_forward = SiglipMLP(args.dim, args.hidden_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x))
+    def forward(self, x: torch.Tensor, images: VarlenSegments) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), images)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -107,6 +117,7 @@ class SiglipVisionTower(nn.Module):
         """
         x = self.patch_embed(images.to(self.patch_embed.weight.dtype))  # [N, dim, grid, grid]
         x = x.flatten(2).transpose(1, 2) + self.pos_embed.weight  # [N, grid^2, dim]
+        segments = row_segments(x.shape[0], x.shape[1], causal=False, device=x.device)  # one per image, planned once
         for layer in self.layers[: self.n_run]:
-            x = layer(x)
+            x = layer(x, segments)
         return x

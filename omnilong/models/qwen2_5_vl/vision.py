@@ -8,23 +8,22 @@ windows, runs the blocks (window attention, or attention over each frame pair in
 the processor's order.
 
 Attention never crosses a frame pair (temporal patch), so frames can be encoded
-independently; segments are attended without a mask,
-never with an ``N x N`` mask: one flash varlen call on CUDA, else one SDPA call per
-distinct segment length. The segments are planned once per encode (:class:`SegmentPlan`).
+independently. Windows and frame pairs are varlen segments, planned once per encode and
+attended through the one attention entry point (:func:`omnilong.models.attention.attention`),
+never with an ``N x N`` mask.
 """
 
-from collections import defaultdict
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnilong.models.attention import attention
 from omnilong.models.blocks import FeedForward, RMSNorm
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLVisionArgs
 from omnilong.models.rope import apply_rope, rope_inverse_frequencies
-from omnilong.models.varlen_attention import VarlenSegments, uses_flash_kernel, varlen_attention
+from omnilong.models.varlen_attention import VarlenSegments
 
 Grid = tuple[int, int, int]  # (frame pairs, patch rows, patch columns)
 
@@ -80,62 +79,6 @@ def frame_lengths(grids: list[Grid]) -> list[int]:
     return [h * w for t, h, w in grids for _ in range(t)]
 
 
-@dataclass(frozen=True)
-class SegmentPlan:
-    """Bidirectional attention within consecutive segments, planned once per encode for the
-    kernel that will run: one of the two descriptions is set.
-
-    Attributes:
-        varlen: the segments of one varlen kernel call (CUDA in fp16/bf16).
-        by_length: elsewhere, ``(index [n * L], n, L)`` per distinct segment length: the tokens
-            of its ``n`` segments of length ``L``, batched into one SDPA call.
-        inverse: with ``by_length``, ``[N]`` sequence position of every token of the
-            concatenated groups.
-    """
-
-    varlen: Optional[VarlenSegments] = None
-    by_length: tuple[tuple[torch.Tensor, int, int], ...] = ()
-    inverse: Optional[torch.Tensor] = None
-
-    @classmethod
-    def of(cls, lengths: list[int], x: torch.Tensor) -> "SegmentPlan":
-        """The plan of segments of the given lengths, back to back, for attending tensors of
-        ``x``'s device and dtype."""
-        if uses_flash_kernel(x):
-            return cls(varlen=VarlenSegments.from_lengths(lengths, lengths, causal=False, device=x.device))
-        starts_by_length: dict[int, list[int]] = defaultdict(list)
-        start = 0
-        for length in lengths:
-            starts_by_length[length].append(start)
-            start += length
-        groups = []
-        for length, starts in starts_by_length.items():
-            index = (torch.tensor(starts)[:, None] + torch.arange(length)).flatten()
-            groups.append((index.to(x.device), len(starts), length))
-        inverse = torch.cat([index for index, _, _ in groups]).argsort().to(x.device)
-        return cls(by_length=tuple(groups), inverse=inverse)
-
-
-def segment_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
-    """Bidirectional attention within the planned segments.
-
-    Args:
-        q, k, v: ``[N, H, D]``.
-        plan: the segments (:class:`SegmentPlan`), summing to ``N`` tokens.
-
-    Returns:
-        ``[N, H, D]``.
-    """
-    if plan.varlen is not None:
-        return varlen_attention(q, k, v, plan.varlen)
-    outputs = []
-    for index, n, length in plan.by_length:
-        # [n, H, L, D]: the n segments of this length as a batch
-        qs, ks, vs = (x[index].unflatten(0, (n, length)).transpose(1, 2) for x in (q, k, v))
-        outputs.append(F.scaled_dot_product_attention(qs, ks, vs).transpose(1, 2).flatten(0, 1))  # [n * L, H, D]
-    return torch.cat(outputs)[plan.inverse]  # [N, H, D], sequence order
-
-
 def vision_rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of the 2-D vision rotary embedding, in fp32.
 
@@ -179,12 +122,14 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.wo = nn.Linear(dim, dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: SegmentPlan) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: VarlenSegments
+    ) -> torch.Tensor:
         """
         Args:
             x: ``[N, dim]``.
             rope: ``(cos, sin)``, each ``[N, head_dim]`` fp32.
-            segments: the attention segments, summing to ``N`` tokens.
+            segments: the attention segments (bidirectional), summing to ``N`` tokens.
 
         Returns:
             ``[N, dim]``.
@@ -194,7 +139,7 @@ class VisionAttention(nn.Module):
         cos, sin = rope
         q, k = (apply_rope(t.float().transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1).to(x.dtype)
                 for t in (q, k))
-        out = segment_attention(q, k, v, segments)  # [N, H, D]
+        out = attention(q, k, v, segments)  # [N, H, D]
         return self.wo(out.reshape(n, -1))
 
 
@@ -208,7 +153,9 @@ class VisionBlock(nn.Module):
         self.attention_norm = RMSNorm(dim, VISION_NORM_EPS)
         self.ffn_norm = RMSNorm(dim, VISION_NORM_EPS)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: SegmentPlan) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], segments: VarlenSegments
+    ) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, segments)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -284,7 +231,8 @@ class VisionTransformer(nn.Module):
         groups = groups.to(device)
         order = (groups[:, None] * merge**2 + torch.arange(merge**2, device=device)).flatten()  # [N]
         x = self.patch_embed(pixel_values)[order]  # [N, dim], window order
-        windows, frames = SegmentPlan.of(window_lengths, x), SegmentPlan.of(frame_lengths(grids), x)
+        windows, frames = (VarlenSegments.from_lengths(lengths, lengths, causal=False, device=device)
+                           for lengths in (window_lengths, frame_lengths(grids)))
         rope = vision_rope_cos_sin(patch_positions(grids, merge, device)[order], args.head_dim, args.rope_theta)
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, frames if index in args.fullatt_block_indexes else windows)
