@@ -83,7 +83,7 @@ def run_distributed() -> Callable:
 @pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-VL HF checkpoint + tokenizer (nested config layout)."""
-    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+    from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
     return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen"), seed=0)
 
@@ -91,7 +91,7 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen_flat_dir(tmp_path_factory) -> Path:
     """The same tiny checkpoint with the published flat config.json layout."""
-    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+    from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
     return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen_flat"), seed=0, nested_config=False)
 
@@ -99,7 +99,7 @@ def tiny_qwen_flat_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """A tiny random LLaVA-OneVision HF checkpoint + tokenizer + processor (hub layout)."""
-    from omnilong.models.llava_onevision.tiny_checkpoint import write_tiny_llava_onevision
+    from omnilong.testing.tiny_llava_onevision import write_tiny_llava_onevision
 
     return write_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava"), seed=0)
 

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_text_documents
+from omnilong.data.sources import PathLike, expand_data_files, read_text_documents
 
 logger = logging.getLogger(__name__)
 
@@ -153,12 +153,3 @@ def positions_within_documents(document_ids: torch.Tensor) -> torch.Tensor:
     starts[1:] = document_ids[1:] != document_ids[:-1]
     segment_start = torch.cummax(torch.where(starts, index, 0), dim=0).values
     return index - segment_start
-
-
-def python_stdlib_dataset(
-    tokenizer, max_seq_len: int, max_files: int = 0, separator_token: Optional[str] = None
-) -> PackedTextDataset:
-    """:class:`PackedTextDataset` over this Python's standard-library sources (the demo's
-    corpus: real source code that exists on every machine)."""
-    return PackedTextDataset(tokenizer, python_stdlib_sources(max_files), max_seq_len,
-                             separator_token=separator_token)

@@ -13,8 +13,8 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from omnilong.data import collate_padded, llava_video_sft_dataset, load_tokenizer
 from omnilong.models import load_hf_model
-from omnilong.models.llava_onevision.tiny_checkpoint import TINY_CROP, TINY_PATCH
 from omnilong.parallel.context_parallel import ImageSplit, apply_context_parallel, shard_batch_for_cp
+from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
 from tests.models.llava_onevision.inputs import processor_inputs as _inputs
 from tests.models.llava_onevision.inputs import random_image as _image
 from tests.models.llava_onevision.inputs import random_video as _video
