@@ -9,7 +9,7 @@ import sys
 import traceback
 import unittest.mock
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -78,6 +78,32 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.
 def run_distributed() -> Callable:
     """The :func:`spawn_ranks` launcher, for multi-process tests on gloo."""
     return spawn_ranks
+
+
+@pytest.fixture(scope="session")
+def shared_run(tmp_path_factory) -> Callable:
+    """``tune run`` of one configuration once per session, for the tests that need the same run
+    (an uninterrupted run that a resumed one must equal, a one-process oracle, a killed run to
+    resume): ``shared_run(config, overrides, nproc=1, fault=None)`` -> its ``output_dir``, after
+    checking that it succeeded or, with ``fault`` (the recipe's injected SIGKILL, ``FAULT_ENV``),
+    that it was killed. ``overrides`` has no ``output_dir``; the folder is shared: read it, or
+    copy it to change it."""
+    from omnilong.checkpoint.training_state import FAULT_ENV
+    from tests.recipe_runs import tune_run
+
+    runs: dict[tuple, tuple] = {}
+
+    def run(config: str, overrides: dict, nproc: int = 1, fault: Optional[str] = None) -> Path:
+        key = (config, nproc, fault, tuple(sorted((k, str(v)) for k, v in overrides.items())))
+        if key not in runs:
+            output_dir = tmp_path_factory.mktemp("shared_run") / "out"
+            env = {**os.environ, FAULT_ENV: fault} if fault else None
+            runs[key] = tune_run(config, {**overrides, "output_dir": output_dir}, nproc=nproc, env=env), output_dir
+        result, output_dir = runs[key]
+        assert (result.returncode != 0) if fault else (result.returncode == 0), result.stderr[-3000:]
+        return output_dir
+
+    return run
 
 
 @pytest.fixture(scope="session")

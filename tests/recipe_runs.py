@@ -1,11 +1,14 @@
-"""Launching the recipe as users do (`tune run [--nproc_per_node N] omnilong_full ...`) and
-reading what it wrote: shared by the recipe, checkpoint and parity tests."""
+"""Launching the recipe as users do (`tune run [--nproc_per_node N] omnilong_full ...`), or its
+command line in this process for configs it refuses at once, and reading what a run wrote:
+shared by the recipe, checkpoint and parity tests."""
 
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -14,15 +17,40 @@ STAGE2 = str(REPO / "configs/tiny/stage2_text_sft.yaml")
 STAGE3 = str(REPO / "configs/tiny/stage3_video_sft.yaml")
 
 
+def _args(overrides: dict) -> list[str]:
+    """``key=value`` command-line overrides; a ``None`` value gives the bare key (``~key``: delete it)."""
+    return [k if v is None else f"{k}={v}" for k, v in overrides.items()]
+
+
 def tune_run(config, overrides, nproc=1, timeout=300, **popen) -> subprocess.CompletedProcess:
     """``tune run`` of ``config`` with ``key=value`` overrides (``None`` value: the bare key)."""
     cmd = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + ["omnilong_full", "--config", config]
     env = {**(popen.get("env") or os.environ), "OMP_NUM_THREADS": "1"}
-    args = [k if v is None else f"{k}={v}" for k, v in overrides.items()]
-    return subprocess.run(cmd + args, capture_output=True, text=True,
+    return subprocess.run(cmd + _args(overrides), capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=popen.get("cwd", REPO))
 
 
 def metrics(output_dir) -> list[dict]:
     """The per-step records of ``output_dir/metrics.jsonl``."""
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _setup_reached(self) -> None:
+    raise AssertionError("the recipe went on to setup(): the config was not refused before any compute")
+
+
+def refused_in_process(config, overrides, monkeypatch, capsys) -> str:
+    """The one error line of ``tune run omnilong_full --config config ...`` that the recipe's
+    constructor refuses: the recipe's ``main`` runs in this process (the same command-line
+    parsing) and must exit with status 1 and one line on stderr before ``setup()`` (process
+    group, data, model), which fails the test."""
+    import omnilong_full
+
+    monkeypatch.setattr(sys, "argv", ["omnilong_full", "--config", config, *_args(overrides)])
+    monkeypatch.setattr(omnilong_full.OmniLongFullRecipe, "setup", _setup_reached)
+    with pytest.raises(SystemExit) as stop:
+        omnilong_full.recipe_main()
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert stop.value.code == 1 and len(errors) == 1, err
+    return errors[0]
