@@ -74,6 +74,14 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.
     return [results[r] for r in range(world_size)]
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """Tests that start processes through ``run_distributed`` or ``shared_run`` are ``slow``
+    (``pytest -m "not slow"`` leaves them out); other slow tests carry the mark themselves."""
+    for item in items:
+        if {"run_distributed", "shared_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def run_distributed() -> Callable:
     """The :func:`spawn_ranks` launcher, for multi-process tests on gloo."""

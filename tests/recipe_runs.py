@@ -15,6 +15,9 @@ TUNE = str(Path(sys.executable).parent / "tune")
 STAGE1 = str(REPO / "configs/tiny/stage1_text.yaml")
 STAGE2 = str(REPO / "configs/tiny/stage2_text_sft.yaml")
 STAGE3 = str(REPO / "configs/tiny/stage3_video_sft.yaml")
+# 3 steps of 128 tokens of stage 1, fp32, one process: the run several tests compare with (with
+# ``checkpoint_dir``, through the ``shared_run`` fixture).
+SMALL_STAGE1 = {"max_seq_len": 128, "max_steps": 3, "dataset.max_files": 20, "shuffle": "false"}
 
 
 def _args(overrides: dict) -> list[str]:
@@ -33,6 +36,17 @@ def tune_run(config, overrides, nproc=1, timeout=300, **popen) -> subprocess.Com
 def metrics(output_dir) -> list[dict]:
     """The per-step records of ``output_dir/metrics.jsonl``."""
     return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_losses(reference_dir, other_dir, rel=1e-4):
+    """Per-step token counts equal; losses and gradient norms (before clipping: clipping and
+    AdamW hide a wrong gradient scale from the losses) within ``rel`` relative."""
+    ref, other = metrics(reference_dir), metrics(other_dir)
+    assert [m["step"] for m in ref] == [m["step"] for m in other]
+    for a, b in zip(ref, other):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert abs(a["loss"] - b["loss"]) <= rel * abs(a["loss"]), (a, b)
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= rel * abs(a["grad_norm"]), (a, b)
 
 
 def _setup_reached(self) -> None:

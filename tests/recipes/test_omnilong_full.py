@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from tests.recipe_runs import REPO, STAGE1, STAGE2, STAGE3, TUNE, metrics, refused_in_process, tune_run
+from tests.recipe_runs import (
+    REPO, SMALL_STAGE1, STAGE1, STAGE2, STAGE3, TUNE, assert_same_losses, metrics, refused_in_process, tune_run,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +24,7 @@ pytestmark = pytest.mark.slow
 def _small(tiny_qwen_dir, output_dir=None, **extra):
     """3 steps of 128 tokens; without ``output_dir`` for :func:`shared_run`."""
     placed = {} if output_dir is None else {"output_dir": output_dir}
-    return {"checkpoint_dir": tiny_qwen_dir, **placed, "max_seq_len": 128, "max_steps": 3,
-            "dataset.max_files": 20, "shuffle": "false", **extra}
+    return {"checkpoint_dir": tiny_qwen_dir, **placed, **SMALL_STAGE1, **extra}
 
 
 def _with_data_files(overrides, component, data):
@@ -40,7 +41,7 @@ def test_two_processes_with_fsdp_cpu_offload_match_one_process_with_accumulation
     two = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "two", gradient_accumulation_steps=1,
                                   fsdp_cpu_offload="true"), nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    _assert_same_losses(one, tmp_path / "two")
+    assert_same_losses(one, tmp_path / "two")
     m1, m2 = metrics(one), metrics(tmp_path / "two")
     assert [m["step"] for m in m1] == [1, 2, 3]
     for a, b in zip(m1, m2):
@@ -141,17 +142,6 @@ def test_chunked_loss_trains_like_the_full_logits_loss(tiny_qwen_dir, shared_run
         assert abs(a[0] - b[0]) <= 1e-5 * abs(b[0]) and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]), (a, b)
 
 
-def _assert_same_losses(reference_dir, other_dir, rel=1e-4):
-    """Per-step token counts equal; losses and gradient norms (before clipping: clipping and
-    AdamW hide a wrong gradient scale from the losses) within ``rel`` relative."""
-    ref, other = metrics(reference_dir), metrics(other_dir)
-    assert [m["step"] for m in ref] == [m["step"] for m in other]
-    for a, b in zip(ref, other):
-        assert a["num_tokens"] == b["num_tokens"]
-        assert abs(a["loss"] - b["loss"]) <= rel * abs(a["loss"]), (a, b)
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= rel * abs(a["grad_norm"]), (a, b)
-
-
 @pytest.mark.parametrize("nproc, degrees, accumulation", [
     (2, {"cp_degree": 2}, 1),
     (4, {"dp_shard_degree": 2, "cp_degree": 2}, 2),
@@ -166,7 +156,7 @@ def test_context_parallel_reproduces_single_process_losses(tiny_qwen_dir, shared
     one = shared_run(STAGE1, _small(tiny_qwen_dir, **{**small, "gradient_accumulation_steps": accumulation}))
     many = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "cp", **degrees, **small), nproc=nproc)
     assert many.returncode == 0, many.stderr[-3000:]
-    _assert_same_losses(one, tmp_path / "cp")
+    assert_same_losses(one, tmp_path / "cp")
 
 
 def test_degrees_that_do_not_match_the_world_size_fail_before_compute(tiny_qwen_dir, tmp_path):
@@ -200,7 +190,7 @@ def test_video_sft_with_context_parallel_reproduces_single_process(tiny_qwen_dir
     cp = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "cp", freeze_vision=freeze_vision,
                                      cp_degree=2), nproc=2)
     assert cp.returncode == 0, cp.stderr[-3000:]
-    _assert_same_losses(one, tmp_path / "cp")
+    assert_same_losses(one, tmp_path / "cp")
     assert all(m["num_tokens"] > 0 for m in metrics(one))
 
 
