@@ -282,6 +282,7 @@ def _load_tool():
     return module
 
 
+@pytest.mark.slow
 def test_cli_runs_end_to_end(tiny_qwen_dir, untrained_checkpoint, tmp_path):
     """Oracle: the same export as the function gives (bitwise the base here)."""
     out = tmp_path / "hf"
