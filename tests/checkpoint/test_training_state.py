@@ -88,7 +88,8 @@ def test_damaged_checkpoint_names_the_file_its_sizes_and_the_intact_one(tiny_qwe
     file = step_6 / damaged
     size = file.stat().st_size
     file.write_bytes(file.read_bytes()[:100])
-    error = refused_in_process(STAGE1, _overrides(tiny_qwen_dir, run, resume_from_checkpoint="true"), monkeypatch, capsys)
+    error = refused_in_process(STAGE1, _overrides(tiny_qwen_dir, run, resume_from_checkpoint="true"),
+                               monkeypatch, capsys)
     expected = "metadata expects" if damaged.endswith(".distcp") else "the save wrote"
     assert f"cannot resume from {step_6}: checkpoint " in error
     assert f" file {file} is truncated: 100 bytes, {expected} " in error

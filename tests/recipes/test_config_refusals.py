@@ -67,6 +67,7 @@ def test_checkpoint_that_disagrees_with_its_config_names_the_key_and_the_file(ti
     index = {"metadata": {}, "weight_map": {k: name for name, keys in halves.items() for k in keys}}
     (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
     shard = index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
-    error = refused_in_process(STAGE1, _run(tiny_qwen_dir, tmp_path / "out", checkpoint_dir=sharded), monkeypatch, capsys)
+    error = refused_in_process(STAGE1, _run(tiny_qwen_dir, tmp_path / "out", checkpoint_dir=sharded),
+                               monkeypatch, capsys)
     assert (f"model.layers.1.mlp.down_proj.weight is missing from {sharded / shard}, where "
             "model.safetensors.index.json puts it") in error

@@ -133,7 +133,8 @@ def test_chunked_loss_trains_like_the_full_logits_loss(tiny_qwen_dir, shared_run
     """The default chunked loss (the config's, in the shared run) and the full-logits reference
     give the same per-step losses (fp32)."""
     assert OmegaConf.load(STAGE1).loss._component_ == "omnilong.loss.ChunkedLinearCrossEntropy"
-    full = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "full", **{"loss._component_": "omnilong.loss.FullLogitsCrossEntropy"}))
+    full_logits = {"loss._component_": "omnilong.loss.FullLogitsCrossEntropy"}
+    full = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "full", **full_logits))
     assert full.returncode == 0, full.stderr[-3000:]
     runs = {name: [(m["loss"], m["grad_norm"]) for m in metrics(output_dir)] for name, output_dir in
             (("ChunkedLinearCrossEntropy", shared_run(STAGE1, _small(tiny_qwen_dir))),
