@@ -9,7 +9,7 @@ import sys
 import traceback
 import unittest.mock
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -74,6 +74,14 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.
     return [results[r] for r in range(world_size)]
 
 
+def pytest_collection_modifyitems(items: list) -> None:
+    """Tests that start processes through ``run_distributed`` or ``shared_run`` are ``slow``
+    (``pytest -m "not slow"`` leaves them out); other slow tests carry the mark themselves."""
+    for item in items:
+        if {"run_distributed", "shared_run"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def run_distributed() -> Callable:
     """The :func:`spawn_ranks` launcher, for multi-process tests on gloo."""
@@ -81,9 +89,35 @@ def run_distributed() -> Callable:
 
 
 @pytest.fixture(scope="session")
+def shared_run(tmp_path_factory) -> Callable:
+    """``tune run`` of one configuration once per session, for the tests that need the same run
+    (an uninterrupted run that a resumed one must equal, a one-process oracle, a killed run to
+    resume): ``shared_run(config, overrides, nproc=1, fault=None)`` -> its ``output_dir``, after
+    checking that it succeeded or, with ``fault`` (the recipe's injected SIGKILL, ``FAULT_ENV``),
+    that it was killed. ``overrides`` has no ``output_dir``; the folder is shared: read it, or
+    copy it to change it."""
+    from omnilong.checkpoint.training_state import FAULT_ENV
+    from tests.recipe_runs import tune_run
+
+    runs: dict[tuple, tuple] = {}
+
+    def run(config: str, overrides: dict, nproc: int = 1, fault: Optional[str] = None) -> Path:
+        key = (config, nproc, fault, tuple(sorted((k, str(v)) for k, v in overrides.items())))
+        if key not in runs:
+            output_dir = tmp_path_factory.mktemp("shared_run") / "out"
+            env = {**os.environ, FAULT_ENV: fault} if fault else None
+            runs[key] = tune_run(config, {**overrides, "output_dir": output_dir}, nproc=nproc, env=env), output_dir
+        result, output_dir = runs[key]
+        assert (result.returncode != 0) if fault else (result.returncode == 0), result.stderr[-3000:]
+        return output_dir
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def tiny_qwen_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2.5-VL HF checkpoint + tokenizer (nested config layout)."""
-    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+    from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
     return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen"), seed=0)
 
@@ -91,7 +125,7 @@ def tiny_qwen_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_qwen_flat_dir(tmp_path_factory) -> Path:
     """The same tiny checkpoint with the published flat config.json layout."""
-    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+    from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
     return write_tiny_qwen2_5_vl(tmp_path_factory.mktemp("tiny_qwen_flat"), seed=0, nested_config=False)
 
@@ -99,7 +133,7 @@ def tiny_qwen_flat_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """A tiny random LLaVA-OneVision HF checkpoint + tokenizer + processor (hub layout)."""
-    from omnilong.models.llava_onevision.tiny_checkpoint import write_tiny_llava_onevision
+    from omnilong.testing.tiny_llava_onevision import write_tiny_llava_onevision
 
     return write_tiny_llava_onevision(tmp_path_factory.mktemp("tiny_llava"), seed=0)
 

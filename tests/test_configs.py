@@ -78,7 +78,7 @@ def test_eval_every_n_steps_needs_a_validation_dataset():
     with pytest.raises(ValueError, match="eval_every_n_steps is set but validation_dataset is not"):
         validate_config(_stage1(eval_every_n_steps=10))
     with pytest.raises(ValueError, match="unknown key validation_dataset.max_filez"):
-        validate_config(_stage1(validation_dataset={"_component_": "omnilong.data.python_stdlib_dataset",
+        validate_config(_stage1(validation_dataset={"_component_": "omnilong.testing.python_stdlib_dataset",
                                                     "max_filez": 3}))
 
 

@@ -21,6 +21,7 @@ from plan_memory import measure_cpu_in_subprocess, model_shape  # noqa: E402
 SMALL = dict(vocab_size=4096, dim=256, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=1024, mrope_section=[8, 12, 12])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mlp_chunk_size", [None, 256])
 def test_predicted_peak_is_within_15_percent_of_the_measured_cpu_peak(mlp_chunk_size):
     result = measure_cpu_in_subprocess(SMALL, 2048, mlp_chunk_size)

@@ -59,7 +59,7 @@ def _child(kind: str, tokenizer_dir: str, path: str, max_seq_len: int) -> dict:
 
 def _write_corpus(path: Path, target_tokens: int, chars_per_token: float) -> None:
     """A JSONL of standard-library sources, repeated until about ``target_tokens``."""
-    from omnilong.data.sources import python_stdlib_sources
+    from omnilong.testing import python_stdlib_sources
 
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in python_stdlib_sources()]
     budget = target_tokens * chars_per_token
@@ -73,7 +73,7 @@ def _write_corpus(path: Path, target_tokens: int, chars_per_token: float) -> Non
 
 def _chars_per_token(tokenizer_dir: Path) -> float:
     from omnilong.data import load_tokenizer
-    from omnilong.data.sources import python_stdlib_sources
+    from omnilong.testing import python_stdlib_sources
 
     tokenizer = load_tokenizer(tokenizer_dir)
     texts = [p.read_text(encoding="utf-8", errors="replace") for p in python_stdlib_sources(100)]
@@ -116,7 +116,7 @@ def main() -> None:
         return
 
     from omnilong.data.prepare import prepare
-    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+    from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="omnilong-bench-data-"))
     work.mkdir(parents=True, exist_ok=True)

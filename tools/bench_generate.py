@@ -19,7 +19,7 @@ import torch
 
 from omnilong.generation.generate import greedy_generate
 from omnilong.models.hf_loading import load_hf_model
-from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
 
 @torch.no_grad()

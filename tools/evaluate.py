@@ -20,12 +20,13 @@ import logging
 import sys
 from pathlib import Path
 
-from omnilong.data.sources import expand_data_files, python_stdlib_sources
+from omnilong.data.sources import expand_data_files
 from omnilong.eval.family import read_image
 from omnilong.eval.niah import default_lengths, run_niah
 from omnilong.eval.session import add_model_arguments, close_session, open_session
 from omnilong.eval.videomme import run_videomme
 from omnilong.eval.vniah import run_vniah
+from omnilong.testing import python_stdlib_sources
 
 _DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 

@@ -7,8 +7,8 @@ default, or LLaVA-OneVision (with its processor).
 
 import argparse
 
-from omnilong.models.llava_onevision.tiny_checkpoint import write_tiny_llava_onevision
-from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+from omnilong.testing.tiny_llava_onevision import write_tiny_llava_onevision
+from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ tiny videos of tools/make_tiny_videos.py (nothing is downloaded).
 import argparse
 from pathlib import Path
 
-from omnilong.eval.tiny_data import write_needle_image, write_tiny_videomme
+from omnilong.testing.tiny_eval_data import write_needle_image, write_tiny_videomme
 
 
 def main() -> None:

@@ -1,8 +1,8 @@
-from omnilong.data.chat import ChatDataset, chat_dataset, python_stdlib_chat_dataset
+from omnilong.data.chat import ChatDataset, chat_dataset
 from omnilong.data.collate import collate_padded
 from omnilong.data.llava_video import llava_video_sft_dataset
 from omnilong.data.mixing import WeightedMix
-from omnilong.data.packed_text import PackedRows, PackedTextDataset, python_stdlib_dataset
+from omnilong.data.packed_text import PackedRows, PackedTextDataset
 from omnilong.data.packing import PackedDataset
 from omnilong.data.prepared import PreparedDataError
 from omnilong.data.prepared_datasets import (
@@ -36,7 +36,5 @@ __all__ = [
     "prepared_text_dataset",
     "prepared_video_sft_dataset",
     "process_video",
-    "python_stdlib_chat_dataset",
-    "python_stdlib_dataset",
     "video_sft_dataset",
 ]

@@ -5,7 +5,6 @@ in JSONL / JSON / parquet files. Labels are -100 everywhere except on the tokens
 assistant turns (their content and end-of-turn token).
 """
 
-import ast
 import logging
 from typing import Any, Iterable, Sequence, Union
 
@@ -14,7 +13,7 @@ from torch.utils.data import Dataset
 
 from omnilong.constants import IGNORE_INDEX
 from omnilong.data.packing import PackedDataset, packed_or_not
-from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_records
+from omnilong.data.sources import PathLike, expand_data_files, read_records
 
 logger = logging.getLogger(__name__)
 
@@ -182,30 +181,4 @@ def chat_dataset(
     files = expand_data_files(data_files)
     samples = (sample for path in files for sample in read_records(path))
     dataset = ChatDataset(tokenizer, samples, max_seq_len, skip_bad_samples, source=", ".join(map(str, files)))
-    return packed_or_not(dataset, packed)
-
-
-def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
-    for path in python_stdlib_sources(max_files):
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError):
-            continue
-        for node in tree.body:
-            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
-                question = f"What does `{path.stem}.{node.name}` do?"
-                yield f"{path}:{node.lineno}", {"messages": [
-                    {"role": "user", "content": question},
-                    {"role": "assistant", "content": ast.get_docstring(node)},
-                ]}
-
-
-def python_stdlib_chat_dataset(
-    tokenizer, max_seq_len: int, max_files: int = 0, skip_bad_samples: bool = False, packed: bool = True
-) -> Union[ChatDataset, PackedDataset]:
-    """:class:`ChatDataset` of questions about standard-library functions and classes,
-    answered with their docstrings (the tiny stage-2 demo's data, present on every machine);
-    ``packed`` as :func:`chat_dataset`'s."""
-    dataset = ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, skip_bad_samples,
-                          source="the Python standard library's docstrings")
     return packed_or_not(dataset, packed)

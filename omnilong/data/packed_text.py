@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from omnilong.constants import IGNORE_INDEX
-from omnilong.data.sources import PathLike, expand_data_files, python_stdlib_sources, read_text_documents
+from omnilong.data.sources import PathLike, expand_data_files, read_text_documents
 from omnilong.documents import positions_within_documents
 
 logger = logging.getLogger(__name__)
@@ -144,10 +144,3 @@ class PackedTextDataset(PackedRows):
             logger.warning("skipped %d empty documents", self.num_empty_documents)
 
 
-def python_stdlib_dataset(
-    tokenizer, max_seq_len: int, max_files: int = 0, separator_token: Optional[str] = None
-) -> PackedTextDataset:
-    """:class:`PackedTextDataset` over this Python's standard-library sources (the demo's
-    corpus: real source code that exists on every machine)."""
-    return PackedTextDataset(tokenizer, python_stdlib_sources(max_files), max_seq_len,
-                             separator_token=separator_token)

@@ -5,7 +5,6 @@ Errors name the file (and the line, for JSONL) and say what was expected.
 
 import glob
 import json
-import sysconfig
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 
@@ -92,14 +91,3 @@ def read_text_documents(files: Sequence[Path], text_column: str = "text") -> Ite
                 yield str(path), path.read_text(encoding="utf-8")
             except UnicodeDecodeError as e:
                 raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-
-
-def python_stdlib_sources(max_files: int = 0) -> list[Path]:
-    """The ``.py`` files of this Python's standard library (tests and site-packages excluded),
-    sorted; the first ``max_files`` when positive. Real source code present on every machine."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(
-        p for p in root.rglob("*.py")
-        if not ({"site-packages", "test", "tests", "idlelib", "__pycache__"} & set(p.relative_to(root).parts))
-    )
-    return files[:max_files] if max_files > 0 else files

@@ -194,7 +194,7 @@ def test_checkpoint_sharded_over_two_ranks_is_reassembled(tiny_qwen_dir, tmp_pat
 def test_tied_base_takes_the_embedding_only(tmp_path):
     """Oracle: a tied base stores no lm_head.weight; the run's output.weight (the same tensor) is
     left out, and every other tensor is the base's."""
-    from omnilong.models.qwen2_5_vl.tiny_checkpoint import write_tiny_qwen2_5_vl
+    from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
 
     base = write_tiny_qwen2_5_vl(tmp_path / "tied", tie_word_embeddings=True, num_hidden_layers=1)
     state = load_hf_model(base).state_dict()
@@ -282,6 +282,7 @@ def _load_tool():
     return module
 
 
+@pytest.mark.slow
 def test_cli_runs_end_to_end(tiny_qwen_dir, untrained_checkpoint, tmp_path):
     """Oracle: the same export as the function gives (bitwise the base here)."""
     out = tmp_path / "hf"

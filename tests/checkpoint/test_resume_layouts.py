@@ -18,11 +18,14 @@ generator states differ after a resume whether or not it restored them.
 import json
 import os
 
+import pytest
 import torch
 
 from omnilong.checkpoint.dcp_io import load_model_tensors
 from omnilong.checkpoint.training_state import FAULT_ENV
 from tests.recipe_runs import STAGE2, metrics, tune_run
+
+pytestmark = pytest.mark.slow
 
 ROWS = [
     ("What is a list?", "A mutable sequence of items."),

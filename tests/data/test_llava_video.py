@@ -14,7 +14,7 @@ from transformers import AutoProcessor
 from omnilong.data import collate_padded, decode_video, llava_video_sft_dataset, load_tokenizer
 from omnilong.data.llava_video import LlavaVideoFormat, llava_video_format
 from omnilong.hf_io import read_hf_config
-from omnilong.models.llava_onevision.tiny_checkpoint import SIGLIP_MEAN, SIGLIP_STD, TINY_CROP, TINY_PATCH
+from omnilong.testing.tiny_llava_onevision import SIGLIP_MEAN, SIGLIP_STD, TINY_CROP, TINY_PATCH
 
 TINY = dict(frame_size=TINY_CROP, patch_size=TINY_PATCH, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
 

@@ -12,7 +12,7 @@ import torch
 
 from omnilong.data import BadSampleError, chat_dataset, load_tokenizer, video_sft_dataset
 from omnilong.data.packing import PackedDataset, concat_documents, pack_rows
-from omnilong.models.qwen2_5_vl.tiny_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
 TINY = dict(video_min_pixels=TINY_MIN_PIXELS, video_max_pixels=TINY_MAX_PIXELS)
 

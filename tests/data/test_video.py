@@ -21,7 +21,7 @@ from omnilong.data import (
 from omnilong.data.video import DecodedVideo, Patching, num_video_tokens, resized_sizes
 from omnilong.data.video_sft import QwenVideoFormat
 from omnilong.hf_io import read_hf_config
-from omnilong.models.qwen2_5_vl.tiny_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
 TOOL = Path(__file__).resolve().parents[2] / "tools" / "make_tiny_videos.py"
 TINY = dict(video_min_pixels=TINY_MIN_PIXELS, video_max_pixels=TINY_MAX_PIXELS)

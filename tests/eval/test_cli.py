@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from omnilong.eval.tiny_data import write_needle_image, write_tiny_videomme
+from omnilong.testing.tiny_eval_data import write_needle_image, write_tiny_videomme
 
 TOOLS = Path(__file__).resolve().parents[2] / "tools"
 CHECKPOINTS = ["tiny_qwen_dir", "tiny_llava_dir"]  # fixtures: a Qwen2.5-VL and a LLaVA-OneVision checkpoint

@@ -10,12 +10,12 @@ import json
 
 import pytest
 
-from omnilong.data.sources import python_stdlib_sources
 from omnilong.eval.ask import generate_answer, reproduces_answer
 from omnilong.eval.family import Prompt
 from omnilong.eval.niah import (
     NEEDLE, QUESTION, build_items, default_lengths, read_haystack, run_niah, sentence_boundaries,
 )
+from omnilong.testing import python_stdlib_sources
 
 
 def test_default_lengths_double_up_to_the_limit():

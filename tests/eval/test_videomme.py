@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from omnilong.eval.tiny_data import write_tiny_videomme
 from omnilong.eval.videomme import build_prompt_text, read_questions, read_subtitles, run_videomme, subtitles_at
+from omnilong.testing.tiny_eval_data import write_tiny_videomme
 
 
 @pytest.fixture(scope="module")

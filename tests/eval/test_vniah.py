@@ -10,9 +10,9 @@ import torch
 
 from omnilong.data.video import DecodedVideo, decode_video
 from omnilong.eval.family import Prompt, read_image
-from omnilong.eval.tiny_data import write_needle_image
 from omnilong.eval.vniah import insert_needle, run_vniah
 from omnilong.generation.generate import cached_logits
+from omnilong.testing.tiny_eval_data import write_needle_image
 
 
 def test_needle_takes_a_whole_temporal_patch_at_its_depth():

@@ -8,17 +8,21 @@ trained at the wrong scale or lost the fp32 loss math would exceed it; the weigh
 fp32 accumulation over chunks is checked in ``tests/loss`` (this model's loss has one chunk).
 """
 
-from tests.recipe_runs import STAGE1, metrics, tune_run
+import pytest
+from omegaconf import OmegaConf
+
+from tests.recipe_runs import SMALL_STAGE1, STAGE1, metrics, tune_run
+
+pytestmark = pytest.mark.slow
 
 
-def test_bf16_run_matches_fp32(tiny_qwen_dir, tmp_path):
-    runs = {}
-    for dtype in ("fp32", "bf16"):
-        overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / dtype, "dtype": dtype,
-                     "max_seq_len": 128, "max_steps": 3, "dataset.max_files": 20, "shuffle": "false"}
-        result = tune_run(STAGE1, overrides)
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[dtype] = metrics(tmp_path / dtype)
+def test_bf16_run_matches_fp32(tiny_qwen_dir, shared_run, tmp_path):
+    """The fp32 run is the config's own (``dtype: fp32``), shared with other tests."""
+    assert OmegaConf.load(STAGE1).dtype == "fp32"
+    small = {"checkpoint_dir": tiny_qwen_dir, **SMALL_STAGE1}
+    result = tune_run(STAGE1, {**small, "output_dir": tmp_path / "bf16", "dtype": "bf16"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = {"fp32": metrics(shared_run(STAGE1, small)), "bf16": metrics(tmp_path / "bf16")}
     assert [m["step"] for m in runs["bf16"]] == [1, 2, 3]
     for full, half in zip(runs["fp32"], runs["bf16"], strict=True):
         assert half["num_tokens"] == full["num_tokens"]

@@ -7,11 +7,13 @@ Runs are real ``tune run`` processes (gloo on CPU) of the tiny stage-3 config
 
 import shutil
 
+import pytest
 import torch
 
 from omnilong.checkpoint.dcp_io import load_model_tensors, read_checkpoint_metadata
-from tests.recipe_runs import REPO, metrics, tune_run
-from tests.recipes.test_omnilong_full import _assert_same_losses
+from tests.recipe_runs import REPO, assert_same_losses, metrics, tune_run
+
+pytestmark = pytest.mark.slow
 
 STAGE3 = str(REPO / "configs/tiny/llava_ov_stage3_video_sft.yaml")
 
@@ -30,7 +32,7 @@ def test_video_sft_with_context_parallel_reproduces_single_process(tiny_llava_di
     cp = tune_run(STAGE3, _run(tiny_llava_dir, tiny_videos_dir, tmp_path / "cp", save_every_n_steps="null",
                                cp_degree=2), nproc=2)
     assert cp.returncode == 0, cp.stderr[-3000:]
-    _assert_same_losses(tmp_path / "one", tmp_path / "cp")
+    assert_same_losses(tmp_path / "one", tmp_path / "cp")
     assert all(m["num_tokens"] > 0 for m in metrics(tmp_path / "one"))
 
 

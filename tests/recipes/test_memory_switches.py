@@ -10,21 +10,20 @@ import pytest
 from omegaconf import OmegaConf
 
 from omnilong.config import validate_config
-from tests.recipe_runs import STAGE1, metrics, tune_run
+from tests.recipe_runs import SMALL_STAGE1, STAGE1, metrics, tune_run
 
 
-def test_activation_offload_and_mlp_chunks_train_like_the_plain_run(tiny_qwen_dir, tmp_path):
-    small = {"checkpoint_dir": tiny_qwen_dir, "max_seq_len": 128, "max_steps": 2, "dataset.max_files": 10,
-             "shuffle": "false", "save_hf_at_end": "false", "save_every_n_steps": "null"}
-    plain = tune_run(STAGE1, {**small, "output_dir": tmp_path / "plain"})
-    assert plain.returncode == 0, plain.stderr[-3000:]
+@pytest.mark.slow
+def test_activation_offload_and_mlp_chunks_train_like_the_plain_run(tiny_qwen_dir, shared_run, tmp_path):
+    """The plain run is shared with other tests."""
+    small = {"checkpoint_dir": tiny_qwen_dir, **SMALL_STAGE1}
     switched = tune_run(STAGE1, {**small, "output_dir": tmp_path / "switched", "activation_offload": "true",
-                                 "mlp_chunk_size": 48,  # 128 tokens: chunks of 48, 48, 32
+                                 "mlp_chunk_size": 48, "save_hf_at_end": "false",  # 128 tokens: chunks of 48, 48, 32
                                  "cpu_threads_per_rank": 1})
     assert switched.returncode == 0, switched.stderr[-3000:]
     assert "CPU threads per rank: 1 (cpu_threads_per_rank)" in switched.stderr
-    assert "CPU threads per rank: 1 (OMP_NUM_THREADS)" in plain.stderr  # tune_run sets it: kept
-    for a, b in zip(metrics(tmp_path / "plain"), metrics(tmp_path / "switched"), strict=True):
+    plain = shared_run(STAGE1, small)
+    for a, b in zip(metrics(plain), metrics(tmp_path / "switched"), strict=True):
         assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * abs(a["grad_norm"]), (a, b)
 

@@ -9,17 +9,22 @@ import shutil
 import signal
 import subprocess
 import time
-from functools import partial
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
-from tests.recipe_runs import REPO, STAGE1, STAGE2, STAGE3, TUNE, metrics, tune_run
+from tests.recipe_runs import (
+    REPO, SMALL_STAGE1, STAGE1, STAGE2, STAGE3, TUNE, assert_same_losses, metrics, refused_in_process, tune_run,
+)
+
+pytestmark = pytest.mark.slow
 
 
-def _small(tiny_qwen_dir, output_dir, **extra):
-    return {"checkpoint_dir": tiny_qwen_dir, "output_dir": output_dir, "max_seq_len": 128, "max_steps": 3,
-            "dataset.max_files": 20, "shuffle": "false", **extra}
+def _small(tiny_qwen_dir, output_dir=None, **extra):
+    """3 steps of 128 tokens; without ``output_dir`` for :func:`shared_run`."""
+    placed = {} if output_dir is None else {"output_dir": output_dir}
+    return {"checkpoint_dir": tiny_qwen_dir, **placed, **SMALL_STAGE1, **extra}
 
 
 def _with_data_files(overrides, component, data):
@@ -29,15 +34,15 @@ def _with_data_files(overrides, component, data):
             "dataset.data_files": f"[{data}]"}
 
 
-def test_two_processes_with_fsdp_cpu_offload_match_one_process_with_accumulation(tiny_qwen_dir, tmp_path):
-    """Same data, seed and global batch (2 rows per step): per-step losses within 1e-4 relative."""
-    one = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "one", gradient_accumulation_steps=2))
-    assert one.returncode == 0, one.stderr[-3000:]
+def test_two_processes_with_fsdp_cpu_offload_match_one_process_with_accumulation(tiny_qwen_dir, shared_run, tmp_path):
+    """Same data, seed and global batch (2 rows per step): per-step losses within 1e-4 relative.
+    The one-process run (the config's 2 accumulation steps) is shared with other tests."""
+    one = shared_run(STAGE1, _small(tiny_qwen_dir))
     two = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "two", gradient_accumulation_steps=1,
                                   fsdp_cpu_offload="true"), nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
-    _assert_same_losses(tmp_path / "one", tmp_path / "two")
-    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert_same_losses(one, tmp_path / "two")
+    m1, m2 = metrics(one), metrics(tmp_path / "two")
     assert [m["step"] for m in m1] == [1, 2, 3]
     for a, b in zip(m1, m2):
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-4 * abs(a["grad_norm"]), (a, b)
@@ -77,21 +82,11 @@ def _assert_refused_before_compute(result, message, output_dir=None):
         assert not (Path(output_dir) / "metrics.jsonl").exists()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"max_seq_length": 64}, "unknown key 'max_seq_length' (did you mean 'max_seq_len'?)"),
-    ({"max_seq_len": 0}, "max_seq_len must be a positive integer"),
-    ({"checkpoint_dir": "/nonexistent/ckpt"}, "/nonexistent/ckpt/config.json not found"),
-    ({"log_every_n_steps": 0}, "log_every_n_steps must be a positive integer, got 0"),
-    ({"max_steps": "true"}, "max_steps must be a positive integer, got True"),
-    ({"optimizer.lrr": 1e-4}, "unknown key optimizer.lrr: torch.optim.AdamW takes no argument 'lrr' "
-                              "(did you mean optimizer.lr?)"),
-    ({"dataset.max_filez": 3}, "unknown key dataset.max_filez"),
-    ({"~lr_scheduler.num_warmup_steps": None}, "missing key lr_scheduler.num_warmup_steps"),
-    ({"shuffle": 3}, "shuffle must be true or false, got 3"),
-])
-def test_bad_config_fails_before_any_compute_with_the_fix(tiny_qwen_dir, tmp_path, overrides, message):
-    result = tune_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), **overrides})
-    _assert_refused_before_compute(result, message, tmp_path / "out")
+def test_bad_config_stops_tune_run_with_one_line(tiny_qwen_dir, tmp_path):
+    """The same refusal through ``tune run``: exit status 1, one line, no traceback, nothing built."""
+    result = tune_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), "max_seq_length": 64})
+    _assert_refused_before_compute(result, "unknown key 'max_seq_length' (did you mean 'max_seq_len'?)",
+                                   tmp_path / "out")
 
 
 def test_unwritable_output_dir_or_checkpoints_folder_fails_before_any_compute(tiny_qwen_dir, tmp_path):
@@ -105,43 +100,6 @@ def test_unwritable_output_dir_or_checkpoints_folder_fails_before_any_compute(ti
     result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", save_every_n_steps=1))
     _assert_refused_before_compute(result, f"output_dir: checkpoints cannot be written to {tmp_path / 'out/checkpoints'} "
                                    "(" + str(tmp_path / "out/checkpoints") + " is not a directory)", tmp_path / "out")
-
-
-def _damage_config(model_dir, path, edit):
-    """A copy of the HF checkpoint ``model_dir`` at ``path`` with ``edit`` applied to its config.json."""
-    shutil.copytree(model_dir, path)
-    config = json.loads((path / "config.json").read_text())
-    edit(config)
-    (path / "config.json").write_text(json.dumps(config))
-    return path
-
-
-def test_checkpoint_that_disagrees_with_its_config_names_the_key_and_the_file(tiny_qwen_dir, tmp_path):
-    """A wrong hidden_size is reported as hidden_size (not as the M-RoPE section it breaks); a
-    tensor missing from its shard is named as the file names it."""
-    wrong = _damage_config(tiny_qwen_dir, tmp_path / "wrong", lambda c: c["text_config"].update(hidden_size=128))
-    _assert_refused_before_compute(
-        tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", checkpoint_dir=wrong)),
-        "model.embed_tokens.weight is (1024, 64) in model.safetensors, but config.json gives (1024, 128) "
-        "(text_config.hidden_size = 128)")
-
-    from safetensors.torch import load_file, save_file
-
-    sharded = tmp_path / "sharded"
-    shutil.copytree(tiny_qwen_dir, sharded)
-    weights = load_file(sharded / "model.safetensors")
-    (sharded / "model.safetensors").unlink()
-    names = sorted(weights)
-    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
-    for name, keys in halves.items():
-        save_file({k: weights[k] for k in keys if k != "model.layers.1.mlp.down_proj.weight"}, sharded / name)
-    index = {"metadata": {}, "weight_map": {k: name for name, keys in halves.items() for k in keys}}
-    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
-    shard = index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
-    _assert_refused_before_compute(
-        tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", checkpoint_dir=sharded)),
-        f"model.layers.1.mlp.down_proj.weight is missing from {sharded / shard}, where "
-        "model.safetensors.index.json puts it")
 
 
 def test_malformed_jsonl_is_named_on_every_rank_without_a_hang(tiny_qwen_dir, tmp_path):
@@ -171,26 +129,18 @@ def test_ctrl_c_stops_every_rank_cleanly(tiny_qwen_dir, tmp_path):
         os.killpg(proc.pid, 0)  # no process of the run is left
 
 
-def test_chunked_loss_trains_like_the_full_logits_loss(tiny_qwen_dir, tmp_path):
-    """The default chunked loss and the full-logits reference give the same per-step losses (fp32)."""
-    runs = {}
-    for name in ("ChunkedLinearCrossEntropy", "FullLogitsCrossEntropy"):
-        result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / name, **{"loss._component_": f"omnilong.loss.{name}"}))
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[name] = [(m["loss"], m["grad_norm"]) for m in metrics(tmp_path / name)]
+def test_chunked_loss_trains_like_the_full_logits_loss(tiny_qwen_dir, shared_run, tmp_path):
+    """The default chunked loss (the config's, in the shared run) and the full-logits reference
+    give the same per-step losses (fp32)."""
+    assert OmegaConf.load(STAGE1).loss._component_ == "omnilong.loss.ChunkedLinearCrossEntropy"
+    full_logits = {"loss._component_": "omnilong.loss.FullLogitsCrossEntropy"}
+    full = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "full", **full_logits))
+    assert full.returncode == 0, full.stderr[-3000:]
+    runs = {name: [(m["loss"], m["grad_norm"]) for m in metrics(output_dir)] for name, output_dir in
+            (("ChunkedLinearCrossEntropy", shared_run(STAGE1, _small(tiny_qwen_dir))),
+             ("FullLogitsCrossEntropy", tmp_path / "full"))}
     for a, b in zip(runs["ChunkedLinearCrossEntropy"], runs["FullLogitsCrossEntropy"], strict=True):
         assert abs(a[0] - b[0]) <= 1e-5 * abs(b[0]) and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]), (a, b)
-
-
-def _assert_same_losses(reference_dir, other_dir, rel=1e-4):
-    """Per-step token counts equal; losses and gradient norms (before clipping: clipping and
-    AdamW hide a wrong gradient scale from the losses) within ``rel`` relative."""
-    ref, other = metrics(reference_dir), metrics(other_dir)
-    assert [m["step"] for m in ref] == [m["step"] for m in other]
-    for a, b in zip(ref, other):
-        assert a["num_tokens"] == b["num_tokens"]
-        assert abs(a["loss"] - b["loss"]) <= rel * abs(a["loss"]), (a, b)
-        assert abs(a["grad_norm"] - b["grad_norm"]) <= rel * abs(a["grad_norm"]), (a, b)
 
 
 @pytest.mark.parametrize("nproc, degrees, accumulation", [
@@ -198,15 +148,16 @@ def _assert_same_losses(reference_dir, other_dir, rel=1e-4):
     (4, {"dp_shard_degree": 2, "cp_degree": 2}, 2),
     (4, {"dp_replicate_degree": 2, "cp_degree": 2}, 2),  # HSDP: replicated over 2, sharded over cp
 ])
-def test_context_parallel_reproduces_single_process_losses(tiny_qwen_dir, tmp_path, nproc, degrees, accumulation):
+def test_context_parallel_reproduces_single_process_losses(tiny_qwen_dir, shared_run, tmp_path, nproc, degrees,
+                                                            accumulation):
     """Same data, seed and global batch; max_seq_len 250 is not a multiple of 2 * cp (padding).
-    Oracle: one process with the same rows per step; losses and gradient norms within 1e-4."""
+    Oracle: one process with the same rows per step (shared by the layouts with the same
+    accumulation); losses and gradient norms within 1e-4."""
     small = {"max_seq_len": 250, "max_steps": 2, "gradient_accumulation_steps": 1}
-    one = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "one", **{**small, "gradient_accumulation_steps": accumulation}))
-    assert one.returncode == 0, one.stderr[-3000:]
+    one = shared_run(STAGE1, _small(tiny_qwen_dir, **{**small, "gradient_accumulation_steps": accumulation}))
     many = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "cp", **degrees, **small), nproc=nproc)
     assert many.returncode == 0, many.stderr[-3000:]
-    _assert_same_losses(tmp_path / "one", tmp_path / "cp")
+    assert_same_losses(one, tmp_path / "cp")
 
 
 def test_degrees_that_do_not_match_the_world_size_fail_before_compute(tiny_qwen_dir, tmp_path):
@@ -217,24 +168,31 @@ def test_degrees_that_do_not_match_the_world_size_fail_before_compute(tiny_qwen_
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
 
 
-def _video_run(tiny_qwen_dir, tiny_videos_dir, output_dir, data=None, **extra):
-    return {"checkpoint_dir": tiny_qwen_dir, "output_dir": output_dir, "max_steps": 2, "shuffle": "false",
+def _video_run(tiny_qwen_dir, tiny_videos_dir, output_dir=None, data=None, **extra):
+    """2 steps of the tiny videos; without ``output_dir`` for :func:`shared_run`."""
+    placed = {} if output_dir is None else {"output_dir": output_dir}
+    return {"checkpoint_dir": tiny_qwen_dir, **placed, "max_steps": 2, "shuffle": "false",
             "gradient_accumulation_steps": 1, "dataset.data_files": f"[{data or tiny_videos_dir / 'train.jsonl'}]",
             **extra}
 
 
+def _video_one_process(shared_run, tiny_qwen_dir, tiny_videos_dir, freeze_vision):
+    """The one-process video run (shared), with a checkpoint after each step."""
+    return shared_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, freeze_vision=freeze_vision,
+                                         save_every_n_steps=1))
+
+
 @pytest.mark.parametrize("freeze_vision", ["false", "true"])
-def test_video_sft_with_context_parallel_reproduces_single_process(tiny_qwen_dir, tiny_videos_dir, tmp_path,
-                                                                   freeze_vision):
+def test_video_sft_with_context_parallel_reproduces_single_process(tiny_qwen_dir, tiny_videos_dir, shared_run,
+                                                                   tmp_path, freeze_vision):
     """Stage 3 with a trained or a frozen vision tower: cp_degree=2 (frames split over the ranks,
     ring attention) gives the per-step losses and gradient norms of one process within 1e-4."""
-    video_run = partial(_video_run, tiny_qwen_dir, tiny_videos_dir, freeze_vision=freeze_vision)
-    one = tune_run(STAGE3, video_run(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr[-3000:]
-    cp = tune_run(STAGE3, video_run(tmp_path / "cp", cp_degree=2), nproc=2)
+    one = _video_one_process(shared_run, tiny_qwen_dir, tiny_videos_dir, freeze_vision)
+    cp = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "cp", freeze_vision=freeze_vision,
+                                     cp_degree=2), nproc=2)
     assert cp.returncode == 0, cp.stderr[-3000:]
-    _assert_same_losses(tmp_path / "one", tmp_path / "cp")
-    assert all(m["num_tokens"] > 0 for m in metrics(tmp_path / "one"))
+    assert_same_losses(one, tmp_path / "cp")
+    assert all(m["num_tokens"] > 0 for m in metrics(one))
 
 
 def _data_with_corrupt_video(tiny_videos_dir, tmp_path):
@@ -276,20 +234,18 @@ def test_corrupt_video_in_a_dataloader_worker_is_one_line_naming_it(tiny_qwen_di
     assert "Traceback" not in result.stderr and "DataLoader worker" not in result.stderr
 
 
-def test_frozen_vision_tower_has_no_gradients_or_optimizer_state(tiny_qwen_dir, tiny_videos_dir, tmp_path):
+def test_frozen_vision_tower_has_no_gradients_or_optimizer_state(tiny_qwen_dir, tiny_videos_dir, shared_run):
     """freeze_vision: the checkpoint holds the tower's weights but no optimizer state for them."""
     from omnilong.checkpoint.dcp_io import read_checkpoint_metadata
 
-    result = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", max_steps=1,
-                                         freeze_vision="true", save_every_n_steps=1))
-    assert result.returncode == 0, result.stderr[-3000:]
-    keys = read_checkpoint_metadata(tmp_path / "out/checkpoints/step_1").state_dict_metadata
+    out = _video_one_process(shared_run, tiny_qwen_dir, tiny_videos_dir, "true")
+    keys = read_checkpoint_metadata(out / "checkpoints/step_1").state_dict_metadata
     assert any(k.startswith("model.visual.") for k in keys)
     assert any(k.startswith("optimizer.state.layers.") for k in keys)
     assert not any(k.startswith("optimizer.state.visual.") for k in keys)
 
 
-def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_dir, tmp_path):
+def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_dir, tmp_path, monkeypatch, capsys):
     """The first run's metrics and checkpoints are never overwritten, resumed with another
     optimizer, or deleted: a rerun is refused, a changed resume is refused, and
     overwrite_output_dir moves the old run to <output_dir>.old-1."""
@@ -301,9 +257,9 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_di
     _assert_refused_before_compute(
         tune_run(STAGE1, run), f"output_dir {out} holds another run (metrics.jsonl, checkpoints/step_2): continue it "
                                "with resume_from_checkpoint=true, move it aside with overwrite_output_dir=true")
-    _assert_refused_before_compute(
-        tune_run(STAGE1, {**run, "resume_from_checkpoint": "true", "optimizer.lr": 1e-4}),
-        f"this run's config differs from {out}/checkpoints/step_2/config.yaml in optimizer.lr (0.003 -> 0.0001)")
+    assert (f"this run's config differs from {out}/checkpoints/step_2/config.yaml in optimizer.lr (0.003 -> 0.0001)"
+            in refused_in_process(STAGE1, {**run, "resume_from_checkpoint": "true", "optimizer.lr": 1e-4},
+                                  monkeypatch, capsys))
     assert (out / "metrics.jsonl").read_bytes() == first_metrics
 
     moved = tune_run(STAGE1, {**run, "overwrite_output_dir": "true", "optimizer.lr": 1e-4})

@@ -15,7 +15,7 @@ import torch
 from omnilong.data import chat_dataset, collate_padded, load_tokenizer, video_sft_dataset
 from omnilong.models import load_hf_model
 from omnilong.models.qwen2_5_vl import rope_index
-from omnilong.models.qwen2_5_vl.tiny_checkpoint import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
 
 def test_video_batch_gets_the_positions_of_each_full_row(tiny_qwen_dir, tiny_videos_dir):

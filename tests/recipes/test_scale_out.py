@@ -10,7 +10,11 @@ import os
 import socket
 import subprocess
 
+import pytest
+
 from tests.recipe_runs import STAGE1, TUNE, metrics, tune_run
+
+pytestmark = pytest.mark.slow
 
 
 def _overrides(tiny_qwen_dir, output_dir) -> list[str]:

@@ -23,6 +23,8 @@ from omnilong.data import chat_dataset, load_tokenizer
 from omnilong.models import load_hf_model
 from tests.recipe_runs import STAGE2, metrics, tune_run
 
+pytestmark = pytest.mark.slow
+
 LR = 0.5
 
 

@@ -2,6 +2,7 @@
 
 import re
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -10,6 +11,8 @@ from omnilong.constants import IGNORE_INDEX
 from omnilong.data.packed_text import PackedTextDataset
 from omnilong.models.hf_loading import load_hf_model
 from tests.recipe_runs import STAGE1, metrics, tune_run
+
+pytestmark = pytest.mark.slow
 
 SEQ_LEN = 48
 

@@ -15,7 +15,7 @@ from omnilong.data import collate_padded, llava_video_sft_dataset, load_tokenize
 from omnilong.hf_io import read_hf_config
 from omnilong.models import load_hf_model
 from omnilong.models.llava_onevision.parallelize import ImageSplit
-from omnilong.models.llava_onevision.tiny_checkpoint import TINY_CROP, TINY_PATCH
+from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
 from omnilong.models.parallelize import apply_context_parallel
 from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.parallel.context_parallel import shard_batch_for_cp

@@ -12,7 +12,7 @@ from typing import Union
 import torch
 
 from omnilong.models.llava_onevision._convert_weights import to_hub_layout
-from omnilong.models.qwen2_5_vl.tiny_checkpoint import train_tiny_tokenizer
+from omnilong.testing.tiny_tokenizer import train_tiny_tokenizer
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 TINY_CROP = 42  # pixels per crop side (the 7B: 384)
