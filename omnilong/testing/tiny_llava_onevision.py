@@ -11,7 +11,7 @@ from typing import Union
 
 import torch
 
-from omnilong.models.llava_onevision._convert_weights import to_hub_layout
+from omnilong.models.families import FAMILIES
 from omnilong.testing.tiny_tokenizer import train_tiny_tokenizer
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -115,4 +115,4 @@ def _rewrite_in_hub_layout(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
-    save_file({to_hub_layout(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    save_file({FAMILIES["llava_onevision"].to_hub_layout(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
