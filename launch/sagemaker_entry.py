@@ -15,8 +15,8 @@ import json
 import os
 import string
 import sys
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -40,7 +40,7 @@ def parse_channel(spec: str) -> tuple[str, dict[str, str]]:
     if uri.startswith("s3://") and len(uri) > len("s3://"):
         return name, {"kind": "s3", "uri": uri}
     if uri.startswith("fsx://"):
-        parts = uri[len("fsx://"):].split("/", 1)
+        parts = uri[len("fsx://") :].split("/", 1)
         if len(parts) == 2 and parts[0].startswith("fs-") and parts[1]:
             return name, {"kind": "fsx", "file_system_id": parts[0], "directory_path": "/" + parts[1]}
     raise ValueError(f"--channel {spec!r}: {forms}")
@@ -51,8 +51,10 @@ def estimator_arguments(args: argparse.Namespace) -> dict[str, Any]:
     as plain data: ``{"estimator": {...}, "channels": {name: spec}}``."""
     config = Path(args.config)
     if not (REPO / config).is_file() or config.is_absolute():
-        raise ValueError(f"--config {args.config}: give a config file inside the repository (it is uploaded "
-                         f"with it), relative to {REPO}")
+        raise ValueError(
+            f"--config {args.config}: give a config file inside the repository (it is uploaded "
+            f"with it), relative to {REPO}"
+        )
     channels = dict(parse_channel(spec) for spec in args.channel)
     if "model" not in channels:
         raise ValueError("--channel model=...: the base model checkpoint (HF directory) is required")
@@ -76,8 +78,9 @@ def estimator_arguments(args: argparse.Namespace) -> dict[str, Any]:
         estimator.update(framework_version=args.framework_version, py_version=args.py_version)
     if any(c["kind"] == "fsx" for c in channels.values()):
         if not (args.subnets and args.security_group_ids):
-            raise ValueError("an fsx:// channel needs --subnets and --security-group-ids (the job runs in the "
-                             "file system's VPC)")
+            raise ValueError(
+                "an fsx:// channel needs --subnets and --security-group-ids (the job runs in the file system's VPC)"
+            )
         estimator.update(subnets=args.subnets, security_group_ids=args.security_group_ids)
     return {"estimator": estimator, "channels": channels}
 
@@ -86,9 +89,14 @@ def _inputs(channels: dict[str, dict[str, str]]) -> dict[str, Any]:
     from sagemaker.inputs import FileSystemInput, TrainingInput
 
     return {
-        name: TrainingInput(c["uri"]) if c["kind"] == "s3" else FileSystemInput(
-            file_system_id=c["file_system_id"], file_system_type="FSxLustre",
-            directory_path=c["directory_path"], file_system_access_mode="ro")
+        name: TrainingInput(c["uri"])
+        if c["kind"] == "s3"
+        else FileSystemInput(
+            file_system_id=c["file_system_id"],
+            file_system_type="FSxLustre",
+            directory_path=c["directory_path"],
+            file_system_access_mode="ro",
+        )
         for name, c in channels.items()
     }
 
@@ -103,11 +111,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--role", required=True, help="IAM role ARN the job runs as")
     parser.add_argument("--instance-type", default="ml.p5.48xlarge")
     parser.add_argument("--instance-count", type=int, default=1)
-    parser.add_argument("--image-uri", help="training image with OmniLong's dependencies (else a SageMaker PyTorch DLC)")
+    parser.add_argument(
+        "--image-uri", help="training image with OmniLong's dependencies (else a SageMaker PyTorch DLC)"
+    )
     parser.add_argument("--framework-version", default="2.11")
     parser.add_argument("--py-version", default="py312")
-    parser.add_argument("--channel", action="append", default=[],
-                        help="name=s3://... or name=fsx://fs-id/mount/path; mounted at $SM_CHANNEL_<NAME>")
+    parser.add_argument(
+        "--channel",
+        action="append",
+        default=[],
+        help="name=s3://... or name=fsx://fs-id/mount/path; mounted at $SM_CHANNEL_<NAME>",
+    )
     parser.add_argument("--checkpoint-s3", required=True, help="S3 prefix that /opt/ml/checkpoints syncs to")
     parser.add_argument("--subnets", type=_comma_list, default=[], help="comma-separated (fsx:// channels)")
     parser.add_argument("--security-group-ids", type=_comma_list, default=[], help="comma-separated (fsx:// channels)")
@@ -135,8 +149,11 @@ def main(argv: list[str]) -> int:
     try:
         from sagemaker.pytorch import PyTorch
     except ImportError:
-        print("sagemaker launcher: error: the SageMaker Python SDK v2 is not installed: "
-              "pip install '.[sagemaker]' (or use --dry-run)", file=sys.stderr)
+        print(
+            "sagemaker launcher: error: the SageMaker Python SDK v2 is not installed: "
+            "pip install '.[sagemaker]' (or use --dry-run)",
+            file=sys.stderr,
+        )
         return 2
     estimator = PyTorch(**plan["estimator"])
     estimator.fit(_inputs(plan["channels"]), wait=False)

@@ -15,8 +15,9 @@ import functools
 import importlib.util
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from omnilong.config import keys_markdown, keys_text
 from omnilong.config_files import CONFIG_ROOT, resolve_config, shipped_configs
@@ -62,30 +63,35 @@ def _run(args: list[str]) -> int:
     from torchtune._cli.tune import main as tune_main
 
     if "--config" not in args and {"-h", "--help"} & set(args):
-        print("usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [key=value ...]\n\n"
-              "<config>: a YAML path or a shipped config name (`omnilong ls`); config keys (default, meaning):\n"
-              + keys_text(), end="")
+        print(
+            "usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [key=value ...]\n\n"
+            "<config>: a YAML path or a shipped config name (`omnilong ls`); config keys (default, meaning):\n"
+            + keys_text(),
+            end="",
+        )
         return 0
     if "--config" not in args or args.index("--config") + 1 >= len(args):
         raise ValueError("omnilong run needs --config <config> (`omnilong ls` lists the shipped ones)")
     at = args.index("--config")
     config = str(resolve_config(args[at + 1]))
-    sys.argv = ["tune", "run", *args[:at], RECIPE, "--config", config, *args[at + 2:]]
+    sys.argv = ["tune", "run", *args[:at], RECIPE, "--config", config, *args[at + 2 :]]
     tune_main()  # a single-process run exits here with the recipe's status
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``omnilong`` console script."""
-    parser = argparse.ArgumentParser(prog="omnilong", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="omnilong", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     verbs = parser.add_subparsers(dest="verb", required=True)
     verbs.add_parser("ls", help="list the recipe and the shipped configs")
     cp = verbs.add_parser("cp", help="copy a shipped config (or the recipe) to edit")
     cp.add_argument("source", help="config name (tiny/stage1_text) or omnilong_full")
     cp.add_argument("destination", help="file or folder")
-    verbs.add_parser("run", help="tune run omnilong_full: [TORCHRUN-OPTIONS] --config <config> [key=value ...]",
-                     add_help=False)
+    verbs.add_parser(
+        "run", help="tune run omnilong_full: [TORCHRUN-OPTIONS] --config <config> [key=value ...]", add_help=False
+    )
     keys = verbs.add_parser("keys", help="every config key with its default and meaning")
     keys.add_argument("--markdown", action="store_true", help="as the README's table")
     args, rest = parser.parse_known_args(argv)
@@ -115,7 +121,8 @@ def parse(recipe_main: Callable[[Any], int]) -> Callable[[], None]:
     @functools.wraps(recipe_main)
     def wrapper() -> None:
         parser = TuneRecipeArgumentParser(
-            description=recipe_main.__doc__, epilog="config keys (default, meaning):\n" + keys_text(),
+            description=recipe_main.__doc__,
+            epilog="config keys (default, meaning):\n" + keys_text(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         argv = sys.argv[1:]

@@ -26,20 +26,36 @@ class Key:
 KEYS: tuple[Key, ...] = (
     Key("checkpoint_dir", REQUIRED, "local HF model directory (config.json + safetensors)"),
     Key("output_dir", REQUIRED, "metrics, resolved config, checkpoints, HF export"),
-    Key("max_seq_len", REQUIRED, "tokens per row (stage 1) / most tokens per sample, and per packed row (`dataset.packed`), in stages 2 and 3"),
+    Key(
+        "max_seq_len",
+        REQUIRED,
+        "tokens per row (stage 1) / most tokens per sample, and per packed row (`dataset.packed`), in stages 2 and 3",
+    ),
     Key("max_steps", REQUIRED, "optimizer steps"),
-    Key("dataset", REQUIRED, "`_component_` building the dataset; gets the tokenizer and `max_seq_len`, and "
+    Key(
+        "dataset",
+        REQUIRED,
+        "`_component_` building the dataset; gets the tokenizer and `max_seq_len`, and "
         "the checkpoint's parsed config.json as `model_config` when it takes one (the video datasets: "
-        "frames cut as the checkpoint's tower cuts them)"),
+        "frames cut as the checkpoint's tower cuts them)",
+    ),
     Key("optimizer", REQUIRED, "e.g. `torch.optim.AdamW` with its arguments; gets the trainable parameters"),
-    Key("lr_scheduler", None, "e.g. `torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup` with "
-        "`num_warmup_steps` (`num_training_steps` = `max_steps`)"),
-    Key("loss", {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},
-        "`omnilong.loss.FullLogitsCrossEntropy` to compare"),
+    Key(
+        "lr_scheduler",
+        None,
+        "e.g. `torchtune.training.lr_schedulers.get_cosine_schedule_with_warmup` with "
+        "`num_warmup_steps` (`num_training_steps` = `max_steps`)",
+    ),
+    Key(
+        "loss",
+        {"_component_": "omnilong.loss.ChunkedLinearCrossEntropy"},
+        "`omnilong.loss.FullLogitsCrossEntropy` to compare",
+    ),
     Key("tokenizer_dir", None, "where the tokenizer and chat template come from; null: `checkpoint_dir`"),
     Key("device", "auto", "`auto`, `cuda` or `cpu`"),
-    Key("dtype", "bf16", "compute dtype, `bf16` or `fp32`; sharded parameters, gradients and optimizer state "
-        "stay fp32"),
+    Key(
+        "dtype", "bf16", "compute dtype, `bf16` or `fp32`; sharded parameters, gradients and optimizer state stay fp32"
+    ),
     Key("seed", 0, "model init and data order"),
     Key("batch_size", 1, "rows per data-parallel rank per micro-step"),
     Key("gradient_accumulation_steps", 1, "micro-steps per optimizer step"),
@@ -47,44 +63,95 @@ KEYS: tuple[Key, ...] = (
     Key("num_workers", 0, "dataloader worker processes"),
     Key("clip_grad_norm", 1.0, "max gradient norm; null: no clipping (the norm is still logged)"),
     Key("freeze_vision", True, "the vision tower keeps its weights: no gradients, no optimizer state"),
-    Key("freeze_projector", None, "the vision-to-text projector (LLaVA-OneVision's `multi_modal_projector`, "
-        "Qwen2.5-VL's merger) likewise; null: as `freeze_vision`"),
+    Key(
+        "freeze_projector",
+        None,
+        "the vision-to-text projector (LLaVA-OneVision's `multi_modal_projector`, "
+        "Qwen2.5-VL's merger) likewise; null: as `freeze_vision`",
+    ),
     Key("rope_theta", None, "RoPE base override (long-context pretraining raises it); null: the checkpoint's"),
     Key("dp_replicate_degree", 1, "HSDP replicas (e.g. one per node); parameters are sharded within each"),
     Key("dp_shard_degree", -1, "FSDP shard degree; -1: the ranks left after `dp_replicate` and `cp`"),
     Key("cp_degree", 1, "context parallelism: each sequence split across this many ranks (ring attention)"),
-    Key("fsdp_cpu_offload", False, "parameters, gradients and optimizer state on CPU; the optimizer steps on CPU "
-        "(torch's fused CPU AdamW, see *Longest context per GPU*)"),
-    Key("cpu_threads_per_rank", None, "CPU threads of each rank (the offloaded optimizer step); null: the node's "
-        "cores divided among its ranks (torchrun would give each rank 1), or `OMP_NUM_THREADS` when set"),
+    Key(
+        "fsdp_cpu_offload",
+        False,
+        "parameters, gradients and optimizer state on CPU; the optimizer steps on CPU "
+        "(torch's fused CPU AdamW, see *Longest context per GPU*)",
+    ),
+    Key(
+        "cpu_threads_per_rank",
+        None,
+        "CPU threads of each rank (the offloaded optimizer step); null: the node's "
+        "cores divided among its ranks (torchrun would give each rank 1), or `OMP_NUM_THREADS` when set",
+    ),
     Key("enable_activation_checkpointing", True, "recompute each decoder layer in backward"),
-    Key("activation_offload", False, "CUDA: the saved activations (each checkpointed layer's input) go to pinned "
-        "host memory in the forward and come back one layer ahead in the backward; on CPU accepted and does nothing"),
-    Key("mlp_chunk_size", None, "tokens per chunk of each decoder layer's norm + MLP, each chunk checkpointed: a "
-        "layer's recompute peak grows with the chunk, not the sequence (one more MLP forward per step); null: whole"),
+    Key(
+        "activation_offload",
+        False,
+        "CUDA: the saved activations (each checkpointed layer's input) go to pinned "
+        "host memory in the forward and come back one layer ahead in the backward; on CPU accepted and does nothing",
+    ),
+    Key(
+        "mlp_chunk_size",
+        None,
+        "tokens per chunk of each decoder layer's norm + MLP, each chunk checkpointed: a "
+        "layer's recompute peak grows with the chunk, not the sequence (one more MLP forward per step); null: whole",
+    ),
     Key("save_every_n_steps", None, "write a resumable checkpoint every N steps and at the last"),
     Key("keep_last_n_checkpoints", 2, "older checkpoints of the same run are deleted (never another run's)"),
     Key("resume_from_checkpoint", False, "`true`: the latest under `output_dir/checkpoints`; or a `step_N` path"),
-    Key("overwrite_output_dir", False, "start anew in an `output_dir` holding another run: the old run is moved "
-        "to `<output_dir>.old-N`, never deleted"),
-    Key("allow_config_change_on_resume", False, "resume although the model, data or optimizer keys differ from "
-        "the checkpoint's `config.yaml`"),
+    Key(
+        "overwrite_output_dir",
+        False,
+        "start anew in an `output_dir` holding another run: the old run is moved "
+        "to `<output_dir>.old-N`, never deleted",
+    ),
+    Key(
+        "allow_config_change_on_resume",
+        False,
+        "resume although the model, data or optimizer keys differ from the checkpoint's `config.yaml`",
+    ),
     Key("save_hf_at_end", False, "export the final weights to `output_dir/hf` as a Hugging Face model"),
-    Key("metric_logger", None, "a torchtune logger, e.g. `torchtune.training.metric_logging.TensorBoardLogger` "
-        "(`log_dir`) or `WandBLogger` (extra `wandb`)"),
+    Key(
+        "metric_logger",
+        None,
+        "a torchtune logger, e.g. `torchtune.training.metric_logging.TensorBoardLogger` "
+        "(`log_dir`) or `WandBLogger` (extra `wandb`)",
+    ),
     Key("log_every_n_steps", 1, "metrics cadence: a `metrics.jsonl` record (and log line) every N steps"),
-    Key("validation_dataset", None, "held-out `_component_` like `dataset` (same tokenizer and `max_seq_len`); "
-        "its loss is `val_loss` in the metrics"),
+    Key(
+        "validation_dataset",
+        None,
+        "held-out `_component_` like `dataset` (same tokenizer and `max_seq_len`); "
+        "its loss is `val_loss` in the metrics",
+    ),
     Key("eval_every_n_steps", None, "evaluate `validation_dataset` every N steps; null: at the last step only"),
 )
 
 REQUIRED_KEYS = tuple(k.name for k in KEYS if k.default is REQUIRED)
 DEFAULTS: dict[str, Any] = {k.name: k.default for k in KEYS if k.default is not REQUIRED}
 
-_POSITIVE_INTS = ("max_seq_len", "max_steps", "batch_size", "gradient_accumulation_steps", "log_every_n_steps",
-                  "dp_replicate_degree", "cp_degree", "keep_last_n_checkpoints")
-_BOOLS = ("shuffle", "freeze_vision", "fsdp_cpu_offload", "enable_activation_checkpointing", "save_hf_at_end",
-          "overwrite_output_dir", "allow_config_change_on_resume", "activation_offload")
+_POSITIVE_INTS = (
+    "max_seq_len",
+    "max_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "log_every_n_steps",
+    "dp_replicate_degree",
+    "cp_degree",
+    "keep_last_n_checkpoints",
+)
+_BOOLS = (
+    "shuffle",
+    "freeze_vision",
+    "fsdp_cpu_offload",
+    "enable_activation_checkpointing",
+    "save_hf_at_end",
+    "overwrite_output_dir",
+    "allow_config_change_on_resume",
+    "activation_offload",
+)
 # Component keys -> what the recipe passes itself: (number of positional arguments, keyword arguments).
 _COMPONENTS: dict[str, tuple[int, tuple[str, ...]]] = {
     "dataset": (1, ("max_seq_len", "model_config")),  # the tokenizer; model_config: when the component takes it
@@ -119,9 +186,13 @@ def _value_problems(cfg: DictConfig) -> list[str]:
         if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] <= 0):
             problems.append(f"{key} must be a positive integer or null, got {cfg[key]!r}")
     if cfg.eval_every_n_steps is not None and cfg.validation_dataset is None:
-        problems.append("eval_every_n_steps is set but validation_dataset is not: add a validation_dataset "
-                        "or remove eval_every_n_steps")
-    if cfg.cpu_threads_per_rank is not None and (not _is_int(cfg.cpu_threads_per_rank) or cfg.cpu_threads_per_rank <= 0):
+        problems.append(
+            "eval_every_n_steps is set but validation_dataset is not: add a validation_dataset "
+            "or remove eval_every_n_steps"
+        )
+    if cfg.cpu_threads_per_rank is not None and (
+        not _is_int(cfg.cpu_threads_per_rank) or cfg.cpu_threads_per_rank <= 0
+    ):
         problems.append(f"cpu_threads_per_rank must be a positive integer or null, got {cfg.cpu_threads_per_rank!r}")
     if cfg.mlp_chunk_size is not None and (not _is_int(cfg.mlp_chunk_size) or cfg.mlp_chunk_size <= 0):
         problems.append(f"mlp_chunk_size must be a positive number of tokens or null, got {cfg.mlp_chunk_size!r}")
@@ -137,11 +208,20 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     if not (resume is None or isinstance(resume, (bool, str))):
         problems.append(f"resume_from_checkpoint must be true, false or a step_N path, got {resume!r}")
     if cfg.overwrite_output_dir is True and resume not in (None, False):
-        problems.append("resume_from_checkpoint and overwrite_output_dir exclude each other: "
-                        "resume the run in output_dir, or move it aside and start anew")
-    if _is_int(cfg.cp_degree) and _is_int(cfg.max_seq_len) and 1 < cfg.cp_degree and cfg.max_seq_len < 2 * cfg.cp_degree:
-        problems.append(f"max_seq_len={cfg.max_seq_len} is too short for cp_degree={cfg.cp_degree}: "
-                        "the zigzag layout gives each cp rank 2 chunks; use max_seq_len >= 2 * cp_degree")
+        problems.append(
+            "resume_from_checkpoint and overwrite_output_dir exclude each other: "
+            "resume the run in output_dir, or move it aside and start anew"
+        )
+    if (
+        _is_int(cfg.cp_degree)
+        and _is_int(cfg.max_seq_len)
+        and 1 < cfg.cp_degree
+        and cfg.max_seq_len < 2 * cfg.cp_degree
+    ):
+        problems.append(
+            f"max_seq_len={cfg.max_seq_len} is too short for cp_degree={cfg.cp_degree}: "
+            "the zigzag layout gives each cp rank 2 chunks; use max_seq_len >= 2 * cp_degree"
+        )
     if cfg.dtype not in ("bf16", "fp32"):
         problems.append(f"dtype must be bf16 or fp32, got {cfg.dtype!r}")
     if cfg.device not in ("auto", "cpu", "cuda"):
@@ -175,11 +255,17 @@ def _component_problems(key: str, node: Any, passed: tuple[int, tuple[str, ...]]
             problems.append(f"{key}.{arg} is set by the recipe; remove it")
         elif arg not in named and not takes_any:
             close = difflib.get_close_matches(arg, [n for n in named if n not in given], n=1)
-            problems.append(f"unknown key {key}.{arg}: {node._component_} takes no argument {arg!r}"
-                            + (f" (did you mean {key}.{close[0]}?)" if close else ""))
+            problems.append(
+                f"unknown key {key}.{arg}: {node._component_} takes no argument {arg!r}"
+                + (f" (did you mean {key}.{close[0]}?)" if close else "")
+            )
     for name, p in params.items():
-        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) \
-                and name not in given and name not in node:
+        if (
+            p.default is p.empty
+            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            and name not in given
+            and name not in node
+        ):
             problems.append(f"missing key {key}.{name} (required by {node._component_})")
     return problems
 
@@ -187,7 +273,9 @@ def _component_problems(key: str, node: Any, passed: tuple[int, tuple[str, ...]]
 # Metric loggers -> the package each one imports when built, and how to install it.
 _LOGGER_PACKAGES = {
     "torchtune.training.metric_logging.WandBLogger": (
-        "wandb", 'the wandb extra: pip install -e ".[wandb]" (or OMNILONG_EXTRAS=wandb bash scripts/setup.sh)'),
+        "wandb",
+        'the wandb extra: pip install -e ".[wandb]" (or OMNILONG_EXTRAS=wandb bash scripts/setup.sh)',
+    ),
     "torchtune.training.metric_logging.TensorBoardLogger": ("tensorboard", "pip install tensorboard"),
     "torchtune.training.metric_logging.CometLogger": ("comet_ml", "pip install comet_ml"),
     "torchtune.training.metric_logging.MLFlowLogger": ("mlflow", "pip install mlflow"),
@@ -201,8 +289,9 @@ def _metric_logger_problems(node: Any) -> list[str]:
     package, install = _LOGGER_PACKAGES[node._component_]
     if importlib.util.find_spec(package) is not None:
         return []
-    return [f"metric_logger {node._component_} needs the {package!r} package, which is not installed: "
-            f"install {install}"]
+    return [
+        f"metric_logger {node._component_} needs the {package!r} package, which is not installed: install {install}"
+    ]
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:

@@ -37,11 +37,11 @@ def resolve_config(value: str, root: Path = CONFIG_ROOT) -> Path:
     if len(same_file) == 1:
         return configs[same_file[0]]
     if same_file:
-        raise FileNotFoundError(f"config {value}: several shipped configs have that name: "
-                                f"{', '.join(same_file)}; give the full name")
+        raise FileNotFoundError(
+            f"config {value}: several shipped configs have that name: {', '.join(same_file)}; give the full name"
+        )
     close = difflib.get_close_matches(name, list(configs) + sorted({Path(n).name for n in configs}), n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(dict.fromkeys(close))}?" if close else "; `omnilong ls` lists them"
     if not configs:
         hint = " (a non-editable install does not ship them); give a path"
-    raise FileNotFoundError(f"config {value}: no such file, nor a shipped config "
-                            f"({len(configs)} in {root}){hint}")
+    raise FileNotFoundError(f"config {value}: no such file, nor a shipped config ({len(configs)} in {root}){hint}")

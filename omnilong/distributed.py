@@ -4,7 +4,6 @@ import gc
 import os
 import socket
 from collections.abc import Mapping
-from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -30,7 +29,7 @@ def resolve_device(name: str) -> torch.device:
     raise ValueError(f"device must be auto, cpu or cuda, got {name!r}")
 
 
-def cpu_threads_per_rank(requested: Optional[int], environ: Mapping[str, str], cores: int) -> tuple[int, str]:
+def cpu_threads_per_rank(requested: int | None, environ: Mapping[str, str], cores: int) -> tuple[int, str]:
     """How many intra-op CPU threads this rank uses (the offloaded optimizer step, CPU compute),
     and why.
 
@@ -73,7 +72,7 @@ def init_distributed(device: torch.device) -> None:
     dist.init_process_group(backend=backend)
 
 
-def shutdown_distributed(mesh: Optional[DeviceMesh] = None) -> None:
+def shutdown_distributed(mesh: DeviceMesh | None = None) -> None:
     """Destroy every process group and let its threads end now, while the interpreter is alive.
 
     ``destroy_process_group`` unregisters the groups, but a Gloo group's worker and transport

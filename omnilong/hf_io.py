@@ -5,7 +5,7 @@ Weights are read from safetensors only (never pickle).
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -15,7 +15,7 @@ INDEX_NAME = "model.safetensors.index.json"
 SINGLE_FILE_NAME = "model.safetensors"
 
 
-def read_hf_config(model_dir: Union[str, Path]) -> dict[str, Any]:
+def read_hf_config(model_dir: str | Path) -> dict[str, Any]:
     """The parsed ``config.json`` of an HF model directory.
 
     Raises:
@@ -32,7 +32,7 @@ def read_hf_config(model_dir: Union[str, Path]) -> dict[str, Any]:
         return json.load(f)
 
 
-def hf_weight_files(model_dir: Union[str, Path]) -> list[Path]:
+def hf_weight_files(model_dir: str | Path) -> list[Path]:
     """The safetensors files of an HF model directory (from its index when sharded).
 
     Raises:
@@ -54,7 +54,7 @@ def hf_weight_files(model_dir: Union[str, Path]) -> list[Path]:
     raise FileNotFoundError(f"no {INDEX_NAME} or {SINGLE_FILE_NAME} in {model_dir}")
 
 
-def read_hf_state_dict(model_dir: Union[str, Path], dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+def read_hf_state_dict(model_dir: str | Path, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of an HF model directory, on CPU, optionally cast to ``dtype``.
 
     Raises:

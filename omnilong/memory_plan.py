@@ -31,7 +31,6 @@ context, NCCL's own buffers and allocator fragmentation (keep a reserve), pinned
 
 import math
 from dataclasses import dataclass, replace
-from typing import Optional
 
 from torch import nn
 
@@ -66,9 +65,16 @@ class ModelShape:
         blocks = count(model.visual.layers) if model.visual is not None else 0
         vision = count(model.visual) if model.visual is not None else 0
         return cls(
-            n_layers=args.n_layers, dim=args.dim, kv_dim=args.n_kv_heads * args.head_dim,
-            hidden_dim=args.hidden_dim, n_heads=args.n_heads, head_dim=args.head_dim, vocab_size=args.vocab_size,
-            layer_params=layers // args.n_layers, root_params=total - layers - blocks, other_params=blocks,
+            n_layers=args.n_layers,
+            dim=args.dim,
+            kv_dim=args.n_kv_heads * args.head_dim,
+            hidden_dim=args.hidden_dim,
+            n_heads=args.n_heads,
+            head_dim=args.head_dim,
+            vocab_size=args.vocab_size,
+            layer_params=layers // args.n_layers,
+            root_params=total - layers - blocks,
+            other_params=blocks,
             trained_params=total - (vision if freeze_vision else 0),
         )
 
@@ -91,12 +97,14 @@ class RunSetup:
     fsdp_cpu_offload: bool = False
     activation_checkpointing: bool = True
     activation_offload: bool = False
-    mlp_chunk_size: Optional[int] = None
-    loss_chunk_size: Optional[int] = None  # None: omnilong.loss's automatic chunk
+    mlp_chunk_size: int | None = None
+    loss_chunk_size: int | None = None  # None: omnilong.loss's automatic chunk
 
     def validate(self) -> None:
         if self.gpus % (self.dp_replicate * self.cp):
-            raise ValueError(f"gpus {self.gpus} must be a multiple of dp_replicate * cp = {self.dp_replicate * self.cp}")
+            raise ValueError(
+                f"gpus {self.gpus} must be a multiple of dp_replicate * cp = {self.dp_replicate * self.cp}"
+            )
 
 
 def _norm_saved(c: int, dim: int) -> int:
@@ -164,9 +172,16 @@ def plan(shape: ModelShape, run: RunSetup) -> dict[str, int]:
     last_layer_backward = saved + recompute + flowing + output_grad
     backward_end = sharded_grads + c * shape.root_params + output_grad
     peak = persistent + max(forward_end, last_layer_backward, backward_end)
-    return {"parameters": parameters, "gradients": sharded_grads + output_grad, "optimizer": optimizer,
-            "saved_activations": saved, "layer_recompute": recompute + flowing, "loss_chunk": loss_chunk,
-            "communication": communication, "peak": peak}
+    return {
+        "parameters": parameters,
+        "gradients": sharded_grads + output_grad,
+        "optimizer": optimizer,
+        "saved_activations": saved,
+        "layer_recompute": recompute + flowing,
+        "loss_chunk": loss_chunk,
+        "communication": communication,
+        "peak": peak,
+    }
 
 
 def longest_seq_len(shape: ModelShape, run: RunSetup, memory_bytes: int, multiple: int = 1024) -> int:

@@ -7,7 +7,7 @@ import resource
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, TextIO
+from typing import Any, TextIO
 
 import torch
 from tqdm import tqdm
@@ -63,8 +63,15 @@ class MetricsWriter:
         stream: the console; its ``isatty()`` picks the bar or plain lines.
     """
 
-    def __init__(self, output_dir: Path, total_steps: int, active: bool, logger: Optional[Any] = None,
-                 steps_done: int = 0, stream: TextIO = sys.stderr):
+    def __init__(
+        self,
+        output_dir: Path,
+        total_steps: int,
+        active: bool,
+        logger: Any | None = None,
+        steps_done: int = 0,
+        stream: TextIO = sys.stderr,
+    ):
         self.active = active
         self.logger = logger
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -98,7 +105,7 @@ class MetricsWriter:
             parts = [f"{k} {_short(k, metrics[k])}" for k in _LINE_KEYS if k in metrics]
             log.info("step %d/%d: %s", step, self.total_steps, ", ".join(parts))
 
-    def summary(self, steps: int, checkpoint: Optional[Path], hf_dir: Optional[Path]) -> None:
+    def summary(self, steps: int, checkpoint: Path | None, hf_dir: Path | None) -> None:
         """Log the end of the run: steps trained, final loss (and val loss), wall time,
         tokens/s, where the last checkpoint, the HF export and ``metrics.jsonl`` are."""
         if not self.active:

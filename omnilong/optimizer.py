@@ -29,4 +29,3 @@ def implementation_kwargs(node: DictConfig, params_on_cpu: bool) -> dict[str, An
     if params_on_cpu and node.get("_component_") in _FUSED_ON_CPU and not chosen:
         return {"fused": True}
     return {}
-

@@ -7,7 +7,7 @@ inside the model need every rank); a rank short of rows gets copies whose labels
 ignored, so no row is counted twice.
 """
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -46,8 +46,9 @@ class HeldOutShard(Dataset):
 
 
 @torch.no_grad()
-def held_out_loss(model: torch.nn.Module, loss_fn: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                  device: torch.device) -> tuple[float, int]:
+def held_out_loss(
+    model: torch.nn.Module, loss_fn: torch.nn.Module, batches: Iterable[dict[str, torch.Tensor]], device: torch.device
+) -> tuple[float, int]:
     """``(val_loss, val_tokens)`` over ``batches`` of every rank, without gradients.
 
     Args:

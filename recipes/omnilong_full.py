@@ -19,9 +19,9 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
@@ -47,7 +47,13 @@ from omnilong.config import takes_argument, validate_config
 from omnilong.constants import IGNORE_INDEX
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.sampler import ResumableDistributedSampler
-from omnilong.distributed import available_cores, cpu_threads_per_rank, init_distributed, resolve_device, shutdown_distributed
+from omnilong.distributed import (
+    available_cores,
+    cpu_threads_per_rank,
+    init_distributed,
+    resolve_device,
+    shutdown_distributed,
+)
 from omnilong.hf_io import read_hf_config
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
@@ -130,22 +136,28 @@ class OmniLongFullRecipe:
         self.loss_fn = self._setup_loss()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         params_on_cpu = self.cfg.fsdp_cpu_offload or self.device.type == "cpu"
-        self.optimizer = instantiate("optimizer", self.cfg.optimizer, trainable,
-                                     **implementation_kwargs(self.cfg.optimizer, params_on_cpu))
+        self.optimizer = instantiate(
+            "optimizer", self.cfg.optimizer, trainable, **implementation_kwargs(self.cfg.optimizer, params_on_cpu)
+        )
         self.activation_offload = activation_offload(self.cfg.activation_offload, self.device)
         self.lr_scheduler = (
             instantiate("lr_scheduler", self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
-            if self.cfg.lr_scheduler is not None else None
+            if self.cfg.lr_scheduler is not None
+            else None
         )
         self.start_step = self._resume() + 1
         if self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
             self._truncate_metrics(self.start_step)
-        metric_logger = (instantiate("metric_logger", self.cfg.metric_logger)
-                         if self.cfg.metric_logger is not None and self.is_rank_zero else None)
-        self.metrics = MetricsWriter(self.output_dir, self.cfg.max_steps, self.is_rank_zero, metric_logger,
-                                     steps_done=self.start_step - 1)
+        metric_logger = (
+            instantiate("metric_logger", self.cfg.metric_logger)
+            if self.cfg.metric_logger is not None and self.is_rank_zero
+            else None
+        )
+        self.metrics = MetricsWriter(
+            self.output_dir, self.cfg.max_steps, self.is_rank_zero, metric_logger, steps_done=self.start_step - 1
+        )
 
     def _on_rank_zero(self, fn):
         """``fn()`` run on rank 0; a ``ValueError`` it raises is raised on every rank."""
@@ -169,7 +181,9 @@ class OmniLongFullRecipe:
         args = model.args
         if model.visual is not None:
             model.visual.requires_grad_(not self.cfg.freeze_vision)
-            freeze_projector = self.cfg.freeze_vision if self.cfg.freeze_projector is None else self.cfg.freeze_projector
+            freeze_projector = (
+                self.cfg.freeze_vision if self.cfg.freeze_projector is None else self.cfg.freeze_projector
+            )
             model.projector.requires_grad_(not freeze_projector)
         if self.dims.cp > 1:
             apply_context_parallel(self.hf_config, model, self.meshes.cp)
@@ -186,12 +200,22 @@ class OmniLongFullRecipe:
         self._load_weights(model)
         n_params = sum(p.numel() for p in model.parameters())
         n_trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        logger.info("model: %s, %s parameters (%s trained), %d layers, rope_theta %g, vision tower %s, "
-                    "projector %s", self.hf_config.get("model_type"), f"{n_params:,}",
-                    f"{n_trained:,}", args.n_layers, args.rope_theta,
-                    *(["none"] * 2 if model.visual is None else [
-                        "trained" if any(p.requires_grad for p in part.parameters()) else "frozen"
-                        for part in (model.visual.layers, model.projector)]))
+        logger.info(
+            "model: %s, %s parameters (%s trained), %d layers, rope_theta %g, vision tower %s, projector %s",
+            self.hf_config.get("model_type"),
+            f"{n_params:,}",
+            f"{n_trained:,}",
+            args.n_layers,
+            args.rope_theta,
+            *(
+                ["none"] * 2
+                if model.visual is None
+                else [
+                    "trained" if any(p.requires_grad for p in part.parameters()) else "frozen"
+                    for part in (model.visual.layers, model.projector)
+                ]
+            ),
+        )
         return model
 
     def _load_weights(self, model: torch.nn.Module) -> None:
@@ -222,8 +246,10 @@ class OmniLongFullRecipe:
         for key, dataset in datasets.items():
             for name in ("video_token_id", "image_token_id"):
                 if hasattr(dataset, name) and getattr(dataset, name) != getattr(args, name):
-                    raise ValueError(f"the {key}'s {name} {getattr(dataset, name)} is not the model's "
-                                     f"{getattr(args, name)}: use the tokenizer of the checkpoint")
+                    raise ValueError(
+                        f"the {key}'s {name} {getattr(dataset, name)} is not the model's "
+                        f"{getattr(args, name)}: use the tokenizer of the checkpoint"
+                    )
 
     def _setup_loss(self) -> torch.nn.Module:
         if self.cfg.loss.get("reduction", "sum") != "sum":
@@ -236,37 +262,68 @@ class OmniLongFullRecipe:
         return {"model_config": self.hf_config} if takes_argument(node, "model_config") else {}
 
     def _setup_data(self):
-        dataset = instantiate("dataset", self.cfg.dataset, self.tokenizer, max_seq_len=self.cfg.max_seq_len,
-                              **self._model_config_for(self.cfg.dataset))
+        dataset = instantiate(
+            "dataset",
+            self.cfg.dataset,
+            self.tokenizer,
+            max_seq_len=self.cfg.max_seq_len,
+            **self._model_config_for(self.cfg.dataset),
+        )
         dp_mesh = self.meshes.dp
         sampler = ResumableDistributedSampler(
-            len(dataset), num_replicas=dp_mesh.size(), rank=dp_mesh.get_local_rank(),
-            shuffle=self.cfg.shuffle, seed=self.cfg.seed,
+            len(dataset),
+            num_replicas=dp_mesh.size(),
+            rank=dp_mesh.get_local_rank(),
+            shuffle=self.cfg.shuffle,
+            seed=self.cfg.seed,
         )
         self.epoch, self.consumed = 0, 0  # position in the data: samples taken in this epoch, all ranks
         self.num_skipped = getattr(dataset, "num_skipped", 0)  # bad samples: dropped while reading + met in training
         dataloader = DataLoader(
-            dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.num_workers,
+            dataset,
+            batch_size=self.cfg.batch_size,
+            sampler=sampler,
+            num_workers=self.cfg.num_workers,
             collate_fn=partial(collate_padded, pad_id=dataset.pad_id),
         )
-        logger.info("data: %d rows of up to %d tokens (%s); %d samples skipped while reading", len(dataset),
-                    self.cfg.max_seq_len, type(dataset).__name__, getattr(dataset, "num_skipped", 0))
+        logger.info(
+            "data: %d rows of up to %d tokens (%s); %d samples skipped while reading",
+            len(dataset),
+            self.cfg.max_seq_len,
+            type(dataset).__name__,
+            getattr(dataset, "num_skipped", 0),
+        )
         return dataset, dataloader, sampler
 
-    def _setup_validation(self) -> Optional[DataLoader]:
+    def _setup_validation(self) -> DataLoader | None:
         """The held-out split's loader for this data-parallel rank (:class:`HeldOutShard`), or None."""
         if self.cfg.validation_dataset is None:
             return None
-        dataset = instantiate("validation_dataset", self.cfg.validation_dataset, self.tokenizer,
-                              max_seq_len=self.cfg.max_seq_len, **self._model_config_for(self.cfg.validation_dataset))
+        dataset = instantiate(
+            "validation_dataset",
+            self.cfg.validation_dataset,
+            self.tokenizer,
+            max_seq_len=self.cfg.max_seq_len,
+            **self._model_config_for(self.cfg.validation_dataset),
+        )
         dp_mesh = self.meshes.dp
         shard = HeldOutShard(dataset, dp_mesh.size(), dp_mesh.get_local_rank())
-        logger.info("validation data: %d rows (%s), %d batches per rank, evaluated %s", len(dataset),
-                    type(dataset).__name__, -(-len(shard) // self.cfg.batch_size),
-                    f"every {self.cfg.eval_every_n_steps} steps and at the last" if self.cfg.eval_every_n_steps
-                    else "at the last step")
-        return DataLoader(shard, batch_size=self.cfg.batch_size, shuffle=False, num_workers=self.cfg.num_workers,
-                          collate_fn=partial(collate_padded, pad_id=dataset.pad_id))
+        logger.info(
+            "validation data: %d rows (%s), %d batches per rank, evaluated %s",
+            len(dataset),
+            type(dataset).__name__,
+            -(-len(shard) // self.cfg.batch_size),
+            f"every {self.cfg.eval_every_n_steps} steps and at the last"
+            if self.cfg.eval_every_n_steps
+            else "at the last step",
+        )
+        return DataLoader(
+            shard,
+            batch_size=self.cfg.batch_size,
+            shuffle=False,
+            num_workers=self.cfg.num_workers,
+            collate_fn=partial(collate_padded, pad_id=dataset.pad_id),
+        )
 
     def _resume(self) -> int:
         """Load the checkpoint asked for by ``resume_from_checkpoint``; returns its step (0: none)."""
@@ -277,8 +334,9 @@ class OmniLongFullRecipe:
             return 0
         trainer = load_training_state(path, self.model, self.optimizer, self.lr_scheduler)
         self.epoch, self.consumed, self.num_skipped = trainer["epoch"], trainer["consumed"], trainer["num_skipped"]
-        logger.info("resumed from %s (step %d, epoch %d, %d samples into it)", path, trainer["step"],
-                    self.epoch, self.consumed)
+        logger.info(
+            "resumed from %s (step %d, epoch %d, %d samples into it)", path, trainer["step"], self.epoch, self.consumed
+        )
         return trainer["step"]
 
     def _truncate_metrics(self, start_step: int) -> None:
@@ -290,8 +348,17 @@ class OmniLongFullRecipe:
 
     def _save_checkpoint(self, step: int) -> None:
         trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed, "num_skipped": self.num_skipped}
-        path = save_training_state(self.output_dir, step, self.model, self.optimizer, self.lr_scheduler, trainer,
-                                   self.cfg, self.cfg.keep_last_n_checkpoints, self.run_id)
+        path = save_training_state(
+            self.output_dir,
+            step,
+            self.model,
+            self.optimizer,
+            self.lr_scheduler,
+            trainer,
+            self.cfg,
+            self.cfg.keep_last_n_checkpoints,
+            self.run_id,
+        )
         logger.info("checkpoint written: %s", path)
 
     # ------------------------------------------------------------------ train
@@ -312,7 +379,9 @@ class OmniLongFullRecipe:
         with context parallelism, this rank's shard of it."""
         batch = self.model.with_positions(batch)
         if self.dims.cp > 1:
-            batch = shard_batch_for_cp(with_vision_token_index(batch, self.model.vision_token_ids), self.meshes.cp, pad_id)
+            batch = shard_batch_for_cp(
+                with_vision_token_index(batch, self.model.vision_token_ids), self.meshes.cp, pad_id
+            )
         return batch
 
     def _validate(self) -> dict[str, float]:
@@ -349,8 +418,11 @@ class OmniLongFullRecipe:
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
             counts = torch.tensor(
-                [sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
-                 sum(mb["input_ids"].numel() for mb in micro_batches)], dtype=torch.float64,
+                [
+                    sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
+                    sum(mb["input_ids"].numel() for mb in micro_batches),
+                ],
+                dtype=torch.float64,
             )
             dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
             global_tokens, global_inputs = counts[0].to(self.device), counts[1]
@@ -372,26 +444,33 @@ class OmniLongFullRecipe:
             self.metrics.step_done(int(global_inputs))
             last = step == cfg.max_steps
             evaluate = self.val_dataloader is not None and (
-                last or bool(cfg.eval_every_n_steps) and step % cfg.eval_every_n_steps == 0)
+                last or bool(cfg.eval_every_n_steps) and step % cfg.eval_every_n_steps == 0
+            )
             if step % cfg.log_every_n_steps == 0 or last or evaluate:
-                self.metrics.log(step, {
-                    "loss": float(loss_sum / max(float(counts[0]), 1.0)),
-                    "lr": lr,
-                    "grad_norm": grad_norm,
-                    "num_tokens": int(counts[0]),
-                    "tokens_per_sec": float(global_inputs) / elapsed,
-                    "peak_memory_gb": peak_memory_gb(self.device),
-                    "num_skipped": self.num_skipped,
-                    **(self._validate() if evaluate else {}),
-                })
-            if (cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or last)) or (last and cfg.save_hf_at_end):
+                self.metrics.log(
+                    step,
+                    {
+                        "loss": float(loss_sum / max(float(counts[0]), 1.0)),
+                        "lr": lr,
+                        "grad_norm": grad_norm,
+                        "num_tokens": int(counts[0]),
+                        "tokens_per_sec": float(global_inputs) / elapsed,
+                        "peak_memory_gb": peak_memory_gb(self.device),
+                        "num_skipped": self.num_skipped,
+                        **(self._validate() if evaluate else {}),
+                    },
+                )
+            if (cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or last)) or (
+                last and cfg.save_hf_at_end
+            ):
                 self._save_checkpoint(step)
             maybe_inject_sigkill("after_step", step)
         checkpoint = find_latest_checkpoint(self.output_dir) if cfg.save_every_n_steps or cfg.save_hf_at_end else None
         if cfg.save_hf_at_end:
             self._export_hf(checkpoint)
-        self.metrics.summary(cfg.max_steps - self.start_step + 1, checkpoint,
-                             self.output_dir / "hf" if cfg.save_hf_at_end else None)
+        self.metrics.summary(
+            cfg.max_steps - self.start_step + 1, checkpoint, self.output_dir / "hf" if cfg.save_hf_at_end else None
+        )
 
     def _export_hf(self, checkpoint: Path) -> None:
         """Rank 0 writes ``output_dir/hf`` from the final checkpoint, reading it shard by shard

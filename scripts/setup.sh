@@ -16,5 +16,6 @@ fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 EXTRAS=test${OMNILONG_EXTRAS:+,$OMNILONG_EXTRAS}
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[$EXTRAS]"
+# constraints.txt: the exact versions CI tests (pyproject.toml gives ranges for library users).
+.venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$EXTRAS]"
 echo "setup: done (.venv, extras: $EXTRAS); run commands after: source .venv/bin/activate"

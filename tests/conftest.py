@@ -4,12 +4,13 @@ oracle and a host-sync guard."""
 import contextlib
 import os
 import socket
-import threading
 import sys
+import threading
 import traceback
 import unittest.mock
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import pytest
 import torch
@@ -28,8 +29,9 @@ def _free_port() -> int:
 
 
 def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -51,8 +53,7 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, fn, args, queue))
-             for r in range(world_size)]
+    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -101,7 +102,7 @@ def shared_run(tmp_path_factory) -> Callable:
 
     runs: dict[tuple, tuple] = {}
 
-    def run(config: str, overrides: dict, nproc: int = 1, fault: Optional[str] = None) -> Path:
+    def run(config: str, overrides: dict, nproc: int = 1, fault: str | None = None) -> Path:
         key = (config, nproc, fault, tuple(sorted((k, str(v)) for k, v in overrides.items())))
         if key not in runs:
             output_dir = tmp_path_factory.mktemp("shared_run") / "out"
@@ -160,7 +161,8 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documen
         visible = visible & (document_ids[:, :, None] == document_ids[:, None, :])
     with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):
         return torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=visible[:, None], enable_gqa=q.shape[1] != k.shape[1])
+            q, k, v, attn_mask=visible[:, None], enable_gqa=q.shape[1] != k.shape[1]
+        )
 
 
 @pytest.fixture
@@ -200,8 +202,9 @@ def _no_host_sync():
     thread is inside (threads may enter and leave in any order)."""
     with _GUARDS["lock"]:
         if _GUARDS["depth"] == 0:
-            _GUARDS["patches"] = [unittest.mock.patch.object(torch.Tensor, name, _refuse_host_read)
-                                  for name in ("tolist", "numpy")]
+            _GUARDS["patches"] = [
+                unittest.mock.patch.object(torch.Tensor, name, _refuse_host_read) for name in ("tolist", "numpy")
+            ]
             for patch in _GUARDS["patches"]:
                 patch.start()
         _GUARDS["depth"] += 1
@@ -248,8 +251,9 @@ def tiny_llava_inference(tiny_llava_dir):
 def family_inference(request):
     """Each model family's tiny checkpoint loaded for inference, with its family
     (:func:`tiny_inference`, :func:`tiny_llava_inference`)."""
-    return request.getfixturevalue({"qwen2_5_vl": "tiny_inference", "llava_onevision": "tiny_llava_inference"}
-                                   [request.param])
+    return request.getfixturevalue(
+        {"qwen2_5_vl": "tiny_inference", "llava_onevision": "tiny_llava_inference"}[request.param]
+    )
 
 
 # ---------------------------------------------------------------- this checkout's code

@@ -27,10 +27,13 @@ def _args(overrides: dict) -> list[str]:
 
 def tune_run(config, overrides, nproc=1, timeout=300, **popen) -> subprocess.CompletedProcess:
     """``tune run`` of ``config`` with ``key=value`` overrides (``None`` value: the bare key)."""
-    cmd = [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + ["omnilong_full", "--config", config]
+    cmd = (
+        [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + ["omnilong_full", "--config", config]
+    )
     env = {**(popen.get("env") or os.environ), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd + _args(overrides), capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=popen.get("cwd", REPO))
+    return subprocess.run(
+        cmd + _args(overrides), capture_output=True, text=True, timeout=timeout, env=env, cwd=popen.get("cwd", REPO)
+    )
 
 
 def metrics(output_dir) -> list[dict]:

@@ -25,27 +25,40 @@ def test_an_existing_file_wins_over_a_shipped_name(root, tmp_path, monkeypatch):
     assert resolve_config("tiny/stage1_text.yaml", root).resolve() == tmp_path / "tiny/stage1_text.yaml"
 
 
-@pytest.mark.parametrize("value, expected", [("big/stage3_video_sft", "big/stage3_video_sft.yaml"),
-                                             ("big/stage1_text.yaml", "big/stage1_text.yaml"),
-                                             ("stage3_video_sft.yaml", "big/stage3_video_sft.yaml"),
-                                             ("stage3_video_sft", "big/stage3_video_sft.yaml")])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("big/stage3_video_sft", "big/stage3_video_sft.yaml"),
+        ("big/stage1_text.yaml", "big/stage1_text.yaml"),
+        ("stage3_video_sft.yaml", "big/stage3_video_sft.yaml"),
+        ("stage3_video_sft", "big/stage3_video_sft.yaml"),
+    ],
+)
 def test_a_name_resolves_against_the_shipped_configs(root, tmp_path, monkeypatch, value, expected):
     monkeypatch.chdir(tmp_path)  # where none of these names is a file
     assert resolve_config(value, root) == root / expected
 
 
 def test_a_file_name_several_configs_share_is_refused_listing_them(root):
-    with pytest.raises(FileNotFoundError, match="several shipped configs have that name: big/stage1_text, tiny/stage1_text"):
+    with pytest.raises(
+        FileNotFoundError, match="several shipped configs have that name: big/stage1_text, tiny/stage1_text"
+    ):
         resolve_config("stage1_text.yaml", root)
 
 
 def test_an_unknown_name_is_refused_with_the_closest_names(root):
-    with pytest.raises(FileNotFoundError, match=r"config tiny/stage1_txt: no such file, nor a shipped config "
-                                                r"\(3 in .*\); did you mean tiny/stage1_text"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"config tiny/stage1_txt: no such file, nor a shipped config "
+        r"\(3 in .*\); did you mean tiny/stage1_text",
+    ):
         resolve_config("tiny/stage1_txt", root)
 
 
 def test_without_shipped_configs_a_name_asks_for_a_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"nor a shipped config \(0 in .*\) \(a non-editable install does "
-                                                r"not ship them\); give a path"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"nor a shipped config \(0 in .*\) \(a non-editable install does "
+        r"not ship them\); give a path",
+    ):
         resolve_config("tiny/stage1_text", tmp_path / "site-packages" / "configs")

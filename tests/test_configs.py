@@ -62,15 +62,20 @@ def test_every_key_has_a_meaning_and_defaults_follow_the_registry():
 
 
 def _stage1(**overrides):
-    return OmegaConf.merge(OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/stage1_text.yaml"),
-                           overrides)
+    return OmegaConf.merge(
+        OmegaConf.load(Path(__file__).resolve().parents[1] / "configs/tiny/stage1_text.yaml"), overrides
+    )
 
 
 def test_a_metric_logger_whose_package_is_missing_is_refused_naming_the_extra(monkeypatch):
     real_find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real_find_spec(name, *a)
+    )
     cfg = _stage1(metric_logger={"_component_": "torchtune.training.metric_logging.WandBLogger", "project": "x"})
-    with pytest.raises(ValueError, match=r"needs the 'wandb' package.*pip install -e \"\.\[wandb\]\".*OMNILONG_EXTRAS=wandb"):
+    with pytest.raises(
+        ValueError, match=r"needs the 'wandb' package.*pip install -e \"\.\[wandb\]\".*OMNILONG_EXTRAS=wandb"
+    ):
         validate_config(cfg)
 
 
@@ -78,8 +83,9 @@ def test_eval_every_n_steps_needs_a_validation_dataset():
     with pytest.raises(ValueError, match="eval_every_n_steps is set but validation_dataset is not"):
         validate_config(_stage1(eval_every_n_steps=10))
     with pytest.raises(ValueError, match="unknown key validation_dataset.max_filez"):
-        validate_config(_stage1(validation_dataset={"_component_": "omnilong.testing.python_stdlib_dataset",
-                                                    "max_filez": 3}))
+        validate_config(
+            _stage1(validation_dataset={"_component_": "omnilong.testing.python_stdlib_dataset", "max_filez": 3})
+        )
 
 
 def test_freeze_projector_is_true_false_or_null():

@@ -30,7 +30,9 @@ def test_threads_per_rank(requested, environ, cores, expected):
 
 
 def test_reason_names_the_source():
-    assert cpu_threads_per_rank(None, {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "8"}, 96)[1] == \
-        "96 cores / 8 ranks on this node"
+    assert (
+        cpu_threads_per_rank(None, {"OMP_NUM_THREADS": "1", "LOCAL_WORLD_SIZE": "8"}, 96)[1]
+        == "96 cores / 8 ranks on this node"
+    )
     assert cpu_threads_per_rank(None, {"OMP_NUM_THREADS": "6"}, 96)[1] == "OMP_NUM_THREADS"
     assert cpu_threads_per_rank(4, {}, 96)[1] == "cpu_threads_per_rank"

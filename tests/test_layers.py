@@ -68,20 +68,35 @@ def _within(name: str, prefixes) -> bool:
 def _violations(module_prefix: str, forbidden, allowed=()) -> list[str]:
     return sorted(
         f"{module} imports {imported}"
-        for module, (_, imports) in SOURCES.items() if _within(module, [module_prefix])
-        for imported in imports if _within(imported, forbidden) and not _within(imported, allowed)
+        for module, (_, imports) in SOURCES.items()
+        if _within(module, [module_prefix])
+        for imported in imports
+        if _within(imported, forbidden) and not _within(imported, allowed)
     )
 
 
 def test_parallel_imports_no_model_data_or_checkpoint():
     """omnilong.parallel applies generic mechanisms: of the models it knows only the attention entry point."""
-    problems = _violations("omnilong.parallel", ["omnilong"],
-                           ["omnilong.parallel", "omnilong.constants", "omnilong.distributed", *ATTENTION])
+    problems = _violations(
+        "omnilong.parallel",
+        ["omnilong"],
+        ["omnilong.parallel", "omnilong.constants", "omnilong.distributed", *ATTENTION],
+    )
     assert not problems, problems
 
 
-@pytest.mark.parametrize("layer", ["omnilong.parallel", "omnilong.data", "omnilong.checkpoint", "omnilong.eval",
-                                   "omnilong.generation", "omnilong.loss", "recipes"])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        "omnilong.parallel",
+        "omnilong.data",
+        "omnilong.checkpoint",
+        "omnilong.eval",
+        "omnilong.generation",
+        "omnilong.loss",
+        "recipes",
+    ],
+)
 def test_model_code_imports_no_outer_layer(layer):
     """Model code is single-device code: only a family's ``parallelize`` module applies omnilong.parallel."""
     allowed_parallel = [m for m in SOURCES if m.endswith(".parallelize")] if layer == "omnilong.parallel" else []
@@ -101,8 +116,10 @@ def test_nothing_imports_a_family_private_module_from_outside():
     not imported: shared code goes through the family's public functions."""
     problems = sorted(
         f"{module} imports {imported}"
-        for module, (_, imports) in SOURCES.items() if module != "omnilong.models.families"
-        for imported in imports if _within(imported, ["omnilong.models"])
+        for module, (_, imports) in SOURCES.items()
+        if module != "omnilong.models.families"
+        for imported in imports
+        if _within(imported, ["omnilong.models"])
         and any(part.startswith("_") for part in imported.split(".")[3:])
         and not _within(module, [".".join(imported.split(".")[:3])])
     )
@@ -137,7 +154,7 @@ def _cycles(graph: dict[str, set[str]]) -> list[str]:
         state[node] = "open"
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == "open":
-                cycles.append(" -> ".join(path[path.index(nxt):] + [nxt]))
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, path + [nxt])
         state[node] = "done"
@@ -169,7 +186,13 @@ def test_no_import_cycle_among_modules():
     ``__init__`` of every package an import goes through (importing ``omnilong.models.attention``
     runs ``omnilong/models/__init__.py``): such a cycle is an ImportError for whichever of its
     modules is imported first."""
-    graph = {module: {i for imported in _imports(path, in_functions=False) if _within(imported, ["omnilong"])
-                      for i in [imported, *_packages_run(module, imported)]}
-             for module, (path, _) in SOURCES.items()}
+    graph = {
+        module: {
+            i
+            for imported in _imports(path, in_functions=False)
+            if _within(imported, ["omnilong"])
+            for i in [imported, *_packages_run(module, imported)]
+        }
+        for module, (path, _) in SOURCES.items()
+    }
     assert not _cycles(graph)

@@ -18,8 +18,9 @@ logging.getLogger("omnilong").error("this rank's error")
 
 
 def _stderr(rank: int) -> str:
-    return subprocess.run([sys.executable, "-c", _EMIT, str(rank)], capture_output=True, text=True,
-                          check=True, timeout=60).stderr
+    return subprocess.run(
+        [sys.executable, "-c", _EMIT, str(rank)], capture_output=True, text=True, check=True, timeout=60
+    ).stderr
 
 
 def test_rank_zero_logs_info_warnings_and_errors():

@@ -45,7 +45,9 @@ def test_each_switch_lowers_its_own_component(shape_7b):
     plain = plan(shape_7b, base)
     offloaded = plan(shape_7b, replace(base, fsdp_cpu_offload=True))
     assert offloaded["optimizer"] == 0 and offloaded["parameters"] < plain["parameters"]
-    assert plan(shape_7b, replace(base, activation_offload=True))["saved_activations"] < plain["saved_activations"] / 4  # 2 of 28 layer inputs
+    assert (
+        plan(shape_7b, replace(base, activation_offload=True))["saved_activations"] < plain["saved_activations"] / 4
+    )  # 2 of 28 layer inputs
     assert plan(shape_7b, replace(base, mlp_chunk_size=4096))["layer_recompute"] < plain["layer_recompute"] / 2
     halved = plan(shape_7b, replace(base, cp=2))  # each GPU holds half the tokens
     assert halved["saved_activations"] == pytest.approx(plain["saved_activations"] / 2, rel=1e-3)
@@ -71,7 +73,10 @@ def test_shape_of_a_checkpoint_directory_and_a_bad_name(tiny_qwen_dir):
     config = read_hf_config(tiny_qwen_dir)
     text = config.get("text_config", config)
     shape = model_shape(str(tiny_qwen_dir))
-    assert (shape.dim, shape.n_layers, shape.vocab_size) == (text["hidden_size"], text["num_hidden_layers"],
-                                                              text["vocab_size"])
+    assert (shape.dim, shape.n_layers, shape.vocab_size) == (
+        text["hidden_size"],
+        text["num_hidden_layers"],
+        text["vocab_size"],
+    )
     with pytest.raises(SystemExit, match="neither a checkpoint directory nor a known name"):
         model_shape("/nonexistent/model")

@@ -14,8 +14,15 @@ class _Terminal(io.StringIO):
 
 
 def _metrics(step):
-    return {"loss": 2.0 / step, "lr": 1e-4, "grad_norm": 0.5, "num_tokens": 100, "tokens_per_sec": 1234.5,
-            "peak_memory_gb": 1.25, "num_skipped": 0}
+    return {
+        "loss": 2.0 / step,
+        "lr": 1e-4,
+        "grad_norm": 0.5,
+        "num_tokens": 100,
+        "tokens_per_sec": 1234.5,
+        "peak_memory_gb": 1.25,
+        "num_skipped": 0,
+    }
 
 
 def _train(writer, steps, log_every):
@@ -32,10 +39,10 @@ def test_in_a_file_each_logged_step_is_one_plain_line_and_no_bar(tmp_path, caplo
         _train(writer, 4, log_every=2)
         writer.close()
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["step 2/4: loss 1.0000, lr 1.00e-04, grad_norm 0.5000, tokens_per_sec 1234, "
-                     "peak_memory_gb 1.25, num_skipped 0",
-                     "step 4/4: loss 0.5000, lr 1.00e-04, grad_norm 0.5000, tokens_per_sec 1234, "
-                     "peak_memory_gb 1.25, num_skipped 0"]
+    assert lines == [
+        "step 2/4: loss 1.0000, lr 1.00e-04, grad_norm 0.5000, tokens_per_sec 1234, peak_memory_gb 1.25, num_skipped 0",
+        "step 4/4: loss 0.5000, lr 1.00e-04, grad_norm 0.5000, tokens_per_sec 1234, peak_memory_gb 1.25, num_skipped 0",
+    ]
     assert stream.getvalue() == ""
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4]

@@ -30,7 +30,7 @@ import argparse
 import os
 import socket
 import time
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,9 +54,17 @@ MEMORY_SEQ_LEN = 32768
 WARMUP_SEQ_LEN = 512
 #: Tiny Qwen2.5-VL-shaped language model of the memory part (text only, fp32).
 MODEL_ARGS = Qwen2_5_VLTextArgs(
-    vocab_size=1024, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, hidden_dim=1024,
-    mrope_section=[4, 6, 6], image_token_id=None, video_token_id=None,
-    vision_start_token_id=None, vision_end_token_id=None,
+    vocab_size=1024,
+    dim=256,
+    n_layers=4,
+    n_heads=8,
+    n_kv_heads=2,
+    hidden_dim=1024,
+    mrope_section=[4, 6, 6],
+    image_token_id=None,
+    video_token_id=None,
+    vision_start_token_id=None,
+    vision_end_token_id=None,
 )
 #: Default relative lengths of the documents packed into the row of the memory part.
 DOCUMENT_SHARES = [3, 2, 2, 1]
@@ -67,8 +75,7 @@ LAYOUTS: dict[str, Callable[[int, int, int], torch.Tensor]] = {
 }
 
 
-def causal_pairs_per_rank(layout: Callable[[int, int, int], torch.Tensor], seq_len: int,
-                          cp: int) -> list[int]:
+def causal_pairs_per_rank(layout: Callable[[int, int, int], torch.Tensor], seq_len: int, cp: int) -> list[int]:
     """Attended (query, key) pairs of each rank: ``sum over held positions p of (p + 1)``."""
     return [int((layout(seq_len, rank, cp) + 1).sum()) for rank in range(cp)]
 
@@ -97,8 +104,12 @@ def packed_row(seq_len: int, vocab_size: int, shares: list[int]) -> dict[str, to
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:-1] = input_ids[1:]
     labels[torch.tensor(bounds[1:]) - 1] = IGNORE_INDEX
-    row = {"input_ids": input_ids, "labels": labels,
-           "position_ids": positions_within_documents(document_ids), "document_ids": document_ids}
+    row = {
+        "input_ids": input_ids,
+        "labels": labels,
+        "position_ids": positions_within_documents(document_ids),
+        "document_ids": document_ids,
+    }
     return {key: x[None] for key, x in row.items()}
 
 
@@ -114,8 +125,7 @@ def build_model(meshes: ParallelMeshes, cp: int) -> nn.Module:
     apply_fsdp(model, meshes)
     model.to_empty(device="cpu")
     torch.manual_seed(0)
-    set_model_state_dict(model, qwen2_5_vl(MODEL_ARGS).state_dict(),
-                         options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(model, qwen2_5_vl(MODEL_ARGS).state_dict(), options=StateDictOptions(full_state_dict=True))
     return model
 
 
@@ -138,11 +148,9 @@ def train_step(model: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tens
     model.zero_grad(set_to_none=True)
 
 
-def _memory_rank(rank: int, cp: int, seq_len: int, shares: list[int], port: int,
-                 results: mp.SimpleQueue) -> None:
+def _memory_rank(rank: int, cp: int, seq_len: int, shares: list[int], port: int, results: mp.SimpleQueue) -> None:
     """One rank of :func:`measure_step_memory`: puts ``(rank, peak extra MiB, seconds)``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(cp))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(cp))
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // cp))
     dist.init_process_group("gloo")
     meshes = build_mesh(ParallelDims.resolve(cp, cp=cp), "cpu")
@@ -183,14 +191,17 @@ def step_memory(args: argparse.Namespace) -> None:
     """Print the peak activation memory per rank of one training step at cp = 1 and 2."""
     seq_len = args.seq_len or MEMORY_SEQ_LEN
     a = MODEL_ARGS
-    print(f"\ntraining-step activation memory per rank, T = {seq_len}: one packed row of "
-          f"{len(args.documents)} document(s), lengths {args.documents} / {sum(args.documents)} of it")
-    print(f"model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} kv heads, "
-          f"SwiGLU {a.hidden_dim}, vocab {a.vocab_size}; fp32, activation checkpointing on, "
-          f"FSDP2, ChunkedLinearCrossEntropy, forward + backward (no optimizer step)")
-    print(f"{'cp':>3} {'ranks':>5} {'peak extra MB/rank':>19} {'per rank MB':>21} {'step s':>7} "
-          f"{'ratio to cp=1':>14}")
-    reference: Optional[float] = None
+    print(
+        f"\ntraining-step activation memory per rank, T = {seq_len}: one packed row of "
+        f"{len(args.documents)} document(s), lengths {args.documents} / {sum(args.documents)} of it"
+    )
+    print(
+        f"model: dim {a.dim}, {a.n_layers} layers, {a.n_heads} heads / {a.n_kv_heads} kv heads, "
+        f"SwiGLU {a.hidden_dim}, vocab {a.vocab_size}; fp32, activation checkpointing on, "
+        f"FSDP2, ChunkedLinearCrossEntropy, forward + backward (no optimizer step)"
+    )
+    print(f"{'cp':>3} {'ranks':>5} {'peak extra MB/rank':>19} {'per rank MB':>21} {'step s':>7} {'ratio to cp=1':>14}")
+    reference: float | None = None
     for cp in (1, 2):
         ranks = measure_step_memory(cp, seq_len, args.documents)
         peak = max(extra for extra, _ in ranks) * 2**20 / 1e6
@@ -208,15 +219,22 @@ PARTS: dict[str, Callable[[argparse.Namespace], None]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=sorted(PARTS))
-    parser.add_argument("--seq-len", type=int,
-                        help=f"sequence length (default: {BALANCE_SEQ_LEN} for balance, a multiple "
-                             f"of 16 = 2 * the largest cp; {MEMORY_SEQ_LEN} for memory)")
-    parser.add_argument("--documents", type=int, nargs="+", default=DOCUMENT_SHARES,
-                        help=f"memory: relative lengths of the documents packed into the row "
-                             f"(default: {' '.join(map(str, DOCUMENT_SHARES))})")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        help=f"sequence length (default: {BALANCE_SEQ_LEN} for balance, a multiple "
+        f"of 16 = 2 * the largest cp; {MEMORY_SEQ_LEN} for memory)",
+    )
+    parser.add_argument(
+        "--documents",
+        type=int,
+        nargs="+",
+        default=DOCUMENT_SHARES,
+        help=f"memory: relative lengths of the documents packed into the row "
+        f"(default: {' '.join(map(str, DOCUMENT_SHARES))})",
+    )
     args = parser.parse_args()
     for part in args.parts:
         PARTS[part](args)

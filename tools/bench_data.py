@@ -53,8 +53,14 @@ def _child(kind: str, tokenizer_dir: str, path: str, max_seq_len: int) -> dict:
     row_s = (time.perf_counter() - start - built) / 4
     peak = host_peak_memory()
     rss = reset_host_peak_memory()  # the resident set now
-    return {"construct_s": built, "row_ms": row_s * 1e3, "rows": len(dataset), "baseline_mb": baseline / 2**20,
-            "rss_mb": rss / 2**20, "peak_above_mb": (peak - baseline) / 2**20}
+    return {
+        "construct_s": built,
+        "row_ms": row_s * 1e3,
+        "rows": len(dataset),
+        "baseline_mb": baseline / 2**20,
+        "rss_mb": rss / 2**20,
+        "peak_above_mb": (peak - baseline) / 2**20,
+    }
 
 
 def _write_corpus(path: Path, target_tokens: int, chars_per_token: float) -> None:
@@ -98,8 +104,12 @@ def _tile(source: Path, output: Path, times: int) -> dict:
 
 
 def _run_child(kind: str, tokenizer_dir: Path, path: Path, max_seq_len: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", kind, str(tokenizer_dir), str(path), str(max_seq_len)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", kind, str(tokenizer_dir), str(path), str(max_seq_len)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -129,24 +139,38 @@ def main() -> None:
         raw[label] = work / f"corpus-{label}.jsonl"
         _write_corpus(raw[label], target, ratio)
         prepared[label] = work / f"prepared-{label}"
-        meta = prepare("text", raw[label], tokenizer_dir, prepared[label], workers=args.workers,
-                       separator_token=SEP, force=True, progress=False)
-        print(f"{meta['num_tokens']:>12,} {meta['num_documents']:>10,} {meta['prepare_seconds']:>8.1f} "
-              f"{meta['num_tokens'] / meta['prepare_seconds']:>10,.0f}")
+        meta = prepare(
+            "text",
+            raw[label],
+            tokenizer_dir,
+            prepared[label],
+            workers=args.workers,
+            separator_token=SEP,
+            force=True,
+            progress=False,
+        )
+        print(
+            f"{meta['num_tokens']:>12,} {meta['num_documents']:>10,} {meta['prepare_seconds']:>8.1f} "
+            f"{meta['num_tokens'] / meta['prepare_seconds']:>10,.0f}"
+        )
     prepared["100M"] = work / "prepared-100M"
     meta = _tile(prepared["10M"], prepared["100M"], 10)
     print(f"{meta['num_tokens']:>12,} {meta['num_documents']:>10,}    (10M token files tiled 10x, not tokenized)")
 
     print(f"\nstart-up of one rank, max_seq_len {args.max_seq_len:,}; fresh process per case; 4 rows read")
-    print(f"{'corpus':>7} {'path':>9} {'tokens':>12} {'rows':>6} {'construct s':>12} {'ms/row':>7} {'RSS MB':>7} "
-          f"{'peak above baseline MB':>23}")
+    print(
+        f"{'corpus':>7} {'path':>9} {'tokens':>12} {'rows':>6} {'construct s':>12} {'ms/row':>7} {'RSS MB':>7} "
+        f"{'peak above baseline MB':>23}"
+    )
     cases = [(label, "prepared", prepared[label]) for label in ("1M", "10M", "100M")]
     cases += [(label, "raw", raw[label]) for label in ("1M", "10M")]
     for label, kind, path in cases:
         tokens = json.loads(((prepared[label] if kind == "raw" else path) / "meta.json").read_text())["num_tokens"]
         r = _run_child(kind, tokenizer_dir, path, args.max_seq_len)
-        print(f"{label:>7} {kind:>9} {tokens:>12,} {r['rows']:>6} {r['construct_s']:>12.3f} {r['row_ms']:>7.1f} "
-              f"{r['rss_mb']:>7.0f} {r['peak_above_mb']:>23.1f}")
+        print(
+            f"{label:>7} {kind:>9} {tokens:>12,} {r['rows']:>6} {r['construct_s']:>12.3f} {r['row_ms']:>7.1f} "
+            f"{r['rss_mb']:>7.0f} {r['peak_above_mb']:>23.1f}"
+        )
     if args.work_dir is None:
         shutil.rmtree(work)
 

@@ -59,8 +59,8 @@ def main() -> None:
     for length in args.lengths:
         input_ids = torch.randint(10, 1000, (1, length), generator=torch.Generator().manual_seed(length))
         input_ids = input_ids.to(args.device)
-        cached, t_cached = _timed(lambda: greedy_generate(model, {"input_ids": input_ids}, args.new_tokens, []))
-        uncached, t_uncached = _timed(lambda: uncached_greedy(model, input_ids, args.new_tokens))
+        cached, t_cached = _timed(lambda ids=input_ids: greedy_generate(model, {"input_ids": ids}, args.new_tokens, []))
+        uncached, t_uncached = _timed(lambda ids=input_ids: uncached_greedy(model, ids, args.new_tokens))
         if cached.tokens != uncached:
             raise SystemExit(f"cached and uncached decoding differ at prompt length {length}")
         print(f"{length:>7} {args.new_tokens:>4} {t_cached:>9.3f} {t_uncached:>11.3f} {t_uncached / t_cached:>6.1f}")

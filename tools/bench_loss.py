@@ -27,10 +27,12 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {"full": "(a) full logits + F.cross_entropy",
-            "torchtune": "(b) torchtune CEWithChunkedOutputLoss, 8 chunks",
-            "omnilong": "(c) omnilong ChunkedLinearCrossEntropy",
-            "liger": "(d) Liger FusedLinearCrossEntropy"}
+VARIANTS = {
+    "full": "(a) full logits + F.cross_entropy",
+    "torchtune": "(b) torchtune CEWithChunkedOutputLoss, 8 chunks",
+    "omnilong": "(c) omnilong ChunkedLinearCrossEntropy",
+    "liger": "(d) Liger FusedLinearCrossEntropy",
+}
 
 
 def _child(variant: str, tokens: int, hidden_dim: int, vocab: int, device: str) -> dict:
@@ -42,27 +44,31 @@ def _child(variant: str, tokens: int, hidden_dim: int, vocab: int, device: str) 
     dtype = torch.bfloat16 if cuda else torch.float32
     torch.manual_seed(0)
     hidden = torch.empty(1, tokens, hidden_dim, device=device, dtype=dtype).normal_().requires_grad_()
-    weight = torch.empty(vocab, hidden_dim, device=device, dtype=dtype).normal_(std=hidden_dim ** -0.5)
+    weight = torch.empty(vocab, hidden_dim, device=device, dtype=dtype).normal_(std=hidden_dim**-0.5)
     weight.requires_grad_()
     labels = torch.empty(1, tokens, dtype=torch.long, device=device).random_(vocab)
     if variant == "full":
+
         def step() -> torch.Tensor:
             logits = (hidden @ weight.t()).float()  # shape: [1, T, V]
             return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     elif variant == "torchtune":
         from torchtune.modules.loss import CEWithChunkedOutputLoss
+
         loss_fn = CEWithChunkedOutputLoss(num_output_chunks=8)
 
         def step() -> torch.Tensor:
             return loss_fn([h @ weight.t() for h in hidden.chunk(8, dim=1)], labels)
     elif variant == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
         loss_fn = LigerFusedLinearCrossEntropyLoss()
 
         def step() -> torch.Tensor:
             return loss_fn(weight, hidden.flatten(0, 1), labels.flatten())
     else:
         from omnilong.loss import ChunkedLinearCrossEntropy
+
         loss_fn = ChunkedLinearCrossEntropy()
 
         def step() -> torch.Tensor:
@@ -135,8 +141,10 @@ def main() -> None:
             if r.get("oom") or ref.get("oom"):
                 print(f"{VARIANTS[variant]:<50} {'out of memory' if r.get('oom') else ''}")
                 continue
-            print(f"{VARIANTS[variant]:<50} {r['peak_gb']:>14.2f} {r['peak_gb'] / ref['peak_gb']:>6.2f} "
-                  f"{r['seconds']:>8.3f} {r['seconds'] / ref['seconds']:>6.2f}")
+            print(
+                f"{VARIANTS[variant]:<50} {r['peak_gb']:>14.2f} {r['peak_gb'] / ref['peak_gb']:>6.2f} "
+                f"{r['seconds']:>8.3f} {r['seconds'] / ref['seconds']:>6.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -72,8 +72,18 @@ def _seconds_per_step(make, numel: int, tensors: int, steps: int) -> float:
 
 def _run_case(args, builder: str, threads: int) -> float:
     """Seconds per step of ``builder`` on ``threads`` threads, measured in a fresh process."""
-    child = [sys.executable, __file__, "--numel", str(args.numel), "--tensors", str(args.tensors),
-             "--steps", str(args.steps), "--child", builder]
+    child = [
+        sys.executable,
+        __file__,
+        "--numel",
+        str(args.numel),
+        "--tensors",
+        str(args.tensors),
+        "--steps",
+        str(args.steps),
+        "--child",
+        builder,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}  # torch's intra-op pool and DeepSpeed's OpenMP
     run = subprocess.run(child, capture_output=True, text=True, env=env)
     if run.returncode != 0:
@@ -97,9 +107,11 @@ def main() -> None:
         return
     cases = {f"{name}, {args.threads} threads": (name, args.threads) for name in builders}
     cases["torch fused, 1 thread"] = ("torch fused", 1)
-    print(f"AdamW step over {args.numel / 1e6:.0f}M fp32 parameters in {args.tensors} tensors, torch "
-          f"{torch.__version__}, {args.rounds} rounds of {args.steps} steps"
-          + ("" if "DeepSpeedCPUAdam" in builders else "; deepspeed not importable: DeepSpeedCPUAdam not run"))
+    print(
+        f"AdamW step over {args.numel / 1e6:.0f}M fp32 parameters in {args.tensors} tensors, torch "
+        f"{torch.__version__}, {args.rounds} rounds of {args.steps} steps"
+        + ("" if "DeepSpeedCPUAdam" in builders else "; deepspeed not importable: DeepSpeedCPUAdam not run")
+    )
     seconds: dict[str, list[float]] = {case: [] for case in cases}
     for _ in range(args.rounds):
         for case, (builder, threads) in cases.items():

@@ -43,7 +43,7 @@ def _fed_rows(recipe, steps: int) -> tuple[int, int, int]:
     rows = getattr(dataset, "rows", None)
     fed = padding = samples = 0
     for start in range(0, wanted, cfg.batch_size):
-        batch = order[start:start + cfg.batch_size]  # one micro-batch
+        batch = order[start : start + cfg.batch_size]  # one micro-batch
         lengths = [len(dataset[i]["input_ids"]) for i in batch]
         fed += len(batch) * max(lengths)
         padding += len(batch) * max(lengths) - sum(lengths)
@@ -59,10 +59,17 @@ def run_one(config: str, packed: bool, steps: int, output_dir: str) -> dict:
     from omnilong_full import OmniLongFullRecipe
 
     os.chdir(REPO)
-    cfg = OmegaConf.merge(OmegaConf.load(config), OmegaConf.from_dotlist([
-        f"output_dir={output_dir}", f"max_steps={steps}", f"dataset.packed={str(packed).lower()}",
-        "lr_scheduler.num_warmup_steps=1",
-    ]))
+    cfg = OmegaConf.merge(
+        OmegaConf.load(config),
+        OmegaConf.from_dotlist(
+            [
+                f"output_dir={output_dir}",
+                f"max_steps={steps}",
+                f"dataset.packed={str(packed).lower()}",
+                "lr_scheduler.num_warmup_steps=1",
+            ]
+        ),
+    )
     recipe = OmniLongFullRecipe(cfg)
     recipe.setup()
     cfg = recipe.cfg
@@ -76,10 +83,15 @@ def run_one(config: str, packed: bool, steps: int, output_dir: str) -> dict:
     metrics = [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
     trained = sum(m["num_tokens"] for m in metrics)
     rows = steps * cfg.gradient_accumulation_steps * cfg.batch_size
-    return {"rows": len(recipe.dataset), "padding": padding / fed, "fill": (fed - padding) / (rows * cfg.max_seq_len),
-            "samples_per_step": samples / steps,
-            "real_tokens_per_s": (fed - padding) / seconds, "trained_tokens_per_s": trained / seconds,
-            "seconds": seconds}
+    return {
+        "rows": len(recipe.dataset),
+        "padding": padding / fed,
+        "fill": (fed - padding) / (rows * cfg.max_seq_len),
+        "samples_per_step": samples / steps,
+        "real_tokens_per_s": (fed - padding) / seconds,
+        "trained_tokens_per_s": trained / seconds,
+        "seconds": seconds,
+    }
 
 
 def main() -> None:
@@ -93,25 +105,41 @@ def main() -> None:
         return
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     print(f"tiny configs, CPU, {args.steps} steps each, one process; tokens/s over train() (setup excluded)")
-    print(f"{'config':14} {'packed':6} {'rows':>5} {'samples/step':>12} {'padding':>8} "
-          f"{'fill':>6} {'real tok/s':>10} {'trained tok/s':>13} {'x unpacked':>10}")
+    print(
+        f"{'config':14} {'packed':6} {'rows':>5} {'samples/step':>12} {'padding':>8} "
+        f"{'fill':>6} {'real tok/s':>10} {'trained tok/s':>13} {'x unpacked':>10}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for name, config in CONFIGS.items():
             base = None
             for packed in ("false", "true"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--steps", str(args.steps), "--one", config, packed,
-                     f"{tmp}/{name.replace(' ', '_')}_{packed}"],
-                    capture_output=True, text=True, env=env, check=False)
+                    [
+                        sys.executable,
+                        __file__,
+                        "--steps",
+                        str(args.steps),
+                        "--one",
+                        config,
+                        packed,
+                        f"{tmp}/{name.replace(' ', '_')}_{packed}",
+                    ],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=False,
+                )
                 if out.returncode != 0:
                     print(f"{name} packed={packed} failed:\n{out.stderr[-2000:]}")
                     continue
                 r = json.loads(out.stdout.strip().splitlines()[-1])
                 base = base or r["real_tokens_per_s"]
-                print(f"{name:14} {packed:6} {r['rows']:5d} {r['samples_per_step']:12.2f} {r['padding']:8.1%} "
-                      f"{r['fill']:6.1%} "
-                      f"{r['real_tokens_per_s']:10.0f} {r['trained_tokens_per_s']:13.0f} "
-                      f"{r['real_tokens_per_s'] / base:10.2f}")
+                print(
+                    f"{name:14} {packed:6} {r['rows']:5d} {r['samples_per_step']:12.2f} {r['padding']:8.1%} "
+                    f"{r['fill']:6.1%} "
+                    f"{r['real_tokens_per_s']:10.0f} {r['trained_tokens_per_s']:13.0f} "
+                    f"{r['real_tokens_per_s'] / base:10.2f}"
+                )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import json
 import subprocess
 import sys
 import time
-from typing import Optional
 
 # Dense bf16 peak (TFLOP/s, without sparsity) by device name.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
@@ -44,12 +43,24 @@ def _hf_config(shape: tuple, layers: int):
 
     hidden, heads, kv_heads, intermediate, vocab, section = shape
     return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=1 << 20,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section}),
-        vision_config=dict(depth=1, hidden_size=64, intermediate_size=64, num_heads=2, out_hidden_size=hidden,
-                           fullatt_block_indexes=[0]),
+        text_config=dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=intermediate,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            max_position_embeddings=1 << 20,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": section},
+        ),
+        vision_config=dict(
+            depth=1,
+            hidden_size=64,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=hidden,
+            fullatt_block_indexes=[0],
+        ),
     )
 
 
@@ -101,6 +112,7 @@ def _child(impl: str, shape_name: str, layers: int, tokens: int, device: str, st
 
         def loss_of_step():
             return model(input_ids=input_ids, labels=hf_labels).loss
+
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, fused=device == "cuda")
@@ -128,12 +140,11 @@ def _child(impl: str, shape_name: str, layers: int, tokens: int, device: str, st
         seconds = (time.perf_counter() - start) / steps
     except torch.OutOfMemoryError:
         return {"oom": True}
-    peak = (torch.cuda.max_memory_allocated() if device == "cuda"
-            else host_peak_memory() - baseline)
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else host_peak_memory() - baseline
     return {"oom": False, "seconds": seconds, "peak_gib": peak / 2**30}
 
 
-def _peak_tflops(device: str) -> Optional[float]:
+def _peak_tflops(device: str) -> float | None:
     if device != "cuda":
         return None
     import torch
@@ -163,15 +174,32 @@ def main() -> None:
     import torch
 
     device_name = torch.cuda.get_device_name() if cuda else "CPU"
-    print(f"{layers}-layer Qwen2.5-VL slice ({shape} dims), {device_name}, torch {torch.__version__}, "
-          f"{'bf16' if cuda else 'fp32'}, activation checkpointing, AdamW; one row per step")
-    print(f"{'tokens':>7} {'impl':<13} {'s/step':>7} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
-          f"{'time x hf':>9} {'mem x hf':>8}")
+    print(
+        f"{layers}-layer Qwen2.5-VL slice ({shape} dims), {device_name}, torch {torch.__version__}, "
+        f"{'bf16' if cuda else 'fp32'}, activation checkpointing, AdamW; one row per step"
+    )
+    print(
+        f"{'tokens':>7} {'impl':<13} {'s/step':>7} {'tokens/s':>9} {'TFLOP/s':>8} {'MFU':>6} {'peak GiB':>9} "
+        f"{'time x hf':>9} {'mem x hf':>8}"
+    )
     for tokens in seq_lens:
         results = {}
         for impl in ("transformers", "omnilong"):
-            child = [sys.executable, __file__, "--device", args.device, "--layers", str(layers), "--shape", shape,
-                     "--steps", str(steps), "--child", impl, str(tokens)]
+            child = [
+                sys.executable,
+                __file__,
+                "--device",
+                args.device,
+                "--layers",
+                str(layers),
+                "--shape",
+                shape,
+                "--steps",
+                str(steps),
+                "--child",
+                impl,
+                str(tokens),
+            ]
             run = subprocess.run(child, capture_output=True, text=True)
             if run.returncode != 0:
                 raise SystemExit(f"{impl} at {tokens} tokens failed:\n{run.stderr[-3000:]}")
@@ -185,8 +213,10 @@ def main() -> None:
             mfu = f"{tflops / peak:.1%}" if peak else "-"
             ratio = "-" if hf["oom"] else f"{r['seconds'] / hf['seconds']:.2f}"
             mem = "-" if hf["oom"] else f"{r['peak_gib'] / hf['peak_gib']:.2f}"
-            print(f"{tokens:>7} {impl:<13} {r['seconds']:>7.3f} {tokens / r['seconds']:>9.0f} {tflops:>8.2f} "
-                  f"{mfu:>6} {r['peak_gib']:>9.2f} {ratio:>9} {mem:>8}")
+            print(
+                f"{tokens:>7} {impl:<13} {r['seconds']:>7.3f} {tokens / r['seconds']:>9.0f} {tflops:>8.2f} "
+                f"{mfu:>6} {r['peak_gib']:>9.2f} {ratio:>9} {mem:>8}"
+            )
 
 
 if __name__ == "__main__":

@@ -13,14 +13,19 @@ import argparse
 import logging
 import sys
 from pathlib import Path
-from typing import Optional
 
 import torch
 
 from omnilong.checkpoint.hf_export import export_hf_checkpoint, parse_size
 
-_DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16,
-           "float32": torch.float32, "fp32": torch.float32}
+_DTYPES = {
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -46,17 +51,24 @@ def push_to_hub(folder: Path, repo_id: str, private: bool) -> str:
 
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
-    return str(api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model",
-                                 commit_message="Upload model exported by OmniLong"))
+    return str(
+        api.upload_folder(
+            repo_id=repo_id, folder_path=folder, repo_type="model", commit_message="Upload model exported by OmniLong"
+        )
+    )
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=Path, help="a <output_dir>/checkpoints/step_N directory")
     parser.add_argument("--base", required=True, type=Path, help="the HF model directory the run started from")
     parser.add_argument("--output", required=True, type=Path, help="directory to create")
-    parser.add_argument("--dtype", type=_dtype, default=None,
-                        help="dtype of floating tensors (default: the base's dtype of each tensor)")
+    parser.add_argument(
+        "--dtype",
+        type=_dtype,
+        default=None,
+        help="dtype of floating tensors (default: the base's dtype of each tensor)",
+    )
     parser.add_argument("--max-shard-size", type=_shard_size, default="5GB", help="e.g. 5GB, 500MB (default 5GB)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the output to this Hugging Face model repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")

@@ -52,8 +52,11 @@ def _parser() -> argparse.ArgumentParser:
     videomme.add_argument("--num-frames", type=int, help="frames evenly over each video (default: --fps sampling)")
     videomme.add_argument("--subtitles", default="both", choices=("both", "without", "with"))
     videomme.add_argument("--limit", type=int, help="only the first N questions")
-    videomme.add_argument("--skip-missing-videos", action="store_true",
-                          help="score without missing videos (counted in results.json) instead of stopping")
+    videomme.add_argument(
+        "--skip-missing-videos",
+        action="store_true",
+        help="score without missing videos (counted in results.json) instead of stopping",
+    )
     for sub, tokens in ((niah, 16), (vniah, 16), (videomme, 8)):
         add_model_arguments(sub)
         sub.add_argument("--output", required=True, type=Path, help="directory for results.json and the rest")
@@ -72,16 +75,45 @@ def main() -> int:
         if args.evaluation == "niah":
             files = expand_data_files(args.haystack) if args.haystack else python_stdlib_sources()
             lengths = args.lengths or default_lengths(loaded.model.args.max_position_embeddings)
-            summary = run_niah(loaded, family, args.output, files, lengths, args.depths, args.seed,
-                               args.max_new_tokens, not args.no_generation)
+            summary = run_niah(
+                loaded,
+                family,
+                args.output,
+                files,
+                lengths,
+                args.depths,
+                args.seed,
+                args.max_new_tokens,
+                not args.no_generation,
+            )
         elif args.evaluation == "vniah":
-            summary = run_vniah(loaded, family, args.output, args.haystack_video, read_image(args.needle_image),
-                                args.question, args.answer, args.frame_counts, args.depths, args.max_new_tokens,
-                                not args.no_generation)
+            summary = run_vniah(
+                loaded,
+                family,
+                args.output,
+                args.haystack_video,
+                read_image(args.needle_image),
+                args.question,
+                args.answer,
+                args.frame_counts,
+                args.depths,
+                args.max_new_tokens,
+                not args.no_generation,
+            )
         else:
             settings = {"both": (False, True), "without": (False,), "with": (True,)}[args.subtitles]
-            summary = run_videomme(loaded, family, args.root, args.output, args.questions, settings, args.num_frames,
-                                   args.max_new_tokens, args.limit, args.skip_missing_videos)
+            summary = run_videomme(
+                loaded,
+                family,
+                args.root,
+                args.output,
+                args.questions,
+                settings,
+                args.num_frames,
+                args.max_new_tokens,
+                args.limit,
+                args.skip_missing_videos,
+            )
         if loaded.is_main:
             for key, value in summary.items():
                 if key.startswith("accuracy"):
@@ -96,6 +128,7 @@ def main() -> int:
         if loaded is not None:
             close_session(loaded)
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,6 @@ attention over all of them (parameters FSDP-sharded over them), as in training.
 import argparse
 import logging
 import sys
-from typing import Optional
 
 from omnilong.data.video import DecodedVideo, decode_video
 from omnilong.eval.ask import generate_answer
@@ -31,7 +30,7 @@ def main() -> int:
     loaded = None
     try:
         loaded, family = open_session(args)
-        video: Optional[DecodedVideo] = None
+        video: DecodedVideo | None = None
         if args.video:
             video = decode_video(args.video, family.video_options.fps, family.video_options.max_frames)
         prompt = Prompt(args.text, tuple(read_image(p) for p in args.image), video)

@@ -16,8 +16,11 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="directory to write")
     parser.add_argument("--model", choices=("qwen2_5_vl", "llava_onevision"), default="qwen2_5_vl")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--flat-config", action="store_true",
-                        help="Qwen2.5-VL: write config.json in the published flat layout instead of the nested one")
+    parser.add_argument(
+        "--flat-config",
+        action="store_true",
+        help="Qwen2.5-VL: write config.json in the published flat layout instead of the nested one",
+    )
     args = parser.parse_args()
     if args.model == "llava_onevision":
         if args.flat_config:

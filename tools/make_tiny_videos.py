@@ -15,12 +15,17 @@ from pathlib import Path
 
 import torch
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 200, 60), "blue": (40, 60, 230), "yellow": (230, 210, 40),
-           "magenta": (210, 40, 200), "cyan": (40, 210, 220)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 60),
+    "blue": (40, 60, 230),
+    "yellow": (230, 210, 40),
+    "magenta": (210, 40, 200),
+    "cyan": (40, 210, 220),
+}
 DIRECTIONS = ("left to right", "right to left", "top to bottom", "bottom to top")
 # (height, width, frames per second, frames): 2-6 s, small even sizes, one odd frame count.
-LAYOUTS = ((56, 84, 4, 12), (84, 56, 5, 15), (56, 56, 8, 24), (56, 112, 10, 23), (84, 84, 6, 30),
-           (56, 84, 8, 48))
+LAYOUTS = ((56, 84, 4, 12), (84, 56, 5, 15), (56, 56, 8, 24), (56, 112, 10, 23), (84, 84, 6, 30), (56, 84, 8, 48))
 
 
 def square_video(height: int, width: int, frames: int, colour: tuple[int, int, int], direction: str) -> torch.Tensor:
@@ -35,18 +40,21 @@ def square_video(height: int, width: int, frames: int, colour: tuple[int, int, i
         progress = i / max(frames - 1, 1)
         offset = round((progress if forward else 1 - progress) * span)
         top, left = ((height - side) // 2, offset) if along_x else (offset, (width - side) // 2)
-        video[i, :, top:top + side, left:left + side] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
+        video[i, :, top : top + side, left : left + side] = torch.tensor(colour, dtype=torch.uint8)[:, None, None]
     return video
 
 
 def sample(name: str, colour: str, direction: str, messages_shape: bool) -> dict:
     """A two-question conversation about the video ``name``."""
-    turns = [("user", "<video>\nWhat colour is the square?"), ("assistant", f"The square is {colour}."),
-             ("user", "Which way does it move?"), ("assistant", f"It moves from {direction}.")]
+    turns = [
+        ("user", "<video>\nWhat colour is the square?"),
+        ("assistant", f"The square is {colour}."),
+        ("user", "Which way does it move?"),
+        ("assistant", f"It moves from {direction}."),
+    ]
     if messages_shape:
         return {"video": name, "messages": [{"role": r, "content": c} for r, c in turns]}
-    return {"video": name, "conversations": [{"from": "human" if r == "user" else "gpt", "value": c}
-                                             for r, c in turns]}
+    return {"video": name, "conversations": [{"from": "human" if r == "user" else "gpt", "value": c} for r, c in turns]}
 
 
 def write_tiny_videos(output: Path, count: int = 8) -> Path:

@@ -29,12 +29,27 @@ RESERVE_GIB = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
 
 # Small models for --validate-cpu: (text args, seq_len, mlp_chunk_size).
 CPU_CASES = [
-    (dict(vocab_size=8192, dim=512, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=2048,
-          mrope_section=[16, 24, 24]), 4096, None),
-    (dict(vocab_size=8192, dim=512, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=2048,
-          mrope_section=[16, 24, 24]), 4096, 512),
-    (dict(vocab_size=32768, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=1024,
-          mrope_section=[8, 12, 12]), 4096, None),
+    (
+        dict(
+            vocab_size=8192, dim=512, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=2048, mrope_section=[16, 24, 24]
+        ),
+        4096,
+        None,
+    ),
+    (
+        dict(
+            vocab_size=8192, dim=512, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=2048, mrope_section=[16, 24, 24]
+        ),
+        4096,
+        512,
+    ),
+    (
+        dict(
+            vocab_size=32768, dim=256, n_layers=8, n_heads=4, n_kv_heads=2, hidden_dim=1024, mrope_section=[8, 12, 12]
+        ),
+        4096,
+        None,
+    ),
 ]
 
 
@@ -87,8 +102,15 @@ def measure_cpu(text_args: dict, seq_len: int, mlp_chunk_size) -> dict:
     and thread pools a first step loads into the resident set are not counted as tensors."""
     from omnilong.metrics import host_peak_memory, reset_host_peak_memory
 
-    tiny = {**text_args, "dim": 64, "n_heads": 2, "n_kv_heads": 1, "hidden_dim": 128, "n_layers": 1,
-            "mrope_section": [4, 6, 6]}
+    tiny = {
+        **text_args,
+        "dim": 64,
+        "n_heads": 2,
+        "n_kv_heads": 1,
+        "hidden_dim": 128,
+        "n_layers": 1,
+        "mrope_section": [4, 6, 6],
+    }
     _train(tiny, 2 * (mlp_chunk_size or 32), mlp_chunk_size, steps=2)
     gc.collect()
     baseline = reset_host_peak_memory()
@@ -104,8 +126,7 @@ def measure_cpu_in_subprocess(text_args: dict, seq_len: int, mlp_chunk_size) -> 
     ``mmap`` so that freed ones leave the resident set (glibc's threshold otherwise adapts up to 32 MB)."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     child = [sys.executable, __file__, "--child", json.dumps([text_args, seq_len, mlp_chunk_size])]
-    run = subprocess.run(child, capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parents[1])
+    run = subprocess.run(child, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     if run.returncode != 0:
         raise RuntimeError(f"measurement failed:\n{run.stderr[-3000:]}")
     return json.loads(run.stdout.strip().splitlines()[-1])
@@ -113,8 +134,10 @@ def measure_cpu_in_subprocess(text_args: dict, seq_len: int, mlp_chunk_size) -> 
 
 def _print_plan(shape: ModelShape, run: RunSetup, memory: float) -> None:
     result = plan(shape, run)
-    print(f"seq_len {run.seq_len}, {run.gpus} GPUs, cp {run.cp}, dp_replicate {run.dp_replicate}, "
-          f"batch {run.batch_size}: per-GPU bytes (GiB)")
+    print(
+        f"seq_len {run.seq_len}, {run.gpus} GPUs, cp {run.cp}, dp_replicate {run.dp_replicate}, "
+        f"batch {run.batch_size}: per-GPU bytes (GiB)"
+    )
     for name, value in result.items():
         print(f"  {name:<18} {value / GiB:8.2f}")
     longest = longest_seq_len(shape, run, int(memory * GiB))
@@ -135,8 +158,9 @@ def _switch_table(shape: ModelShape, gpus: int, memory: float) -> None:
     print("| switches | " + " | ".join(f"cp {c}" for c in cps) + " |")
     print("|---|" + "---:|" * len(cps))
     for name, switches in rows:
-        cells = [longest_seq_len(shape, RunSetup(seq_len=1, gpus=gpus, cp=c, **switches), int(memory * GiB))
-                 for c in cps]
+        cells = [
+            longest_seq_len(shape, RunSetup(seq_len=1, gpus=gpus, cp=c, **switches), int(memory * GiB)) for c in cps
+        ]
         print(f"| {name} | " + " | ".join(f"{n // 1024}K" for n in cells) + " |")
 
 
@@ -149,8 +173,13 @@ def main() -> None:
     parser.add_argument("--dp-replicate", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
-    parser.add_argument("--offload", nargs="*", default=[], choices=["fsdp", "activations"],
-                        help="fsdp: fsdp_cpu_offload; activations: activation_offload")
+    parser.add_argument(
+        "--offload",
+        nargs="*",
+        default=[],
+        choices=["fsdp", "activations"],
+        help="fsdp: fsdp_cpu_offload; activations: activation_offload",
+    )
     parser.add_argument("--mlp-chunk-size", type=int)
     parser.add_argument("--no-activation-checkpointing", action="store_true")
     parser.add_argument("--train-vision", action="store_true", help="freeze_vision: false")
@@ -164,30 +193,43 @@ def main() -> None:
         print(json.dumps(measure_cpu(*json.loads(args.child))))
         return
     if args.validate_cpu:
-        print("CPU, fp32, one process without FSDP, activation checkpointing, chunked loss, fused AdamW; "
-              "second step's resident-set peak above the baseline")
-        print(f"{'layers':>6} {'dim':>5} {'mlp':>5} {'vocab':>6} {'tokens':>6} {'mlp chunk':>9} "
-              f"{'predicted MiB':>13} {'measured MiB':>12} {'error':>6}")
+        print(
+            "CPU, fp32, one process without FSDP, activation checkpointing, chunked loss, fused AdamW; "
+            "second step's resident-set peak above the baseline"
+        )
+        print(
+            f"{'layers':>6} {'dim':>5} {'mlp':>5} {'vocab':>6} {'tokens':>6} {'mlp chunk':>9} "
+            f"{'predicted MiB':>13} {'measured MiB':>12} {'error':>6}"
+        )
         for text_args, seq_len, chunk in CPU_CASES:
             r = measure_cpu_in_subprocess(text_args, seq_len, chunk)
-            print(f"{text_args['n_layers']:>6} {text_args['dim']:>5} {text_args['hidden_dim']:>5} "
-                  f"{text_args['vocab_size']:>6} {seq_len:>6} {chunk or '-':>9} {r['predicted'] / 2**20:>13.0f} "
-                  f"{r['measured'] / 2**20:>12.0f} {r['predicted'] / r['measured'] - 1:>+6.1%}")
+            print(
+                f"{text_args['n_layers']:>6} {text_args['dim']:>5} {text_args['hidden_dim']:>5} "
+                f"{text_args['vocab_size']:>6} {seq_len:>6} {chunk or '-':>9} {r['predicted'] / 2**20:>13.0f} "
+                f"{r['measured'] / 2**20:>12.0f} {r['predicted'] / r['measured'] - 1:>+6.1%}"
+            )
         return
     shape = model_shape(args.model, freeze_vision=not args.train_vision)
     memory = args.memory_gib - args.reserve_gib
     if args.table:
         _switch_table(shape, args.gpus, memory)
         return
-    run = RunSetup(seq_len=args.seq_len, gpus=args.gpus, cp=args.cp, dp_replicate=args.dp_replicate,
-                   batch_size=args.batch_size, compute_bytes=2 if args.dtype == "bf16" else 4,
-                   fsdp_cpu_offload="fsdp" in args.offload, activation_offload="activations" in args.offload,
-                   activation_checkpointing=not args.no_activation_checkpointing,
-                   mlp_chunk_size=args.mlp_chunk_size)
+    run = RunSetup(
+        seq_len=args.seq_len,
+        gpus=args.gpus,
+        cp=args.cp,
+        dp_replicate=args.dp_replicate,
+        batch_size=args.batch_size,
+        compute_bytes=2 if args.dtype == "bf16" else 4,
+        fsdp_cpu_offload="fsdp" in args.offload,
+        activation_offload="activations" in args.offload,
+        activation_checkpointing=not args.no_activation_checkpointing,
+        mlp_chunk_size=args.mlp_chunk_size,
+    )
     try:
         _print_plan(shape, run, memory)
     except ValueError as e:
-        raise SystemExit(f"plan_memory: {e}")
+        raise SystemExit(f"plan_memory: {e}") from None
 
 
 if __name__ == "__main__":

@@ -31,26 +31,44 @@ def main() -> None:
     parser.add_argument("--text-column", default="text", help="text: field of JSONL / JSON / parquet records")
     parser.add_argument("--separator-token", default=None, help="text: token after each document (default EOS)")
     parser.add_argument("--data-root", default=None, help="video_sft: directory of relative video paths")
-    parser.add_argument("--skip-bad-samples", action="store_true",
-                        help="chat / video_sft: skip and count bad samples instead of stopping")
-    parser.add_argument("--video-format", default="qwen2_5_vl", choices=sorted(VIDEO_FORMATS),
-                        help="video_sft: the model family whose video placeholders the text gets")
+    parser.add_argument(
+        "--skip-bad-samples",
+        action="store_true",
+        help="chat / video_sft: skip and count bad samples instead of stopping",
+    )
+    parser.add_argument(
+        "--video-format",
+        default="qwen2_5_vl",
+        choices=sorted(VIDEO_FORMATS),
+        help="video_sft: the model family whose video placeholders the text gets",
+    )
     parser.add_argument("--force", action="store_true", help="prepare again even if up to date")
     args = parser.parse_args()
     try:
-        meta = prepare(args.kind, args.data_files, args.tokenizer, args.output, workers=args.workers,
-                       text_column=args.text_column, separator_token=args.separator_token,
-                       data_root=args.data_root, skip_bad_samples=args.skip_bad_samples, force=args.force,
-                       video_format=args.video_format)
+        meta = prepare(
+            args.kind,
+            args.data_files,
+            args.tokenizer,
+            args.output,
+            workers=args.workers,
+            text_column=args.text_column,
+            separator_token=args.separator_token,
+            data_root=args.data_root,
+            skip_bad_samples=args.skip_bad_samples,
+            force=args.force,
+            video_format=args.video_format,
+        )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"prepare_data: {e}")
     if meta["up_to_date"]:
         print(f"{args.output} is up to date ({meta['num_tokens']:,} tokens); --force prepares it again")
         return
     seconds = meta["prepare_seconds"]
-    print(f"{args.output}: {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {seconds:.1f} s "
-          f"({meta['num_tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {args.workers} workers); skipped: "
-          f"{meta['num_skipped']['empty_documents']} empty documents, {meta['num_skipped']['bad_samples']} bad samples")
+    print(
+        f"{args.output}: {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens in {seconds:.1f} s "
+        f"({meta['num_tokens'] / max(seconds, 1e-9):,.0f} tokens/s, {args.workers} workers); skipped: "
+        f"{meta['num_skipped']['empty_documents']} empty documents, {meta['num_skipped']['bad_samples']} bad samples"
+    )
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import io
 import pickle
 import warnings
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -28,8 +28,14 @@ class _MetadataUnpickler(pickle.Unpickler):
     """Unpickles DCP's ``.metadata``, refusing every global but DCP's metadata dataclasses and
     enums, ``torch.Size``, dtypes, layouts and paths (plain ``pickle.load`` runs any code)."""
 
-    _ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
-                ("pathlib", "Path"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath")}
+    _ALLOWED = {
+        ("torch", "Size"),
+        ("torch.serialization", "_get_layout"),
+        ("collections", "OrderedDict"),
+        ("pathlib", "Path"),
+        ("pathlib", "PosixPath"),
+        ("pathlib", "WindowsPath"),
+    }
 
     def find_class(self, module: str, name: str) -> Any:
         dcp_module = module.startswith("torch.distributed.checkpoint.")
@@ -38,8 +44,11 @@ class _MetadataUnpickler(pickle.Unpickler):
             if (
                 (module, name) in self._ALLOWED
                 or (module == "torch" and isinstance(obj, torch.dtype))
-                or (dcp_module and isinstance(obj, type)
-                    and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)))
+                or (
+                    dcp_module
+                    and isinstance(obj, type)
+                    and (dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum))
+                )
             ):
                 return obj
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a checkpoint's metadata")
@@ -95,14 +104,14 @@ def read_checkpoint_metadata(checkpoint: Path) -> Metadata:
 def model_tensor_metadata(metadata: Metadata) -> dict[str, TensorStorageMetadata]:
     """Native key -> storage metadata of every tensor of ``state["model"]``."""
     return {
-        fqn[len(MODEL_PREFIX):]: md
+        fqn[len(MODEL_PREFIX) :]: md
         for fqn, md in metadata.state_dict_metadata.items()
         if fqn.startswith(MODEL_PREFIX) and isinstance(md, TensorStorageMetadata)
     }
 
 
 def load_model_tensors(
-    checkpoint: Path, tensors: Optional[dict[str, TensorStorageMetadata]] = None
+    checkpoint: Path, tensors: dict[str, TensorStorageMetadata] | None = None
 ) -> dict[str, torch.Tensor]:
     """Read ``tensors`` (native key -> metadata; default: the whole model) from the
     checkpoint, on CPU, in their stored dtypes, without a process group.
@@ -116,11 +125,10 @@ def load_model_tensors(
     try:
         with warnings.catch_warnings():  # DCP warns that no_dist loads in one process, as intended
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load(state, storage_reader=SafeFileSystemReader(checkpoint), planner=DefaultLoadPlanner(),
-                     no_dist=True)
+            dcp.load(state, storage_reader=SafeFileSystemReader(checkpoint), planner=DefaultLoadPlanner(), no_dist=True)
     except Exception as e:  # DCP wraps read errors in its own exception types
         raise ValueError(f"cannot read checkpoint {checkpoint} (truncated or corrupt?): {e}") from e
-    return {fqn[len(MODEL_PREFIX):]: tensor for fqn, tensor in state.items()}
+    return {fqn[len(MODEL_PREFIX) :]: tensor for fqn, tensor in state.items()}
 
 
 class WeightsOnlyLoadPlanner(DefaultLoadPlanner):

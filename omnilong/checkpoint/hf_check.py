@@ -4,7 +4,7 @@ any model is built or any file is written."""
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from safetensors import SafetensorError, safe_open
 
@@ -15,7 +15,7 @@ from omnilong.models.key_map import Dim
 _SHOWN = 3  # problems named in one message; the rest are counted
 
 
-def shape_problem(key: str, shape: tuple[int, ...], expected: tuple[Dim, ...], where: str) -> Optional[str]:
+def shape_problem(key: str, shape: tuple[int, ...], expected: tuple[Dim, ...], where: str) -> str | None:
     """None when ``shape`` is the ``expected`` one, else a sentence naming the tensor, both
     shapes and the config keys of the dimensions that differ."""
     sizes = tuple(size for size, _ in expected)
@@ -63,8 +63,11 @@ def check_hf_weights(model_dir: Path, config: dict[str, Any]) -> None:
             continue
         if hub_key not in found:
             file_key = next((k for k in weight_map if to_hub_layout(k) == hub_key), None)
-            problems.append(f"{file_key} is missing from {model_dir / weight_map[file_key]}, where {INDEX_NAME} puts it"
-                            if file_key is not None else f"{hub_key} is in no weight file of {model_dir}")
+            problems.append(
+                f"{file_key} is missing from {model_dir / weight_map[file_key]}, where {INDEX_NAME} puts it"
+                if file_key is not None
+                else f"{hub_key} is in no weight file of {model_dir}"
+            )
             continue
         key, path, shape = found[hub_key]
         problem = shape_problem(key, shape, dims, path.name)

@@ -23,7 +23,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -44,17 +44,34 @@ RUN_CONFIG_NAME = "config.yaml"
 POSITION_RULE_KEY = "omnilong_mrope_positions"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
     "BOOL": torch.bool,
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
-def parse_size(size: Union[int, str]) -> int:
+def parse_size(size: int | str) -> int:
     """Bytes in ``size``: an int, or a string like ``"5GB"`` (10^9) or ``"500MiB"`` (2^20).
 
     Raises:
@@ -72,7 +89,7 @@ def parse_size(size: Union[int, str]) -> int:
     return n
 
 
-def _run_rope_theta(checkpoint: Path, base: Path) -> Optional[float]:
+def _run_rope_theta(checkpoint: Path, base: Path) -> float | None:
     """The run's ``rope_theta`` override (None: it kept the base's), from the checkpoint's
     ``config.yaml``; warns when the run was trained from another base directory.
 
@@ -100,7 +117,7 @@ class _Entry:
     shape: tuple[int, ...]
     dtype: torch.dtype
     base_file: Path
-    native_key: Optional[str]
+    native_key: str | None
 
     @property
     def nbytes(self) -> int:
@@ -138,7 +155,7 @@ def _hub_name(family: ModelFamily, native_key: str) -> str:
 def _plan(
     base_tensors: dict[str, tuple[Path, tuple[int, ...], torch.dtype]],
     trained: dict[str, TensorStorageMetadata],
-    dtype: Optional[torch.dtype],
+    dtype: torch.dtype | None,
     family: ModelFamily,
     tied: bool,
 ) -> list[_Entry]:
@@ -170,8 +187,13 @@ def _plan(
     if errors:
         raise ValueError("checkpoint does not match the base model: " + "; ".join(errors))
     return [
-        _Entry(key, shape, dtype if dtype is not None and base_dtype.is_floating_point else base_dtype, path,
-               source.get(key))
+        _Entry(
+            key,
+            shape,
+            dtype if dtype is not None and base_dtype.is_floating_point else base_dtype,
+            path,
+            source.get(key),
+        )
         for key, (path, shape, base_dtype) in base_tensors.items()
     ]
 
@@ -189,8 +211,13 @@ def _shards(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
     return shards
 
 
-def _check_shapes(checkpoint: Path, trained: dict[str, TensorStorageMetadata], base: Path,
-                  base_config: dict[str, Any], family: ModelFamily) -> None:
+def _check_shapes(
+    checkpoint: Path,
+    trained: dict[str, TensorStorageMetadata],
+    base: Path,
+    base_config: dict[str, Any],
+    family: ModelFamily,
+) -> None:
     """Every tensor of the base's weights and of the checkpoint has the shape the base's
     config.json gives it.
 
@@ -208,11 +235,12 @@ def _check_shapes(checkpoint: Path, trained: dict[str, TensorStorageMetadata], b
                 problems.append(problem)
     if problems:
         more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        raise ValueError(f"{checkpoint} does not match the base's {base / 'config.json'}: "
-                         f"{'; '.join(problems[:3])}{more}")
+        raise ValueError(
+            f"{checkpoint} does not match the base's {base / 'config.json'}: {'; '.join(problems[:3])}{more}"
+        )
 
 
-def _map_or_none(family: ModelFamily, native_key: str) -> Optional[str]:
+def _map_or_none(family: ModelFamily, native_key: str) -> str | None:
     try:
         return _hub_name(family, native_key)
     except KeyError:
@@ -238,8 +266,9 @@ def _shard_tensors(
     return {e.key: out[e.key] for e in shard}
 
 
-def _write_weights(checkpoint: Path, trained: dict[str, TensorStorageMetadata], entries: list[_Entry],
-                   max_bytes: int, out_dir: Path) -> None:
+def _write_weights(
+    checkpoint: Path, trained: dict[str, TensorStorageMetadata], entries: list[_Entry], max_bytes: int, out_dir: Path
+) -> None:
     """Write ``model-0000i-of-0000N.safetensors`` shards and ``model.safetensors.index.json``."""
     shards = _shards(entries, max_bytes)
     weight_map = {}
@@ -284,7 +313,7 @@ def set_dtype(config: dict[str, Any], dtype: torch.dtype) -> None:
         section[key] = name
 
 
-def _write_config(base: Path, out_dir: Path, rope_theta: Optional[float], dtype: Optional[torch.dtype]) -> None:
+def _write_config(base: Path, out_dir: Path, rope_theta: float | None, dtype: torch.dtype | None) -> None:
     """Write the base's config.json with the run's ``rope_theta`` and ``dtype`` (when set) and
     the family's extra fields (Qwen2.5-VL: the position rule the run trained with,
     :data:`POSITION_RULE_KEY`)."""
@@ -301,8 +330,8 @@ def export_hf_checkpoint(
     checkpoint: Path,
     base: Path,
     output: Path,
-    dtype: Optional[torch.dtype] = None,
-    max_shard_size: Union[int, str] = "5GB",
+    dtype: torch.dtype | None = None,
+    max_shard_size: int | str = "5GB",
 ) -> Path:
     """Write a training checkpoint as a Hugging Face model directory shaped like ``base``.
 
@@ -338,8 +367,9 @@ def export_hf_checkpoint(
     entries = _plan(base_tensors, trained, dtype, family, family.ties_embeddings(base_config))
     copied = [e.key for e in entries if e.native_key is None]
     if copied:
-        logger.info("%d tensors the run did not train are copied from %s: %s ...", len(copied), base,
-                    ", ".join(copied[:3]))
+        logger.info(
+            "%d tensors the run did not train are copied from %s: %s ...", len(copied), base, ", ".join(copied[:3])
+        )
 
     tmp = output.with_name(f"{output.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

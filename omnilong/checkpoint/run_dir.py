@@ -8,7 +8,7 @@ must agree on model, data and optimizer unless ``allow_config_change_on_resume``
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -16,8 +16,17 @@ from omnilong.checkpoint.training_state import CHECKPOINTS_DIR, RUN_CONFIG_NAME,
 
 METRICS_NAME = "metrics.jsonl"
 # Keys a resumed run must share with the checkpoint's run: its model, data and optimizer.
-RESUME_KEYS = ("checkpoint_dir", "rope_theta", "freeze_vision", "dataset", "max_seq_len", "shuffle", "seed",
-               "optimizer", "lr_scheduler")
+RESUME_KEYS = (
+    "checkpoint_dir",
+    "rope_theta",
+    "freeze_vision",
+    "dataset",
+    "max_seq_len",
+    "shuffle",
+    "seed",
+    "optimizer",
+    "lr_scheduler",
+)
 
 
 def previous_run(output_dir: Path) -> list[str]:
@@ -26,7 +35,7 @@ def previous_run(output_dir: Path) -> list[str]:
     return found + [f"{CHECKPOINTS_DIR}/{p.name}" for p in step_dirs(output_dir / CHECKPOINTS_DIR)]
 
 
-def resume_path(cfg: DictConfig) -> Optional[Path]:
+def resume_path(cfg: DictConfig) -> Path | None:
     """The checkpoint ``resume_from_checkpoint`` asks for (None: start at step 1).
 
     Raises:
@@ -71,8 +80,11 @@ def check_resume_config(checkpoint: Path, cfg: DictConfig) -> None:
     for key in RESUME_KEYS:
         old_values.update(_flatten(saved.get(key), key))
         new_values.update(_flatten(new.get(key), key))
-    changed = [f"{k} ({old_values.get(k, '<unset>')!r} -> {new_values.get(k, '<unset>')!r})"
-               for k in sorted(set(old_values) | set(new_values)) if old_values.get(k) != new_values.get(k)]
+    changed = [
+        f"{k} ({old_values.get(k, '<unset>')!r} -> {new_values.get(k, '<unset>')!r})"
+        for k in sorted(set(old_values) | set(new_values))
+        if old_values.get(k) != new_values.get(k)
+    ]
     if changed:
         raise ValueError(
             f"resume_from_checkpoint: this run's config differs from {saved_path} in {', '.join(changed)}: "
@@ -81,7 +93,7 @@ def check_resume_config(checkpoint: Path, cfg: DictConfig) -> None:
         )
 
 
-def _writable(path: Path) -> Optional[str]:
+def _writable(path: Path) -> str | None:
     """None when ``path`` is (made) a directory this process can write in, else why not."""
     if path.exists() and not path.is_dir():
         return f"{path} is not a directory"
@@ -95,7 +107,7 @@ def _writable(path: Path) -> Optional[str]:
     return None
 
 
-def prepare_output_dir(cfg: DictConfig, saves_checkpoints: bool) -> Optional[Path]:
+def prepare_output_dir(cfg: DictConfig, saves_checkpoints: bool) -> Path | None:
     """Move a previous run aside when ``overwrite_output_dir`` says so, then make sure
     ``output_dir`` (and its ``checkpoints`` folder when the run saves any) can be written.
     Call on one rank only.
@@ -122,6 +134,8 @@ def prepare_output_dir(cfg: DictConfig, saves_checkpoints: bool) -> Optional[Pat
     if saves_checkpoints:
         problem = _writable(output_dir / CHECKPOINTS_DIR)
         if problem is not None:
-            raise ValueError(f"output_dir: checkpoints cannot be written to {output_dir / CHECKPOINTS_DIR} "
-                             f"({problem}): fix it or choose another output_dir")
+            raise ValueError(
+                f"output_dir: checkpoints cannot be written to {output_dir / CHECKPOINTS_DIR} "
+                f"({problem}): fix it or choose another output_dir"
+            )
     return moved

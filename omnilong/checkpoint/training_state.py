@@ -23,7 +23,7 @@ import re
 import shutil
 import signal
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,7 @@ def is_complete_checkpoint(path: Path) -> bool:
     return bool(_STEP_DIR.match(path.name)) and (path / ".metadata").is_file()
 
 
-def _step_of(path: Path) -> Optional[int]:
+def _step_of(path: Path) -> int | None:
     match = _STEP_DIR.match(path.name)
     return int(match.group(1)) if match else None
 
@@ -66,12 +66,12 @@ def step_dirs(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir() and is_complete_checkpoint(p)), key=_step_of)
 
 
-def find_latest_checkpoint(output_dir: Union[str, Path]) -> Optional[Path]:
+def find_latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete ``step_N`` directory with the largest N under ``output_dir/checkpoints``."""
     return next(reversed(step_dirs(Path(output_dir) / CHECKPOINTS_DIR)), None)
 
 
-def checkpoint_run_id(path: Path) -> Optional[str]:
+def checkpoint_run_id(path: Path) -> str | None:
     """The id of the run that wrote checkpoint ``path`` (None: no readable manifest)."""
     try:
         return json.loads((path / MANIFEST_NAME).read_text())["run_id"]
@@ -79,7 +79,7 @@ def checkpoint_run_id(path: Path) -> Optional[str]:
         return None
 
 
-def _damage(path: Path) -> Optional[str]:
+def _damage(path: Path) -> str | None:
     """What is wrong with the files of checkpoint ``path`` (None: nothing found)."""
     try:
         read_checkpoint_metadata(path)  # every DCP data file present and as long as .metadata says
@@ -102,7 +102,7 @@ def _damage(path: Path) -> Optional[str]:
     return None
 
 
-def verify_checkpoint(path: Union[str, Path]) -> None:
+def verify_checkpoint(path: str | Path) -> None:
     """Check that every file of checkpoint ``path`` is there and whole, reading no tensor.
 
     Raises:
@@ -119,8 +119,11 @@ def verify_checkpoint(path: Union[str, Path]) -> None:
     step = _step_of(path)
     earlier = [p for p in step_dirs(path.parent) if step is not None and _step_of(p) < step]
     intact = next((p for p in reversed(earlier) if _damage(p) is None), None)
-    advice = (f"the newest intact earlier checkpoint is {intact}: resume with resume_from_checkpoint={intact}"
-              if intact is not None else f"no earlier checkpoint in {path.parent} is intact")
+    advice = (
+        f"the newest intact earlier checkpoint is {intact}: resume with resume_from_checkpoint={intact}"
+        if intact is not None
+        else f"no earlier checkpoint in {path.parent} is intact"
+    )
     raise ValueError(f"cannot resume from {path}: {problem}; {advice}")
 
 
@@ -140,11 +143,11 @@ def _rng_state() -> dict[str, torch.Tensor]:
 
 
 def save_training_state(
-    output_dir: Union[str, Path],
+    output_dir: str | Path,
     step: int,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
-    lr_scheduler: Optional[Any],
+    lr_scheduler: Any | None,
     trainer: dict[str, int],
     config: DictConfig,
     keep_last_n: int,
@@ -189,7 +192,7 @@ def _prune(root: Path, keep_last_n: int, run_id: str) -> None:
 
 
 def load_training_state(
-    path: Union[str, Path], model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Optional[Any]
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, lr_scheduler: Any | None
 ) -> dict[str, int]:
     """Load a checkpoint written by :func:`save_training_state` into the (sharded) model,
     optimizer and lr scheduler, resharding to the current world size. Restores this
@@ -211,7 +214,9 @@ def load_training_state(
     except (Exception, CheckpointException) as e:  # CheckpointException (per-rank errors) is a BaseException
         cause = next(iter(e.failures.values())) if isinstance(e, CheckpointException) else e
         cause = cause[0] if isinstance(cause, tuple) else cause  # DCP pairs each failure with its stack frames
-        raise ValueError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(cause).__name__} {cause}") from e
+        raise ValueError(
+            f"cannot read checkpoint {path} (truncated or corrupt?): {type(cause).__name__} {cause}"
+        ) from e
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
     if lr_scheduler is not None:
         lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -6,7 +6,8 @@ assistant turns (their content and end-of-turn token).
 """
 
 import logging
-from typing import Any, Iterable, Sequence, Union
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -171,11 +172,11 @@ class ChatDataset(Dataset):
 
 def chat_dataset(
     tokenizer,
-    data_files: Union[PathLike, Sequence[PathLike]],
+    data_files: PathLike | Sequence[PathLike],
     max_seq_len: int,
     skip_bad_samples: bool = False,
     packed: bool = True,
-) -> Union[ChatDataset, PackedDataset]:
+) -> ChatDataset | PackedDataset:
     """:class:`ChatDataset` over JSONL / JSON / parquet files (paths, directories or globs);
     ``packed``: several samples per row (:mod:`omnilong.data.packing`), else one per row."""
     files = expand_data_files(data_files)

@@ -11,8 +11,9 @@ and ``video_num_frames [1]``; a batch concatenates both over its videos.
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
@@ -52,8 +53,9 @@ class LlavaVideoFormat:
             raise ValueError(f"need 0 < patch_size <= frame_size, got patch_size {self.patch}, frame_size {self.crop}")
 
     @classmethod
-    def from_model_config(cls, config: dict[str, Any], mean: Sequence[float] = SIGLIP_MEAN,
-                          std: Sequence[float] = SIGLIP_STD) -> "LlavaVideoFormat":
+    def from_model_config(
+        cls, config: dict[str, Any], mean: Sequence[float] = SIGLIP_MEAN, std: Sequence[float] = SIGLIP_STD
+    ) -> "LlavaVideoFormat":
         """The format of the checkpoint with the parsed ``config.json`` ``config``: its tower's
         ``vision_config`` ``image_size`` and ``patch_size``.
 
@@ -82,15 +84,22 @@ class LlavaVideoFormat:
 
     def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """A skipped item: one ``<video>`` over one blank frame (``tokens_per_frame + 1`` tokens)."""
-        return [ids[VIDEO_TOKEN]], self.num_tokens(1, (self.crop, self.crop)), {
-            "pixel_values_videos": torch.zeros(1, 3, self.crop, self.crop),
-            "video_num_frames": torch.tensor([1]),
-        }
+        return (
+            [ids[VIDEO_TOKEN]],
+            self.num_tokens(1, (self.crop, self.crop)),
+            {
+                "pixel_values_videos": torch.zeros(1, 3, self.crop, self.crop),
+                "video_num_frames": torch.tensor([1]),
+            },
+        )
 
 
 def llava_video_format(
-    model_config: Optional[dict[str, Any]], frame_size: Optional[int], patch_size: Optional[int],
-    image_mean: Sequence[float], image_std: Sequence[float],
+    model_config: dict[str, Any] | None,
+    frame_size: int | None,
+    patch_size: int | None,
+    image_mean: Sequence[float],
+    image_std: Sequence[float],
 ) -> LlavaVideoFormat:
     """The video format of the dataset components: the checkpoint's (``model_config``, its parsed
     ``config.json``, given by the recipe) or, without one, ``frame_size`` and ``patch_size``
@@ -102,36 +111,46 @@ def llava_video_format(
             or a checkpoint that is not LLaVA-OneVision's.
     """
     if model_config is None:
-        return LlavaVideoFormat(LlavaVideoFormat.crop if frame_size is None else frame_size,
-                                LlavaVideoFormat.patch if patch_size is None else patch_size,
-                                tuple(image_mean), tuple(image_std))
+        return LlavaVideoFormat(
+            LlavaVideoFormat.crop if frame_size is None else frame_size,
+            LlavaVideoFormat.patch if patch_size is None else patch_size,
+            tuple(image_mean),
+            tuple(image_std),
+        )
     video_format = LlavaVideoFormat.from_model_config(model_config, image_mean, image_std)
-    for key, given, config_key, derived in (("frame_size", frame_size, "image_size", video_format.crop),
-                                            ("patch_size", patch_size, "patch_size", video_format.patch)):
+    for key, given, config_key, derived in (
+        ("frame_size", frame_size, "image_size", video_format.crop),
+        ("patch_size", patch_size, "patch_size", video_format.patch),
+    ):
         if given is not None and given != derived:
-            raise ValueError(f"dataset.{key} {given} is not the checkpoint's vision_config {config_key} {derived}: "
-                             f"remove dataset.{key} (the frames are sized from the checkpoint)")
+            raise ValueError(
+                f"dataset.{key} {given} is not the checkpoint's vision_config {config_key} {derived}: "
+                f"remove dataset.{key} (the frames are sized from the checkpoint)"
+            )
         if given is not None:
-            logger.warning("dataset.%s is no longer needed (the checkpoint's vision_config %s gives it): remove it",
-                           key, config_key)
+            logger.warning(
+                "dataset.%s is no longer needed (the checkpoint's vision_config %s gives it): remove it",
+                key,
+                config_key,
+            )
     return video_format
 
 
 def llava_video_sft_dataset(
     tokenizer,
-    data_files: Union[PathLike, Sequence[PathLike]],
+    data_files: PathLike | Sequence[PathLike],
     max_seq_len: int,
-    data_root: Optional[PathLike] = None,
+    data_root: PathLike | None = None,
     fps: float = 1.0,
     max_frames: int = 32,
-    frame_size: Optional[int] = None,
-    patch_size: Optional[int] = None,
+    frame_size: int | None = None,
+    patch_size: int | None = None,
     image_mean: Sequence[float] = SIGLIP_MEAN,
     image_std: Sequence[float] = SIGLIP_STD,
     skip_bad_samples: bool = False,
     packed: bool = False,
-    model_config: Optional[dict[str, Any]] = None,
-) -> Union[VideoSFTDataset, PackedDataset]:
+    model_config: dict[str, Any] | None = None,
+) -> VideoSFTDataset | PackedDataset:
     """Video SFT samples (the formats of :func:`omnilong.data.video_sft_dataset`) for
     LLaVA-OneVision; the config's ``dataset:`` component.
 
@@ -152,6 +171,13 @@ def llava_video_sft_dataset(
     video_format = llava_video_format(model_config, frame_size, patch_size, image_mean, image_std)
     options = VideoOptions(fps=fps, max_frames=max_frames)
     source = ", ".join(map(str, expand_data_files(data_files)))
-    dataset = VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root, video_format.marker), max_seq_len,
-                              options, skip_bad_samples, source, video_format)
+    dataset = VideoSFTDataset(
+        tokenizer,
+        read_video_samples(data_files, data_root, video_format.marker),
+        max_seq_len,
+        options,
+        skip_bad_samples,
+        source,
+        video_format,
+    )
     return packed_or_not(dataset, packed)

@@ -1,7 +1,7 @@
 """Weighted mixing of several datasets into one, deterministically."""
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch.utils.data import Dataset
 
@@ -54,8 +54,9 @@ class WeightedMix(Dataset):
         self.counts = rows_per_source(self.sizes, weights)
         pad_ids = {d.pad_id for d in self.datasets}
         if len(pad_ids) != 1:
-            raise ValueError(f"the mixed sources pad with different ids {sorted(pad_ids)}; "
-                             "prepare them with one tokenizer")
+            raise ValueError(
+                f"the mixed sources pad with different ids {sorted(pad_ids)}; prepare them with one tokenizer"
+            )
         self.pad_id = pad_ids.pop()
         self.num_skipped = sum(getattr(d, "num_skipped", 0) for d in self.datasets)
         self._starts = [0]

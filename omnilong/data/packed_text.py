@@ -2,7 +2,7 @@
 
 import itertools
 import logging
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +15,7 @@ from omnilong.documents import positions_within_documents
 logger = logging.getLogger(__name__)
 
 
-def separator_id(tokenizer, separator_token: Optional[str] = None) -> int:
+def separator_id(tokenizer, separator_token: str | None = None) -> int:
     """The id of ``separator_token`` (default: the tokenizer's EOS token).
 
     Raises:
@@ -123,10 +123,10 @@ class PackedTextDataset(PackedRows):
     def __init__(
         self,
         tokenizer,
-        data_files: Union[PathLike, Sequence[PathLike]],
+        data_files: PathLike | Sequence[PathLike],
         max_seq_len: int,
         text_column: str = "text",
-        separator_token: Optional[str] = None,
+        separator_token: str | None = None,
     ):
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
@@ -142,5 +142,3 @@ class PackedTextDataset(PackedRows):
         super().__init__(tokens, offsets, max_seq_len, row_pad_id(tokenizer, separator))
         if self.num_empty_documents:
             logger.warning("skipped %d empty documents", self.num_empty_documents)
-
-

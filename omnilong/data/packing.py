@@ -11,7 +11,7 @@ documents (``document_ids``), on one device or around the context-parallel ring.
 """
 
 import bisect
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -117,8 +117,10 @@ class PackedDataset(Dataset):
         """Row ``index``: :func:`concat_documents` of its samples' items, at most ``max_seq_len`` tokens."""
         row = concat_documents([self.samples[i] for i in self.rows[index]])
         if row["input_ids"].shape[-1] > self.max_seq_len:
-            raise ValueError(f"packed row {index} (samples {self.rows[index]}) has {row['input_ids'].shape[-1]} "
-                             f"tokens, more than max_seq_len={self.max_seq_len}: its samples' lengths were wrong")
+            raise ValueError(
+                f"packed row {index} (samples {self.rows[index]}) has {row['input_ids'].shape[-1]} "
+                f"tokens, more than max_seq_len={self.max_seq_len}: its samples' lengths were wrong"
+            )
         return row
 
     def __getattr__(self, name: str):

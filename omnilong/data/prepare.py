@@ -12,18 +12,19 @@ import os
 import shlex
 import time
 from collections import deque
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
 from omnilong.data.chat import _validate_messages, tokenize_conversation
+from omnilong.data.llava_video import LlavaVideoFormat
 from omnilong.data.packed_text import separator_id, tokenize_documents
 from omnilong.data.prepared import KINDS, META, PreparedWriter, source_fingerprint, tokenizer_fingerprint
 from omnilong.data.sources import PathLike, expand_data_files, read_records, read_text_documents
 from omnilong.data.tokenizer import load_tokenizer
-from omnilong.data.llava_video import LlavaVideoFormat
 from omnilong.data.video_sft import QwenVideoFormat, parse_sample, tokenize_video_sample
 
 _TEXT_BATCH_CHARS = 1 << 20  # a text batch: about 1M characters
@@ -42,8 +43,9 @@ def _text_batch(texts: list[str], separator: int) -> tuple[np.ndarray, np.ndarra
     return tokenize_documents(_worker_tokenizer, texts, separator)
 
 
-def _sample_batch(kind: str, samples: list[tuple[str, Any, Optional[str]]], skip_bad: bool,
-                  video_format: str = "qwen2_5_vl") -> list:
+def _sample_batch(
+    kind: str, samples: list[tuple[str, Any, str | None]], skip_bad: bool, video_format: str = "qwen2_5_vl"
+) -> list:
     """``(tokens, trainable, record)`` per sample, or ``None`` for a bad one when skipping."""
     out = []
     for origin, record, root in samples:
@@ -83,7 +85,7 @@ def _text_batches(files: Sequence[Path], text_column: str, counts: dict[str, int
         yield batch
 
 
-def _sample_batches(files: Sequence[Path], data_root: Optional[PathLike]) -> Iterator[list]:
+def _sample_batches(files: Sequence[Path], data_root: PathLike | None) -> Iterator[list]:
     batch = []
     for path in files:
         root = str(Path(data_root).expanduser() if data_root is not None else path.parent)
@@ -113,13 +115,13 @@ def _ordered_map(pool, fn, batches: Iterator[tuple], in_flight: int) -> Iterator
 
 def prepare(
     kind: str,
-    data_files: Union[PathLike, Sequence[PathLike]],
+    data_files: PathLike | Sequence[PathLike],
     tokenizer_dir: PathLike,
     output: PathLike,
     workers: int = 1,
     text_column: str = "text",
-    separator_token: Optional[str] = None,
-    data_root: Optional[PathLike] = None,
+    separator_token: str | None = None,
+    data_root: PathLike | None = None,
     skip_bad_samples: bool = False,
     force: bool = False,
     progress: bool = True,
@@ -166,16 +168,29 @@ def prepare(
         settings = {"data_root": None if data_root is None else str(Path(data_root).resolve())}
         if video_format != "qwen2_5_vl":  # Qwen2.5-VL's directories predate the setting
             settings["video_format"] = video_format
-    identity = {"settings": settings, "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
-                "sources": source_fingerprint(files)}
+    identity = {
+        "settings": settings,
+        "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
+        "sources": source_fingerprint(files),
+    }
     output = Path(output)
     if not force and (output / META).is_file():
         meta = json.loads((output / META).read_text())
         if meta.get("kind") == kind and all(meta.get(k) == v for k, v in identity.items()):
             return {**meta, "up_to_date": True}
 
-    command = ["python", "tools/prepare_data.py", "--kind", kind, "--tokenizer", str(tokenizer_dir),
-               "--output", str(output), "--workers", str(workers)]
+    command = [
+        "python",
+        "tools/prepare_data.py",
+        "--kind",
+        kind,
+        "--tokenizer",
+        str(tokenizer_dir),
+        "--output",
+        str(output),
+        "--workers",
+        str(workers),
+    ]
     if kind == "text":
         command += ["--text-column", text_column] + (["--separator-token", separator_token] if separator_token else [])
     if data_root is not None:
@@ -194,8 +209,12 @@ def prepare(
         pool = None
         global _worker_tokenizer
         _worker_tokenizer = tokenizer
-    bar = tqdm(desc=f"prepare {kind}", unit=" docs", disable=None if progress else True,  # None: terminal only
-               dynamic_ncols=True)
+    bar = tqdm(
+        desc=f"prepare {kind}",
+        unit=" docs",
+        disable=None if progress else True,  # None: terminal only
+        dynamic_ncols=True,
+    )
     try:
         if kind == "text":
             batches = ((texts, settings["separator_id"]) for texts in _text_batches(files, text_column, counts))
@@ -216,10 +235,16 @@ def prepare(
         if writer.num_documents == 0:
             raise ValueError(f"no usable document in {[str(f) for f in files][:5]} (skipped: {counts})")
         seconds = time.perf_counter() - start
-        writer.commit({
-            **identity, "tokenizer_dir": str(tokenizer_dir), "num_skipped": counts, "workers": workers,
-            "prepare_seconds": round(seconds, 3), "command": shlex.join(command),
-        })
+        writer.commit(
+            {
+                **identity,
+                "tokenizer_dir": str(tokenizer_dir),
+                "num_skipped": counts,
+                "workers": workers,
+                "prepare_seconds": round(seconds, 3),
+                "command": shlex.join(command),
+            }
+        )
         return {**json.loads((output / META).read_text()), "up_to_date": False}
     except BaseException:
         writer.abort()

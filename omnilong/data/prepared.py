@@ -21,10 +21,10 @@ import json
 import mmap
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +69,7 @@ class PreparedSource:
     meta: dict[str, Any]
     tokens: np.ndarray
     offsets: np.ndarray
-    trainable: Optional[np.ndarray]
+    trainable: np.ndarray | None
 
     @property
     def num_documents(self) -> int:
@@ -100,7 +100,7 @@ def _memmap(path: Path, dtype: str) -> np.ndarray:
     return MappedArray(path, dtype=dtype, mode="r")
 
 
-def open_prepared(path: Union[str, Path], kind: str, tokenizer, settings: Mapping[str, Any]) -> PreparedSource:
+def open_prepared(path: str | Path, kind: str, tokenizer, settings: Mapping[str, Any]) -> PreparedSource:
     """Open a prepared directory after checking it was made with ``tokenizer``, for ``kind``
     and with ``settings``.
 
@@ -119,11 +119,15 @@ def open_prepared(path: Union[str, Path], kind: str, tokenizer, settings: Mappin
     command = meta.get("command", "python tools/prepare_data.py ...")
     rerun = f"rerun `{command if len(command) <= 300 else command[:300] + ' ...'}` (in full: {meta_path}, 'command')"
     if meta.get("format_version") != FORMAT_VERSION:
-        raise PreparedDataError(f"{path}: prepared with format version {meta.get('format_version')}, this "
-                                f"OmniLong reads version {FORMAT_VERSION}; {rerun}")
+        raise PreparedDataError(
+            f"{path}: prepared with format version {meta.get('format_version')}, this "
+            f"OmniLong reads version {FORMAT_VERSION}; {rerun}"
+        )
     if meta["kind"] != kind:
-        raise PreparedDataError(f"{path}: holds {meta['kind']!r} data, the dataset expects {kind!r}; prepare it "
-                                f"with --kind {kind} or use the {meta['kind']} dataset component")
+        raise PreparedDataError(
+            f"{path}: holds {meta['kind']!r} data, the dataset expects {kind!r}; prepare it "
+            f"with --kind {kind} or use the {meta['kind']} dataset component"
+        )
     fingerprint = tokenizer_fingerprint(tokenizer)
     if meta["tokenizer_fingerprint"] != fingerprint:
         raise PreparedDataError(
@@ -136,8 +140,9 @@ def open_prepared(path: Union[str, Path], kind: str, tokenizer, settings: Mappin
         diffs = ", ".join(f"{k}: prepared {old!r}, wanted {new!r}" for k, (old, new) in differ.items())
         raise PreparedDataError(f"{path}: prepared with other settings ({diffs}); {rerun} with the new settings")
     trainable = _memmap(path / "trainable.u8", "u1") if kind != "text" else None
-    return PreparedSource(path, meta, _memmap(path / "tokens.u32", "<u4"), _memmap(path / "offsets.i64", "<i8"),
-                          trainable)
+    return PreparedSource(
+        path, meta, _memmap(path / "tokens.u32", "<u4"), _memmap(path / "offsets.i64", "<i8"), trainable
+    )
 
 
 class PreparedWriter:
@@ -150,7 +155,7 @@ class PreparedWriter:
         kind: ``text``, ``chat`` or ``video_sft``.
     """
 
-    def __init__(self, output: Union[str, Path], kind: str):
+    def __init__(self, output: str | Path, kind: str):
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         self.output, self.kind = Path(output), kind
@@ -167,8 +172,9 @@ class PreparedWriter:
             self._record_offsets.write(np.zeros(1, "<i8").tobytes())
         self.num_tokens = self.num_documents = self._record_bytes = 0
 
-    def add(self, tokens: np.ndarray, trainable: Optional[np.ndarray] = None,
-            record: Optional[dict[str, Any]] = None) -> None:
+    def add(
+        self, tokens: np.ndarray, trainable: np.ndarray | None = None, record: dict[str, Any] | None = None
+    ) -> None:
         """Append one document: ``tokens [n]``; for chat / video_sft its ``trainable [n]`` mask
         and JSON ``record``."""
         self._tokens.write(np.asarray(tokens, dtype="<u4").tobytes())
@@ -194,8 +200,13 @@ class PreparedWriter:
         for f in (self._tokens, self._offsets, self._trainable, self._records, self._record_offsets):
             if f is not None:
                 f.close()
-        meta = {"format_version": FORMAT_VERSION, "kind": self.kind, "num_documents": self.num_documents,
-                "num_tokens": self.num_tokens, **meta}
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "num_documents": self.num_documents,
+            "num_tokens": self.num_tokens,
+            **meta,
+        }
         (self.tmp / META).write_text(json.dumps(meta, indent=1) + "\n")
         old = self.output.with_name(f"{self.output.name}.old-{os.getpid()}")
         if self.output.exists():

@@ -6,24 +6,24 @@ mixed by weight.
 are sliced from the maps when asked for, so each rank touches only its own rows.
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
 from omnilong.data.chat import ChatDataset, shifted_labels
+from omnilong.data.llava_video import SIGLIP_MEAN, SIGLIP_STD, llava_video_format
 from omnilong.data.mixing import WeightedMix
-from omnilong.data.packing import packed_or_not
 from omnilong.data.packed_text import PackedRows, row_pad_id, separator_id
+from omnilong.data.packing import packed_or_not
 from omnilong.data.prepared import PreparedSource, open_prepared
 from omnilong.data.video import VideoOptions
-from omnilong.data.llava_video import SIGLIP_MEAN, SIGLIP_STD, llava_video_format
 from omnilong.data.video_sft import QwenVideoFormat, VideoSample, VideoSFTDataset
 
-SourcesArg = Union[str, Path, Sequence[Union[str, Path, Mapping[str, Any]]]]
+SourcesArg = str | Path | Sequence[str | Path | Mapping[str, Any]]
 
 
 def parse_sources(sources: SourcesArg) -> list[tuple[Path, float]]:
@@ -41,10 +41,17 @@ def parse_sources(sources: SourcesArg) -> list[tuple[Path, float]]:
             parsed.append((Path(entry), 1.0))
             continue
         weight = entry.get("weight", 1.0) if isinstance(entry, Mapping) else None
-        if (not isinstance(entry, Mapping) or set(entry) - {"path", "weight"} or not isinstance(entry.get("path"), str)
-                or isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0):
-            raise ValueError(f"dataset.sources[{i}] must be a path or {{path: <prepared dir>, weight: <number > 0>}}, "
-                             f"got {entry!r}")
+        if (
+            not isinstance(entry, Mapping)
+            or set(entry) - {"path", "weight"}
+            or not isinstance(entry.get("path"), str)
+            or isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or weight <= 0
+        ):
+            raise ValueError(
+                f"dataset.sources[{i}] must be a path or {{path: <prepared dir>, weight: <number > 0>}}, got {entry!r}"
+            )
         parsed.append((Path(entry["path"]), float(weight)))
     return parsed
 
@@ -54,7 +61,7 @@ def _mix(datasets: list[Dataset], weights: list[float]) -> Dataset:
 
 
 def prepared_text_dataset(
-    tokenizer, sources: SourcesArg, max_seq_len: int, separator_token: Optional[str] = None
+    tokenizer, sources: SourcesArg, max_seq_len: int, separator_token: str | None = None
 ) -> Dataset:
     """Stage-1 packed rows (as :class:`~omnilong.data.PackedTextDataset`, row for row) from
     prepared ``text`` directories, mixed by weight (:class:`~omnilong.data.mixing.WeightedMix`).
@@ -104,9 +111,11 @@ def _fitting(source: PreparedSource, max_seq_len: int, skip_bad_samples: bool) -
     too_long = np.flatnonzero(lengths > max_seq_len)
     if len(too_long) and not skip_bad_samples:
         first = int(too_long[0])
-        raise ValueError(f"{source.record(first)['origin']}: sample has {int(lengths[first])} tokens, more than "
-                         f"max_seq_len={max_seq_len} (raise max_seq_len or set skip_bad_samples: true to skip "
-                         f"such samples; {len(too_long)} in {source.path})")
+        raise ValueError(
+            f"{source.record(first)['origin']}: sample has {int(lengths[first])} tokens, more than "
+            f"max_seq_len={max_seq_len} (raise max_seq_len or set skip_bad_samples: true to skip "
+            f"such samples; {len(too_long)} in {source.path})"
+        )
     return np.flatnonzero(lengths <= max_seq_len)
 
 
@@ -165,10 +174,10 @@ def prepared_video_sft_dataset(
     max_frames: int = 768,
     video_min_pixels: int = VideoOptions.min_pixels,
     video_max_pixels: int = VideoOptions.max_pixels,
-    video_total_pixels: Optional[int] = None,
+    video_total_pixels: int | None = None,
     skip_bad_samples: bool = False,
     packed: bool = False,
-    model_config: Optional[dict[str, Any]] = None,
+    model_config: dict[str, Any] | None = None,
 ) -> Dataset:
     """Stage-3 video samples (as :func:`~omnilong.data.video_sft_dataset`) from prepared
     ``video_sft`` directories, mixed by weight: construction neither reads the sample files
@@ -192,13 +201,13 @@ def prepared_llava_video_sft_dataset(
     max_seq_len: int,
     fps: float = 1.0,
     max_frames: int = 32,
-    frame_size: Optional[int] = None,
-    patch_size: Optional[int] = None,
+    frame_size: int | None = None,
+    patch_size: int | None = None,
     image_mean: Sequence[float] = SIGLIP_MEAN,
     image_std: Sequence[float] = SIGLIP_STD,
     skip_bad_samples: bool = False,
     packed: bool = False,
-    model_config: Optional[dict[str, Any]] = None,
+    model_config: dict[str, Any] | None = None,
 ) -> Dataset:
     """Stage-3 video samples for LLaVA-OneVision (as :func:`~omnilong.data.llava_video_sft_dataset`,
     sized from ``model_config`` the same way) from ``video_sft`` directories prepared with
@@ -209,20 +218,46 @@ def prepared_llava_video_sft_dataset(
         ValueError: see :func:`~omnilong.data.llava_video.llava_video_format`.
     """
     video_format = llava_video_format(model_config, frame_size, patch_size, image_mean, image_std)
-    return _prepared_videos(tokenizer, sources, max_seq_len, VideoOptions(fps=fps, max_frames=max_frames),
-                            video_format, {"video_format": video_format.model_type}, skip_bad_samples, packed)
+    return _prepared_videos(
+        tokenizer,
+        sources,
+        max_seq_len,
+        VideoOptions(fps=fps, max_frames=max_frames),
+        video_format,
+        {"video_format": video_format.model_type},
+        skip_bad_samples,
+        packed,
+    )
 
 
-def _prepared_videos(tokenizer, sources: SourcesArg, max_seq_len: int, options: VideoOptions, video_format,
-                     settings: dict[str, Any], skip_bad_samples: bool, packed: bool) -> Dataset:
+def _prepared_videos(
+    tokenizer,
+    sources: SourcesArg,
+    max_seq_len: int,
+    options: VideoOptions,
+    video_format,
+    settings: dict[str, Any],
+    skip_bad_samples: bool,
+    packed: bool,
+) -> Dataset:
     """The video SFT datasets of prepared ``sources`` in ``video_format``, mixed by weight."""
     datasets, weights = [], []
     for path, weight in parse_sources(sources):
         source = open_prepared(path, "video_sft", tokenizer, settings)
-        datasets.append(packed_or_not(VideoSFTDataset.from_tokenized(
-            tokenizer, _VideoSamples(source), max_seq_len, options, skip_bad_samples,
-            num_skipped=source.meta["num_skipped"]["bad_samples"], video_format=video_format,
-        ), packed))
+        datasets.append(
+            packed_or_not(
+                VideoSFTDataset.from_tokenized(
+                    tokenizer,
+                    _VideoSamples(source),
+                    max_seq_len,
+                    options,
+                    skip_bad_samples,
+                    num_skipped=source.meta["num_skipped"]["bad_samples"],
+                    video_format=video_format,
+                ),
+                packed,
+            )
+        )
         weights.append(weight)
     dataset = _mix(datasets, weights)
     # the recipe checks these against the model's; every source uses this tokenizer

@@ -1,6 +1,6 @@
 """A distributed sampler that can resume mid-epoch, on the same or a different number of ranks."""
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import Sampler

@@ -5,13 +5,14 @@ Errors name the file (and the line, for JSONL) and say what was expected.
 
 import glob
 import json
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence, Union
+from typing import Any
 
-PathLike = Union[str, Path]
+PathLike = str | Path
 
 
-def expand_data_files(data_files: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
+def expand_data_files(data_files: PathLike | Sequence[PathLike]) -> list[Path]:
     """Paths, directories (searched recursively) and glob patterns -> a sorted file list.
 
     Raises:

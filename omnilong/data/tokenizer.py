@@ -1,10 +1,9 @@
 """Loading a tokenizer from a local directory (nothing is downloaded, no remote code)."""
 
 from pathlib import Path
-from typing import Union
 
 
-def load_tokenizer(path: Union[str, Path]):
+def load_tokenizer(path: str | Path):
     """The transformers tokenizer saved in ``path`` (a model or tokenizer directory).
 
     Raises:

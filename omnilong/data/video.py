@@ -11,9 +11,10 @@ vision tower's (:class:`Patching`, from the checkpoint's ``vision_config``; Qwen
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as tvF
@@ -36,8 +37,11 @@ class Patching:
     def from_model_config(cls, config: dict[str, Any]) -> "Patching":
         """The patching of a parsed ``config.json`` (transformers' defaults for keys it leaves out)."""
         vision = config.get("vision_config") or {}
-        return cls(vision.get("patch_size", cls.patch), vision.get("temporal_patch_size", cls.temporal),
-                   vision.get("spatial_merge_size", cls.merge))
+        return cls(
+            vision.get("patch_size", cls.patch),
+            vision.get("temporal_patch_size", cls.temporal),
+            vision.get("spatial_merge_size", cls.merge),
+        )
 
     @property
     def factor(self) -> int:
@@ -74,7 +78,7 @@ class VideoOptions:
     max_frames: int = 768
     min_pixels: int = 128 * 28 * 28  # 128 LLM tokens of 28x28 px (Qwen2.5-VL's video processor)
     max_pixels: int = 768 * 28 * 28
-    total_pixels: Optional[int] = None
+    total_pixels: int | None = None
 
     def __post_init__(self):
         if self.fps <= 0 or self.max_frames < 1:
@@ -136,7 +140,7 @@ def _sampling_plan(path: Path, fps: float, max_frames: int):
     return decoder, times, rate
 
 
-def decode_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768) -> DecodedVideo:
+def decode_video(path: str | Path, fps: float = 1.0, max_frames: int = 768) -> DecodedVideo:
     """Decode the frames of ``path`` shown at ``0, 1/fps, 2/fps, ...`` (from the stream's
     start, within its duration), spread more thinly when there would be over ``max_frames``.
 
@@ -155,7 +159,7 @@ def decode_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768
     return DecodedVideo(frames=frames, fps=rate)
 
 
-def probe_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768) -> tuple[int, int, int]:
+def probe_video(path: str | Path, fps: float = 1.0, max_frames: int = 768) -> tuple[int, int, int]:
     """``(frames, height, width)`` that :func:`decode_video` gives ``path``, from the stream's
     metadata alone (what torchcodec reads on opening: headers and frame index; no frame is
     decoded).
@@ -167,7 +171,9 @@ def probe_video(path: Union[str, Path], fps: float = 1.0, max_frames: int = 768)
     return len(times), decoder.metadata.height, decoder.metadata.width
 
 
-def smart_resize(height: int, width: int, min_pixels: int, max_pixels: int, factor: int = Patching().factor) -> tuple[int, int]:
+def smart_resize(
+    height: int, width: int, min_pixels: int, max_pixels: int, factor: int = Patching().factor
+) -> tuple[int, int]:
     """``(height, width)`` rounded to multiples of ``factor``, scaled (keeping the aspect
     ratio) into ``[min_pixels, max_pixels]``; transformers' ``smart_resize``.
 
@@ -197,15 +203,17 @@ def frame_max_pixels(options: VideoOptions, total_frames: int, patching: Patchin
     return max(min(options.max_pixels, share), int(options.min_pixels * 1.05))
 
 
-def resized_sizes(videos: Sequence[DecodedVideo], options: VideoOptions,
-                  patching: Patching = Patching()) -> list[tuple[int, int]]:
+def resized_sizes(
+    videos: Sequence[DecodedVideo], options: VideoOptions, patching: Patching = Patching()
+) -> list[tuple[int, int]]:
     """``(height, width)`` every video of one sample is resized to, the pixel budget shared
     by all their frames."""
     return shape_sizes([(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos], options, patching)
 
 
-def shape_sizes(shapes: Sequence[tuple[int, int, int]], options: VideoOptions,
-                patching: Patching = Patching()) -> list[tuple[int, int]]:
+def shape_sizes(
+    shapes: Sequence[tuple[int, int, int]], options: VideoOptions, patching: Patching = Patching()
+) -> list[tuple[int, int]]:
     """:func:`resized_sizes` of videos given as ``(frames, height, width)``."""
     max_pixels = frame_max_pixels(options, sum(frames for frames, _, _ in shapes), patching)
     return [smart_resize(h, w, options.min_pixels, max_pixels, patching.factor) for _, h, w in shapes]
@@ -249,7 +257,9 @@ def resize_and_normalize(
     return tvF.normalize(frames.to(torch.float32), torch.tensor(mean) * scale, torch.tensor(std) * scale, inplace=True)
 
 
-def process_video(video: DecodedVideo, height: int, width: int, patching: Patching = Patching()) -> dict[str, torch.Tensor]:
+def process_video(
+    video: DecodedVideo, height: int, width: int, patching: Patching = Patching()
+) -> dict[str, torch.Tensor]:
     """The vision inputs of one video resized to ``height x width`` (multiples of 28), cut by ``patching``.
 
     Returns:

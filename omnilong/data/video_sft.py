@@ -46,9 +46,10 @@ the row, so the rows, too, are the same on every rank.
 """
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -66,6 +67,7 @@ from omnilong.data.video import (
     process_video,
     shape_sizes,
 )
+
 logger = logging.getLogger(__name__)
 
 VIDEO_PLACEHOLDER = "<video>"
@@ -105,15 +107,19 @@ def _messages(origin: str, record: dict) -> list[dict]:
     for i, turn in enumerate(turns):
         role = _ROLES.get(turn.get(role_key)) if isinstance(turn, dict) else None
         if role is None or not isinstance(turn.get(text_key), str):
-            raise ValueError(f"{origin}: turn {i} must be {{{role_key!r}: one of {sorted(_ROLES)}, "
-                             f"{text_key!r}: str}}, got {turn!r:.200}")
+            raise ValueError(
+                f"{origin}: turn {i} must be {{{role_key!r}: one of {sorted(_ROLES)}, "
+                f"{text_key!r}: str}}, got {turn!r:.200}"
+            )
         messages.append({"role": role, "content": turn[text_key]})
     if not messages:
         raise ValueError(f"{origin}: the conversation is empty")
     return messages
 
 
-def parse_sample(origin: str, record: Any, root: Path, marker: str = VISION_START + VIDEO_PAD + VISION_END) -> VideoSample:
+def parse_sample(
+    origin: str, record: Any, root: Path, marker: str = VISION_START + VIDEO_PAD + VISION_END
+) -> VideoSample:
     """Validate one raw sample, resolve its video paths against ``root`` and write each
     ``<video>`` placeholder as ``marker`` (the family's video format's).
 
@@ -133,15 +139,18 @@ def parse_sample(origin: str, record: Any, root: Path, marker: str = VISION_STAR
     found = sum(m["content"].count(VIDEO_PLACEHOLDER) for m in messages)
     if found != len(videos):
         problem = "no" if found == 0 else ("more" if found > len(videos) else "fewer")
-        raise ValueError(f"{origin}: {problem} {VIDEO_PLACEHOLDER} placeholders than videos "
-                         f"({found} placeholders, {len(videos)} videos)")
+        raise ValueError(
+            f"{origin}: {problem} {VIDEO_PLACEHOLDER} placeholders than videos "
+            f"({found} placeholders, {len(videos)} videos)"
+        )
     for m in messages:
         m["content"] = m["content"].replace(VIDEO_PLACEHOLDER, marker)
     return VideoSample(origin, tuple(root / v for v in videos), messages)
 
 
 def read_video_samples(
-    data_files: Union[PathLike, Sequence[PathLike]], data_root: Optional[PathLike] = None,
+    data_files: PathLike | Sequence[PathLike],
+    data_root: PathLike | None = None,
     marker: str = VISION_START + VIDEO_PAD + VISION_END,
 ) -> Iterable[VideoSample]:
     """Validated samples of JSONL / JSON / parquet files (paths, directories or globs).
@@ -158,7 +167,9 @@ def read_video_samples(
             yield parse_sample(origin, record, root, marker)
 
 
-def tokenize_video_sample(tokenizer, sample: VideoSample, pad_token: str = VIDEO_PAD) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize_video_sample(
+    tokenizer, sample: VideoSample, pad_token: str = VIDEO_PAD
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``input_ids [L]`` with one ``pad_token`` per video and ``trainable [L]`` (bool: the
     token belongs to an assistant turn).
 
@@ -167,8 +178,10 @@ def tokenize_video_sample(tokenizer, sample: VideoSample, pad_token: str = VIDEO
     """
     input_ids, trainable = tokenize_conversation(tokenizer, sample.messages)
     if int((input_ids == tokenizer.convert_tokens_to_ids(pad_token)).sum()) != len(sample.videos):
-        raise ValueError(f"{sample.origin}: the rendered conversation does not hold one {pad_token} per video "
-                         f"(the text contains {pad_token}, or the chat template dropped a placeholder)")
+        raise ValueError(
+            f"{sample.origin}: the rendered conversation does not hold one {pad_token} per video "
+            f"(the text contains {pad_token}, or the chat template dropped a placeholder)"
+        )
     return input_ids, trainable
 
 
@@ -177,9 +190,11 @@ def check_model_type(video_format, model_config: dict[str, Any]) -> None:
     not of the family ``video_format`` makes inputs for (names the dataset component to use)."""
     model_type = model_config.get("model_type")
     if model_type != video_format.model_type:
-        raise ValueError(f"the dataset makes {video_format.model_type} video inputs, but the checkpoint is "
-                         f"{model_type}: use its dataset component (omnilong.data.video_sft_dataset for "
-                         "qwen2_5_vl, omnilong.data.llava_video_sft_dataset for llava_onevision)")
+        raise ValueError(
+            f"the dataset makes {video_format.model_type} video inputs, but the checkpoint is "
+            f"{model_type}: use its dataset component (omnilong.data.video_sft_dataset for "
+            "qwen2_5_vl, omnilong.data.llava_video_sft_dataset for llava_onevision)"
+        )
 
 
 @dataclass(frozen=True)
@@ -225,11 +240,15 @@ class QwenVideoFormat:
         video (one LLM token) between ``<|vision_start|>`` and ``<|vision_end|>``."""
         merge = self.patching.merge
         grid = torch.tensor([[1, merge, merge]])
-        return [ids[VISION_START], ids[VIDEO_PAD], ids[VISION_END]], 1, {
-            "pixel_values_videos": torch.zeros(int(grid.prod()), self.patching.patch_dim),
-            "video_grid_thw": grid,
-            "second_per_grid_ts": torch.tensor([self.patching.temporal / options.fps], dtype=torch.float32),
-        }
+        return (
+            [ids[VISION_START], ids[VIDEO_PAD], ids[VISION_END]],
+            1,
+            {
+                "pixel_values_videos": torch.zeros(int(grid.prod()), self.patching.patch_dim),
+                "video_grid_thw": grid,
+                "second_per_grid_ts": torch.tensor([self.patching.temporal / options.fps], dtype=torch.float32),
+            },
+        )
 
 
 class VideoSFTDataset(Dataset):
@@ -279,8 +298,9 @@ class VideoSFTDataset(Dataset):
         if self.num_skipped:
             logger.warning("skipped %d samples whose video file is missing", self.num_skipped)
 
-    def _configure(self, tokenizer, max_seq_len: int, options: VideoOptions, skip_bad_samples: bool,
-                   video_format=None) -> None:
+    def _configure(
+        self, tokenizer, max_seq_len: int, options: VideoOptions, skip_bad_samples: bool, video_format=None
+    ) -> None:
         """Check the tokenizer and keep the settings and special token ids."""
         self.format = video_format if video_format is not None else QwenVideoFormat()
         if max_seq_len <= 0:
@@ -297,7 +317,7 @@ class VideoSFTDataset(Dataset):
         self.max_seq_len, self.options = max_seq_len, options
         self.skip_bad_samples = skip_bad_samples
         self.num_skipped = 0
-        self._lengths: Optional[list[int]] = None  # set by sample_lengths(); items are held to them
+        self._lengths: list[int] | None = None  # set by sample_lengths(); items are held to them
 
     @classmethod
     def from_tokenized(
@@ -392,15 +412,25 @@ class VideoSFTDataset(Dataset):
         shapes = [(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos]
         sizes, length, counts = self._checked_length(sample, input_ids, shapes)
         if self._lengths is not None and length != self._lengths[index]:
-            raise BadSampleError(f"{sample.origin}: sample has {length} tokens once decoded, but its videos' "
-                                 f"metadata gave {self._lengths[index]} (what packing planned its row with)")
+            raise BadSampleError(
+                f"{sample.origin}: sample has {length} tokens once decoded, but its videos' "
+                f"metadata gave {self._lengths[index]} (what packing planned its row with)"
+            )
         vision = [self.format.process(v, size) for v, size in zip(videos, sizes)]
-        return self._row(input_ids, trainable, counts, {
-            key: torch.cat([item[key] for item in vision]) for key in vision[0]
-        }, skipped=False)
+        return self._row(
+            input_ids,
+            trainable,
+            counts,
+            {key: torch.cat([item[key] for item in vision]) for key in vision[0]},
+            skipped=False,
+        )
 
     def _row(
-        self, input_ids: torch.Tensor, trainable: torch.Tensor, counts: list[int], vision: dict[str, torch.Tensor],
+        self,
+        input_ids: torch.Tensor,
+        trainable: torch.Tensor,
+        counts: list[int],
+        vision: dict[str, torch.Tensor],
         skipped: bool,
     ) -> dict[str, torch.Tensor]:
         """The item of a token row holding one ``<|video_pad|>`` per video, each expanded
@@ -420,24 +450,25 @@ class VideoSFTDataset(Dataset):
         """A skipped item: the format's placeholder over one blank video (Qwen's:
         ``<|vision_start|><|video_pad|><|vision_end|>``, one LLM token), no label trained."""
         input_ids, count, vision = self.format.placeholder(self._token_ids, self.options)
-        return self._row(torch.tensor(input_ids), torch.zeros(len(input_ids), dtype=torch.bool), [count], vision,
-                         skipped=True)
+        return self._row(
+            torch.tensor(input_ids), torch.zeros(len(input_ids), dtype=torch.bool), [count], vision, skipped=True
+        )
 
 
 def video_sft_dataset(
     tokenizer,
-    data_files: Union[PathLike, Sequence[PathLike]],
+    data_files: PathLike | Sequence[PathLike],
     max_seq_len: int,
-    data_root: Optional[PathLike] = None,
+    data_root: PathLike | None = None,
     fps: float = 1.0,
     max_frames: int = 768,
     video_min_pixels: int = VideoOptions.min_pixels,
     video_max_pixels: int = VideoOptions.max_pixels,
-    video_total_pixels: Optional[int] = None,
+    video_total_pixels: int | None = None,
     skip_bad_samples: bool = False,
     packed: bool = False,
-    model_config: Optional[dict[str, Any]] = None,
-) -> Union[VideoSFTDataset, PackedDataset]:
+    model_config: dict[str, Any] | None = None,
+) -> VideoSFTDataset | PackedDataset:
     """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
 
     Args:
@@ -461,6 +492,13 @@ def video_sft_dataset(
     video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
     options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
     source = ", ".join(map(str, expand_data_files(data_files)))
-    dataset = VideoSFTDataset(tokenizer, read_video_samples(data_files, data_root), max_seq_len, options,
-                              skip_bad_samples, source, video_format)
+    dataset = VideoSFTDataset(
+        tokenizer,
+        read_video_samples(data_files, data_root),
+        max_seq_len,
+        options,
+        skip_bad_samples,
+        source,
+        video_format,
+    )
     return packed_or_not(dataset, packed)

@@ -7,5 +7,13 @@ from omnilong.eval.niah import run_niah
 from omnilong.eval.videomme import run_videomme
 from omnilong.eval.vniah import run_vniah
 
-__all__ = ["LlavaOnevisionFamily", "ModelFamily", "Prompt", "Qwen2_5_VLFamily", "family_for", "run_niah",
-           "run_videomme", "run_vniah"]
+__all__ = [
+    "LlavaOnevisionFamily",
+    "ModelFamily",
+    "Prompt",
+    "Qwen2_5_VLFamily",
+    "family_for",
+    "run_niah",
+    "run_videomme",
+    "run_vniah",
+]

@@ -23,8 +23,9 @@ def reproduces_answer(loaded: InferenceModel, family: ModelFamily, prompt: Promp
     inputs, answer_length = family.prompt_inputs(prompt, answer)
     if answer_length == 0:
         raise ValueError("the answer to score is empty")
-    predicted = forced_predictions(loaded.model, _to_device(inputs, loaded), answer_length, loaded.cp_mesh,
-                                   _pad_id(loaded))
+    predicted = forced_predictions(
+        loaded.model, _to_device(inputs, loaded), answer_length, loaded.cp_mesh, _pad_id(loaded)
+    )
     return predicted == inputs["input_ids"][0, -answer_length:].tolist()
 
 
@@ -34,6 +35,7 @@ def generate_answer(
     """The greedy answer to ``prompt`` (stop token removed, special tokens skipped) and the
     prompt's token count."""
     inputs, _ = family.prompt_inputs(prompt)
-    generation = greedy_generate(loaded.model, _to_device(inputs, loaded), max_new_tokens, family.stop_token_ids,
-                                 loaded.cp_mesh, _pad_id(loaded))
+    generation = greedy_generate(
+        loaded.model, _to_device(inputs, loaded), max_new_tokens, family.stop_token_ids, loaded.cp_mesh, _pad_id(loaded)
+    )
     return loaded.tokenizer.decode(generation.tokens, skip_special_tokens=True), generation.prompt_length

@@ -24,9 +24,10 @@ Families are looked up by the checkpoint's ``model_type`` (:func:`family_for`): 
 """
 
 import json
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -56,7 +57,7 @@ class Prompt:
 
     text: str
     images: tuple[torch.Tensor, ...] = field(default_factory=tuple)
-    video: Optional[DecodedVideo] = None
+    video: DecodedVideo | None = None
 
 
 def read_image(path: Path) -> torch.Tensor:
@@ -76,18 +77,20 @@ def read_image(path: Path) -> torch.Tensor:
         raise ValueError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from e
 
 
-def render_prompt(tokenizer: Any, prompt: Prompt, answer: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def render_prompt(tokenizer: Any, prompt: Prompt, answer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``prompt`` as one user turn (images, then the video, then the text) with the checkpoint's
     chat template and the assistant's generation prompt: its token ids ``[T]`` (one placeholder
     token per image / video, for the family to expand) and ``answer``'s ``[A]`` (empty without one)."""
     content = [{"type": "image"} for _ in prompt.images]
     content += [{"type": "video"}] if prompt.video is not None else []
     content.append({"type": "text", "text": prompt.text})
-    text = tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    answer_ids = torch.tensor(tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else [],
-                              dtype=torch.long)
+    answer_ids = torch.tensor(
+        tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else [], dtype=torch.long
+    )
     return ids, answer_ids
 
 
@@ -100,9 +103,9 @@ class ModelFamily(Protocol):
     @property
     def stop_token_ids(self) -> list[int]: ...
 
-    def prompt_inputs(self, prompt: Prompt, answer: Optional[str] = None) -> tuple[dict[str, torch.Tensor], int]: ...
+    def prompt_inputs(self, prompt: Prompt, answer: str | None = None) -> tuple[dict[str, torch.Tensor], int]: ...
 
-    def frame_feature_cache(self, model: nn.Module) -> ContextManager[Any]: ...
+    def frame_feature_cache(self, model: nn.Module) -> AbstractContextManager[Any]: ...
 
 
 def _pixel_bounds(model_dir: Path, name: str, default: tuple[int, int]) -> tuple[int, int]:
@@ -113,8 +116,10 @@ def _pixel_bounds(model_dir: Path, name: str, default: tuple[int, int]) -> tuple
         return default
     cfg = json.loads(path.read_text())
     size = cfg.get("size") or {}
-    return (int(size.get("shortest_edge", cfg.get("min_pixels", default[0]))),
-            int(size.get("longest_edge", cfg.get("max_pixels", default[1]))))
+    return (
+        int(size.get("shortest_edge", cfg.get("min_pixels", default[0]))),
+        int(size.get("longest_edge", cfg.get("max_pixels", default[1]))),
+    )
 
 
 class Qwen2_5_VLFamily:
@@ -131,17 +136,29 @@ class Qwen2_5_VLFamily:
         video_min_pixels, video_max_pixels, video_total_pixels: override the processor's limits.
     """
 
-    def __init__(self, tokenizer: Any, model_dir: Path, fps: float = 1.0, max_frames: int = 768,
-                 video_min_pixels: Optional[int] = None, video_max_pixels: Optional[int] = None,
-                 video_total_pixels: Optional[int] = None):
+    def __init__(
+        self,
+        tokenizer: Any,
+        model_dir: Path,
+        fps: float = 1.0,
+        max_frames: int = 768,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
+        video_total_pixels: int | None = None,
+    ):
         self.tokenizer = tokenizer
         self.patching = Patching.from_model_config(read_hf_config(model_dir))
         self.frames_per_step = self.patching.temporal
         factor = self.patching.factor
         video_bounds = _pixel_bounds(model_dir, "video_preprocessor_config.json", (128 * factor**2, 768 * factor**2))
         self.image_bounds = _pixel_bounds(model_dir, "preprocessor_config.json", (56 * 56, 1280 * factor**2))
-        self.video_options = VideoOptions(fps, max_frames, video_min_pixels or video_bounds[0],
-                                          video_max_pixels or video_bounds[1], video_total_pixels)
+        self.video_options = VideoOptions(
+            fps,
+            max_frames,
+            video_min_pixels or video_bounds[0],
+            video_max_pixels or video_bounds[1],
+            video_total_pixels,
+        )
         vocab = tokenizer.get_vocab()
         missing = [t for t in ("<|image_pad|>", "<|video_pad|>", "<|im_end|>") if t not in vocab]
         if missing:
@@ -155,7 +172,7 @@ class Qwen2_5_VLFamily:
         """``<|im_end|>`` and the tokenizer's EOS."""
         return self._stops
 
-    def frame_feature_cache(self, model: nn.Module) -> ContextManager[FramePairCache]:
+    def frame_feature_cache(self, model: nn.Module) -> AbstractContextManager[FramePairCache]:
         """Frame-pair features reused by key (:func:`~omnilong.eval.vision_cache.frame_pair_cache`)."""
         return frame_pair_cache(model)
 
@@ -164,7 +181,7 @@ class Qwen2_5_VLFamily:
         vision = process_video(DecodedVideo(image[None], fps=1.0), h, w, self.patching)
         return {"pixel_values": vision["pixel_values_videos"], "image_grid_thw": vision["video_grid_thw"]}
 
-    def prompt_inputs(self, prompt: Prompt, answer: Optional[str] = None) -> tuple[dict[str, torch.Tensor], int]:
+    def prompt_inputs(self, prompt: Prompt, answer: str | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """Model inputs of ``prompt`` (+ ``answer``), see the module docstring.
 
         Returns:
@@ -181,7 +198,7 @@ class Qwen2_5_VLFamily:
             inputs["image_grid_thw"] = torch.cat([i["image_grid_thw"] for i in images])
             repeats[ids == self.image_pad] = inputs["image_grid_thw"].prod(-1) // self.patching.merge**2
         if prompt.video is not None:
-            (h, w), = resized_sizes([prompt.video], self.video_options, self.patching)
+            ((h, w),) = resized_sizes([prompt.video], self.video_options, self.patching)
             inputs.update(process_video(prompt.video, h, w, self.patching))
             repeats[ids == self.video_pad] = num_video_tokens(prompt.video.frames.shape[0], h, w, self.patching)
         input_ids = torch.cat([ids.repeat_interleave(repeats), answer_ids])

@@ -12,8 +12,9 @@ one frame per encoding step, features reused by key (:class:`~omnilong.eval.visi
 """
 
 import json
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, ContextManager, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +28,7 @@ from omnilong.models.llava_onevision.args import text_args_from_hf_config, visio
 from omnilong.models.llava_onevision.features import num_crops, pack_image_features
 
 
-def _processor_config(model_dir: Path, name: str, key: str) -> Optional[dict[str, Any]]:
+def _processor_config(model_dir: Path, name: str, key: str) -> dict[str, Any] | None:
     """A processor's config: ``name`` (the hub's ``preprocessor_config.json`` /
     ``video_preprocessor_config.json``) or ``processor_config.json``'s ``key`` entry (as
     transformers v5 saves a processor); ``None`` when neither is there."""
@@ -55,15 +56,27 @@ class LlavaOnevisionFamily:
 
     frames_per_step = 1
 
-    def __init__(self, tokenizer: Any, model_dir: Path, fps: float = 1.0, max_frames: int = 768,
-                 video_min_pixels: Optional[int] = None, video_max_pixels: Optional[int] = None,
-                 video_total_pixels: Optional[int] = None):
-        limits = {"video_min_pixels": video_min_pixels, "video_max_pixels": video_max_pixels,
-                  "video_total_pixels": video_total_pixels}
+    def __init__(
+        self,
+        tokenizer: Any,
+        model_dir: Path,
+        fps: float = 1.0,
+        max_frames: int = 768,
+        video_min_pixels: int | None = None,
+        video_max_pixels: int | None = None,
+        video_total_pixels: int | None = None,
+    ):
+        limits = {
+            "video_min_pixels": video_min_pixels,
+            "video_max_pixels": video_max_pixels,
+            "video_total_pixels": video_total_pixels,
+        }
         given = [name for name, value in limits.items() if value is not None]
         if given:
-            raise ValueError(f"{given} do not apply to LLaVA-OneVision (every frame is resized to the "
-                             "tower's square crop): leave them out")
+            raise ValueError(
+                f"{given} do not apply to LLaVA-OneVision (every frame is resized to the "
+                "tower's square crop): leave them out"
+            )
         vocab = tokenizer.get_vocab()
         missing = [t for t in (IMAGE_TOKEN, VIDEO_TOKEN, "<|im_end|>") if t not in vocab]
         if missing:
@@ -74,8 +87,10 @@ class LlavaOnevisionFamily:
         self.image_token, self.video_token = vocab[IMAGE_TOKEN], vocab[VIDEO_TOKEN]
         norm = _processor_config(self.model_dir, "video_preprocessor_config.json", "video_processor") or {}
         self.video_format = LlavaVideoFormat(
-            self.vision_args.image_size, self.vision_args.patch_size,
-            **{field: tuple(norm[key]) for field, key in (("mean", "image_mean"), ("std", "image_std")) if key in norm})
+            self.vision_args.image_size,
+            self.vision_args.patch_size,
+            **{field: tuple(norm[key]) for field, key in (("mean", "image_mean"), ("std", "image_std")) if key in norm},
+        )
         self.video_options = VideoOptions(fps, max_frames)
         self._stops = sorted({vocab["<|im_end|>"], *(vocab[t] for t in ("<|endoftext|>",) if t in vocab)})
         self._image_processor = None
@@ -85,19 +100,25 @@ class LlavaOnevisionFamily:
         """``<|im_end|>`` and ``<|endoftext|>``."""
         return self._stops
 
-    def frame_feature_cache(self, model: nn.Module) -> ContextManager[FrameCache]:
+    def frame_feature_cache(self, model: nn.Module) -> AbstractContextManager[FrameCache]:
         """Per-frame tower features reused by key (:func:`~omnilong.eval.vision_cache.frame_cache`)."""
         return frame_cache(model)
 
     def image_tokens(self, image_size: tuple[int, int], several: bool) -> int:
         """``<image>`` tokens of an image of ``(height, width)``: its anyres crops packed by the
         model's rule (``several``: one of several images of a prompt, its base crop only)."""
-        crops = 1 if several else num_crops(list(image_size), self.args.image_grid_pinpoints,
-                                            self.vision_args.image_size)
+        crops = (
+            1 if several else num_crops(list(image_size), self.args.image_grid_pinpoints, self.vision_args.image_size)
+        )
         features = self.vision_args.grid**2 - (self.args.vision_feature_select_strategy == "default")
-        return pack_image_features(torch.zeros(crops, features, 1), list(image_size), torch.zeros(1),
-                                   self.args.image_grid_pinpoints, self.vision_args.image_size,
-                                   self.args.max_image_crops).shape[0]
+        return pack_image_features(
+            torch.zeros(crops, features, 1),
+            list(image_size),
+            torch.zeros(1),
+            self.args.image_grid_pinpoints,
+            self.vision_args.image_size,
+            self.args.max_image_crops,
+        ).shape[0]
 
     def _image_inputs(self, images: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
         """``pixel_values [n, max_crops, 3, S, S]``, ``image_sizes [n, 2]``, ``batch_num_images [1]``
@@ -106,14 +127,16 @@ class LlavaOnevisionFamily:
             from transformers import AutoImageProcessor
 
             if _processor_config(self.model_dir, "preprocessor_config.json", "image_processor") is None:
-                raise FileNotFoundError(f"{self.model_dir}: no preprocessor_config.json (nor processor_config.json "
-                                        "with an image_processor): images need the checkpoint's image processor "
-                                        "(copy it from the base model's directory)")
+                raise FileNotFoundError(
+                    f"{self.model_dir}: no preprocessor_config.json (nor processor_config.json "
+                    "with an image_processor): images need the checkpoint's image processor "
+                    "(copy it from the base model's directory)"
+                )
             self._image_processor = AutoImageProcessor.from_pretrained(self.model_dir)
         out = self._image_processor(images=[list(images)], return_tensors="pt")
         return {key: out[key] for key in ("pixel_values", "image_sizes", "batch_num_images")}
 
-    def prompt_inputs(self, prompt: Prompt, answer: Optional[str] = None) -> tuple[dict[str, torch.Tensor], int]:
+    def prompt_inputs(self, prompt: Prompt, answer: str | None = None) -> tuple[dict[str, torch.Tensor], int]:
         """Model inputs of ``prompt`` (+ ``answer``), see :mod:`omnilong.eval.family`.
 
         Returns:
@@ -128,7 +151,8 @@ class LlavaOnevisionFamily:
             inputs.update(self._image_inputs(prompt.images))
             several = len(prompt.images) > 1
             repeats[ids == self.image_token] = torch.tensor(
-                [self.image_tokens(tuple(size), several) for size in inputs["image_sizes"].tolist()])
+                [self.image_tokens(tuple(size), several) for size in inputs["image_sizes"].tolist()]
+            )
         if prompt.video is not None:
             size = (self.video_format.crop, self.video_format.crop)
             inputs.update(self.video_format.process(prompt.video, size))

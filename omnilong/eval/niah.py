@@ -17,9 +17,10 @@ summary, with a length x depth grid per score, to ``results.json``, and the grid
 
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omnilong.data.sources import read_text_documents
 from omnilong.eval.ask import generate_answer, reproduces_answer
@@ -63,8 +64,10 @@ def read_haystack(files: Sequence[Path], tokenizer: Any, max_tokens: int) -> lis
         ids += tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]
         if len(ids) >= max_tokens:
             return ids[:max_tokens]
-    raise ValueError(f"the haystack files hold {len(ids)} tokens, fewer than the {max_tokens} the longest length "
-                     "needs: give more haystack files or lower the lengths")
+    raise ValueError(
+        f"the haystack files hold {len(ids)} tokens, fewer than the {max_tokens} the longest length "
+        "needs: give more haystack files or lower the lengths"
+    )
 
 
 def sentence_boundaries(tokenizer: Any, ids: Sequence[int]) -> list[int]:
@@ -80,8 +83,14 @@ def sentence_boundaries(tokenizer: Any, ids: Sequence[int]) -> list[int]:
     return boundaries
 
 
-def build_items(tokenizer: Any, family: ModelFamily, haystack: Sequence[int], lengths: Sequence[int],
-                depths: Sequence[float], seed: int) -> list[NiahItem]:
+def build_items(
+    tokenizer: Any,
+    family: ModelFamily,
+    haystack: Sequence[int],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    seed: int,
+) -> list[NiahItem]:
     """One item per ``(length, depth)``: the haystack cut so that the whole prompt is about
     ``length`` tokens, the needle at the boundary nearest ``depth``.
 
@@ -97,22 +106,32 @@ def build_items(tokenizer: Any, family: ModelFamily, haystack: Sequence[int], le
     for length in lengths:
         budget = length - overhead - needle_tokens
         if budget < 1:
-            raise ValueError(f"NIAH length {length} is too short: the question and needle take "
-                             f"{overhead + needle_tokens} tokens")
+            raise ValueError(
+                f"NIAH length {length} is too short: the question and needle take {overhead + needle_tokens} tokens"
+            )
         boundaries = sentence_boundaries(tokenizer, haystack[:budget])
-        hay = list(haystack[:boundaries[-1]])  # the haystack ends at a boundary too (depth 1)
+        hay = list(haystack[: boundaries[-1]])  # the haystack ends at a boundary too (depth 1)
         for depth in depths:
             cut = min(boundaries, key=lambda b: abs(b - depth * len(hay)))
             number = str(rng.randrange(1_000_000, 10_000_000))
-            context = (tokenizer.decode(hay[:cut]) + " " + NEEDLE.format(number=number) + " "
-                       + tokenizer.decode(hay[cut:]))
+            context = (
+                tokenizer.decode(hay[:cut]) + " " + NEEDLE.format(number=number) + " " + tokenizer.decode(hay[cut:])
+            )
             items.append(NiahItem(length, float(depth), number, context))
     return items
 
 
-def run_niah(loaded: InferenceModel, family: ModelFamily, output_dir: Path, haystack_files: Sequence[Path],
-             lengths: Sequence[int], depths: Sequence[float], seed: int = 0, max_new_tokens: int = 16,
-             generate: bool = True) -> dict[str, Any]:
+def run_niah(
+    loaded: InferenceModel,
+    family: ModelFamily,
+    output_dir: Path,
+    haystack_files: Sequence[Path],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    seed: int = 0,
+    max_new_tokens: int = 16,
+    generate: bool = True,
+) -> dict[str, Any]:
     """Run NIAH over ``lengths x depths`` and write ``results.jsonl``, ``results.json`` and
     ``heatmap.png`` into ``output_dir`` (rank 0; every rank computes).
 
@@ -126,7 +145,7 @@ def run_niah(loaded: InferenceModel, family: ModelFamily, output_dir: Path, hays
     lines = (output_dir / "results.jsonl").open("w") if loaded.is_main else None
     for item in progress(items, len(items), "NIAH", loaded.is_main):
         prompt = Prompt(item.context + "\n\n" + QUESTION)
-        record: dict[str, Optional[Any]] = {k: v for k, v in asdict(item).items() if k != "context"}
+        record: dict[str, Any | None] = {k: v for k, v in asdict(item).items() if k != "context"}
         record["forced_correct"] = reproduces_answer(loaded, family, prompt, item.number)
         if generate:
             answer, record["tokens"] = generate_answer(loaded, family, prompt, max_new_tokens)
@@ -141,12 +160,19 @@ def run_niah(loaded: InferenceModel, family: ModelFamily, output_dir: Path, hays
         lines.close()
     scores = ["forced_correct"] + (["generation_correct"] if generate else [])
     summary = {
-        "evaluation": "niah", "items": len(records), "lengths": list(lengths), "depths": list(depths),
+        "evaluation": "niah",
+        "items": len(records),
+        "lengths": list(lengths),
+        "depths": list(depths),
         **{f"accuracy_{s.removesuffix('_correct')}": sum(r[s] for r in records) / len(records) for s in scores},
         "grids": {s.removesuffix("_correct"): grid_accuracy(records, "length", "depth", s) for s in scores},
     }
     if loaded.is_main:
         write_json(output_dir / "results.json", summary)
-        write_heatmaps(output_dir / "heatmap.png", {f"NIAH ({name})": grid for name, grid in summary["grids"].items()},
-                       "prompt length (tokens)", "needle depth")
+        write_heatmaps(
+            output_dir / "heatmap.png",
+            {f"NIAH ({name})": grid for name, grid in summary["grids"].items()},
+            "prompt length (tokens)",
+            "needle depth",
+        )
     return summary

@@ -4,8 +4,9 @@ log says how to get the picture)."""
 
 import json
 import logging
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
@@ -37,8 +38,7 @@ def grid_accuracy(records: Sequence[dict], row_key: str, column_key: str, score_
     cells: dict[tuple, list[float]] = {}
     for r in records:
         cells.setdefault((r[row_key], r[column_key]), []).append(float(r[score_key]))
-    accuracy = [[(sum(cells[(a, b)]) / len(cells[(a, b)])) if (a, b) in cells else None for b in columns]
-                for a in rows]
+    accuracy = [[(sum(cells[(a, b)]) / len(cells[(a, b)])) if (a, b) in cells else None for b in columns] for a in rows]
     return {"rows": rows, "columns": columns, "accuracy": accuracy}
 
 
@@ -51,8 +51,10 @@ def write_heatmaps(path: Path, grids: dict[str, dict[str, Any]], row_label: str,
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        logger.warning("matplotlib is not installed: %s not drawn (pip install -e \".[eval]\"; the numbers are "
-                       "in results.json)", path)
+        logger.warning(
+            'matplotlib is not installed: %s not drawn (pip install -e ".[eval]"; the numbers are in results.json)',
+            path,
+        )
         return False
     fig, axes = plt.subplots(1, len(grids), figsize=(6 * len(grids), 4.5), squeeze=False)
     for ax, (title, grid) in zip(axes[0], grids.items()):

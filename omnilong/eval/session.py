@@ -18,19 +18,26 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--checkpoint``, device/dtype and the video sampling flags."""
-    parser.add_argument("--checkpoint", required=True, type=Path,
-                        help="Hugging Face model directory or a training step folder (output_dir/checkpoints/step_N)")
+    parser.add_argument(
+        "--checkpoint",
+        required=True,
+        type=Path,
+        help="Hugging Face model directory or a training step folder (output_dir/checkpoints/step_N)",
+    )
     parser.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: the checkpoint's / its base's)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--dtype", default="bf16", choices=tuple(_DTYPES))
     parser.add_argument("--fps", type=float, default=1.0, help="video frames sampled per second (default 1)")
     parser.add_argument("--max-frames", type=int, default=768, help="most frames per video (default 768)")
-    parser.add_argument("--video-min-pixels", type=int,
-                        help="least pixels per frame (Qwen2.5-VL; default: the processor's)")
-    parser.add_argument("--video-max-pixels", type=int,
-                        help="most pixels per frame (Qwen2.5-VL; default: the processor's)")
-    parser.add_argument("--video-total-pixels", type=int,
-                        help="pixel budget of all frames of a video (Qwen2.5-VL; default: none)")
+    parser.add_argument(
+        "--video-min-pixels", type=int, help="least pixels per frame (Qwen2.5-VL; default: the processor's)"
+    )
+    parser.add_argument(
+        "--video-max-pixels", type=int, help="most pixels per frame (Qwen2.5-VL; default: the processor's)"
+    )
+    parser.add_argument(
+        "--video-total-pixels", type=int, help="pixel budget of all frames of a video (Qwen2.5-VL; default: none)"
+    )
 
 
 def open_session(args: argparse.Namespace) -> tuple[InferenceModel, ModelFamily]:
@@ -40,9 +47,16 @@ def open_session(args: argparse.Namespace) -> tuple[InferenceModel, ModelFamily]
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_distributed(device)
     loaded = load_inference_model(args.checkpoint, device, _DTYPES[args.dtype], args.tokenizer)
-    family = family_for(loaded.hf_config.get("model_type"), loaded.tokenizer, loaded.model_dir, fps=args.fps,
-                        max_frames=args.max_frames, video_min_pixels=args.video_min_pixels,
-                        video_max_pixels=args.video_max_pixels, video_total_pixels=args.video_total_pixels)
+    family = family_for(
+        loaded.hf_config.get("model_type"),
+        loaded.tokenizer,
+        loaded.model_dir,
+        fps=args.fps,
+        max_frames=args.max_frames,
+        video_min_pixels=args.video_min_pixels,
+        video_max_pixels=args.video_max_pixels,
+        video_total_pixels=args.video_total_pixels,
+    )
     return loaded, family
 
 

@@ -29,8 +29,9 @@ accuracy over all questions, overall and by duration, domain and task type.
 import json
 import logging
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from omnilong.data.sources import read_records
 from omnilong.data.video import DecodedVideo, decode_video
@@ -42,8 +43,10 @@ from omnilong.generation.loading import InferenceModel
 
 logger = logging.getLogger(__name__)
 
-INSTRUCTION = ("Select the best answer to the following multiple-choice question based on the video{and_subs}. "
-               "Respond with only the letter (A, B, C, or D) of the correct option.")
+INSTRUCTION = (
+    "Select the best answer to the following multiple-choice question based on the video{and_subs}. "
+    "Respond with only the letter (A, B, C, or D) of the correct option."
+)
 SUBTITLES_INTRO = "This video's subtitles are listed below:"
 NO_SUBTITLES = "No subtitles available"
 ANSWER_CUE = "The best answer is:"
@@ -61,8 +64,9 @@ def default_questions_file(root: Path) -> Path:
     """
     found = sorted((root / "videomme").glob("*.parquet"))
     if not found:
-        raise FileNotFoundError(f"no questions under {root}/videomme/*.parquet: pass questions=<file> "
-                                "(.parquet, .jsonl or .json)")
+        raise FileNotFoundError(
+            f"no questions under {root}/videomme/*.parquet: pass questions=<file> (.parquet, .jsonl or .json)"
+        )
     return found[0]
 
 
@@ -75,7 +79,7 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
     questions = []
     for origin, record in read_records(path):
         nested = record.get("questions") if isinstance(record, dict) else None
-        for row in ([{**record, **q} for q in nested] if isinstance(nested, list) else [record]):
+        for row in [{**record, **q} for q in nested] if isinstance(nested, list) else [record]:
             if "videoID" not in row and "video_id" in row:
                 row = {**row, "videoID": row["video_id"]}
             missing = [f for f in _FIELDS if f not in row]
@@ -85,7 +89,7 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
     return questions
 
 
-def find_video(root: Path, video_id: str) -> Optional[Path]:
+def find_video(root: Path, video_id: str) -> Path | None:
     """``root/data/<video_id>`` with a known suffix, or ``None``."""
     return next((p for s in _VIDEO_SUFFIXES if (p := root / "data" / f"{video_id}{s}").is_file()), None)
 
@@ -110,7 +114,7 @@ def read_subtitles(path: Path) -> list[tuple[float, float, str]]:
         start, _, end = lines[arrow].partition("-->")
         if not (_TIME.match(start.strip()) and _TIME.match(end.strip())):
             raise ValueError(f"{path}: malformed subtitle time line {lines[arrow]!r}")
-        text = " ".join(_TAG.sub("", line).strip() for line in lines[arrow + 1:]).strip()
+        text = " ".join(_TAG.sub("", line).strip() for line in lines[arrow + 1 :]).strip()
         if text:
             cues.append((_seconds(start), _seconds(end), text))
     return cues
@@ -121,16 +125,22 @@ def subtitles_at(cues: Sequence[tuple[float, float, str]], times: Sequence[float
     return [text for start, end, text in cues if any(start <= t < end for t in times)]
 
 
-def build_prompt_text(question: dict[str, Any], subtitles: Optional[list[str]]) -> str:
+def build_prompt_text(question: dict[str, Any], subtitles: list[str] | None) -> str:
     """The benchmark's prompt; ``subtitles`` ``None``: the without-subtitles setting."""
-    body = "\n".join([INSTRUCTION.format(and_subs="" if subtitles is None else " and the subtitles"),
-                      question["question"], *question["options"], ANSWER_CUE])
+    body = "\n".join(
+        [
+            INSTRUCTION.format(and_subs="" if subtitles is None else " and the subtitles"),
+            question["question"],
+            *question["options"],
+            ANSWER_CUE,
+        ]
+    )
     if subtitles is None:
         return body
     return f"{SUBTITLES_INTRO}\n{chr(10).join(subtitles) if subtitles else NO_SUBTITLES}\n{body}"
 
 
-def _decode(path: Path, family: ModelFamily, num_frames: Optional[int]) -> DecodedVideo:
+def _decode(path: Path, family: ModelFamily, num_frames: int | None) -> DecodedVideo:
     """Frames evenly spread (``num_frames``) or at the family's fps (at most its max_frames)."""
     options = family.video_options
     if num_frames is not None:
@@ -138,10 +148,18 @@ def _decode(path: Path, family: ModelFamily, num_frames: Optional[int]) -> Decod
     return decode_video(path, options.fps, options.max_frames)
 
 
-def run_videomme(loaded: InferenceModel, family: ModelFamily, root: Path, output_dir: Path,
-                 questions_file: Optional[Path] = None, subtitle_settings: Sequence[bool] = (False, True),
-                 num_frames: Optional[int] = None, max_new_tokens: int = 8, limit: Optional[int] = None,
-                 skip_missing_videos: bool = False) -> dict[str, Any]:
+def run_videomme(
+    loaded: InferenceModel,
+    family: ModelFamily,
+    root: Path,
+    output_dir: Path,
+    questions_file: Path | None = None,
+    subtitle_settings: Sequence[bool] = (False, True),
+    num_frames: int | None = None,
+    max_new_tokens: int = 8,
+    limit: int | None = None,
+    skip_missing_videos: bool = False,
+) -> dict[str, Any]:
     """Answer every question (per subtitle setting), resuming from ``output_dir/answers.jsonl``,
     and write ``output_dir/results.json``.
 
@@ -153,21 +171,33 @@ def run_videomme(loaded: InferenceModel, family: ModelFamily, root: Path, output
     videos = {q["videoID"]: find_video(root, q["videoID"]) for q in questions}
     missing = sorted(v for v, p in videos.items() if p is None)
     if missing and not skip_missing_videos:
-        raise FileNotFoundError(f"{len(missing)} videos missing under {root}/data (e.g. {missing[:10]}): download "
-                                "them, or pass skip_missing_videos to score without them (they are counted)")
+        raise FileNotFoundError(
+            f"{len(missing)} videos missing under {root}/data (e.g. {missing[:10]}): download "
+            "them, or pass skip_missing_videos to score without them (they are counted)"
+        )
     answers_path = output_dir / "answers.jsonl"
     done = {}
     if answers_path.is_file():
         for line in answers_path.read_text().splitlines():
             row = json.loads(line)
             done[(row["question_id"], row["subtitles"])] = row
-    todo = [(q, s) for q in questions for s in subtitle_settings
-            if videos[q["videoID"]] is not None and (q["question_id"], s) not in done]
-    logger.info("Video-MME: %d questions x %d settings, %d answered before, %d to go, %d videos missing",
-                len(questions), len(subtitle_settings), len(done), len(todo), len(missing))
+    todo = [
+        (q, s)
+        for q in questions
+        for s in subtitle_settings
+        if videos[q["videoID"]] is not None and (q["question_id"], s) not in done
+    ]
+    logger.info(
+        "Video-MME: %d questions x %d settings, %d answered before, %d to go, %d videos missing",
+        len(questions),
+        len(subtitle_settings),
+        len(done),
+        len(todo),
+        len(missing),
+    )
     output_dir.mkdir(parents=True, exist_ok=True)
     out = answers_path.open("a") if loaded.is_main else None
-    decoded: tuple[Optional[str], Any] = (None, None)
+    decoded: tuple[str | None, Any] = (None, None)
     with family.frame_feature_cache(loaded.model) as cache:
         for question, with_subs in progress(todo, len(todo), "Video-MME", loaded.is_main):
             video_id = question["videoID"]
@@ -182,10 +212,17 @@ def run_videomme(loaded: InferenceModel, family: ModelFamily, root: Path, output
                 subtitles = subtitles_at(read_subtitles(srt), times) if srt.is_file() else []
             steps = -(-video.frames.shape[0] // family.frames_per_step)
             cache.expect([(video_id, j) for j in range(steps)])
-            response, tokens = generate_answer(loaded, family, Prompt(build_prompt_text(question, subtitles),
-                                                                      video=video), max_new_tokens)
-            row = {**question, "subtitles": with_subs, "frames": video.frames.shape[0], "tokens": tokens,
-                   "response": response, "extracted": extract_answer(response)}
+            response, tokens = generate_answer(
+                loaded, family, Prompt(build_prompt_text(question, subtitles), video=video), max_new_tokens
+            )
+            row = {
+                **question,
+                "subtitles": with_subs,
+                "frames": video.frames.shape[0],
+                "tokens": tokens,
+                "response": response,
+                "extracted": extract_answer(response),
+            }
             done[(question["question_id"], with_subs)] = row
             if out is not None:
                 out.write(json.dumps(row) + "\n")
@@ -193,8 +230,12 @@ def run_videomme(loaded: InferenceModel, family: ModelFamily, root: Path, output
     if out is not None:
         out.close()
     wanted = {(q["question_id"], s) for q in questions for s in subtitle_settings}
-    results = {"evaluation": "videomme", "questions": len(questions), "videos_missing": len(missing),
-               "questions_skipped": sum(videos[q["videoID"]] is None for q in questions)}
+    results = {
+        "evaluation": "videomme",
+        "questions": len(questions),
+        "videos_missing": len(missing),
+        "questions_skipped": sum(videos[q["videoID"]] is None for q in questions),
+    }
     for with_subs in subtitle_settings:
         rows = [r for key, r in done.items() if key in wanted and key[1] == with_subs]
         results["with_subtitles" if with_subs else "without_subtitles"] = summarize(rows)

@@ -14,10 +14,19 @@ by duration (short / medium / long), domain and task type.
 """
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
-ANSWER_PHRASES = ("The best answer is", "The correct answer is", "The answer is", "The answer",
-                  "The best option is", "The correct option is", "Best answer:", "Best option:")
+ANSWER_PHRASES = (
+    "The best answer is",
+    "The correct answer is",
+    "The answer is",
+    "The answer",
+    "The best option is",
+    "The correct option is",
+    "Best answer:",
+    "Best option:",
+)
 _LETTER = re.compile(r"[ABCD]")
 DURATIONS = ("short", "medium", "long")
 
@@ -38,7 +47,9 @@ def _accuracy(rows: list[dict]) -> dict[str, Any]:
     answered = [r for r in rows if r["extracted"]]
     correct = sum(r["extracted"] == r["answer"] for r in answered)
     return {
-        "questions": len(rows), "answered": len(answered), "correct": correct,
+        "questions": len(rows),
+        "answered": len(answered),
+        "correct": correct,
         "score": 100.0 * correct / len(answered) if answered else 0.0,  # official: over answered
         "accuracy_all": 100.0 * correct / len(rows) if rows else 0.0,
     }
@@ -53,7 +64,10 @@ def summarize(rows: Iterable[dict]) -> dict[str, Any]:
         groups: dict[str, list[dict]] = {}
         for row in rows:
             groups.setdefault(str(row.get(key)), []).append(row)
-        order = [d for d in DURATIONS if d in groups] + sorted(set(groups) - set(DURATIONS)) if key == "duration" \
+        order = (
+            [d for d in DURATIONS if d in groups] + sorted(set(groups) - set(DURATIONS))
+            if key == "duration"
             else sorted(groups)
+        )
         summary[f"by_{key}"] = {name: _accuracy(groups[name]) for name in order}
     return summary

@@ -14,8 +14,7 @@ spread over the cp ranks; every rank holds the same keys, so all make the same c
 """
 
 import contextlib
-from collections.abc import Hashable
-from typing import Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -36,10 +35,10 @@ class _KeyedFeatures:
     (one key per unit, in order); units with a known key are not encoded again. A forward
     without keys (or with another number of units) encodes everything."""
 
-    def __init__(self, inner: Optional[Callable[..., torch.Tensor]] = None):
+    def __init__(self, inner: Callable[..., torch.Tensor] | None = None):
         self.inner = inner
         self.features: dict[Hashable, torch.Tensor] = {}
-        self.keys: Optional[list[Hashable]] = None
+        self.keys: list[Hashable] | None = None
         self.encoded = 0  # units encoded (the others came from the cache)
 
     def expect(self, keys: Sequence[Hashable]) -> None:
@@ -58,7 +57,7 @@ class FramePairCache(_KeyedFeatures):
         inner: the split hook it replaces (``None``: encode here).
     """
 
-    def __init__(self, merge: int, inner: Optional[Callable[..., torch.Tensor]] = None):
+    def __init__(self, merge: int, inner: Callable[..., torch.Tensor] | None = None):
         super().__init__(inner)
         self.merge = merge
 
@@ -76,7 +75,7 @@ class FramePairCache(_KeyedFeatures):
         starts = [sum(patches[:i]) for i in range(len(units))]
         missing = _first_unknown(keys, self.features)
         if missing:
-            pixels = torch.cat([pixel_values[starts[i]:starts[i] + patches[i]] for i in missing])
+            pixels = torch.cat([pixel_values[starts[i] : starts[i] + patches[i]] for i in missing])
             grids = torch.tensor([[1, *units[i]] for i in missing], device=grid_thw.device)
             features = self._encode(encode, pixels, grids).split([patches[i] // self.merge**2 for i in missing])
             self.features.update({keys[i]: f for i, f in zip(missing, features)})

@@ -17,8 +17,9 @@ Scores per item: teacher forcing of ``answer`` and a greedy answer containing ``
 """
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torchvision.transforms.v2.functional as tvF
@@ -42,9 +43,19 @@ def insert_needle(frames: torch.Tensor, needle: torch.Tensor, depth: float, step
     return torch.cat([frames[:index], needle, frames[index:]]), index
 
 
-def run_vniah(loaded: InferenceModel, family: ModelFamily, output_dir: Path, haystack_video: Path,
-              needle: torch.Tensor, question: str, answer: str, frame_counts: Sequence[int],
-              depths: Sequence[float], max_new_tokens: int = 16, generate: bool = True) -> dict[str, Any]:
+def run_vniah(
+    loaded: InferenceModel,
+    family: ModelFamily,
+    output_dir: Path,
+    haystack_video: Path,
+    needle: torch.Tensor,
+    question: str,
+    answer: str,
+    frame_counts: Sequence[int],
+    depths: Sequence[float],
+    max_new_tokens: int = 16,
+    generate: bool = True,
+) -> dict[str, Any]:
     """Run V-NIAH over ``frame_counts x depths``; writes ``results.jsonl``, ``results.json`` and
     ``heatmap.png`` into ``output_dir`` (rank 0; every rank computes).
 
@@ -69,8 +80,12 @@ def run_vniah(loaded: InferenceModel, family: ModelFamily, output_dir: Path, hay
             keys = [("haystack", count, j) for j in range(index // step)] + [("needle", count)]
             keys += [("haystack", count, j) for j in range(index // step, frames.shape[0] // step)]
             prompt = Prompt(question, video=DecodedVideo(video, haystack.fps))
-            record: dict[str, Any] = {"frames": count, "haystack_frames": frames.shape[0], "depth": float(depth),
-                                      "needle_frame": index}
+            record: dict[str, Any] = {
+                "frames": count,
+                "haystack_frames": frames.shape[0],
+                "depth": float(depth),
+                "needle_frame": index,
+            }
             cache.expect(keys)
             record["forced_correct"] = reproduces_answer(loaded, family, prompt, answer)
             if generate:
@@ -86,15 +101,22 @@ def run_vniah(loaded: InferenceModel, family: ModelFamily, output_dir: Path, hay
         lines.close()
     scores = ["forced_correct"] + (["generation_correct"] if generate else [])
     summary = {
-        "evaluation": "vniah", "items": len(records), "haystack_video": str(haystack_video),
-        "haystack_fps": haystack.fps, "frame_counts": list(frame_counts), "depths": list(depths),
+        "evaluation": "vniah",
+        "items": len(records),
+        "haystack_video": str(haystack_video),
+        "haystack_fps": haystack.fps,
+        "frame_counts": list(frame_counts),
+        "depths": list(depths),
         "frame_steps_encoded": encoded,
         **{f"accuracy_{s.removesuffix('_correct')}": sum(r[s] for r in records) / len(records) for s in scores},
         "grids": {s.removesuffix("_correct"): grid_accuracy(records, "frames", "depth", s) for s in scores},
     }
     if loaded.is_main:
         write_json(output_dir / "results.json", summary)
-        write_heatmaps(output_dir / "heatmap.png",
-                       {f"V-NIAH ({name})": grid for name, grid in summary["grids"].items()},
-                       "haystack frames", "needle depth")
+        write_heatmaps(
+            output_dir / "heatmap.png",
+            {f"V-NIAH ({name})": grid for name, grid in summary["grids"].items()},
+            "haystack frames",
+            "needle depth",
+        )
     return summary

@@ -5,5 +5,12 @@ from omnilong.generation.generate import Generation, cached_logits, forced_predi
 from omnilong.generation.kv_cache import kv_cache
 from omnilong.generation.loading import InferenceModel, load_inference_model
 
-__all__ = ["Generation", "InferenceModel", "cached_logits", "forced_predictions", "greedy_generate", "kv_cache",
-           "load_inference_model"]
+__all__ = [
+    "Generation",
+    "InferenceModel",
+    "cached_logits",
+    "forced_predictions",
+    "greedy_generate",
+    "kv_cache",
+    "load_inference_model",
+]

@@ -12,8 +12,8 @@ same token and gets the same logits.
 """
 
 import contextlib
+from collections.abc import Generator, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Generator, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -66,8 +66,12 @@ def with_positions(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[st
         return inputs
     if any(key in inputs for key in _VISION_GRIDS):
         positions = model.multimodal_position_ids(
-            input_ids, inputs.get("image_grid_thw"), inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts"),
-            mm_token_type_ids=token_types)
+            input_ids,
+            inputs.get("image_grid_thw"),
+            inputs.get("video_grid_thw"),
+            inputs.get("second_per_grid_ts"),
+            mm_token_type_ids=token_types,
+        )
     else:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     return {**inputs, "position_ids": positions}
@@ -84,7 +88,7 @@ def output_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _hidden_at(
-    hidden: torch.Tensor, positions: Sequence[int], seq_len: int, cp_mesh: Optional[DeviceMesh]
+    hidden: torch.Tensor, positions: Sequence[int], seq_len: int, cp_mesh: DeviceMesh | None
 ) -> torch.Tensor:
     """``[1, n, dim]`` hidden states at global ``positions`` of a prompt, from this rank's
     ``hidden [1, t, dim]`` (its zigzag shard of ``seq_len`` padded tokens under cp: the owner
@@ -102,8 +106,12 @@ def _hidden_at(
 
 
 def prefill(
-    model: nn.Module, inputs: dict[str, torch.Tensor], positions: Sequence[int], cache: Optional[KVCache] = None,
-    cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    positions: Sequence[int],
+    cache: KVCache | None = None,
+    cp_mesh: DeviceMesh | None = None,
+    pad_token_id: int = 0,
 ) -> torch.Tensor:
     """Forward of a whole prompt (this rank's zigzag shard under cp); returns the final hidden
     states ``[1, n, dim]`` at the global ``positions`` (the same on every cp rank).
@@ -146,7 +154,10 @@ def layers_kept_gathered(model: nn.Module) -> Iterator[None]:
 
 @torch.no_grad()  # on a generator: grad mode is off only while it runs, not between steps
 def cached_logits(
-    model: nn.Module, inputs: dict[str, torch.Tensor], cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    cp_mesh: DeviceMesh | None = None,
+    pad_token_id: int = 0,
 ) -> Generator[torch.Tensor, int, None]:
     """Decoding with a key/value cache, one token at a time: yields the next-token logits
     (``[vocab]`` float32, the same on every cp rank), first after prefilling the prompt, then
@@ -169,14 +180,21 @@ def cached_logits(
         with layers_kept_gathered(model):
             while True:
                 token = yield output_logits(model, hidden[0, -1])
-                hidden = model(input_ids=torch.tensor([[token]], device=device),
-                               position_ids=torch.full(step_shape, position, device=device), return_hidden=True)
+                hidden = model(
+                    input_ids=torch.tensor([[token]], device=device),
+                    position_ids=torch.full(step_shape, position, device=device),
+                    return_hidden=True,
+                )
                 position += 1
 
 
 def greedy_generate(
-    model: nn.Module, inputs: dict[str, torch.Tensor], max_new_tokens: int, stop_token_ids: Sequence[int],
-    cp_mesh: Optional[DeviceMesh] = None, pad_token_id: int = 0,
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    max_new_tokens: int,
+    stop_token_ids: Sequence[int],
+    cp_mesh: DeviceMesh | None = None,
+    pad_token_id: int = 0,
 ) -> Generation:
     """Greedy decoding with a key/value cache (:func:`cached_logits`) until a stop token or
     ``max_new_tokens``.
@@ -207,7 +225,10 @@ def greedy_generate(
 
 @torch.no_grad()
 def forced_predictions(
-    model: nn.Module, inputs: dict[str, torch.Tensor], answer_length: int, cp_mesh: Optional[DeviceMesh] = None,
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    answer_length: int,
+    cp_mesh: DeviceMesh | None = None,
     pad_token_id: int = 0,
 ) -> list[int]:
     """Teacher forcing: the argmax prediction of each of the last ``answer_length`` tokens of

@@ -18,7 +18,8 @@ Every decoder layer calls ``core(q, k, v, plan)`` with rotary already applied
 """
 
 import contextlib
-from typing import Any, Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -41,10 +42,10 @@ class KVCache:
             shard (positions increase along a shard). ``None``: all are.
     """
 
-    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+    def __init__(self, group: dist.ProcessGroup | None = None):
         self.group = group
         self.decoding = False
-        self.prompt_length: Optional[int] = None
+        self.prompt_length: int | None = None
 
     @property
     def attends_generated(self) -> bool:
@@ -56,8 +57,8 @@ class DecodePlan(NamedTuple):
     """One decode step's kernel calls: each row's new query against its real prompt keys, and
     against the generated keys (its own included); ``None`` where this rank attends none."""
 
-    prompt: Optional[VarlenSegments]
-    generated: Optional[VarlenSegments]
+    prompt: VarlenSegments | None
+    generated: VarlenSegments | None
 
 
 def merge_over_group(out: torch.Tensor, lse: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -86,10 +87,10 @@ class CachedAttention(nn.Module):
         super().__init__()
         self.inner = inner
         self.cache = cache
-        self.prompt_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # each [B * P, Hkv, D], real keys
-        self.generated_kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None  # each [B, Hkv, n, D]
+        self.prompt_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # each [B * P, Hkv, D], real keys
+        self.generated_kv: tuple[torch.Tensor, torch.Tensor] | None = None  # each [B, Hkv, n, D]
 
-    def plan(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor]) -> Any:
+    def plan(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None) -> Any:
         """The wrapped core's plan while prefilling; a :class:`DecodePlan` for a decode step
         (``input_ids [B, 1]``), from the sizes of this core's cache (every layer's are alike)."""
         if not self.cache.decoding:
@@ -98,8 +99,9 @@ class CachedAttention(nn.Module):
         prompt = self.prompt_kv[0].shape[0] // batch
         generated = 1 + (0 if self.generated_kv is None else self.generated_kv[0].shape[2])
         segments = lambda keys: VarlenSegments.from_lengths([1] * batch, [keys] * batch, False, device)  # noqa: E731
-        return DecodePlan(segments(prompt) if prompt else None,
-                          segments(generated) if self.cache.attends_generated else None)
+        return DecodePlan(
+            segments(prompt) if prompt else None, segments(generated) if self.cache.attends_generated else None
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Any = None) -> torch.Tensor:
         """
@@ -133,7 +135,7 @@ class CachedAttention(nn.Module):
 
 
 @contextlib.contextmanager
-def kv_cache(model: nn.Module, group: Optional[dist.ProcessGroup] = None) -> Iterator[KVCache]:
+def kv_cache(model: nn.Module, group: dist.ProcessGroup | None = None) -> Iterator[KVCache]:
     """Inside, every attention core of ``model`` is a :class:`CachedAttention` sharing the
     yielded :class:`KVCache`; the original cores (and no cached tensor) are back on exit.
 

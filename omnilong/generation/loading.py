@@ -11,7 +11,7 @@ tokenizer, and whose ``rope_theta`` override is applied).
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -50,10 +50,10 @@ class InferenceModel:
     hf_config: dict[str, Any]
     model_dir: Path
     device: torch.device
-    meshes: Optional[ParallelMeshes] = None
+    meshes: ParallelMeshes | None = None
 
     @property
-    def cp_mesh(self) -> Optional[DeviceMesh]:
+    def cp_mesh(self) -> DeviceMesh | None:
         """The cp mesh prompts are sharded over, or ``None`` on one device."""
         return None if self.meshes is None else self.meshes.cp
 
@@ -63,7 +63,7 @@ class InferenceModel:
         return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def describe_checkpoint(path: Union[str, Path]) -> tuple[Path, dict[str, Any], Optional[Path]]:
+def describe_checkpoint(path: str | Path) -> tuple[Path, dict[str, Any], Path | None]:
     """``(model_dir, text_overrides, step_dir)`` of a checkpoint path: the Hugging Face directory
     with its architecture and tokenizer, the args its run changed, and the DCP step folder
     holding its weights (``None``: the weights are the HF directory's).
@@ -75,25 +75,31 @@ def describe_checkpoint(path: Union[str, Path]) -> tuple[Path, dict[str, Any], O
     if is_complete_checkpoint(path):
         run_config = path / RUN_CONFIG_NAME
         if not run_config.is_file():
-            raise FileNotFoundError(f"{path} is a step folder without its {RUN_CONFIG_NAME}: cannot tell its base "
-                                    "model; convert it with tools/convert_checkpoint.py --base <model dir> first")
+            raise FileNotFoundError(
+                f"{path} is a step folder without its {RUN_CONFIG_NAME}: cannot tell its base "
+                "model; convert it with tools/convert_checkpoint.py --base <model dir> first"
+            )
         cfg = OmegaConf.load(run_config)
         overrides = {} if cfg.get("rope_theta") is None else {"rope_theta": float(cfg.rope_theta)}
         return Path(cfg.checkpoint_dir), overrides, path
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a checkpoint (neither a step_N folder with .metadata nor a "
-                                "Hugging Face model directory with config.json)")
+        raise FileNotFoundError(
+            f"{path}: not a checkpoint (neither a step_N folder with .metadata nor a "
+            "Hugging Face model directory with config.json)"
+        )
     return path, {}, None
 
 
-def _read_weights(model: nn.Module, model_dir: Path, step_dir: Optional[Path], dtype: torch.dtype) -> dict:
+def _read_weights(model: nn.Module, model_dir: Path, step_dir: Path | None, dtype: torch.dtype) -> dict:
     weights = load_native_state_dict(model_dir, dtype) if step_dir is None else load_model_tensors(step_dir)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in check_state_dict_matches(model, weights).items()}
 
 
 def load_inference_model(
-    path: Union[str, Path], device: torch.device, dtype: torch.dtype = torch.bfloat16,
-    tokenizer_dir: Optional[Union[str, Path]] = None,
+    path: str | Path,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    tokenizer_dir: str | Path | None = None,
 ) -> InferenceModel:
     """Load a checkpoint for generation. Without a process group of several ranks the model is
     whole on ``device``; with one (torchrun), all ranks form one cp group: ring attention over

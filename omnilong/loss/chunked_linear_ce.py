@@ -30,7 +30,7 @@ FSDP2. The weight must be used unsharded:
 """
 
 import functools
-from typing import Callable, Optional, Union
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -135,7 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         chunk_size: int,
         z_loss: float,
         scale: float,
-        grad_weight: Optional[torch.Tensor],
+        grad_weight: torch.Tensor | None,
     ) -> torch.Tensor:
         """
         Args:
@@ -205,8 +205,13 @@ class ChunkedLinearCrossEntropy(nn.Module):
         z_loss: coefficient of the ``lse^2`` term (0 disables it).
     """
 
-    def __init__(self, chunk_size: Optional[int] = None, ignore_index: int = IGNORE_INDEX,
-                 reduction: str = "mean", z_loss: float = 0.0):
+    def __init__(
+        self,
+        chunk_size: int | None = None,
+        ignore_index: int = IGNORE_INDEX,
+        reduction: str = "mean",
+        z_loss: float = 0.0,
+    ):
         super().__init__()
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -216,7 +221,7 @@ class ChunkedLinearCrossEntropy(nn.Module):
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.z_loss = z_loss
-        self._grad_weight: Optional[torch.Tensor] = None
+        self._grad_weight: torch.Tensor | None = None
 
     def _grad_weight_buffer(self, weight: torch.Tensor) -> torch.Tensor:
         """The fp32 weight-gradient buffer, allocated once and reused by every micro-batch.
@@ -231,7 +236,7 @@ class ChunkedLinearCrossEntropy(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states.

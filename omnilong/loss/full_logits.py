@@ -4,8 +4,6 @@ Kept for comparison with :class:`omnilong.loss.ChunkedLinearCrossEntropy`; it ne
 ``N * V`` floats for the logits and as many again for their gradient.
 """
 
-from typing import Union
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -31,7 +29,7 @@ class FullLogitsCrossEntropy(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-    ) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """
         Args:
             hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states.

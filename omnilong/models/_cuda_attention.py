@@ -19,11 +19,22 @@ def flash_varlen_forward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [Nq, Hq, D]``, ``k, v [Nk, Hkv, D]`` -> ``out [Nq, Hq, D]``, ``lse [Hq, Nq]`` float32."""
     out, lse, *_ = torch.ops.aten._flash_attention_forward(
-        q.contiguous(), k.contiguous(), v.contiguous(), segments.cu_q, segments.cu_k,
-        segments.max_q, segments.max_k, 0.0, segments.causal, False)
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        segments.cu_q,
+        segments.cu_k,
+        segments.max_q,
+        segments.max_k,
+        0.0,
+        segments.causal,
+        False,
+    )
     if tuple(lse.shape) != (q.shape[1], q.shape[0]):
-        raise RuntimeError(f"this torch's flash varlen kernel returned lse of shape {tuple(lse.shape)}, expected "
-                           f"[heads, tokens] = {(q.shape[1], q.shape[0])}: OmniLong needs torch >= 2.11")
+        raise RuntimeError(
+            f"this torch's flash varlen kernel returned lse of shape {tuple(lse.shape)}, expected "
+            f"[heads, tokens] = {(q.shape[1], q.shape[0])}: OmniLong needs torch >= 2.11"
+        )
     return out, lse
 
 
@@ -40,8 +51,21 @@ def flash_varlen_backward(
     rng_state = torch.zeros(2, dtype=torch.uint64, device=q.device)  # dropout is off: unused
     unused = torch.empty(0, device=q.device)
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
-        dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), lse.contiguous(),
-        segments.cu_q, segments.cu_k, segments.max_q, segments.max_k, 0.0, segments.causal, rng_state, unused)
+        dout.contiguous(),
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        out.contiguous(),
+        lse.contiguous(),
+        segments.cu_q,
+        segments.cu_k,
+        segments.max_q,
+        segments.max_k,
+        0.0,
+        segments.causal,
+        rng_state,
+        unused,
+    )
     return dq, dk, dv
 
 

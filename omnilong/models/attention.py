@@ -24,7 +24,7 @@ again in the activation-checkpoint recompute and in backward) and never copies a
 the host.
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,7 +103,7 @@ class _AttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = attention_backward(dout.contiguous(), q, k, v, out, lse, ctx.segments)
         return dq, dk, dv, None
@@ -120,7 +120,7 @@ def row_segments(batch: int, length: int, causal: bool, device: torch.device) ->
     return VarlenSegments.from_lengths([length] * batch, [length] * batch, causal, device)
 
 
-def document_segments(document_ids: torch.Tensor) -> Optional[VarlenSegments]:
+def document_segments(document_ids: torch.Tensor) -> VarlenSegments | None:
     """Causal varlen segments of a packed batch: one per run of equal ids in each row.
 
     Tokens are packed row after row (``[B * T]``), so segment boundaries never cross rows.
@@ -148,7 +148,7 @@ class CausalAttention(nn.Module):
     attention is served without repeating key/value heads.
     """
 
-    def plan(self, input_ids: Optional[torch.Tensor], document_ids: Optional[torch.Tensor]) -> VarlenSegments:
+    def plan(self, input_ids: torch.Tensor | None, document_ids: torch.Tensor | None) -> VarlenSegments:
         """The batch's attention plan: its document segments (see :func:`document_segments`),
         or one causal segment per row for rows of one sequence each.
 
@@ -167,7 +167,7 @@ class CausalAttention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        plan: Optional[VarlenSegments] = None,
+        plan: VarlenSegments | None = None,
     ) -> torch.Tensor:
         """
         Args:

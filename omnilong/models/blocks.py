@@ -1,6 +1,6 @@
 """Decoder building blocks shared by the model families (Qwen2 language model)."""
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -98,7 +98,7 @@ class DecoderLayer(nn.Module):
         self.attention_norm = RMSNorm(dim, norm_eps)
         self.ffn_norm = RMSNorm(dim, norm_eps)
         # Tokens per chunk of norm + MLP (None: the whole sequence); see omnilong.models.sequence_chunks.
-        self.mlp_chunk_size: Optional[int] = None
+        self.mlp_chunk_size: int | None = None
 
     def forward(
         self,

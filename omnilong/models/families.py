@@ -7,8 +7,9 @@ batch, before any context-parallel cut) and ``model.vision_token_ids`` (the toke
 features replace).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -55,12 +56,25 @@ def _build_llava(config: dict[str, Any], **text_overrides: Any) -> nn.Module:
 
 
 FAMILIES: dict[str, ModelFamily] = {
-    "qwen2_5_vl": ModelFamily(_build_qwen, qwen_keys.hf_to_native, qwen_keys.native_to_hf, qwen_keys.to_hub_layout,
-                              qwen_shapes.hf_tensor_shapes, qwen_shapes.ties_embeddings,
-                              # the M-RoPE rule the run trained with (see omnilong.checkpoint.hf_export)
-                              {"omnilong_mrope_positions": POSITION_RULE}),
-    "llava_onevision": ModelFamily(_build_llava, llava_keys.hf_to_native, llava_keys.native_to_hf,
-                                   llava_keys.to_hub_layout, llava_shapes.hf_tensor_shapes, llava_shapes.ties_embeddings, {}),
+    "qwen2_5_vl": ModelFamily(
+        _build_qwen,
+        qwen_keys.hf_to_native,
+        qwen_keys.native_to_hf,
+        qwen_keys.to_hub_layout,
+        qwen_shapes.hf_tensor_shapes,
+        qwen_shapes.ties_embeddings,
+        # the M-RoPE rule the run trained with (see omnilong.checkpoint.hf_export)
+        {"omnilong_mrope_positions": POSITION_RULE},
+    ),
+    "llava_onevision": ModelFamily(
+        _build_llava,
+        llava_keys.hf_to_native,
+        llava_keys.native_to_hf,
+        llava_keys.to_hub_layout,
+        llava_shapes.hf_tensor_shapes,
+        llava_shapes.ties_embeddings,
+        {},
+    ),
 }
 
 

@@ -2,7 +2,7 @@
 
 import logging
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,7 +27,7 @@ def build_model_from_hf_config(config: dict[str, Any], **text_overrides: Any) ->
     return model_family(config).build(config, **text_overrides)
 
 
-def load_native_state_dict(model_dir: Union[str, Path], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+def load_native_state_dict(model_dir: str | Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every weight of an HF model directory under native key names (vision tower included).
 
     Raises:
@@ -56,10 +56,15 @@ def check_state_dict_matches(model: nn.Module, state_dict: dict[str, torch.Tenso
         if vision:
             logger.warning(
                 "the model has no vision tower: %d vision-tower tensors of the checkpoint are not loaded: %s ...",
-                len(vision), ", ".join(vision[:3]),
+                len(vision),
+                ", ".join(vision[:3]),
             )
             state_dict = {k: v for k, v in state_dict.items() if not k.startswith("visual.")}
-    if "output.weight" in expected and "output.weight" not in state_dict and getattr(model.args, "tie_word_embeddings", False):
+    if (
+        "output.weight" in expected
+        and "output.weight" not in state_dict
+        and getattr(model.args, "tie_word_embeddings", False)
+    ):
         state_dict = {**state_dict, "output.weight": state_dict["tok_embeddings.weight"]}
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -77,7 +82,7 @@ def check_state_dict_matches(model: nn.Module, state_dict: dict[str, torch.Tenso
 
 
 def load_hf_model(
-    path: Union[str, Path], dtype: torch.dtype = torch.float32, device: Union[str, torch.device] = "cpu"
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> nn.Module:
     """The native model with the weights of a local HF model directory.
 

@@ -7,8 +7,8 @@ checkpoint adapter shares with omnilong.checkpoint.
 """
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -17,14 +17,14 @@ _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 Dim = tuple[int, str]  # a checkpoint tensor's dimension: (size, the config key or expression it comes from)
 
 
-def map_key(key: str, table: dict[str, str]) -> Optional[str]:
+def map_key(key: str, table: dict[str, str]) -> str | None:
     """``key`` through ``table``: an exact entry first, else the template with its first index as ``{}``."""
     if key in table:
         return table[key]
     match = _LAYER_INDEX.search(key)
     if match is None:
         return None
-    template = table.get(key[: match.start()] + ".{}." + key[match.end():])
+    template = table.get(key[: match.start()] + ".{}." + key[match.end() :])
     return None if template is None else template.format(match.group(1))
 
 

@@ -9,7 +9,8 @@ imports the models' attention kernels (the families registry in the middle would
 FSDP and activation checkpointing are the same for every family (:mod:`omnilong.parallel.fsdp`).
 """
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh

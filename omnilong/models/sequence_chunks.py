@@ -10,7 +10,7 @@ that chunk is recomputed and differentiated. The cost is one more forward of the
 step. Norm and MLP act on each token alone, so the result equals the unchunked one.
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -18,7 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def sequence_chunked(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_size: Optional[int]
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, chunk_size: int | None
 ) -> torch.Tensor:
     """``fn(x)`` computed on chunks of ``chunk_size`` tokens along dim 1, each chunk checkpointed.
 
@@ -36,7 +36,7 @@ def sequence_chunked(
     return torch.cat(parts, dim=1)
 
 
-def set_mlp_chunk_size(model: nn.Module, chunk_size: Optional[int]) -> int:
+def set_mlp_chunk_size(model: nn.Module, chunk_size: int | None) -> int:
     """Make every decoder layer of ``model`` (a module with an ``mlp_chunk_size`` attribute, as
     :class:`omnilong.models.blocks.DecoderLayer`) run its norm + MLP in chunks of ``chunk_size``
     tokens (``None``: whole sequences). Returns the number of layers set."""

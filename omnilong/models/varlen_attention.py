@@ -14,9 +14,9 @@ log-sum-exp and backward given any ``(out, lse)``. Which kernel runs is decided 
 (:data:`CPU_FLASH`, :data:`EXACT`), the CUDA one is in :mod:`omnilong.models._cuda_attention`.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property, partial
-from typing import Callable
 
 import torch
 
@@ -65,8 +65,11 @@ class VarlenSegments:
         runs: list[list[int]] = []  # [q_start, k_start, n, Lq, Lk]
         for qa, qb, ka, kb in self.bounds:
             lq, lk = qb - qa, kb - ka
-            if runs and runs[-1][3:] == [lq, lk] and [qa, ka] == [runs[-1][0] + runs[-1][2] * lq,
-                                                                   runs[-1][1] + runs[-1][2] * lk]:
+            if (
+                runs
+                and runs[-1][3:] == [lq, lk]
+                and [qa, ka] == [runs[-1][0] + runs[-1][2] * lq, runs[-1][1] + runs[-1][2] * lk]
+            ):
                 runs[-1][2] += 1
             else:
                 runs.append([qa, ka, 1, lq, lk])
@@ -106,7 +109,7 @@ def runs_of_equal_ids(ids: list[int]) -> list[tuple[int, int, int]]:
 
 def _batch(x: torch.Tensor, start: int, n: int, length: int) -> torch.Tensor:
     """The ``n`` segments of ``length`` rows from packed row ``start``: ``[n, H, length, D]`` (a view)."""
-    return x[start:start + n * length].unflatten(0, (n, length)).transpose(1, 2)
+    return x[start : start + n * length].unflatten(0, (n, length)).transpose(1, 2)
 
 
 def _unbatch(x: torch.Tensor) -> torch.Tensor:
@@ -125,26 +128,37 @@ def _batched_forward(
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     for qa, ka, n, lq, lk in segments.batches:
-        o, l = batch_forward(_batch(q, qa, n, lq), _batch(k, ka, n, lk), _batch(v, ka, n, lk), segments.causal)
-        out[qa:qa + n * lq] = _unbatch(o)
-        lse[:, qa:qa + n * lq] = l.transpose(0, 1).flatten(1)  # [n, Hq, lq] -> [Hq, n * lq]
+        o, batch_lse = batch_forward(_batch(q, qa, n, lq), _batch(k, ka, n, lk), _batch(v, ka, n, lk), segments.causal)
+        out[qa : qa + n * lq] = _unbatch(o)
+        lse[:, qa : qa + n * lq] = batch_lse.transpose(0, 1).flatten(1)  # [n, Hq, lq] -> [Hq, n * lq]
     return out, lse
 
 
 def _batched_backward(
-    batch_backward: BatchBackward, dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, lse: torch.Tensor, segments: VarlenSegments,
+    batch_backward: BatchBackward,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    segments: VarlenSegments,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A kernel's ``backward`` from one of ``[n, H, L, D]`` batches (the runs of the forward)."""
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     for qa, ka, n, lq, lk in segments.batches:
-        rows_lse = lse[:, qa:qa + n * lq].unflatten(1, (n, lq)).transpose(0, 1)  # [n, Hq, lq]
+        rows_lse = lse[:, qa : qa + n * lq].unflatten(1, (n, lq)).transpose(0, 1)  # [n, Hq, lq]
         gq, gk, gv = batch_backward(
-            *(_batch(x, qa, n, lq) for x in (dout, q)), _batch(k, ka, n, lk), _batch(v, ka, n, lk),
-            _batch(out, qa, n, lq), rows_lse, segments.causal)
-        dq[qa:qa + n * lq] = _unbatch(gq)
-        dk[ka:ka + n * lk] = _unbatch(gk)
-        dv[ka:ka + n * lk] = _unbatch(gv)
+            *(_batch(x, qa, n, lq) for x in (dout, q)),
+            _batch(k, ka, n, lk),
+            _batch(v, ka, n, lk),
+            _batch(out, qa, n, lq),
+            rows_lse,
+            segments.causal,
+        )
+        dq[qa : qa + n * lq] = _unbatch(gq)
+        dk[ka : ka + n * lk] = _unbatch(gk)
+        dv[ka : ka + n * lk] = _unbatch(gv)
     return dq, dk, dv
 
 
@@ -156,12 +170,18 @@ def _cpu_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool
 
 
 def _cpu_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
     causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_cpu_forward`, ``[n, H, L, D]`` layout."""
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        dout, q, k, v, out, lse.contiguous(), 0.0, causal)
+        dout, q, k, v, out, lse.contiguous(), 0.0, causal
+    )
 
 
 def _exact_forward(
@@ -175,8 +195,13 @@ def _exact_forward(
 
 
 def _exact_backward(
-    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-    lse: torch.Tensor, causal: bool,
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    causal: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of :func:`_exact_forward` (formulas: :class:`AttentionKernel`)."""
     scale, group = q.shape[-1] ** -0.5, q.shape[1] // k.shape[1]

@@ -1,14 +1,14 @@
 """Vision features in the token sequence: the pad tokens (``<|video_pad|>``, ``<video>``, ...)
 that a vision tower's features replace, the same rule for every family."""
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from omnilong.constants import PIXEL_KEYS
 
 
-def vision_token_index(input_ids: torch.Tensor, token_ids: Sequence[Optional[int]]) -> torch.Tensor:
+def vision_token_index(input_ids: torch.Tensor, token_ids: Sequence[int | None]) -> torch.Tensor:
     """``[B, T]`` ordinal of each vision pad token among the pad tokens of its kind in the
     batch (row-major), -1 for other tokens. Computed on the full sequence, it tells a shard
     of the sequence which vision features its pad tokens take."""
@@ -20,7 +20,7 @@ def vision_token_index(input_ids: torch.Tensor, token_ids: Sequence[Optional[int
     return index
 
 
-def with_vision_token_index(batch: dict[str, torch.Tensor], token_ids: Sequence[Optional[int]]) -> dict[str, torch.Tensor]:
+def with_vision_token_index(batch: dict[str, torch.Tensor], token_ids: Sequence[int | None]) -> dict[str, torch.Tensor]:
     """``batch`` with ``vision_token_index [B, T]`` (:func:`vision_token_index`) when it has vision
     inputs, else unchanged; called on a full-sequence batch before a context-parallel cut.
 
@@ -36,10 +36,10 @@ def with_vision_token_index(batch: dict[str, torch.Tensor], token_ids: Sequence[
 def scatter_vision_embeddings(
     h: torch.Tensor,
     input_ids: torch.Tensor,
-    token_id: Optional[int],
+    token_id: int | None,
     embeddings: torch.Tensor,
     kind: str,
-    token_index: Optional[torch.Tensor] = None,
+    token_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``h`` with the rows at ``token_id`` positions replaced by vision embeddings.
 

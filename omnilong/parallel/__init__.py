@@ -1,7 +1,13 @@
 """Distribution for OmniLong: context parallelism (zigzag sharding, ring attention)."""
 
 from omnilong.parallel.local_ring import LocalRing, run_local_ring
-from omnilong.parallel.ring_attention import RingAttention, RingAttentionFunction, plan_ring, ring_backward, ring_forward
+from omnilong.parallel.ring_attention import (
+    RingAttention,
+    RingAttentionFunction,
+    plan_ring,
+    ring_backward,
+    ring_forward,
+)
 from omnilong.parallel.sequence_sharding import (
     SEQUENCE_KEYS,
     contiguous_positions,

@@ -21,7 +21,8 @@ there is nothing to move to: :func:`activation_offload` gives a context that doe
 
 import contextlib
 import weakref
-from typing import Any, ContextManager, Optional, Protocol
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -52,8 +53,8 @@ class _Offloaded:
 
     def __init__(self, index: int):
         self.index = index
-        self.host: Optional[torch.Tensor] = None
-        self.device: Optional[torch.Tensor] = None  # the original until its copy is done; then the copy back
+        self.host: torch.Tensor | None = None
+        self.device: torch.Tensor | None = None  # the original until its copy is done; then the copy back
         self.token: Any = None
 
 
@@ -69,7 +70,7 @@ class SavedTensorOffload:
         self._handles: list[weakref.ReferenceType] = []
         self._copying: list[_Offloaded] = []  # handles whose device original waits for its copy to end
         self._seen: dict[int, tuple[weakref.ReferenceType, _Offloaded]] = {}  # id(tensor) -> its handle
-        self._hooks: Optional[ContextManager] = None
+        self._hooks: AbstractContextManager | None = None
 
     def __enter__(self) -> "SavedTensorOffload":
         self._handles, self._copying, self._seen = [], [], {}
@@ -83,9 +84,12 @@ class SavedTensorOffload:
         self._hooks, self._seen = None, {}
 
     def _worth_offloading(self, tensor: torch.Tensor) -> bool:
-        return (tensor.device.type == self.device_type and tensor.requires_grad
-                and not isinstance(tensor, nn.Parameter)
-                and tensor.numel() * tensor.element_size() >= self.min_bytes)
+        return (
+            tensor.device.type == self.device_type
+            and tensor.requires_grad
+            and not isinstance(tensor, nn.Parameter)
+            and tensor.numel() * tensor.element_size() >= self.min_bytes
+        )
 
     def _pack(self, tensor: torch.Tensor) -> Any:
         self._release_copied()
@@ -136,7 +140,7 @@ class SavedTensorOffload:
         return packed.device
 
 
-def activation_offload(enabled: bool, device: torch.device) -> ContextManager:
+def activation_offload(enabled: bool, device: torch.device) -> AbstractContextManager:
     """The context to run the model's forward in: offloading activations to pinned host memory
     on CUDA when ``enabled``, else nothing (on CPU the activations are in host memory already)."""
     if not enabled or torch.device(device).type != "cuda":

@@ -28,7 +28,9 @@ def apply_ring_attention(model: nn.Module, cp_mesh: DeviceMesh) -> int:
     return swapped
 
 
-def shard_batch_for_cp(batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh, pad_token_id: int) -> dict[str, torch.Tensor]:
+def shard_batch_for_cp(
+    batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh, pad_token_id: int
+) -> dict[str, torch.Tensor]:
     """This cp rank's zigzag shard of a full-sequence batch (padded to a multiple of ``2 * cp``
     first: padding has ignored labels and a document of its own).
 
@@ -42,8 +44,10 @@ def shard_batch_for_cp(batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh, pad_
             tell which features its pad tokens take).
     """
     if any(key in batch for key in PIXEL_KEYS) and "vision_token_index" not in batch:
-        raise ValueError("a batch with vision inputs needs its vision_token_index before the context-parallel cut: "
-                         "omnilong.models.vision_tokens.with_vision_token_index(batch, model.vision_token_ids)")
+        raise ValueError(
+            "a batch with vision inputs needs its vision_token_index before the context-parallel cut: "
+            "omnilong.models.vision_tokens.with_vision_token_index(batch, model.vision_token_ids)"
+        )
     cp = cp_mesh.size()
     return shard_batch(pad_batch(batch, cp, pad_token_id), cp_mesh.get_local_rank(), cp)
 

@@ -1,8 +1,6 @@
 """FSDP2 sharding (with optional CPU offload) and activation checkpointing, applied from outside
 the model."""
 
-from typing import Optional
-
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
@@ -30,7 +28,7 @@ def apply_fsdp(
     model: nn.Module,
     meshes: ParallelMeshes,
     cpu_offload: bool = False,
-    param_dtype: Optional[torch.dtype] = None,
+    param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype = torch.float32,
 ) -> None:
     """``fully_shard`` each decoder layer and vision block, then the root (embeddings, final

@@ -8,7 +8,8 @@ with one GPU, or none.
 """
 
 import threading
-from typing import Callable, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import torch
 
@@ -38,7 +39,7 @@ class _LocalTransfer:
     def __init__(self, mailbox: _Mailbox, rank: int, seq: int, timeout: float):
         self.mailbox, self.rank, self.seq, self.timeout = mailbox, rank, seq, timeout
 
-    def wait(self) -> list[Optional[torch.Tensor]]:
+    def wait(self) -> list[torch.Tensor | None]:
         return self.mailbox.take(self.rank, self.seq, self.timeout)
 
 
@@ -53,7 +54,7 @@ class LocalRing:
         self.mailbox, self.rank, self.size, self.timeout = mailbox, rank, size, timeout
         self.sent = 0
 
-    def shift(self, tensors: Sequence[Optional[torch.Tensor]]) -> _LocalTransfer:
+    def shift(self, tensors: Sequence[torch.Tensor | None]) -> _LocalTransfer:
         copies = [None if t is None else t.clone() for t in tensors]
         self.mailbox.post((self.rank + 1) % self.size, self.sent, copies)
         transfer = _LocalTransfer(self.mailbox, self.rank, self.sent, self.timeout)
@@ -72,7 +73,7 @@ def run_local_ring(size: int, fn: Callable[[LocalRing], T], timeout: float = 120
     """
     mailbox = _Mailbox()
     results: list = [None] * size
-    errors: list[Optional[BaseException]] = [None] * size
+    errors: list[BaseException | None] = [None] * size
 
     def run(rank: int) -> None:
         try:

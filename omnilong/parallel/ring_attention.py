@@ -19,8 +19,9 @@ Tensors are in the packed layout of varlen kernels: a shard of ``B`` rows of ``t
 tokens is ``[B * t, H, D]``.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Optional, Protocol, Sequence, Union
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -30,11 +31,11 @@ from torch.distributed.device_mesh import DeviceMesh
 from omnilong.models.attention import attention_backward, attention_with_lse
 from omnilong.models.varlen_attention import VarlenSegments, pack_tokens, runs_of_equal_ids, unpack_tokens
 
-Rows = Union[slice, torch.Tensor]  # packed rows: a contiguous range, or an index tensor
+Rows = slice | torch.Tensor  # packed rows: a contiguous range, or an index tensor
 
 
 class Transfer(Protocol):
-    def wait(self) -> list[Optional[torch.Tensor]]:
+    def wait(self) -> list[torch.Tensor | None]:
         """Block until the exchange is done; return the tensors received."""
 
 
@@ -44,7 +45,7 @@ class RingComm(Protocol):
     rank: int
     size: int
 
-    def shift(self, tensors: Sequence[Optional[torch.Tensor]]) -> Transfer:
+    def shift(self, tensors: Sequence[torch.Tensor | None]) -> Transfer:
         """Start sending ``tensors`` to the next rank and receiving the previous rank's."""
 
 
@@ -73,7 +74,7 @@ class ProcessGroupRing:
         self.next = dist.get_global_rank(group, (self.rank + 1) % self.size)
         self.prev = dist.get_global_rank(group, (self.rank - 1) % self.size)
 
-    def shift(self, tensors: Sequence[Optional[torch.Tensor]]) -> _P2PTransfer:
+    def shift(self, tensors: Sequence[torch.Tensor | None]) -> _P2PTransfer:
         """``None`` entries stay ``None``; on a ring of one the tensors come straight back."""
         if self.size == 1:
             return _P2PTransfer([], list(tensors))
@@ -124,9 +125,7 @@ class RingStep:
     segments: VarlenSegments
 
 
-def _block_pieces(
-    q_ids: Optional[list[int]], k_ids: Optional[list[int]], block: _Block
-) -> list[tuple[int, int, int, int]]:
+def _block_pieces(q_ids: list[int] | None, k_ids: list[int] | None, block: _Block) -> list[tuple[int, int, int, int]]:
     """``(q_start, q_end, k_start, k_end)`` in shard / held-block offsets of one row's block pair.
 
     Without document ids the block is one piece. With them, queries and keys are both in
@@ -167,9 +166,13 @@ def _rows(ranges: list[tuple[int, int]], device: torch.device) -> Rows:
 
 
 def plan_ring(
-    rank: int, cp: int, shard_ids: Optional[Sequence[list[list[int]]]], batch: int, local_len: int,
+    rank: int,
+    cp: int,
+    shard_ids: Sequence[list[list[int]]] | None,
+    batch: int,
+    local_len: int,
     device: torch.device,
-) -> list[Optional[RingStep]]:
+) -> list[RingStep | None]:
     """The kernel call of every ring step of ``rank`` (``None`` for a step with nothing visible).
 
     Args:
@@ -179,7 +182,7 @@ def plan_ring(
         batch, local_len: the shard is ``batch`` rows of ``local_len`` tokens.
         device: where the varlen lengths and row indices go.
     """
-    steps: list[Optional[RingStep]] = []
+    steps: list[RingStep | None] = []
     for step in range(cp):
         block = zigzag_block(step, rank, cp, local_len)
         held = (rank - step) % cp
@@ -245,7 +248,7 @@ def merge(
 
 
 def ring_forward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, steps: list[Optional[RingStep]], ring: RingComm
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, steps: list[RingStep | None], ring: RingComm
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``out = merge over steps s of attention(q, kv block held at s)``.
 
@@ -264,9 +267,11 @@ def ring_forward(
         incoming = ring.shift(held) if index + 1 < ring.size else None
         if step is not None:
             block_out, block_lse = attention_with_lse(
-                _take(q, step.q_rows), _take(held[0], step.k_rows), _take(held[1], step.k_rows), step.segments)
+                _take(q, step.q_rows), _take(held[0], step.k_rows), _take(held[1], step.k_rows), step.segments
+            )
             merged_out, merged_lse = merge(
-                _take(out, step.q_rows), _take(lse, step.q_rows, dim=1), block_out, block_lse)
+                _take(out, step.q_rows), _take(lse, step.q_rows, dim=1), block_out, block_lse
+            )
             _put(out, step.q_rows, merged_out)
             _put(lse, step.q_rows, merged_lse, dim=1)
         if incoming is not None:
@@ -281,7 +286,7 @@ def ring_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    steps: list[Optional[RingStep]],
+    steps: list[RingStep | None],
     ring: RingComm,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients through the ring; ``dK``/``dV`` travel back to their owners.
@@ -300,15 +305,20 @@ def ring_backward(
     """
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     held = (k, v)
-    dkv_in: Optional[Transfer] = None
+    dkv_in: Transfer | None = None
     for index, step in enumerate(steps):
         incoming = ring.shift(held) if index + 1 < ring.size else None
         grads = None
         if step is not None:
             grads = attention_backward(
-                _take(dout, step.q_rows), _take(q, step.q_rows), _take(held[0], step.k_rows),
-                _take(held[1], step.k_rows), _take(out, step.q_rows), _take(lse, step.q_rows, dim=1).contiguous(),
-                step.segments)
+                _take(dout, step.q_rows),
+                _take(q, step.q_rows),
+                _take(held[0], step.k_rows),
+                _take(held[1], step.k_rows),
+                _take(out, step.q_rows),
+                _take(lse, step.q_rows, dim=1).contiguous(),
+                step.segments,
+            )
         if dkv_in is None:
             dk = torch.zeros(k.shape, dtype=torch.float32, device=k.device)
             dv = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
@@ -330,7 +340,11 @@ class RingAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, steps: list[Optional[RingStep]],
+        ctx: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        steps: list[RingStep | None],
         ring: RingComm,
     ) -> torch.Tensor:
         """Packed ``q [N, Hq, D]``, ``k, v [N, Hkv, D]`` -> ``out [N, Hq, D]``."""
@@ -341,7 +355,7 @@ class RingAttentionFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    def backward(ctx: Any, dout: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:
+    def backward(ctx: Any, dout: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         """``dout [N, Hq, D]`` -> gradients of ``q, k, v`` in their dtypes."""
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = ring_backward(dout.contiguous(), q, k, v, out, lse, ctx.steps, ctx.ring)
@@ -359,12 +373,12 @@ class RingAttention(nn.Module):
         cp: the cp process group, or a 1-D device mesh (e.g. ``mesh["cp"]``).
     """
 
-    def __init__(self, cp: Union[dist.ProcessGroup, DeviceMesh]):
+    def __init__(self, cp: dist.ProcessGroup | DeviceMesh):
         super().__init__()
         self.group = cp.get_group() if isinstance(cp, DeviceMesh) else cp
         self.ring = ProcessGroupRing(self.group)
 
-    def plan(self, input_ids: torch.Tensor, document_ids: Optional[torch.Tensor]) -> list[Optional[RingStep]]:
+    def plan(self, input_ids: torch.Tensor, document_ids: torch.Tensor | None) -> list[RingStep | None]:
         """Every ring step's kernel call for this batch (:func:`plan_ring`). With packed
         documents, the document ids of all cp ranks are all-gathered (one collective per
         batch) and read back to the host once.
@@ -375,8 +389,10 @@ class RingAttention(nn.Module):
         """
         batch, local_len = input_ids.shape
         if local_len % 2:
-            raise ValueError(f"a zigzag shard has two equal chunks; got odd length {local_len}: "
-                             "pad the full sequence with sequence_sharding.pad_batch first")
+            raise ValueError(
+                f"a zigzag shard has two equal chunks; got odd length {local_len}: "
+                "pad the full sequence with sequence_sharding.pad_batch first"
+            )
         shard_ids = None
         if document_ids is not None:
             shards = [torch.empty_like(document_ids) for _ in range(self.ring.size)]
@@ -389,7 +405,7 @@ class RingAttention(nn.Module):
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
-        plan: list[Optional[RingStep]],
+        plan: list[RingStep | None],
     ) -> torch.Tensor:
         """
         Args:

@@ -8,7 +8,7 @@ position ids, document ids) is computed on the full sequence, padded with
 :func:`pad_batch` and sharded with :func:`shard_batch`.
 """
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.distributed as dist
@@ -64,9 +64,7 @@ def pad_to_shardable(x: torch.Tensor, cp: int, value: float = 0, dim: int = -1) 
     return torch.cat([x, x.new_full(shape, value)], dim=dim)
 
 
-def pad_batch(
-    batch: dict[str, torch.Tensor], cp: int, pad_token_id: int = 0
-) -> dict[str, torch.Tensor]:
+def pad_batch(batch: dict[str, torch.Tensor], cp: int, pad_token_id: int = 0) -> dict[str, torch.Tensor]:
     """Pad the sequence tensors of a full-sequence batch to a multiple of ``2 * cp``.
 
     Padding is appended at the end: ``input_ids`` get ``pad_token_id``, ``labels`` get
@@ -140,13 +138,10 @@ def shard_batch(batch: dict[str, torch.Tensor], rank: int, cp: int) -> dict[str,
     Returns:
         A new dict; sequence tensors are ``T // cp`` long, other entries pass through.
     """
-    return {key: shard_sequence(x, rank, cp) if key in SEQUENCE_KEYS else x
-            for key, x in batch.items()}
+    return {key: shard_sequence(x, rank, cp) if key in SEQUENCE_KEYS else x for key, x in batch.items()}
 
 
-def gather_sequence(
-    x: torch.Tensor, group: Optional[dist.ProcessGroup] = None, dim: int = -1
-) -> torch.Tensor:
+def gather_sequence(x: torch.Tensor, group: dist.ProcessGroup | None = None, dim: int = -1) -> torch.Tensor:
     """All-gather every cp rank's zigzag shard and return the full tensor on every rank.
 
     Args:
@@ -163,6 +158,8 @@ def gather_sequence(
 
 def _chunk_length(seq_len: int, cp: int) -> int:
     if seq_len % (2 * cp):
-        raise ValueError(f"sequence length {seq_len} is not a multiple of 2 * cp = {2 * cp}; "
-                         "pad it first with pad_batch / pad_to_shardable")
+        raise ValueError(
+            f"sequence length {seq_len} is not a multiple of 2 * cp = {2 * cp}; "
+            "pad it first with pad_batch / pad_to_shardable"
+        )
     return seq_len // (2 * cp)

@@ -4,8 +4,9 @@ demo and the tests need no download."""
 
 import ast
 import sysconfig
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any
 
 from omnilong.data.chat import ChatDataset
 from omnilong.data.packed_text import PackedTextDataset
@@ -22,19 +23,19 @@ def python_stdlib_sources(max_files: int = 0) -> list[Path]:
     sorted; the first ``max_files`` when positive. Real source code present on every machine."""
     root = stdlib_dir()
     files = sorted(
-        p for p in root.rglob("*.py")
+        p
+        for p in root.rglob("*.py")
         if not ({"site-packages", "test", "tests", "idlelib", "__pycache__"} & set(p.relative_to(root).parts))
     )
     return files[:max_files] if max_files > 0 else files
 
 
 def python_stdlib_dataset(
-    tokenizer, max_seq_len: int, max_files: int = 0, separator_token: Optional[str] = None
+    tokenizer, max_seq_len: int, max_files: int = 0, separator_token: str | None = None
 ) -> PackedTextDataset:
     """:class:`PackedTextDataset` over this Python's standard-library sources (the demo's
     corpus: real source code that exists on every machine)."""
-    return PackedTextDataset(tokenizer, python_stdlib_sources(max_files), max_seq_len,
-                             separator_token=separator_token)
+    return PackedTextDataset(tokenizer, python_stdlib_sources(max_files), max_seq_len, separator_token=separator_token)
 
 
 def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
@@ -46,18 +47,28 @@ def _docstring_conversations(max_files: int) -> Iterable[tuple[str, Any]]:
         for node in tree.body:
             if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and ast.get_docstring(node):
                 question = f"What does `{path.stem}.{node.name}` do?"
-                yield f"{path}:{node.lineno}", {"messages": [
-                    {"role": "user", "content": question},
-                    {"role": "assistant", "content": ast.get_docstring(node)},
-                ]}
+                yield (
+                    f"{path}:{node.lineno}",
+                    {
+                        "messages": [
+                            {"role": "user", "content": question},
+                            {"role": "assistant", "content": ast.get_docstring(node)},
+                        ]
+                    },
+                )
 
 
 def python_stdlib_chat_dataset(
     tokenizer, max_seq_len: int, max_files: int = 0, skip_bad_samples: bool = False, packed: bool = True
-) -> Union[ChatDataset, PackedDataset]:
+) -> ChatDataset | PackedDataset:
     """:class:`ChatDataset` of questions about standard-library functions and classes,
     answered with their docstrings (the tiny stage-2 demo's data, present on every machine);
     ``packed`` as :func:`omnilong.data.chat_dataset`'s."""
-    dataset = ChatDataset(tokenizer, _docstring_conversations(max_files), max_seq_len, skip_bad_samples,
-                          source="the Python standard library's docstrings")
+    dataset = ChatDataset(
+        tokenizer,
+        _docstring_conversations(max_files),
+        max_seq_len,
+        skip_bad_samples,
+        source="the Python standard library's docstrings",
+    )
     return packed_or_not(dataset, packed)

@@ -42,16 +42,24 @@ def write_tiny_videomme(root: Path, videos_dir: Path, n_videos: int = 2) -> Path
         turns = sample.get("messages") or [{"content": t["value"]} for t in sample["conversations"]]
         colour = next(c for c in _COLOURS if c in turns[1]["content"])  # "The square is <colour>."
         for j, duration in enumerate(("short", "medium")):
-            rows.append({
-                "video_id": str(i), "duration": duration if i == 0 else "long", "domain": "Knowledge",
-                "sub_category": "Technology", "url": "", "videoID": video_id, "question_id": f"{i:03d}-{j + 1}",
-                "task_type": "Attribute Perception" if j == 0 else "Counting Problem",
-                "question": "What colour is the square?",
-                "options": [f"{'ABCD'[k]}. {name}" for k, name in enumerate(letters)],
-                "answer": "ABCD"[letters.index(colour)],
-            })
+            rows.append(
+                {
+                    "video_id": str(i),
+                    "duration": duration if i == 0 else "long",
+                    "domain": "Knowledge",
+                    "sub_category": "Technology",
+                    "url": "",
+                    "videoID": video_id,
+                    "question_id": f"{i:03d}-{j + 1}",
+                    "task_type": "Attribute Perception" if j == 0 else "Counting Problem",
+                    "question": "What colour is the square?",
+                    "options": [f"{'ABCD'[k]}. {name}" for k, name in enumerate(letters)],
+                    "answer": "ABCD"[letters.index(colour)],
+                }
+            )
     pq.write_table(pa.Table.from_pylist(rows), root / "videomme" / "test-00000-of-00001.parquet")
     (root / "subtitle" / "tiny000.srt").write_text(
-        "1\n00:00:00,000 --> 00:00:00,900\n<font color=\"white\" size=\".72c\">a square appears</font>\n\n"
-        "2\n00:00:01,010 --> 00:00:01,020\nbetween two frames\n")
+        '1\n00:00:00,000 --> 00:00:00,900\n<font color="white" size=".72c">a square appears</font>\n\n'
+        "2\n00:00:01,010 --> 00:00:01,020\nbetween two frames\n"
+    )
     return root

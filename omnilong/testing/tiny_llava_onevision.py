@@ -7,7 +7,6 @@ video frame), pinpoints of 1 to 6 crops per side as the 7B's 384..2304, ``anyres
 """
 
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -17,8 +16,11 @@ from omnilong.testing.tiny_tokenizer import train_tiny_tokenizer
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 TINY_CROP = 42  # pixels per crop side (the 7B: 384)
 TINY_PATCH = 14
-TINY_PINPOINTS = [[h, w] for h in range(TINY_CROP, 6 * TINY_CROP + 1, TINY_CROP)
-                  for w in range(TINY_CROP, 6 * TINY_CROP + 1, TINY_CROP)]
+TINY_PINPOINTS = [
+    [h, w]
+    for h in range(TINY_CROP, 6 * TINY_CROP + 1, TINY_CROP)
+    for w in range(TINY_CROP, 6 * TINY_CROP + 1, TINY_CROP)
+]
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]  # the 7B processors' normalisation
 
 # ChatML as llava-onevision-qwen2-7b-ov-hf's template renders it (no default system turn):
@@ -40,7 +42,7 @@ CHAT_TEMPLATE = (
 
 
 def write_tiny_llava_onevision(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     *,
     seed: int = 0,
     hidden_size: int = 64,
@@ -71,15 +73,29 @@ def write_tiny_llava_onevision(
     vocab_size = -(-len(tokenizer) // 64) * 64
     config = LlavaOnevisionConfig(
         text_config=dict(
-            model_type="qwen2", vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
-            num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
-            num_key_value_heads=num_key_value_heads, rms_norm_eps=1e-6, max_position_embeddings=32768,
+            model_type="qwen2",
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            intermediate_size=intermediate_size,
+            num_hidden_layers=num_hidden_layers,
+            num_attention_heads=num_attention_heads,
+            num_key_value_heads=num_key_value_heads,
+            rms_norm_eps=1e-6,
+            max_position_embeddings=32768,
             rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
-            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            bos_token_id=ids["<|endoftext|>"],
+            eos_token_id=ids["<|im_end|>"],
+            pad_token_id=ids["<|endoftext|>"],
         ),
         vision_config=dict(
-            model_type="siglip_vision_model", hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-            num_attention_heads=2, image_size=TINY_CROP, patch_size=TINY_PATCH, vision_use_head=False,
+            model_type="siglip_vision_model",
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=TINY_CROP,
+            patch_size=TINY_PATCH,
+            vision_use_head=False,
         ),
         image_token_index=ids[IMAGE_TOKEN],
         video_token_index=ids[VIDEO_TOKEN],
@@ -91,15 +107,17 @@ def write_tiny_llava_onevision(
     torch.manual_seed(seed)
     model = LlavaOnevisionForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
     )
     model.save_pretrained(out_dir)
     _rewrite_in_hub_layout(out_dir / "model.safetensors")
     size = {"height": TINY_CROP, "width": TINY_CROP}
     processor = LlavaOnevisionProcessor(
-        image_processor=LlavaOnevisionImageProcessor(size=size, image_grid_pinpoints=TINY_PINPOINTS,
-                                                     image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD),
+        image_processor=LlavaOnevisionImageProcessor(
+            size=size, image_grid_pinpoints=TINY_PINPOINTS, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD
+        ),
         video_processor=LlavaOnevisionVideoProcessor(size=size, image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD),
         tokenizer=tokenizer,
         num_image_tokens=(TINY_CROP // TINY_PATCH) ** 2,
@@ -115,4 +133,6 @@ def _rewrite_in_hub_layout(path: Path) -> None:
     from safetensors.torch import load_file, save_file
 
     tensors = load_file(path)
-    save_file({FAMILIES["llava_onevision"].to_hub_layout(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+    save_file(
+        {FAMILIES["llava_onevision"].to_hub_layout(k): v for k, v in tensors.items()}, path, metadata={"format": "pt"}
+    )

@@ -6,7 +6,6 @@ safetensors, tokenizer with a chat template) whose shapes are Qwen2.5-VL's, scal
 
 import json
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -19,7 +18,7 @@ TINY_MAX_PIXELS = 16 * 28 * 28
 
 
 def write_tiny_qwen2_5_vl(
-    out_dir: Union[str, Path],
+    out_dir: str | Path,
     *,
     seed: int = 0,
     hidden_size: int = 64,
@@ -67,9 +66,16 @@ def write_tiny_qwen2_5_vl(
             eos_token_id=ids["<|im_end|>"],
             pad_token_id=ids["<|endoftext|>"],
         ),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2,
-                           out_hidden_size=hidden_size, fullatt_block_indexes=[1], window_size=56,
-                           tokens_per_second=2),
+        vision_config=dict(
+            depth=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_heads=2,
+            out_hidden_size=hidden_size,
+            fullatt_block_indexes=[1],
+            window_size=56,
+            tokens_per_second=2,
+        ),
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -79,7 +85,8 @@ def write_tiny_qwen2_5_vl(
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]],
         pad_token_id=ids["<|endoftext|>"],
     )
     model.save_pretrained(out_dir)
@@ -90,7 +97,7 @@ def write_tiny_qwen2_5_vl(
     return out_dir
 
 
-def write_tiny_processor_configs(out_dir: Union[str, Path]) -> None:
+def write_tiny_processor_configs(out_dir: str | Path) -> None:
     """Write ``preprocessor_config.json`` and ``video_preprocessor_config.json`` (Qwen2-VL
     image and video processors with the tiny pixel bounds) into ``out_dir``."""
     from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor

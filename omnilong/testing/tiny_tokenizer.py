@@ -39,8 +39,16 @@ CHAT_TEMPLATE = (
 
 # Standard-library modules the tiny tokenizer learns its merges from: present in every
 # CPython 3.10+ installation, so the tokenizer is the same on every machine.
-_TOKENIZER_CORPUS = ["argparse.py", "collections/__init__.py", "dataclasses.py", "functools.py",
-                     "json/decoder.py", "pathlib.py", "textwrap.py", "typing.py"]
+_TOKENIZER_CORPUS = [
+    "argparse.py",
+    "collections/__init__.py",
+    "dataclasses.py",
+    "functools.py",
+    "json/decoder.py",
+    "pathlib.py",
+    "textwrap.py",
+    "typing.py",
+]
 
 
 def train_tiny_tokenizer(vocab_size: int = 1024, chat_template: str = CHAT_TEMPLATE, extra_special_tokens: tuple = ()):

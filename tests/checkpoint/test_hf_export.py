@@ -73,8 +73,9 @@ def assert_index_matches_files(out: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.mark.parametrize("max_shard_size, min_shards", [("5GB", 1), ("200KB", 3)])
-def test_untrained_export_is_bitwise_the_base(tiny_qwen_dir, untrained_checkpoint, tmp_path, max_shard_size,
-                                              min_shards):
+def test_untrained_export_is_bitwise_the_base(
+    tiny_qwen_dir, untrained_checkpoint, tmp_path, max_shard_size, min_shards
+):
     """Oracle: the base's own tensors, key set, dtypes, files and config (plus the position rule)."""
     out = export_hf_checkpoint(untrained_checkpoint, tiny_qwen_dir, tmp_path / "hf", max_shard_size=max_shard_size)
     expected, actual = base_weights(tiny_qwen_dir), base_weights(out)
@@ -85,8 +86,13 @@ def test_untrained_export_is_bitwise_the_base(tiny_qwen_dir, untrained_checkpoin
     assert len(shards) >= min_shards
     for name, (count, nbytes) in shards.items():  # a tensor over the limit gets a shard of its own
         assert nbytes <= parse_size(max_shard_size) or count == 1, name
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja"):
+    for name in (
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+    ):
         assert (out / name).is_file(), name
     assert read_hf_config(out) == {**read_hf_config(tiny_qwen_dir), POSITION_RULE_KEY: POSITION_RULE}
     assert not list(tmp_path.glob("hf.tmp-*"))
@@ -128,8 +134,13 @@ def test_trained_export_loads_in_transformers_with_the_native_logits(tiny_qwen_d
 
     state = load_hf_model(tiny_qwen_dir).state_dict()
     generator = torch.Generator().manual_seed(0)
-    for key in ("tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.1.feed_forward.w2.weight",
-                "norm.weight", "output.weight"):
+    for key in (
+        "tok_embeddings.weight",
+        "layers.0.attention.wq.weight",
+        "layers.1.feed_forward.w2.weight",
+        "norm.weight",
+        "output.weight",
+    ):
         state[key] = state[key] + 0.05 * torch.randn(state[key].shape, generator=generator)
     checkpoint = save_run_checkpoint(tmp_path / "step_5", tiny_qwen_dir, state, rope_theta=NEW_ROPE_THETA)
     out = export_hf_checkpoint(checkpoint, tiny_qwen_dir, tmp_path / "hf")
@@ -160,8 +171,11 @@ def test_trained_export_loads_in_transformers_with_the_native_logits(tiny_qwen_d
 def test_tensors_the_run_did_not_have_are_copied_from_the_base(tiny_qwen_dir, tmp_path):
     """Oracle: the base's tensors, for a run that saved only part of the model (text only,
     final norm left out)."""
-    state = {k: v for k, v in load_hf_model(tiny_qwen_dir).state_dict().items()
-             if not k.startswith("visual.") and k != "norm.weight"}
+    state = {
+        k: v
+        for k, v in load_hf_model(tiny_qwen_dir).state_dict().items()
+        if not k.startswith("visual.") and k != "norm.weight"
+    }
     checkpoint = save_run_checkpoint(tmp_path / "step_1", tiny_qwen_dir, state)
     out = export_hf_checkpoint(checkpoint, tiny_qwen_dir, tmp_path / "hf")
     expected, actual = base_weights(tiny_qwen_dir), base_weights(out)
@@ -184,8 +198,9 @@ def test_checkpoint_sharded_over_two_ranks_is_reassembled(tiny_qwen_dir, tmp_pat
     checkpoint = tmp_path / "step_1"
     run_distributed(_save_sharded_run, 2, tiny_qwen_dir, checkpoint)
     assert len(list(checkpoint.glob("*.distcp"))) == 2
-    OmegaConf.save(OmegaConf.create({"checkpoint_dir": str(tiny_qwen_dir), "rope_theta": None}),
-                   checkpoint / "config.yaml")
+    OmegaConf.save(
+        OmegaConf.create({"checkpoint_dir": str(tiny_qwen_dir), "rope_theta": None}), checkpoint / "config.yaml"
+    )
     out = export_hf_checkpoint(checkpoint, tiny_qwen_dir, tmp_path / "hf")
     expected, actual = base_weights(tiny_qwen_dir), base_weights(out)
     assert set(actual) == set(expected) and all(torch.equal(actual[k], v) for k, v in expected.items())
@@ -216,7 +231,9 @@ def test_flat_config_gets_rope_theta_in_the_flat_place(tiny_qwen_flat_dir, tmp_p
     assert config["rope_scaling"] == base_config["rope_scaling"] and "mrope_section" in config["rope_scaling"]
     assert config["vision_config"] == base_config["vision_config"]
     assert {k: v for k, v in config.items() if k != "rope_theta"} == {
-        **{k: v for k, v in base_config.items() if k != "rope_theta"}, POSITION_RULE_KEY: POSITION_RULE}
+        **{k: v for k, v in base_config.items() if k != "rope_theta"},
+        POSITION_RULE_KEY: POSITION_RULE,
+    }
     assert text_args_from_hf_config(config).rope_theta == NEW_ROPE_THETA
 
 
@@ -233,8 +250,9 @@ def test_transformers_v5_key_layout_base_is_mirrored(tiny_qwen_dir, untrained_ch
     """Oracle: a base stored with ``model.language_model.*`` names exports the same names."""
     base = Path(shutil.copytree(tiny_qwen_dir, tmp_path / "v5"))
     weights = load_file(base / "model.safetensors")
-    renamed = {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
-               for k, v in weights.items()}
+    renamed = {
+        k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v for k, v in weights.items()
+    }
     save_file(renamed, base / "model.safetensors", metadata={"format": "pt"})
     out = export_hf_checkpoint(untrained_checkpoint, base, tmp_path / "hf")
     exported = base_weights(out)
@@ -287,9 +305,23 @@ def test_cli_runs_end_to_end(tiny_qwen_dir, untrained_checkpoint, tmp_path):
     """Oracle: the same export as the function gives (bitwise the base here)."""
     out = tmp_path / "hf"
     result = subprocess.run(
-        [sys.executable, str(TOOL), "--checkpoint", str(untrained_checkpoint), "--base", str(tiny_qwen_dir),
-         "--output", str(out), "--dtype", "float32", "--max-shard-size", "300KB"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            str(TOOL),
+            "--checkpoint",
+            str(untrained_checkpoint),
+            "--base",
+            str(tiny_qwen_dir),
+            "--output",
+            str(out),
+            "--dtype",
+            "float32",
+            "--max-shard-size",
+            "300KB",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "UserWarning" not in result.stderr
@@ -300,11 +332,17 @@ def test_cli_runs_end_to_end(tiny_qwen_dir, untrained_checkpoint, tmp_path):
 
 def test_cli_errors_are_one_line_without_traceback(tiny_qwen_dir, untrained_checkpoint, tmp_path, capsys):
     tool = _load_tool()
-    assert tool.main(["--checkpoint", str(tmp_path / "nope"), "--base", str(tiny_qwen_dir),
-                      "--output", str(tmp_path / "a")]) == 1
+    assert (
+        tool.main(
+            ["--checkpoint", str(tmp_path / "nope"), "--base", str(tiny_qwen_dir), "--output", str(tmp_path / "a")]
+        )
+        == 1
+    )
     assert "nope/.metadata not found" in capsys.readouterr().err
-    assert tool.main(["--checkpoint", str(untrained_checkpoint), "--base", str(tmp_path),
-                      "--output", str(tmp_path / "b")]) == 1
+    assert (
+        tool.main(["--checkpoint", str(untrained_checkpoint), "--base", str(tmp_path), "--output", str(tmp_path / "b")])
+        == 1
+    )
     assert "no model.safetensors.index.json or model.safetensors" in capsys.readouterr().err
     for flag, value in (("--dtype", "int3"), ("--max-shard-size", "lots")):
         with pytest.raises(SystemExit) as exit_info:
@@ -313,8 +351,9 @@ def test_cli_errors_are_one_line_without_traceback(tiny_qwen_dir, untrained_chec
         assert value in capsys.readouterr().err
 
 
-def test_cli_push_to_hub_creates_the_repo_and_uploads_the_output(tiny_qwen_dir, untrained_checkpoint, tmp_path,
-                                                                 monkeypatch):
+def test_cli_push_to_hub_creates_the_repo_and_uploads_the_output(
+    tiny_qwen_dir, untrained_checkpoint, tmp_path, monkeypatch
+):
     """Oracle: the calls made to a stand-in HfApi (nothing leaves the machine)."""
     calls = []
 
@@ -328,15 +367,30 @@ def test_cli_push_to_hub_creates_the_repo_and_uploads_the_output(tiny_qwen_dir, 
 
     monkeypatch.setattr("huggingface_hub.HfApi", FakeApi)
     out = tmp_path / "hf"
-    assert _load_tool().main(["--checkpoint", str(untrained_checkpoint), "--base", str(tiny_qwen_dir),
-                              "--output", str(out), "--push-to-hub", "me/tiny", "--private"]) == 0
+    assert (
+        _load_tool().main(
+            [
+                "--checkpoint",
+                str(untrained_checkpoint),
+                "--base",
+                str(tiny_qwen_dir),
+                "--output",
+                str(out),
+                "--push-to-hub",
+                "me/tiny",
+                "--private",
+            ]
+        )
+        == 0
+    )
     assert calls[0] == ("create_repo", "me/tiny", {"private": True, "exist_ok": True})
     assert calls[1][0] == "upload_folder" and calls[1][1]["repo_id"] == "me/tiny"
     assert Path(calls[1][1]["folder_path"]) == out
 
 
-def test_shapes_that_disagree_with_the_base_config_are_refused_before_writing(tiny_qwen_dir, untrained_checkpoint,
-                                                                               tmp_path):
+def test_shapes_that_disagree_with_the_base_config_are_refused_before_writing(
+    tiny_qwen_dir, untrained_checkpoint, tmp_path
+):
     """A base whose config.json has another intermediate_size than its weights (and the
     checkpoint) would export a model from_pretrained cannot load: an error naming the
     tensor, both shapes and the config key; nothing is written."""
@@ -344,16 +398,22 @@ def test_shapes_that_disagree_with_the_base_config_are_refused_before_writing(ti
     config = json.loads((base / "config.json").read_text())
     config["text_config"]["intermediate_size"] = 96
     (base / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight is \(176, 64\) in "
-                                         r"model\.safetensors, but config\.json gives \(96, 64\) "
-                                         r"\(text_config\.intermediate_size = 96\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.0\.mlp\.gate_proj\.weight is \(176, 64\) in "
+        r"model\.safetensors, but config\.json gives \(96, 64\) "
+        r"\(text_config\.intermediate_size = 96\)",
+    ):
         export_hf_checkpoint(untrained_checkpoint, base, tmp_path / "hf")
 
     state = load_hf_model(tiny_qwen_dir).state_dict()
     state["layers.1.feed_forward.w2.weight"] = torch.zeros(64, 200)
     checkpoint = save_run_checkpoint(tmp_path / "step_1", tiny_qwen_dir, state)
-    with pytest.raises(ValueError, match=r"model\.layers\.1\.mlp\.down_proj\.weight is \(64, 200\) in the checkpoint "
-                                         r"\(layers\.1\.feed_forward\.w2\.weight\), but config\.json gives \(64, 176\) "
-                                         r"\(text_config\.intermediate_size = 176\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"model\.layers\.1\.mlp\.down_proj\.weight is \(64, 200\) in the checkpoint "
+        r"\(layers\.1\.feed_forward\.w2\.weight\), but config\.json gives \(64, 176\) "
+        r"\(text_config\.intermediate_size = 176\)",
+    ):
         export_hf_checkpoint(checkpoint, tiny_qwen_dir, tmp_path / "hf")
     assert not (tmp_path / "hf").exists() and not list(tmp_path.glob("hf.tmp-*"))

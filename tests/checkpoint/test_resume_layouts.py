@@ -37,10 +37,22 @@ ROWS = [
 
 
 def _run(checkpoint_dir, data, output_dir, fault=None, **extra):
-    overrides = {"checkpoint_dir": checkpoint_dir, "output_dir": output_dir, "max_steps": 5, "shuffle": "true",
-                 "cp_degree": 2, "batch_size": 1, "gradient_accumulation_steps": 2, "save_every_n_steps": 2,
-                 "keep_last_n_checkpoints": 3, "dataset._component_": "omnilong.data.chat_dataset",
-                 "~dataset.max_files": None, "dataset.data_files": f"[{data}]", "dataset.packed": "false", **extra}
+    overrides = {
+        "checkpoint_dir": checkpoint_dir,
+        "output_dir": output_dir,
+        "max_steps": 5,
+        "shuffle": "true",
+        "cp_degree": 2,
+        "batch_size": 1,
+        "gradient_accumulation_steps": 2,
+        "save_every_n_steps": 2,
+        "keep_last_n_checkpoints": 3,
+        "dataset._component_": "omnilong.data.chat_dataset",
+        "~dataset.max_files": None,
+        "dataset.data_files": f"[{data}]",
+        "dataset.packed": "false",
+        **extra,
+    }
     return tune_run(STAGE2, overrides, nproc=2, env={**os.environ, FAULT_ENV: fault} if fault else None)
 
 
@@ -50,8 +62,12 @@ def _curve(output_dir):
 
 def test_resume_under_cp_with_accumulation_across_an_epoch_boundary(tiny_qwen_dir, tmp_path):
     data = tmp_path / "chat.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q},
-                                                     {"role": "assistant", "content": a}]}) + "\n" for q, a in ROWS))
+    data.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+            for q, a in ROWS
+        )
+    )
     ref = _run(tiny_qwen_dir, data, tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
     assert _run(tiny_qwen_dir, data, tmp_path / "run", fault="after_step@3").returncode != 0

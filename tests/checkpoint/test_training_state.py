@@ -15,8 +15,14 @@ from tests.recipe_runs import STAGE1, metrics, refused_in_process, tune_run
 
 pytestmark = pytest.mark.slow
 
-RUN = {"max_seq_len": 128, "max_steps": 6, "dataset.max_files": 20, "gradient_accumulation_steps": 1,
-       "save_every_n_steps": 2, "keep_last_n_checkpoints": 2}
+RUN = {
+    "max_seq_len": 128,
+    "max_steps": 6,
+    "dataset.max_files": 20,
+    "gradient_accumulation_steps": 1,
+    "save_every_n_steps": 2,
+    "keep_last_n_checkpoints": 2,
+}
 
 
 def _overrides(tiny_qwen_dir, output_dir=None, **extra):
@@ -79,8 +85,9 @@ def test_resume_on_a_different_world_size_reshards(tiny_qwen_dir, shared_run, tm
 
 
 @pytest.mark.parametrize("damaged", ["__0_0.distcp", "rng/rank_0.pt"])
-def test_damaged_checkpoint_names_the_file_its_sizes_and_the_intact_one(tiny_qwen_dir, shared_run, tmp_path,
-                                                                        monkeypatch, capsys, damaged):
+def test_damaged_checkpoint_names_the_file_its_sizes_and_the_intact_one(
+    tiny_qwen_dir, shared_run, tmp_path, monkeypatch, capsys, damaged
+):
     """Checked before any model or data is built, like the export tool does: the recipe's
     constructor refuses it (in this process)."""
     run = shutil.copytree(_reference(shared_run, tiny_qwen_dir), tmp_path / "run")
@@ -88,8 +95,9 @@ def test_damaged_checkpoint_names_the_file_its_sizes_and_the_intact_one(tiny_qwe
     file = step_6 / damaged
     size = file.stat().st_size
     file.write_bytes(file.read_bytes()[:100])
-    error = refused_in_process(STAGE1, _overrides(tiny_qwen_dir, run, resume_from_checkpoint="true"),
-                               monkeypatch, capsys)
+    error = refused_in_process(
+        STAGE1, _overrides(tiny_qwen_dir, run, resume_from_checkpoint="true"), monkeypatch, capsys
+    )
     expected = "metadata expects" if damaged.endswith(".distcp") else "the save wrote"
     assert f"cannot resume from {step_6}: checkpoint " in error
     assert f" file {file} is truncated: 100 bytes, {expected} " in error
@@ -102,8 +110,9 @@ def test_checkpoint_without_metadata_is_named(tiny_qwen_dir, shared_run, tmp_pat
     run = shutil.copytree(_reference(shared_run, tiny_qwen_dir), tmp_path / "run")
     step = run / "checkpoints/step_6"
     (step / ".metadata").unlink()
-    error = refused_in_process(STAGE1, _overrides(tiny_qwen_dir, run, resume_from_checkpoint=str(step)),
-                             monkeypatch, capsys)
+    error = refused_in_process(
+        STAGE1, _overrides(tiny_qwen_dir, run, resume_from_checkpoint=str(step)), monkeypatch, capsys
+    )
     assert str(step) in error
 
 
@@ -116,11 +125,19 @@ def test_run_ends_with_a_hugging_face_export_that_transformers_loads(tiny_qwen_d
     from omnilong.hf_io import read_hf_state_dict
     from omnilong.models import load_hf_model
 
-    result = _run(tiny_qwen_dir, tmp_path / "run", nproc=2, max_steps=2, save_every_n_steps="null",
-                  save_hf_at_end="true", rope_theta=2_000_000.0)
+    result = _run(
+        tiny_qwen_dir,
+        tmp_path / "run",
+        nproc=2,
+        max_steps=2,
+        save_every_n_steps="null",
+        save_hf_at_end="true",
+        rope_theta=2_000_000.0,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     hf, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        tmp_path / "run/hf", dtype=torch.float32, output_loading_info=True)
+        tmp_path / "run/hf", dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     native = load_hf_model(tmp_path / "run/hf")  # for the tensors the run did not train (vision tower)
     trained = load_model_tensors(tmp_path / "run/checkpoints/step_2")
@@ -129,7 +146,8 @@ def test_run_ends_with_a_hugging_face_export_that_transformers_loads(tiny_qwen_d
     assert native.args.rope_theta == 2_000_000.0
     input_ids = torch.randint(0, native.args.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(native.eval()(input_ids=input_ids), hf.eval()(input_ids=input_ids).logits,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            native.eval()(input_ids=input_ids), hf.eval()(input_ids=input_ids).logits, atol=1e-5, rtol=0
+        )
     base = read_hf_state_dict(tiny_qwen_dir)
     assert not torch.equal(hf.lm_head.weight, base["lm_head.weight"])  # the export holds the trained weights

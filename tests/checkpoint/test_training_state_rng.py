@@ -20,8 +20,17 @@ def _save_draw_load(rank, world_size, output_dir):
     saved = torch.get_rng_state()
     expected_draw = torch.rand(8)
     torch.set_rng_state(saved)
-    path = save_training_state(output_dir, 1, model, optimizer, None, {"step": 1, "epoch": 0, "consumed": 0,
-                               "num_skipped": 0}, OmegaConf.create({}), keep_last_n=1, run_id="test")
+    path = save_training_state(
+        output_dir,
+        1,
+        model,
+        optimizer,
+        None,
+        {"step": 1, "epoch": 0, "consumed": 0, "num_skipped": 0},
+        OmegaConf.create({}),
+        keep_last_n=1,
+        run_id="test",
+    )
     torch.rand(1000)  # training goes on (or a new process starts from its seed)
     torch.manual_seed(0)
     trainer = load_training_state(path, model, optimizer, None)

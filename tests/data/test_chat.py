@@ -24,8 +24,9 @@ def _conversation(*turns):
 
 
 def test_only_assistant_tokens_are_trained(tokenizer, tmp_path):
-    sample = _conversation(("user", "name a module"), ("assistant", "pathlib"),
-                           ("user", "another"), ("assistant", "textwrap"))
+    sample = _conversation(
+        ("user", "name a module"), ("assistant", "pathlib"), ("user", "another"), ("assistant", "textwrap")
+    )
     ds = chat_dataset(tokenizer, _jsonl(tmp_path / "c.jsonl", [sample]), max_seq_len=256, packed=False)
     row = ds[0]
     ids, labels = row["input_ids"], row["labels"]
@@ -39,8 +40,9 @@ def test_only_assistant_tokens_are_trained(tokenizer, tmp_path):
 
 
 def test_sample_without_assistant_turn_trains_nothing(tokenizer, tmp_path):
-    ds = chat_dataset(tokenizer, _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hello"))]), max_seq_len=64,
-                      packed=False)
+    ds = chat_dataset(
+        tokenizer, _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hello"))]), max_seq_len=64, packed=False
+    )
     assert (ds[0]["labels"] == -100).all()
 
 
@@ -51,8 +53,10 @@ def test_malformed_message_is_named(tokenizer, tmp_path):
 
 
 def test_too_long_sample_is_an_error_or_skipped_and_counted(tokenizer, tmp_path):
-    f = _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hi"), ("assistant", "x " * 200)),
-                                     _conversation(("user", "hi"), ("assistant", "ok"))])
+    f = _jsonl(
+        tmp_path / "c.jsonl",
+        [_conversation(("user", "hi"), ("assistant", "x " * 200)), _conversation(("user", "hi"), ("assistant", "ok"))],
+    )
     with pytest.raises(ValueError, match=r"c\.jsonl:1: sample has \d+ tokens, more than max_seq_len=64"):
         chat_dataset(tokenizer, f, max_seq_len=64)
     ds = chat_dataset(tokenizer, f, max_seq_len=64, skip_bad_samples=True, packed=False)
@@ -60,8 +64,13 @@ def test_too_long_sample_is_an_error_or_skipped_and_counted(tokenizer, tmp_path)
 
 
 def test_collate_pads_right_with_ignored_labels_and_own_document(tokenizer, tmp_path):
-    f = _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hi"), ("assistant", "a long answer here")),
-                                     _conversation(("user", "hi"), ("assistant", "ok"))])
+    f = _jsonl(
+        tmp_path / "c.jsonl",
+        [
+            _conversation(("user", "hi"), ("assistant", "a long answer here")),
+            _conversation(("user", "hi"), ("assistant", "ok")),
+        ],
+    )
     ds = chat_dataset(tokenizer, f, max_seq_len=128, packed=False)
     batch = collate_padded([ds[0], ds[1]], pad_id=ds.pad_id)
     n = len(ds[1]["input_ids"])

@@ -29,8 +29,9 @@ def _first_sample(tiny_videos_dir: Path) -> dict:
 
 
 def test_frames_and_tokens_equal_the_processor(tiny_llava_dir, tiny_videos_dir, tokenizer):
-    dataset = llava_video_sft_dataset(tokenizer, tiny_videos_dir / "train.jsonl", max_seq_len=4096, fps=2.0,
-                                      max_frames=6, **TINY)
+    dataset = llava_video_sft_dataset(
+        tokenizer, tiny_videos_dir / "train.jsonl", max_seq_len=4096, fps=2.0, max_frames=6, **TINY
+    )
     item = dataset[0]
     sample = _first_sample(tiny_videos_dir)
     frames = decode_video(tiny_videos_dir / sample["video"], fps=2.0, max_frames=6).frames  # [T, 3, H, W] uint8
@@ -44,8 +45,9 @@ def test_frames_and_tokens_equal_the_processor(tiny_llava_dir, tiny_videos_dir, 
 
 
 def test_batch_concatenates_videos_of_different_frame_counts(tiny_videos_dir, tokenizer):
-    dataset = llava_video_sft_dataset(tokenizer, tiny_videos_dir / "train.jsonl", max_seq_len=4096, fps=2.0,
-                                      max_frames=16, **TINY)
+    dataset = llava_video_sft_dataset(
+        tokenizer, tiny_videos_dir / "train.jsonl", max_seq_len=4096, fps=2.0, max_frames=16, **TINY
+    )
     items = [dataset[0], dataset[4]]  # 3 s and 5 s of video
     batch = collate_padded(items, dataset.pad_id)
     counts = [int(i["video_num_frames"]) for i in items]
@@ -58,8 +60,9 @@ def test_skipped_placeholder_is_one_blank_frame(tiny_videos_dir, tokenizer, tmp_
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video")
     (tmp_path / "train.jsonl").write_text(json.dumps({**_first_sample(tiny_videos_dir), "video": str(broken)}) + "\n")
-    dataset = llava_video_sft_dataset(tokenizer, tmp_path / "train.jsonl", max_seq_len=4096, skip_bad_samples=True,
-                                      **TINY)
+    dataset = llava_video_sft_dataset(
+        tokenizer, tmp_path / "train.jsonl", max_seq_len=4096, skip_bad_samples=True, **TINY
+    )
     item = dataset[0]
     assert bool(item["skipped"]) and (item["labels"] == -100).all()
     assert item["input_ids"].tolist() == [dataset.video_token_id] * 5  # 1 frame * 2x2 pooled + newline
@@ -81,8 +84,11 @@ def test_format_comes_from_the_checkpoint_config(tiny_llava_dir, tiny_qwen_dir):
     as ``model_config``); a checkpoint of another family is refused, naming the component to use."""
     config = read_hf_config(tiny_llava_dir)
     assert llava_video_format(config, None, None, SIGLIP_MEAN, SIGLIP_STD) == LlavaVideoFormat(TINY_CROP, TINY_PATCH)
-    with pytest.raises(ValueError, match="the checkpoint is qwen2_5_vl: use its dataset component "
-                                         r"\(omnilong.data.video_sft_dataset for qwen2_5_vl"):
+    with pytest.raises(
+        ValueError,
+        match="the checkpoint is qwen2_5_vl: use its dataset component "
+        r"\(omnilong.data.video_sft_dataset for qwen2_5_vl",
+    ):
         llava_video_format(read_hf_config(tiny_qwen_dir), None, None, SIGLIP_MEAN, SIGLIP_STD)
 
 
@@ -99,8 +105,9 @@ def test_data_sized_for_another_tower_is_refused_naming_the_keys(tiny_llava_dir,
     assert "dataset.frame_size is no longer needed" in caplog.text
 
 
-def test_prepared_samples_equal_raw_samples_and_need_the_llava_format(tiny_llava_dir, tiny_videos_dir, tokenizer,
-                                                                      tmp_path):
+def test_prepared_samples_equal_raw_samples_and_need_the_llava_format(
+    tiny_llava_dir, tiny_videos_dir, tokenizer, tmp_path
+):
     """``--video-format llava_onevision`` prepares what the raw dataset tokenizes; a directory
     prepared in Qwen2.5-VL's format is refused with the command to rerun."""
     from omnilong.data import prepared_llava_video_sft_dataset

@@ -52,8 +52,9 @@ def test_shuffled_epoch_has_the_proportions_and_resume_continues_it():
     assert Counter(name for name, _ in order) == {"a": 150, "b": 75, "c": 75}
     resumed = ResumableDistributedSampler(len(mix), num_replicas=1, rank=0, seed=3)
     resumed.set_epoch(0, consumed=123)
-    assert [WeightedMix([_Rows("a", 50), _Rows("b", 150), _Rows("c", 100)], [0.5, 0.25, 0.25])[i]
-            for i in resumed] == order[123:]
+    assert [
+        WeightedMix([_Rows("a", 50), _Rows("b", 150), _Rows("c", 100)], [0.5, 0.25, 0.25])[i] for i in resumed
+    ] == order[123:]
 
 
 def test_sources_with_different_padding_or_bad_weights_are_refused():
@@ -69,8 +70,11 @@ def test_prepared_text_sources_mix_by_weight(tiny_qwen_dir, tmp_path):
         (tmp_path / f"{name}.txt").write_text(text * 40)
         prepare("text", tmp_path / f"{name}.txt", tiny_qwen_dir, tmp_path / name, progress=False)
     code, prose = (prepared_text_dataset(tokenizer, tmp_path / n, max_seq_len=32) for n in ("code", "prose"))
-    mix = prepared_text_dataset(tokenizer, [{"path": str(tmp_path / "code"), "weight": 3},
-                                            {"path": str(tmp_path / "prose"), "weight": 1}], max_seq_len=32)
+    mix = prepared_text_dataset(
+        tokenizer,
+        [{"path": str(tmp_path / "code"), "weight": 3}, {"path": str(tmp_path / "prose"), "weight": 1}],
+        max_seq_len=32,
+    )
     assert len(mix) == len(code) + len(prose)
     assert mix.counts == rows_per_source([len(code), len(prose)], [3, 1])
     source, row = mix.source_row(len(mix) - 1)

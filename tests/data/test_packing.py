@@ -24,9 +24,15 @@ def tokenizer(tiny_qwen_dir):
 
 def _chats(path, n, seed=0):
     rng = random.Random(seed)
-    lines = [{"messages": [{"role": "user", "content": f"question {i}"},
-                           {"role": "assistant", "content": " ".join(["word"] * rng.randint(1, 40))}]}
-             for i in range(n)]
+    lines = [
+        {
+            "messages": [
+                {"role": "user", "content": f"question {i}"},
+                {"role": "assistant", "content": " ".join(["word"] * rng.randint(1, 40))},
+            ]
+        }
+        for i in range(n)
+    ]
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
 
@@ -112,8 +118,10 @@ def test_packed_video_row_concatenates_tokens_and_vision_in_order(tokenizer, tin
 
 def test_packed_bad_videos_raise_at_construction_or_are_skipped_placeholders(tokenizer, tiny_videos_dir, tmp_path):
     (tmp_path / "corrupt.mp4").write_bytes(b"not a video" * 100)
-    bad = {"video": str(tmp_path / "corrupt.mp4"),
-           "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "This."}]}
+    bad = {
+        "video": str(tmp_path / "corrupt.mp4"),
+        "conversations": [{"from": "human", "value": "<video>\nWhat?"}, {"from": "gpt", "value": "This."}],
+    }
     data = _video_data(tiny_videos_dir, tmp_path, extra=[bad])
     with pytest.raises(BadSampleError, match=r"v\.jsonl:9: .*corrupt\.mp4: cannot decode video"):
         video_sft_dataset(tokenizer, data, max_seq_len=300, packed=True, **TINY)
@@ -124,8 +132,9 @@ def test_packed_bad_videos_raise_at_construction_or_are_skipped_placeholders(tok
     assert sum(len(row["input_ids"]) for row in rows) == sum(ds.samples.sample_lengths())
 
 
-def test_a_video_whose_frames_disagree_with_its_metadata_is_a_bad_sample(tokenizer, tiny_videos_dir, tmp_path,
-                                                                          monkeypatch):
+def test_a_video_whose_frames_disagree_with_its_metadata_is_a_bad_sample(
+    tokenizer, tiny_videos_dir, tmp_path, monkeypatch
+):
     import omnilong.data.video_sft as video_sft
 
     real_probe = video_sft.probe_video

@@ -56,8 +56,9 @@ def _assert_same_rows(a, b):
 def test_prepared_text_rows_equal_raw_rows(tokenizer, tiny_qwen_dir, tmp_path, monkeypatch, workers):
     monkeypatch.setattr(prepare_module, "_TEXT_BATCH_CHARS", 40)  # many batches: order across workers matters
     files = _text_corpus(tmp_path)
-    meta = prepare("text", files, tiny_qwen_dir, tmp_path / "prep", workers=workers, separator_token=SEP,
-                   progress=False)
+    meta = prepare(
+        "text", files, tiny_qwen_dir, tmp_path / "prep", workers=workers, separator_token=SEP, progress=False
+    )
     assert meta["num_skipped"] == {"empty_documents": 1, "bad_samples": 0}
     raw = PackedTextDataset(tokenizer, files, max_seq_len=16, separator_token=SEP)
     prepared = prepared_text_dataset(tokenizer, tmp_path / "prep", max_seq_len=16, separator_token=SEP)
@@ -72,16 +73,20 @@ def test_prepared_text_rows_equal_raw_rows(tokenizer, tiny_qwen_dir, tmp_path, m
 @pytest.mark.parametrize("packed", [False, True])
 def test_prepared_chat_rows_equal_raw_rows_and_skip_the_same(tokenizer, tiny_qwen_dir, tmp_path, packed):
     def conversation(answer):
-        return {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "name one"},
-                             {"role": "assistant", "content": answer}]}
+        return {
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "name one"},
+                {"role": "assistant", "content": answer},
+            ]
+        }
 
     f = _jsonl(tmp_path / "c.jsonl", [conversation("pathlib"), conversation("x " * 100), conversation("os")])
     prepare("chat", f, tiny_qwen_dir, tmp_path / "prep", progress=False)
     with pytest.raises(ValueError, match=r"c\.jsonl:2: sample has \d+ tokens, more than max_seq_len=64"):
         prepared_chat_dataset(tokenizer, tmp_path / "prep", max_seq_len=64)
     raw = chat_dataset(tokenizer, f, max_seq_len=64, skip_bad_samples=True, packed=packed)
-    prepared = prepared_chat_dataset(tokenizer, tmp_path / "prep", max_seq_len=64, skip_bad_samples=True,
-                                     packed=packed)
+    prepared = prepared_chat_dataset(tokenizer, tmp_path / "prep", max_seq_len=64, skip_bad_samples=True, packed=packed)
     assert prepared.num_skipped == raw.num_skipped == 1
     assert len(raw) == (1 if packed else 2)  # packed: both kept samples share a row
     _assert_same_rows(raw, prepared)

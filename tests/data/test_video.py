@@ -54,8 +54,9 @@ def _write_video(path: Path, frames: int, fps: float, height: int = 56, width: i
     from torchcodec.encoders import VideoEncoder
 
     g = torch.Generator().manual_seed(frames)
-    VideoEncoder(torch.randint(0, 256, (frames, 3, height, width), dtype=torch.uint8, generator=g),
-                 frame_rate=fps).to_file(path)
+    VideoEncoder(
+        torch.randint(0, 256, (frames, 3, height, width), dtype=torch.uint8, generator=g), frame_rate=fps
+    ).to_file(path)
     return path
 
 
@@ -76,9 +77,14 @@ def test_decode_samples_at_fps_and_caps_frames(videos):
     assert capped.frames.shape[0] == 4 and capped.fps == pytest.approx(4 / 6)
 
 
-@pytest.mark.parametrize("name, fps, budget_tokens", [("video_003.mp4", 1.0, None),  # odd frame count
-                                                      ("video_004.mp4", 2.0, None),
-                                                      ("video_005.mp4", 2.0, 10)])
+@pytest.mark.parametrize(
+    "name, fps, budget_tokens",
+    [
+        ("video_003.mp4", 1.0, None),  # odd frame count
+        ("video_004.mp4", 2.0, None),
+        ("video_005.mp4", 2.0, 10),
+    ],
+)
 def test_processing_matches_transformers_bitwise(videos, tiny_qwen_dir, name, fps, budget_tokens):
     """Oracle: the tiny checkpoint's video processor (transformers), same frames and settings;
     the budget case against its ``cap_pixels_per_frame`` rule with the same total pixels."""
@@ -88,7 +94,7 @@ def test_processing_matches_transformers_bitwise(videos, tiny_qwen_dir, name, fp
     total = None if budget_tokens is None else int(budget_tokens * 28 * 28 * 0.9)
     options = VideoOptions(fps=fps, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS, total_pixels=total)
     clip = decode_video(videos / name, fps=fps)
-    (height, width), = resized_sizes([clip], options)
+    ((height, width),) = resized_sizes([clip], options)
     ours = process_video(clip, height, width)
     expected = reference(videos=[clip.frames], return_tensors="pt", cap_pixels_per_frame=total is not None)
     assert torch.equal(ours["pixel_values_videos"], expected["pixel_values_videos"])
@@ -101,8 +107,9 @@ def test_processing_matches_transformers_bitwise(videos, tiny_qwen_dir, name, fp
 def test_odd_frame_count_repeats_the_last_frame(videos):
     clip = decode_video(videos / "video_003.mp4", fps=1.0)
     padded = DecodedVideo(torch.cat([clip.frames, clip.frames[-1:]]), clip.fps)
-    assert torch.equal(process_video(clip, 56, 112)["pixel_values_videos"],
-                       process_video(padded, 56, 112)["pixel_values_videos"])
+    assert torch.equal(
+        process_video(clip, 56, 112)["pixel_values_videos"], process_video(padded, 56, 112)["pixel_values_videos"]
+    )
 
 
 def test_patching_comes_from_the_checkpoint_config(tiny_qwen_dir, tiny_llava_dir, videos):
@@ -115,7 +122,9 @@ def test_patching_comes_from_the_checkpoint_config(tiny_qwen_dir, tiny_llava_dir
     other = QwenVideoFormat.from_model_config({**config, "vision_config": vision})
     assert other.patching == Patching(patch=7, temporal=2, merge=2)
     clip = decode_video(videos / "video_003.mp4", fps=1.0)
-    (h, w), = other.sizes([(clip.frames.shape[0], *clip.frames.shape[-2:])], VideoOptions(min_pixels=196, max_pixels=56 * 56))
+    ((h, w),) = other.sizes(
+        [(clip.frames.shape[0], *clip.frames.shape[-2:])], VideoOptions(min_pixels=196, max_pixels=56 * 56)
+    )
     assert h % 14 == 0 and w % 14 == 0
     vision_inputs = other.process(clip, (h, w))
     t = -(-clip.frames.shape[0] // 2)
@@ -128,7 +137,10 @@ def test_patching_comes_from_the_checkpoint_config(tiny_qwen_dir, tiny_llava_dir
 
 def test_pixel_budgets_shrink_tokens():
     frames = DecodedVideo(torch.zeros(16, 3, 448, 448, dtype=torch.uint8), 1.0)
-    tokens = lambda **kw: num_video_tokens(16, *resized_sizes([frames], VideoOptions(min_pixels=784, **kw))[0])
+
+    def tokens(**kw):
+        return num_video_tokens(16, *resized_sizes([frames], VideoOptions(min_pixels=784, **kw))[0])
+
     full = tokens(max_pixels=448 * 448)
     assert full == 8 * 16 * 16
     assert tokens(max_pixels=224 * 224) == 8 * 8 * 8
@@ -156,8 +168,10 @@ def test_demo_data_shapes_and_labels(tokenizer, videos):
 def test_sharegpt_and_messages_shapes_give_the_same_item(tokenizer, videos, tmp_path):
     turns = [("user", "<video>\nWhat colour?"), ("assistant", "Red."), ("user", "Again?"), ("assistant", "Red.")]
     messages = {"video": str(videos / "video_000.mp4"), "messages": [{"role": r, "content": c} for r, c in turns]}
-    sharegpt = {"video": "video_000.mp4", "conversations": [
-        {"from": "human" if r == "user" else "gpt", "value": c} for r, c in turns]}
+    sharegpt = {
+        "video": "video_000.mp4",
+        "conversations": [{"from": "human" if r == "user" else "gpt", "value": c} for r, c in turns],
+    }
     a = video_sft_dataset(tokenizer, _jsonl(tmp_path / "a.jsonl", [messages]), 512, **TINY)[0]
     b = video_sft_dataset(tokenizer, _jsonl(tmp_path / "b.jsonl", [sharegpt]), 512, data_root=videos, **TINY)[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -181,11 +195,14 @@ def test_collate_concatenates_vision_and_pads_rows(tokenizer, videos):
 
 
 # ---------------------------------------------------------------- errors and skipping
-@pytest.mark.parametrize("sample, message", [
-    (_sharegpt("video_000.mp4", question="What colour?"), r"bad\.jsonl:2: no <video> placeholders than videos"),
-    (_sharegpt("video_000.mp4", question="<video><video> twice?"), r"bad\.jsonl:2: more <video> placeholders"),
-    ({"video": "video_000.mp4", "conversations": [{"from": "robot", "value": "<video>"}]}, r"bad\.jsonl:2: turn 0"),
-])
+@pytest.mark.parametrize(
+    "sample, message",
+    [
+        (_sharegpt("video_000.mp4", question="What colour?"), r"bad\.jsonl:2: no <video> placeholders than videos"),
+        (_sharegpt("video_000.mp4", question="<video><video> twice?"), r"bad\.jsonl:2: more <video> placeholders"),
+        ({"video": "video_000.mp4", "conversations": [{"from": "robot", "value": "<video>"}]}, r"bad\.jsonl:2: turn 0"),
+    ],
+)
 def test_malformed_samples_are_named(tokenizer, videos, tmp_path, sample, message):
     path = _jsonl(tmp_path / "bad.jsonl", [_sharegpt("video_000.mp4"), sample])
     with pytest.raises(ValueError, match=message):
@@ -210,8 +227,9 @@ def _audio_only(path: Path) -> Path:
 
 def test_undecodable_videos_name_the_file(tmp_path):
     corrupt = tmp_path / "corrupt.mp4"
-    corrupt.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-                        .numpy().tobytes())
+    corrupt.write_bytes(
+        torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)).numpy().tobytes()
+    )
     with pytest.raises(VideoDecodeError, match=r"corrupt\.mp4: cannot decode video"):
         decode_video(corrupt)
     with pytest.raises(VideoDecodeError, match=r"no_frames\.mp4: cannot decode video"):
@@ -224,14 +242,24 @@ def test_bad_items_raise_or_become_skipped_placeholders(tokenizer, videos, tmp_p
     (tmp_path / "corrupt.mp4").write_bytes(b"not a video" * 100)
     _write_video(tmp_path / "long.mp4", frames=20, fps=1)  # 20 s -> 20 frames -> 10 * 6 = 60 video tokens
     _audio_only(tmp_path / "silent.mp4")
-    path = _jsonl(tmp_path / "s.jsonl", [_sharegpt(str(videos / "video_000.mp4")), _sharegpt("corrupt.mp4"),
-                                         _sharegpt("long.mp4"), _sharegpt("silent.mp4")])
+    path = _jsonl(
+        tmp_path / "s.jsonl",
+        [
+            _sharegpt(str(videos / "video_000.mp4")),
+            _sharegpt("corrupt.mp4"),
+            _sharegpt("long.mp4"),
+            _sharegpt("silent.mp4"),
+        ],
+    )
     ds = video_sft_dataset(tokenizer, path, max_seq_len=80, **TINY)
     assert len(ds[0]["input_ids"]) <= 80
     with pytest.raises(BadSampleError, match=r"s\.jsonl:2: .*corrupt\.mp4: cannot decode video"):
         ds[1]
-    with pytest.raises(BadSampleError, match=r"s\.jsonl:3: sample has \d+ tokens \(60 of them video, from .*long\.mp4\)"
-                                             r", more than max_seq_len=80"):
+    with pytest.raises(
+        BadSampleError,
+        match=r"s\.jsonl:3: sample has \d+ tokens \(60 of them video, from .*long\.mp4\)"
+        r", more than max_seq_len=80",
+    ):
         ds[2]
     with pytest.raises(BadSampleError, match=r"s\.jsonl:4: .*silent\.mp4"):
         ds[3]
@@ -253,7 +281,9 @@ def test_tiny_chat_template_renders_video_items_and_text_as_before(tokenizer):
     text = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]
     assert tokenizer.apply_chat_template(text, tokenize=False) == (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
-        "<|im_start|>assistant\nok<|im_end|>\n")
+        "<|im_start|>assistant\nok<|im_end|>\n"
+    )
     listed = [{"role": "user", "content": [{"type": "video", "video": "a.mp4"}, {"type": "text", "text": "What?"}]}]
     assert tokenizer.apply_chat_template(listed, tokenize=False, add_generation_prompt=True).endswith(
-        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n"
+    )

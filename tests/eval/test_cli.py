@@ -26,14 +26,34 @@ def _main(name: str, argv: list[str], monkeypatch) -> int:
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 def test_each_evaluation_writes_results(checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys, request):
-    model = ["--checkpoint", str(request.getfixturevalue(checkpoint)), "--dtype", "fp32", "--device", "cpu",
-             "--max-new-tokens", "2"]
+    model = [
+        "--checkpoint",
+        str(request.getfixturevalue(checkpoint)),
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "2",
+    ]
     needle = write_needle_image(tmp_path / "needle.png")
     root = write_tiny_videomme(tmp_path / "videomme", tiny_videos_dir)
     runs = {
         "niah": ["--lengths", "128", "--depths", "0", "1"],
-        "vniah": ["--haystack-video", str(tiny_videos_dir / "video_004.mp4"), "--needle-image", str(needle),
-                  "--question", "What colour?", "--answer", "red", "--frame-counts", "2", "--depths", "0.5"],
+        "vniah": [
+            "--haystack-video",
+            str(tiny_videos_dir / "video_004.mp4"),
+            "--needle-image",
+            str(needle),
+            "--question",
+            "What colour?",
+            "--answer",
+            "red",
+            "--frame-counts",
+            "2",
+            "--depths",
+            "0.5",
+        ],
         "videomme": ["--root", str(root), "--max-frames", "4", "--subtitles", "with", "--limit", "2"],
     }
     for evaluation, argv in runs.items():
@@ -46,11 +66,25 @@ def test_each_evaluation_writes_results(checkpoint, tiny_videos_dir, tmp_path, m
 
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
-def test_generate_answers_and_bad_checkpoint_is_one_line(checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys,
-                                                          request):
-    argv = ["--checkpoint", str(request.getfixturevalue(checkpoint)), "--dtype", "fp32", "--device", "cpu",
-            "--max-new-tokens", "3", "--image", str(write_needle_image(tmp_path / "needle.png")),
-            "--video", str(tiny_videos_dir / "video_000.mp4"), "--text", "What colour is the square?"]
+def test_generate_answers_and_bad_checkpoint_is_one_line(
+    checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys, request
+):
+    argv = [
+        "--checkpoint",
+        str(request.getfixturevalue(checkpoint)),
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--max-new-tokens",
+        "3",
+        "--image",
+        str(write_needle_image(tmp_path / "needle.png")),
+        "--video",
+        str(tiny_videos_dir / "video_000.mp4"),
+        "--text",
+        "What colour is the square?",
+    ]
     assert _main("generate", argv, monkeypatch) == 0
     assert "prompt tokens]" in capsys.readouterr().err
     argv[1] = str(tmp_path)
@@ -60,8 +94,20 @@ def test_generate_answers_and_bad_checkpoint_is_one_line(checkpoint, tiny_videos
 
 
 def test_missing_needle_image_is_named(tiny_qwen_dir, tiny_videos_dir, tmp_path, monkeypatch, capsys):
-    argv = ["vniah", "--checkpoint", str(tiny_qwen_dir), "--output", str(tmp_path / "out"),
-            "--haystack-video", str(tiny_videos_dir / "video_004.mp4"), "--needle-image", str(tmp_path / "none.png"),
-            "--question", "q", "--answer", "a"]
+    argv = [
+        "vniah",
+        "--checkpoint",
+        str(tiny_qwen_dir),
+        "--output",
+        str(tmp_path / "out"),
+        "--haystack-video",
+        str(tiny_videos_dir / "video_004.mp4"),
+        "--needle-image",
+        str(tmp_path / "none.png"),
+        "--question",
+        "q",
+        "--answer",
+        "a",
+    ]
     assert _main("evaluate", argv, monkeypatch) == 1
     assert "none.png: image not found" in capsys.readouterr().err

@@ -18,11 +18,17 @@ def test_prompt_inputs_equal_the_transformers_processor(tiny_inference, tiny_qwe
     image = (torch.arange(3 * 50 * 70) % 253).to(torch.uint8).view(3, 50, 70)
     ours, answer_length = family.prompt_inputs(Prompt("Which colour?", (image,), video))
     content = [{"type": "image"}, {"type": "video"}, {"type": "text", "text": "Which colour?"}]
-    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
-    theirs = processor(text=[text], images=[image], videos=[video.frames], return_tensors="pt",
-                       cap_pixels_per_frame=False,  # our family caps only with video_total_pixels
-                       video_metadata=[{"fps": video.fps, "total_num_frames": video.frames.shape[0]}])
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
+    theirs = processor(
+        text=[text],
+        images=[image],
+        videos=[video.frames],
+        return_tensors="pt",
+        cap_pixels_per_frame=False,  # our family caps only with video_total_pixels
+        video_metadata=[{"fps": video.fps, "total_num_frames": video.frames.shape[0]}],
+    )
     assert answer_length == 0 and video.frames.shape[0] % 2 == 1
     for key, value in ours.items():
         assert torch.equal(value, theirs[key]), key

@@ -20,11 +20,15 @@ def _processor_output(model_dir, prompt):
     processor = AutoProcessor.from_pretrained(model_dir)
     content = [{"type": "image"} for _ in prompt.images] + [{"type": "video"}] * (prompt.video is not None)
     content.append({"type": "text", "text": prompt.text})
-    text = processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                         add_generation_prompt=True)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
+    )
     videos = None if prompt.video is None else [prompt.video.frames]
-    return dict(processor(text=[text], images=[list(prompt.images)] if prompt.images else None, videos=videos,
-                          return_tensors="pt"))
+    return dict(
+        processor(
+            text=[text], images=[list(prompt.images)] if prompt.images else None, videos=videos, return_tensors="pt"
+        )
+    )
 
 
 def test_prompt_inputs_equal_the_transformers_processor(tiny_llava_inference, tiny_llava_dir, tiny_videos_dir):
@@ -66,8 +70,9 @@ def test_stop_tokens_and_refused_pixel_limits(tiny_llava_inference, tiny_llava_d
         family_for("llava_onevision", loaded.tokenizer, tiny_llava_dir, video_max_pixels=1000)
 
 
-def test_video_normalisation_from_the_checkpoint_and_missing_image_processor_named(tiny_llava_inference,
-                                                                                    tiny_llava_dir, tmp_path):
+def test_video_normalisation_from_the_checkpoint_and_missing_image_processor_named(
+    tiny_llava_inference, tiny_llava_dir, tmp_path
+):
     tokenizer = tiny_llava_inference[0].tokenizer
     for name in ("config.json", "processor_config.json"):
         shutil.copy(tiny_llava_dir / name, tmp_path / name)

@@ -13,7 +13,13 @@ import pytest
 from omnilong.eval.ask import generate_answer, reproduces_answer
 from omnilong.eval.family import Prompt
 from omnilong.eval.niah import (
-    NEEDLE, QUESTION, build_items, default_lengths, read_haystack, run_niah, sentence_boundaries,
+    NEEDLE,
+    QUESTION,
+    build_items,
+    default_lengths,
+    read_haystack,
+    run_niah,
+    sentence_boundaries,
 )
 from omnilong.testing import python_stdlib_sources
 
@@ -28,15 +34,21 @@ def test_needle_at_a_sentence_boundary_at_its_depth(tiny_inference):
     tokenizer = loaded.tokenizer
     haystack = read_haystack(python_stdlib_sources(3), tokenizer, 400)
     items = build_items(tokenizer, family, haystack, [160, 400], [0.0, 0.5, 1.0], seed=0)
-    assert [(i.length, i.depth) for i in items] == [(160, 0.0), (160, 0.5), (160, 1.0), (400, 0.0), (400, 0.5),
-                                                    (400, 1.0)]
+    assert [(i.length, i.depth) for i in items] == [
+        (160, 0.0),
+        (160, 0.5),
+        (160, 1.0),
+        (400, 0.0),
+        (400, 0.5),
+        (400, 1.0),
+    ]
     for length in (160, 400):
         offsets = []
         for item in (i for i in items if i.length == length):
             needle = NEEDLE.format(number=item.number)
             assert item.context.count(needle) == 1 and len(item.number) == 7
             at = item.context.index(needle)
-            before = item.context[:at - 1]  # the needle is joined with one space
+            before = item.context[: at - 1]  # the needle is joined with one space
             assert at == 1 or before.endswith("\n") or before.rstrip(" ").endswith((".", "!", "?"))
             offsets.append(at / (len(item.context) - len(needle) - 2))  # share of the haystack before it
             tokens = family.prompt_inputs(Prompt(item.context + "\n\n" + QUESTION))[0]["input_ids"].shape[1]

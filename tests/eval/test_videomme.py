@@ -30,7 +30,13 @@ def test_official_prompt_with_and_without_subtitles(videomme_root):
     assert without.splitlines() == [
         "Select the best answer to the following multiple-choice question based on the video. Respond with only "
         "the letter (A, B, C, or D) of the correct option.",
-        "What colour is the square?", "A. red", "B. green", "C. blue", "D. yellow", "The best answer is:"]
+        "What colour is the square?",
+        "A. red",
+        "B. green",
+        "C. blue",
+        "D. yellow",
+        "The best answer is:",
+    ]
     with_subs = build_prompt_text(question, ["a square appears"]).splitlines()
     assert with_subs[:2] == ["This video's subtitles are listed below:", "a square appears"]
     assert "based on the video and the subtitles." in with_subs[2]
@@ -47,8 +53,9 @@ def test_run_writes_scores_and_resumes(family_inference, videomme_root, tmp_path
     for setting in ("without_subtitles", "with_subtitles"):
         scores = results[setting]
         assert scores["questions"] == 4 and set(scores["by_duration"]) == {"short", "medium", "long"}
-        assert scores["correct"] == sum(a["extracted"] == a["answer"] for a in answers
-                                        if a["subtitles"] == (setting == "with_subtitles"))
+        assert scores["correct"] == sum(
+            a["extracted"] == a["answer"] for a in answers if a["subtitles"] == (setting == "with_subtitles")
+        )
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
     # A rerun answers only what is missing from answers.jsonl.
@@ -64,12 +71,23 @@ def test_missing_video_stops_before_work_unless_skipped(tiny_inference, videomme
     broken = tmp_path / "root"
     (broken / "videomme").mkdir(parents=True)
     (broken / "data").mkdir()
-    (broken / "videomme" / "q.jsonl").write_text("".join(
-        json.dumps(q) + "\n" for q in read_questions(videomme_root / "videomme" / "test-00000-of-00001.parquet")))
+    (broken / "videomme" / "q.jsonl").write_text(
+        "".join(
+            json.dumps(q) + "\n" for q in read_questions(videomme_root / "videomme" / "test-00000-of-00001.parquet")
+        )
+    )
     (broken / "data" / "tiny000.mp4").write_bytes((videomme_root / "data" / "tiny000.mp4").read_bytes())
     with pytest.raises(FileNotFoundError, match=r"1 videos missing .*tiny001"):
         run_videomme(loaded, family, broken, tmp_path / "out", broken / "videomme" / "q.jsonl")
-    results = run_videomme(loaded, family, broken, tmp_path / "out", broken / "videomme" / "q.jsonl", (False,),
-                           max_new_tokens=1, skip_missing_videos=True)
+    results = run_videomme(
+        loaded,
+        family,
+        broken,
+        tmp_path / "out",
+        broken / "videomme" / "q.jsonl",
+        (False,),
+        max_new_tokens=1,
+        skip_missing_videos=True,
+    )
     assert (results["videos_missing"], results["questions_skipped"]) == (1, 2)
     assert results["without_subtitles"]["questions"] == 2

@@ -21,8 +21,8 @@ def test_needle_takes_a_whole_temporal_patch_at_its_depth():
     for depth, index in ((0.0, 0), (0.3, 2), (0.7, 4), (1.0, 6)):  # 3 pairs: the nearest of 4 boundaries
         video, at = insert_needle(frames, needle, depth, step=2)
         assert at == index and video.shape == (8, 3, 4, 4)
-        assert (video[at:at + 2] == 200).all()  # resized to the frame size, both frames of one patch
-        assert torch.equal(torch.cat([video[:at], video[at + 2:]]), frames)
+        assert (video[at : at + 2] == 200).all()  # resized to the frame size, both frames of one patch
+        assert torch.equal(torch.cat([video[:at], video[at + 2 :]]), frames)
 
 
 def _first_logits(model, family, prompt):
@@ -54,8 +54,18 @@ def test_run_writes_the_frames_depth_grid(family_inference, tiny_videos_dir, tmp
     loaded, family = family_inference
     step = family.frames_per_step
     needle = read_image(write_needle_image(tmp_path / "needle.png"))
-    summary = run_vniah(loaded, family, tmp_path / "out", tiny_videos_dir / "video_004.mp4", needle,
-                        "What colour is the odd frame?", "red", [2, 4], [0.0, 0.5, 1.0], max_new_tokens=2)
+    summary = run_vniah(
+        loaded,
+        family,
+        tmp_path / "out",
+        tiny_videos_dir / "video_004.mp4",
+        needle,
+        "What colour is the odd frame?",
+        "red",
+        [2, 4],
+        [0.0, 0.5, 1.0],
+        max_new_tokens=2,
+    )
     records = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
     # The needle at the step boundary nearest its depth (Qwen2.5-VL: a pair boundary, 0.5 of one pair -> 0).
     middle = {2: 0, 1: 1}[step]

@@ -27,9 +27,14 @@ def _uncached_logits(model, inputs, tokens):
     start = int(positions.max()) + 1
     extra = (start + torch.arange(len(tokens))).expand(*positions.shape[:-1], -1)  # [3, 1, n] or [1, n]
     with torch.no_grad():
-        logits = model(**{**inputs, "input_ids": torch.cat([inputs["input_ids"], torch.tensor([tokens])], 1),
-                          "position_ids": torch.cat([positions, extra], -1)})
-    return logits[0, inputs["input_ids"].shape[1] - 1:].float()
+        logits = model(
+            **{
+                **inputs,
+                "input_ids": torch.cat([inputs["input_ids"], torch.tensor([tokens])], 1),
+                "position_ids": torch.cat([positions, extra], -1),
+            }
+        )
+    return logits[0, inputs["input_ids"].shape[1] - 1 :].float()
 
 
 FAMILIES = {"qwen2_5_vl": "tiny_qwen_dir", "llava_onevision": "tiny_llava_dir"}  # model_type: checkpoint fixture
@@ -91,8 +96,9 @@ def _generate_on_ranks(rank, world_size, model_dir, videos_dir, model_type):
         assert world_size == 1 or isinstance(next(loaded.model.layers[0].parameters()), DTensor)
         results.append((generation.tokens, torch.stack(logits).tolist()))  # plain lists cross processes
     family = family_for(model_type, loaded.tokenizer, model_dir)
-    steps_per_video = int(inputs["video_grid_thw"][0, 0] if "video_grid_thw" in inputs
-                          else inputs["video_num_frames"][0])  # frame pairs / frames
+    steps_per_video = int(
+        inputs["video_grid_thw"][0, 0] if "video_grid_thw" in inputs else inputs["video_num_frames"][0]
+    )  # frame pairs / frames
     with family.frame_feature_cache(loaded.model) as cache:
         for _ in range(2):
             cache.expect([("video", j) for j in range(steps_per_video)])

@@ -63,10 +63,10 @@ def _assert_close(actual, expected, tol: float = TOL):
 def test_matches_full_logits(shape, chunk_size, reduction):
     # 26 tokens - 8 ignored = 18 trainable: chunk sizes 4 (does not divide 18), 3, 1, auto.
     hidden, weight, labels = _inputs(shape)
-    got = _loss_and_grads(ChunkedLinearCrossEntropy(chunk_size, reduction=reduction),
-                          hidden, weight, labels, grad_scale=2.5)
-    want = _loss_and_grads(FullLogitsCrossEntropy(reduction=reduction),
-                           hidden, weight, labels, grad_scale=2.5)
+    got = _loss_and_grads(
+        ChunkedLinearCrossEntropy(chunk_size, reduction=reduction), hidden, weight, labels, grad_scale=2.5
+    )
+    want = _loss_and_grads(FullLogitsCrossEntropy(reduction=reduction), hidden, weight, labels, grad_scale=2.5)
     _assert_close(got, want)
 
 
@@ -82,7 +82,8 @@ def test_no_trainable_token_gives_zero_loss_and_grads(reduction):
     hidden, weight, labels = _inputs((10,))
     labels.fill_(IGNORE)
     loss, grad_hidden, grad_weight = _loss_and_grads(
-        ChunkedLinearCrossEntropy(3, reduction=reduction), hidden, weight, labels)
+        ChunkedLinearCrossEntropy(3, reduction=reduction), hidden, weight, labels
+    )
     assert loss.item() == 0.0
     assert grad_hidden.abs().max().item() == 0.0 and grad_weight.abs().max().item() == 0.0
 
@@ -95,8 +96,9 @@ def test_z_loss_matches_formula():
         logits = hidden @ weight.t()
         mask = labels != IGNORE
         lse = torch.logsumexp(logits[mask], dim=-1)
-        return (F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
-                + z * lse.square().sum()) / mask.sum()
+        return (
+            F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum") + z * lse.square().sum()
+        ) / mask.sum()
 
     got = _loss_and_grads(ChunkedLinearCrossEntropy(4, z_loss=z), hidden, weight, labels)
     _assert_close(got, _loss_and_grads(oracle, hidden, weight, labels))
@@ -117,8 +119,7 @@ def test_tied_embedding_gradients_add_up():
 
 def test_bf16_inputs():
     hidden, weight, labels = _inputs((2, 13), dtype=torch.bfloat16)
-    loss, grad_hidden, grad_weight = _loss_and_grads(ChunkedLinearCrossEntropy(4),
-                                                     hidden, weight, labels)
+    loss, grad_hidden, grad_weight = _loss_and_grads(ChunkedLinearCrossEntropy(4), hidden, weight, labels)
     hidden32 = hidden.detach().float().requires_grad_()
     weight32 = weight.detach().float().requires_grad_()
     want = _loss_and_grads(FullLogitsCrossEntropy(), hidden32, weight32, labels)
@@ -197,7 +198,8 @@ def _fsdp_worker(rank: int, world_size: int) -> dict:
         ChunkedLinearCrossEntropy(chunk_size=4)(hidden, weight, labels).backward()
         errors[name] = max(
             (p.grad.full_tensor() - ref.grad).abs().max().item()
-            for p, ref in zip(model.parameters(), reference.parameters()))
+            for p, ref in zip(model.parameters(), reference.parameters())
+        )
     return errors
 
 

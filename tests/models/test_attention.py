@@ -15,13 +15,13 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from omnilong.generation.kv_cache import CachedAttention, KVCache
 from omnilong.models import attention as entry
+from omnilong.models import varlen_attention
 from omnilong.models.attention import CausalAttention, attention, document_segments, row_segments
 from omnilong.models.blocks import DecoderLayer, FeedForward, GroupedQueryAttention
 from omnilong.models.llava_onevision.vision import SiglipAttention
 from omnilong.models.qwen2_5_vl import qwen2_5_vl
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLTextArgs
 from omnilong.models.qwen2_5_vl.vision import VisionAttention, VisionBlock
-from omnilong.models import varlen_attention
 from omnilong.models.varlen_attention import AttentionKernel, VarlenSegments, pack_tokens, unpack_tokens
 from omnilong.parallel import plan_ring, ring_backward, ring_forward, run_local_ring
 
@@ -40,8 +40,15 @@ def _qkv(hq: int, hkv: int, seq_len: int = 24, head_dim: int = 8, seed: int = 0)
 
 def test_document_segments_are_the_runs_of_every_row():
     segments = document_segments(DOCUMENTS)
-    assert segments.bounds == ((0, 5, 0, 5), (5, 14, 5, 14), (14, 15, 14, 15), (15, 24, 15, 24),
-                               (24, 40, 24, 40), (40, 45, 40, 45), (45, 48, 45, 48))
+    assert segments.bounds == (
+        (0, 5, 0, 5),
+        (5, 14, 5, 14),
+        (14, 15, 14, 15),
+        (15, 24, 15, 24),
+        (24, 40, 24, 40),
+        (40, 45, 40, 45),
+        (45, 48, 45, 48),
+    )
     assert segments.cu_q.dtype == torch.int32 and segments.cu_q.tolist() == [0, 5, 14, 15, 24, 40, 45, 48]
     assert (segments.max_q, segments.causal) == (16, True)
 
@@ -90,8 +97,9 @@ def test_kernels_match_masked_attention(masked_attention, kernel):
 
 
 def _tiny_text_model() -> torch.nn.Module:
-    args = Qwen2_5_VLTextArgs(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48,
-                              mrope_section=[1, 1, 2])
+    args = Qwen2_5_VLTextArgs(
+        vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, hidden_dim=48, mrope_section=[1, 1, 2]
+    )
     torch.manual_seed(0)
     return qwen2_5_vl(args)
 
@@ -113,8 +121,10 @@ def test_the_model_plans_attention_once_per_batch():
         received.append(plan)
         return real_forward(self, q, k, v, plan)
 
-    with mock.patch.object(CausalAttention, "plan", counting_plan), \
-            mock.patch.object(CausalAttention, "forward", recording_forward):
+    with (
+        mock.patch.object(CausalAttention, "plan", counting_plan),
+        mock.patch.object(CausalAttention, "forward", recording_forward),
+    ):
         model(torch.randint(0, 64, (2, 24)), document_ids=DOCUMENTS).sum().backward()
     assert len(plans) == 1 and plans[0] is not None
     assert len(received) == 6 and all(plan is plans[0] for plan in received)
@@ -185,7 +195,8 @@ def test_vision_segments_match_masked_attention():
     segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
     mask = segment[:, None] == segment[None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(
-        *(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask).transpose(0, 1)
+        *(x.transpose(0, 1) for x in (q, k, v)), attn_mask=mask
+    ).transpose(0, 1)
     got = attention(q, k, v, _vision_segments(lengths, q.device))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
@@ -207,8 +218,9 @@ def _every_attention_site() -> dict[str, list[torch.Tensor]]:
 
     def rank_fn(ring):
         g = torch.Generator().manual_seed(ring.rank)
-        steps = plan_ring(ring.rank, 2, [[[0, 0, 1, 1, 1, 2, 2, 2]], [[3, 3, 3, 3, 2, 2, 1, 1]]], 1, 8,
-                          torch.device("cpu"))
+        steps = plan_ring(
+            ring.rank, 2, [[[0, 0, 1, 1, 1, 2, 2, 2]], [[3, 3, 3, 3, 2, 2, 1, 1]]], 1, 8, torch.device("cpu")
+        )
         q, k, v = (torch.randn(8, h, 8, generator=g) for h in (4, 2, 2))
         out, lse = ring_forward(q, k, v, steps, ring)
         return out, ring_backward(torch.ones_like(out), q, k, v, out, lse, steps, ring)[2]
@@ -220,8 +232,13 @@ def _every_attention_site() -> dict[str, list[torch.Tensor]]:
     core(q[:1], k[:1], v[:1], core.plan(torch.zeros(1, 24, dtype=torch.long), None))  # prefill
     cache.decoding = True
     decoded = core(q[1:, :, :1], k[1:, :, :1], v[1:, :, :1], core.plan(torch.zeros(1, 1, dtype=torch.long), None))
-    return {"decoder": [layer_out, x.grad], "qwen2_5_vl vision": [vision_out, xv.grad], "siglip": [siglip_out, xs.grad],
-            "ring": [t for rank in ring for t in rank], "decode": [decoded]}
+    return {
+        "decoder": [layer_out, x.grad],
+        "qwen2_5_vl vision": [vision_out, xv.grad],
+        "siglip": [siglip_out, xs.grad],
+        "ring": [t for rank in ring for t in rank],
+        "decode": [decoded],
+    }
 
 
 def test_every_attention_goes_through_the_one_kernel_choice(monkeypatch):

@@ -15,8 +15,9 @@ def test_each_tiny_checkpoint_builds_its_family(tiny_qwen_dir, tiny_llava_dir):
 
 
 def test_unknown_model_type_names_the_supported_ones():
-    with pytest.raises(ValueError, match="model_type 'llava_next' is not supported; supported: qwen2_5_vl, "
-                                         "llava_onevision"):
+    with pytest.raises(
+        ValueError, match="model_type 'llava_next' is not supported; supported: qwen2_5_vl, llava_onevision"
+    ):
         model_family({"model_type": "llava_next"})
 
 

@@ -47,9 +47,15 @@ def test_text_only_model_reports_the_vision_weights_it_leaves_out(tiny_qwen_dir,
 
 def test_transformers_v5_in_memory_key_layout_loads(tiny_qwen_dir, tmp_path):
     path = _copy(tiny_qwen_dir, tmp_path / "v5")
-    _rewrite_weights(path, lambda w: w.update(
-        {k.replace("model.", "model.language_model.", 1): w.pop(k) for k in [k for k in w if k.startswith("model.")]}
-    ))
+    _rewrite_weights(
+        path,
+        lambda w: w.update(
+            {
+                k.replace("model.", "model.language_model.", 1): w.pop(k)
+                for k in [k for k in w if k.startswith("model.")]
+            }
+        ),
+    )
     reference = load_hf_model(tiny_qwen_dir)
     reloaded = load_hf_model(path)
     for (name, a), (_, b) in zip(reference.state_dict().items(), reloaded.state_dict().items()):
@@ -93,8 +99,10 @@ def test_sharded_checkpoint_with_index_loads(tiny_qwen_dir, tmp_path):
     weights = load_file(path / "model.safetensors")
     (path / "model.safetensors").unlink()
     keys = sorted(weights)
-    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    shards = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, shard_keys in shards.items():
         save_file({k: weights[k] for k in shard_keys}, path / name, metadata={"format": "pt"})
     weight_map = {k: name for name, shard_keys in shards.items() for k in shard_keys}

@@ -89,10 +89,22 @@ def test_each_unpack_fetches_the_next_needed_tensor_ahead():
             h = torch.sin(h)
     mover.log.clear()
     h.sum().backward()
-    assert mover.log == [("unpack", 3), ("to_device", 3), ("to_device", 2), ("unpack", 2), ("to_device", 1),
-                         ("unpack", 1), ("to_device", 0), ("unpack", 0)]
-    expected = torch.cos(x) * torch.cos(torch.sin(x)) * torch.cos(torch.sin(torch.sin(x))) \
+    assert mover.log == [
+        ("unpack", 3),
+        ("to_device", 3),
+        ("to_device", 2),
+        ("unpack", 2),
+        ("to_device", 1),
+        ("unpack", 1),
+        ("to_device", 0),
+        ("unpack", 0),
+    ]
+    expected = (
+        torch.cos(x)
+        * torch.cos(torch.sin(x))
+        * torch.cos(torch.sin(torch.sin(x)))
         * torch.cos(torch.sin(torch.sin(torch.sin(x))))
+    )
     assert torch.allclose(x.grad, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -106,13 +118,16 @@ def _fsdp_steps(rank, world_size):
     mesh = build_mesh(ParallelDims.resolve(world_size), "cpu")
     tokens = torch.randint(0, 64, (1, 48), generator=torch.Generator().manual_seed(rank))
     results = []
-    for context in (contextlib.nullcontext(),
-                    SavedTensorOffload(torch.device("cpu"), LoggingHostMover(), min_bytes=48 * 32 * 4)):
+    for context in (
+        contextlib.nullcontext(),
+        SavedTensorOffload(torch.device("cpu"), LoggingHostMover(), min_bytes=48 * 32 * 4),
+    ):
         model = _model()
         apply_fsdp(model, mesh)
         loss, grads = _step(model, tokens, context)
-        results.append((loss.item(), {n: g.full_tensor().numpy() for n, g in grads.items()},
-                        getattr(context, "offloaded", 0)))
+        results.append(
+            (loss.item(), {n: g.full_tensor().numpy() for n, g in grads.items()}, getattr(context, "offloaded", 0))
+        )
     return results
 
 

@@ -30,9 +30,15 @@ def _multimodal_batch(model: Qwen2_5_VL, seq_len: int = 61) -> dict[str, torch.T
     patch_dim = model.visual.args.patch_dim
     image_grid, video_grid = torch.tensor([[1, 4, 4]]), torch.tensor([[3, 4, 6]])
     text = lambda n: torch.randint(0, 200, (n,), generator=g)  # noqa: E731
-    ids = torch.cat([text(5), torch.tensor([args.vision_start_token_id] + [args.image_token_id] * 4),
-                     text(7), torch.tensor([args.vision_start_token_id] + [args.video_token_id] * 18),
-                     text(seq_len - 5 - 5 - 7 - 19)])[None]
+    ids = torch.cat(
+        [
+            text(5),
+            torch.tensor([args.vision_start_token_id] + [args.image_token_id] * 4),
+            text(7),
+            torch.tensor([args.vision_start_token_id] + [args.video_token_id] * 18),
+            text(seq_len - 5 - 5 - 7 - 19),
+        ]
+    )[None]
     batch = {
         "input_ids": ids,
         "labels": torch.randint(0, args.vocab_size, ids.shape, generator=g),
@@ -133,8 +139,14 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_qwen_
 
     from omnilong.data import collate_padded, load_tokenizer, video_sft_dataset
 
-    packed = video_sft_dataset(load_tokenizer(tiny_qwen_dir), tiny_videos_dir / "train.jsonl", max_seq_len=300,
-                               video_min_pixels=3136, video_max_pixels=12544, packed=True)
+    packed = video_sft_dataset(
+        load_tokenizer(tiny_qwen_dir),
+        tiny_videos_dir / "train.jsonl",
+        max_seq_len=300,
+        video_min_pixels=3136,
+        video_max_pixels=12544,
+        packed=True,
+    )
     assert len(packed.rows[0]) > 1
     batch = load_hf_model(tiny_qwen_dir).with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
     batch.pop("skipped")

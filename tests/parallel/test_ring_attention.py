@@ -14,8 +14,6 @@ The ring runs two ways with the same code: as virtual ranks in one process
 attention's varlen op) and as real gloo processes through :class:`RingAttention`.
 """
 
-from typing import Union
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -141,7 +139,7 @@ def test_local_ring_on_cuda_matches_masked_attention(masked_attention, cp, name)
     assert max(errors.values()) <= _tolerance(torch.bfloat16), errors
 
 
-def _distributed_errors(masked_attention, cp_group: Union[dist.ProcessGroup, DeviceMesh], case: tuple) -> dict[str, float]:
+def _distributed_errors(masked_attention, cp_group: dist.ProcessGroup | DeviceMesh, case: tuple) -> dict[str, float]:
     """One case through :class:`RingAttention` (plan + autograd) on this gloo rank."""
     group = cp_group.get_group() if isinstance(cp_group, DeviceMesh) else cp_group
     rank, cp = dist.get_rank(group), dist.get_world_size(group)
@@ -152,7 +150,7 @@ def _distributed_errors(masked_attention, cp_group: Union[dist.ProcessGroup, Dev
     attention = RingAttention(cp_group)
     out = attention(*local, attention.plan(local[0][:, 0, :, 0], local_docs))
     out.backward(_shard(dout, rank, cp))
-    got = [gather_sequence(x.detach(), group, dim=2)[:, :, :q.shape[2]] for x in (out, *(x.grad for x in local))]
+    got = [gather_sequence(x.detach(), group, dim=2)[:, :, : q.shape[2]] for x in (out, *(x.grad for x in local))]
     return _errors(got, expected, case[-1])
 
 
@@ -161,7 +159,9 @@ def _run_cases(rank: int, world_size: int, masked_attention) -> dict[str, dict[s
     errors = {name: _distributed_errors(masked_attention, dist.group.WORLD, CASES[name]) for name in names}
     if world_size == 4:
         mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "cp"))
-        errors["documents_on_cp_submesh"] = _distributed_errors(masked_attention, mesh["cp"], CASES["padding_documents"])
+        errors["documents_on_cp_submesh"] = _distributed_errors(
+            masked_attention, mesh["cp"], CASES["padding_documents"]
+        )
     return errors
 
 

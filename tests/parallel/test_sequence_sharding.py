@@ -37,6 +37,7 @@ def test_layouts_partition_the_sequence(cp):
 @pytest.mark.parametrize("cp", [2, 4, 8])
 def test_zigzag_gives_every_rank_the_same_causal_work(cp):
     """A query at position p attends p + 1 keys; contiguous pieces are unbalanced."""
+
     def work(layout):
         return [int((layout(16 * cp, r, cp) + 1).sum()) for r in range(cp)]
 
@@ -90,14 +91,14 @@ def test_pad_batch_leaves_divisible_lengths_alone():
 
 
 def test_shard_batch_shards_sequence_keys_only():
-    batch = pad_batch({"input_ids": torch.arange(6)[None], "labels": torch.arange(6)[None],
-                       "pixel_values": torch.ones(2, 3)}, cp=2)
+    batch = pad_batch(
+        {"input_ids": torch.arange(6)[None], "labels": torch.arange(6)[None], "pixel_values": torch.ones(2, 3)}, cp=2
+    )
     shard = shard_batch(batch, rank=1, cp=2)
     assert shard["input_ids"].tolist() == [[2, 3, 4, 5]]
     assert shard["labels"].tolist() == [[2, 3, 4, 5]]
     assert shard["pixel_values"] is batch["pixel_values"]
-    assert shard_batch(batch, rank=0, cp=2)["labels"].tolist() == [[0, 1, IGNORE_INDEX,
-                                                                     IGNORE_INDEX]]
+    assert shard_batch(batch, rank=0, cp=2)["labels"].tolist() == [[0, 1, IGNORE_INDEX, IGNORE_INDEX]]
 
 
 def test_pad_to_shardable_pads_any_dim():

@@ -19,9 +19,16 @@ STAGE3 = str(REPO / "configs/tiny/llava_ov_stage3_video_sft.yaml")
 
 
 def _run(tiny_llava_dir, tiny_videos_dir, output_dir, **extra):
-    return {"checkpoint_dir": tiny_llava_dir, "output_dir": output_dir, "max_steps": 2, "shuffle": "false",
-            "gradient_accumulation_steps": 1, "dataset.data_files": f"[{tiny_videos_dir / 'train.jsonl'}]",
-            "save_every_n_steps": 1, **extra}
+    return {
+        "checkpoint_dir": tiny_llava_dir,
+        "output_dir": output_dir,
+        "max_steps": 2,
+        "shuffle": "false",
+        "gradient_accumulation_steps": 1,
+        "dataset.data_files": f"[{tiny_videos_dir / 'train.jsonl'}]",
+        "save_every_n_steps": 1,
+        **extra,
+    }
 
 
 def test_video_sft_with_context_parallel_reproduces_single_process(tiny_llava_dir, tiny_videos_dir, tmp_path):
@@ -29,8 +36,9 @@ def test_video_sft_with_context_parallel_reproduces_single_process(tiny_llava_di
     the per-step losses and gradient norms of one process within 1e-4."""
     one = tune_run(STAGE3, _run(tiny_llava_dir, tiny_videos_dir, tmp_path / "one", save_every_n_steps="null"))
     assert one.returncode == 0, one.stderr[-3000:]
-    cp = tune_run(STAGE3, _run(tiny_llava_dir, tiny_videos_dir, tmp_path / "cp", save_every_n_steps="null",
-                               cp_degree=2), nproc=2)
+    cp = tune_run(
+        STAGE3, _run(tiny_llava_dir, tiny_videos_dir, tmp_path / "cp", save_every_n_steps="null", cp_degree=2), nproc=2
+    )
     assert cp.returncode == 0, cp.stderr[-3000:]
     assert_same_losses(tmp_path / "one", tmp_path / "cp")
     assert all(m["num_tokens"] > 0 for m in metrics(tmp_path / "one"))
@@ -47,8 +55,9 @@ def test_frozen_tower_trained_projector_resume_and_export(tiny_llava_dir, tiny_v
     from tests.models.llava_onevision.inputs import processor_inputs, random_video
 
     out = tmp_path / "run"
-    overrides = _run(tiny_llava_dir, tiny_videos_dir, out, freeze_vision="true", freeze_projector="false",
-                     save_hf_at_end="true")
+    overrides = _run(
+        tiny_llava_dir, tiny_videos_dir, out, freeze_vision="true", freeze_projector="false", save_hf_at_end="true"
+    )
     first = tune_run(STAGE3, overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     keys = read_checkpoint_metadata(out / "checkpoints/step_2").state_dict_metadata
@@ -66,12 +75,14 @@ def test_frozen_tower_trained_projector_resume_and_export(tiny_llava_dir, tiny_v
     again = load_model_tensors(out / "checkpoints/step_2")
     assert all(torch.equal(again[k], weights[k]) for k in weights)
 
-    hf, info = LlavaOnevisionForConditionalGeneration.from_pretrained(out / "hf", dtype=torch.float32,
-                                                                      output_loading_info=True)
+    hf, info = LlavaOnevisionForConditionalGeneration.from_pretrained(
+        out / "hf", dtype=torch.float32, output_loading_info=True
+    )
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     native = load_hf_model(out / "hf").eval()
     assert torch.equal(native.projector.w1.weight, weights["projector.w1.weight"])
-    inputs = processor_inputs(out / "hf", [{"type": "video"}, {"type": "text", "text": "hi"}],
-                              videos=[random_video(2, 42, 42, seed=0)])
+    inputs = processor_inputs(
+        out / "hf", [{"type": "video"}, {"type": "text", "text": "hi"}], videos=[random_video(2, 42, 42, seed=0)]
+    )
     with torch.no_grad():
         torch.testing.assert_close(native(**inputs), hf.eval()(**inputs).logits, atol=1e-5, rtol=0)

@@ -17,9 +17,17 @@ from tests.recipe_runs import SMALL_STAGE1, STAGE1, metrics, tune_run
 def test_activation_offload_and_mlp_chunks_train_like_the_plain_run(tiny_qwen_dir, shared_run, tmp_path):
     """The plain run is shared with other tests."""
     small = {"checkpoint_dir": tiny_qwen_dir, **SMALL_STAGE1}
-    switched = tune_run(STAGE1, {**small, "output_dir": tmp_path / "switched", "activation_offload": "true",
-                                 "mlp_chunk_size": 48, "save_hf_at_end": "false",  # 128 tokens: chunks of 48, 48, 32
-                                 "cpu_threads_per_rank": 1})
+    switched = tune_run(
+        STAGE1,
+        {
+            **small,
+            "output_dir": tmp_path / "switched",
+            "activation_offload": "true",
+            "mlp_chunk_size": 48,
+            "save_hf_at_end": "false",  # 128 tokens: chunks of 48, 48, 32
+            "cpu_threads_per_rank": 1,
+        },
+    )
     assert switched.returncode == 0, switched.stderr[-3000:]
     assert "CPU threads per rank: 1 (cpu_threads_per_rank)" in switched.stderr
     plain = shared_run(STAGE1, small)

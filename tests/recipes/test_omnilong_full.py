@@ -15,7 +15,16 @@ import pytest
 from omegaconf import OmegaConf
 
 from tests.recipe_runs import (
-    REPO, SMALL_STAGE1, STAGE1, STAGE2, STAGE3, TUNE, assert_same_losses, metrics, refused_in_process, tune_run,
+    REPO,
+    SMALL_STAGE1,
+    STAGE1,
+    STAGE2,
+    STAGE3,
+    TUNE,
+    assert_same_losses,
+    metrics,
+    refused_in_process,
+    tune_run,
 )
 
 pytestmark = pytest.mark.slow
@@ -30,16 +39,21 @@ def _small(tiny_qwen_dir, output_dir=None, **extra):
 def _with_data_files(overrides, component, data):
     """Overrides that swap the config's stdlib dataset for ``component`` over ``data``."""
     overrides = {k: v for k, v in overrides.items() if k != "dataset.max_files"}
-    return {**overrides, "dataset._component_": component, "~dataset.max_files": None,
-            "dataset.data_files": f"[{data}]"}
+    return {
+        **overrides,
+        "dataset._component_": component,
+        "~dataset.max_files": None,
+        "dataset.data_files": f"[{data}]",
+    }
 
 
 def test_two_processes_with_fsdp_cpu_offload_match_one_process_with_accumulation(tiny_qwen_dir, shared_run, tmp_path):
     """Same data, seed and global batch (2 rows per step): per-step losses within 1e-4 relative.
     The one-process run (the config's 2 accumulation steps) is shared with other tests."""
     one = shared_run(STAGE1, _small(tiny_qwen_dir))
-    two = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "two", gradient_accumulation_steps=1,
-                                  fsdp_cpu_offload="true"), nproc=2)
+    two = tune_run(
+        STAGE1, _small(tiny_qwen_dir, tmp_path / "two", gradient_accumulation_steps=1, fsdp_cpu_offload="true"), nproc=2
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_losses(one, tmp_path / "two")
     m1, m2 = metrics(one), metrics(tmp_path / "two")
@@ -62,8 +76,14 @@ def test_samples_without_trainable_tokens_contribute_nothing(tiny_qwen_dir, tmp_
     normal = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in [user_only, normal, user_only, user_only]))
-    overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 2, "batch_size": 1,
-                 "shuffle": "false", "dataset.packed": "false"}
+    overrides = {
+        "checkpoint_dir": tiny_qwen_dir,
+        "output_dir": tmp_path / "out",
+        "max_steps": 2,
+        "batch_size": 1,
+        "shuffle": "false",
+        "dataset.packed": "false",
+    }
     result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(tmp_path / "out")
@@ -85,21 +105,27 @@ def _assert_refused_before_compute(result, message, output_dir=None):
 def test_bad_config_stops_tune_run_with_one_line(tiny_qwen_dir, tmp_path):
     """The same refusal through ``tune run``: exit status 1, one line, no traceback, nothing built."""
     result = tune_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), "max_seq_length": 64})
-    _assert_refused_before_compute(result, "unknown key 'max_seq_length' (did you mean 'max_seq_len'?)",
-                                   tmp_path / "out")
+    _assert_refused_before_compute(
+        result, "unknown key 'max_seq_length' (did you mean 'max_seq_len'?)", tmp_path / "out"
+    )
 
 
 def test_unwritable_output_dir_or_checkpoints_folder_fails_before_any_compute(tiny_qwen_dir, tmp_path):
     """Tests run as root, who may write anywhere: a path under a regular file is unwritable for all."""
     (tmp_path / "file").write_text("a regular file")
     out = tmp_path / "file" / "out"
-    _assert_refused_before_compute(tune_run(STAGE1, _small(tiny_qwen_dir, out)),
-                                   f"output_dir {out} is not writable (Not a directory")
+    _assert_refused_before_compute(
+        tune_run(STAGE1, _small(tiny_qwen_dir, out)), f"output_dir {out} is not writable (Not a directory"
+    )
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoints").write_text("not a folder")
     result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", save_every_n_steps=1))
-    _assert_refused_before_compute(result, f"output_dir: checkpoints cannot be written to {tmp_path / 'out/checkpoints'} "
-                                   "(" + str(tmp_path / "out/checkpoints") + " is not a directory)", tmp_path / "out")
+    _assert_refused_before_compute(
+        result,
+        f"output_dir: checkpoints cannot be written to {tmp_path / 'out/checkpoints'} "
+        "(" + str(tmp_path / "out/checkpoints") + " is not a directory)",
+        tmp_path / "out",
+    )
 
 
 def test_malformed_jsonl_is_named_on_every_rank_without_a_hang(tiny_qwen_dir, tmp_path):
@@ -114,9 +140,17 @@ def test_malformed_jsonl_is_named_on_every_rank_without_a_hang(tiny_qwen_dir, tm
 def test_ctrl_c_stops_every_rank_cleanly(tiny_qwen_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [TUNE, "run", "--nproc_per_node", "2", "omnilong_full", "--config", STAGE1] + [
-        f"{k}={v}" for k, v in _small(tiny_qwen_dir, out, max_steps=100000).items()]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        f"{k}={v}" for k, v in _small(tiny_qwen_dir, out, max_steps=100000).items()
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 2):
         assert time.time() < deadline and proc.poll() is None, "training did not start"
@@ -136,20 +170,28 @@ def test_chunked_loss_trains_like_the_full_logits_loss(tiny_qwen_dir, shared_run
     full_logits = {"loss._component_": "omnilong.loss.FullLogitsCrossEntropy"}
     full = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "full", **full_logits))
     assert full.returncode == 0, full.stderr[-3000:]
-    runs = {name: [(m["loss"], m["grad_norm"]) for m in metrics(output_dir)] for name, output_dir in
-            (("ChunkedLinearCrossEntropy", shared_run(STAGE1, _small(tiny_qwen_dir))),
-             ("FullLogitsCrossEntropy", tmp_path / "full"))}
+    runs = {
+        name: [(m["loss"], m["grad_norm"]) for m in metrics(output_dir)]
+        for name, output_dir in (
+            ("ChunkedLinearCrossEntropy", shared_run(STAGE1, _small(tiny_qwen_dir))),
+            ("FullLogitsCrossEntropy", tmp_path / "full"),
+        )
+    }
     for a, b in zip(runs["ChunkedLinearCrossEntropy"], runs["FullLogitsCrossEntropy"], strict=True):
         assert abs(a[0] - b[0]) <= 1e-5 * abs(b[0]) and abs(a[1] - b[1]) <= 1e-5 * abs(b[1]), (a, b)
 
 
-@pytest.mark.parametrize("nproc, degrees, accumulation", [
-    (2, {"cp_degree": 2}, 1),
-    (4, {"dp_shard_degree": 2, "cp_degree": 2}, 2),
-    (4, {"dp_replicate_degree": 2, "cp_degree": 2}, 2),  # HSDP: replicated over 2, sharded over cp
-])
-def test_context_parallel_reproduces_single_process_losses(tiny_qwen_dir, shared_run, tmp_path, nproc, degrees,
-                                                            accumulation):
+@pytest.mark.parametrize(
+    "nproc, degrees, accumulation",
+    [
+        (2, {"cp_degree": 2}, 1),
+        (4, {"dp_shard_degree": 2, "cp_degree": 2}, 2),
+        (4, {"dp_replicate_degree": 2, "cp_degree": 2}, 2),  # HSDP: replicated over 2, sharded over cp
+    ],
+)
+def test_context_parallel_reproduces_single_process_losses(
+    tiny_qwen_dir, shared_run, tmp_path, nproc, degrees, accumulation
+):
     """Same data, seed and global batch; max_seq_len 250 is not a multiple of 2 * cp (padding).
     Oracle: one process with the same rows per step (shared by the layouts with the same
     accumulation); losses and gradient norms within 1e-4."""
@@ -161,8 +203,9 @@ def test_context_parallel_reproduces_single_process_losses(tiny_qwen_dir, shared
 
 
 def test_degrees_that_do_not_match_the_world_size_fail_before_compute(tiny_qwen_dir, tmp_path):
-    result = tune_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), "dp_shard_degree": 2, "cp_degree": 2},
-                      nproc=2, timeout=120)
+    result = tune_run(
+        STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), "dp_shard_degree": 2, "cp_degree": 2}, nproc=2, timeout=120
+    )
     assert result.returncode != 0
     assert "dp_replicate_degree * dp_shard_degree * cp_degree = 1 * 2 * 2 must equal the world size 2" in result.stderr
     assert not (tmp_path / "out" / "metrics.jsonl").exists()
@@ -171,25 +214,36 @@ def test_degrees_that_do_not_match_the_world_size_fail_before_compute(tiny_qwen_
 def _video_run(tiny_qwen_dir, tiny_videos_dir, output_dir=None, data=None, **extra):
     """2 steps of the tiny videos; without ``output_dir`` for :func:`shared_run`."""
     placed = {} if output_dir is None else {"output_dir": output_dir}
-    return {"checkpoint_dir": tiny_qwen_dir, **placed, "max_steps": 2, "shuffle": "false",
-            "gradient_accumulation_steps": 1, "dataset.data_files": f"[{data or tiny_videos_dir / 'train.jsonl'}]",
-            **extra}
+    return {
+        "checkpoint_dir": tiny_qwen_dir,
+        **placed,
+        "max_steps": 2,
+        "shuffle": "false",
+        "gradient_accumulation_steps": 1,
+        "dataset.data_files": f"[{data or tiny_videos_dir / 'train.jsonl'}]",
+        **extra,
+    }
 
 
 def _video_one_process(shared_run, tiny_qwen_dir, tiny_videos_dir, freeze_vision):
     """The one-process video run (shared), with a checkpoint after each step."""
-    return shared_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, freeze_vision=freeze_vision,
-                                         save_every_n_steps=1))
+    return shared_run(
+        STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, freeze_vision=freeze_vision, save_every_n_steps=1)
+    )
 
 
 @pytest.mark.parametrize("freeze_vision", ["false", "true"])
-def test_video_sft_with_context_parallel_reproduces_single_process(tiny_qwen_dir, tiny_videos_dir, shared_run,
-                                                                   tmp_path, freeze_vision):
+def test_video_sft_with_context_parallel_reproduces_single_process(
+    tiny_qwen_dir, tiny_videos_dir, shared_run, tmp_path, freeze_vision
+):
     """Stage 3 with a trained or a frozen vision tower: cp_degree=2 (frames split over the ranks,
     ring attention) gives the per-step losses and gradient norms of one process within 1e-4."""
     one = _video_one_process(shared_run, tiny_qwen_dir, tiny_videos_dir, freeze_vision)
-    cp = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "cp", freeze_vision=freeze_vision,
-                                     cp_degree=2), nproc=2)
+    cp = tune_run(
+        STAGE3,
+        _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "cp", freeze_vision=freeze_vision, cp_degree=2),
+        nproc=2,
+    )
     assert cp.returncode == 0, cp.stderr[-3000:]
     assert_same_losses(one, tmp_path / "cp")
     assert all(m["num_tokens"] > 0 for m in metrics(one))
@@ -201,9 +255,16 @@ def _data_with_corrupt_video(tiny_videos_dir, tmp_path):
     first = json.loads(lines[0])
     first["video"] = str(tmp_path / "broken.mp4")
     data = tmp_path / "train.jsonl"
-    data.write_text("\n".join([json.dumps(first)] + [
-        json.dumps({**json.loads(line), "video": str(tiny_videos_dir / json.loads(line)["video"])})
-        for line in lines[1:]]) + "\n")
+    data.write_text(
+        "\n".join(
+            [json.dumps(first)]
+            + [
+                json.dumps({**json.loads(line), "video": str(tiny_videos_dir / json.loads(line)["video"])})
+                for line in lines[1:]
+            ]
+        )
+        + "\n"
+    )
     return data
 
 
@@ -217,8 +278,12 @@ def test_corrupt_video_is_skipped_on_every_rank_and_counted(tiny_qwen_dir, tiny_
 
 def test_corrupt_video_without_skipping_stops_every_rank_naming_it(tiny_qwen_dir, tiny_videos_dir, tmp_path):
     data = _data_with_corrupt_video(tiny_videos_dir, tmp_path)
-    result = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data,
-                                         **{"dataset.skip_bad_samples": "false"}), nproc=2, timeout=180)
+    result = tune_run(
+        STAGE3,
+        _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data, **{"dataset.skip_bad_samples": "false"}),
+        nproc=2,
+        timeout=180,
+    )
     assert result.returncode != 0
     assert "broken.mp4" in result.stderr and f"{data}:1" in result.stderr
 
@@ -226,8 +291,18 @@ def test_corrupt_video_without_skipping_stops_every_rank_naming_it(tiny_qwen_dir
 def test_corrupt_video_in_a_dataloader_worker_is_one_line_naming_it(tiny_qwen_dir, tiny_videos_dir, tmp_path):
     """With num_workers > 0 the error comes from a worker: its message, not the worker's traceback."""
     data = _data_with_corrupt_video(tiny_videos_dir, tmp_path)
-    result = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data, num_workers=1,
-                                         **{"dataset.skip_bad_samples": "false"}), timeout=180)
+    result = tune_run(
+        STAGE3,
+        _video_run(
+            tiny_qwen_dir,
+            tiny_videos_dir,
+            tmp_path / "out",
+            data,
+            num_workers=1,
+            **{"dataset.skip_bad_samples": "false"},
+        ),
+        timeout=180,
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and f"omnilong_full: error: {data}:1: " in errors[0] and "broken.mp4" in errors[0]
@@ -255,11 +330,16 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_di
     first_metrics = (out / "metrics.jsonl").read_bytes()
 
     _assert_refused_before_compute(
-        tune_run(STAGE1, run), f"output_dir {out} holds another run (metrics.jsonl, checkpoints/step_2): continue it "
-                               "with resume_from_checkpoint=true, move it aside with overwrite_output_dir=true")
-    assert (f"this run's config differs from {out}/checkpoints/step_2/config.yaml in optimizer.lr (0.003 -> 0.0001)"
-            in refused_in_process(STAGE1, {**run, "resume_from_checkpoint": "true", "optimizer.lr": 1e-4},
-                                  monkeypatch, capsys))
+        tune_run(STAGE1, run),
+        f"output_dir {out} holds another run (metrics.jsonl, checkpoints/step_2): continue it "
+        "with resume_from_checkpoint=true, move it aside with overwrite_output_dir=true",
+    )
+    assert (
+        f"this run's config differs from {out}/checkpoints/step_2/config.yaml in optimizer.lr (0.003 -> 0.0001)"
+        in refused_in_process(
+            STAGE1, {**run, "resume_from_checkpoint": "true", "optimizer.lr": 1e-4}, monkeypatch, capsys
+        )
+    )
     assert (out / "metrics.jsonl").read_bytes() == first_metrics
 
     moved = tune_run(STAGE1, {**run, "overwrite_output_dir": "true", "optimizer.lr": 1e-4})
@@ -281,12 +361,25 @@ def test_pruning_removes_only_checkpoints_of_the_current_run(tiny_qwen_dir, tmp_
         shutil.copytree(tmp_path / "first/checkpoints/step_1", foreign)
         manifest = json.loads((foreign / "manifest.json").read_text())
         (foreign / "manifest.json").write_text(json.dumps({**manifest, "run_id": "another-run"}))
-    resumed = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=3, save_every_n_steps=1,
-                                      keep_last_n_checkpoints=1, resume_from_checkpoint=tmp_path / "first/checkpoints/step_1",
-                                      allow_config_change_on_resume="true", **{"optimizer.lr": 1e-4}))
+    resumed = tune_run(
+        STAGE1,
+        _small(
+            tiny_qwen_dir,
+            tmp_path / "out",
+            max_steps=3,
+            save_every_n_steps=1,
+            keep_last_n_checkpoints=1,
+            resume_from_checkpoint=tmp_path / "first/checkpoints/step_1",
+            allow_config_change_on_resume="true",
+            **{"optimizer.lr": 1e-4},
+        ),
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir()) == [
-        "step_2.of-run-another-run", "step_3", "step_9"]
+        "step_2.of-run-another-run",
+        "step_3",
+        "step_9",
+    ]
 
 
 def test_samples_skipped_while_reading_count_in_num_skipped(tiny_qwen_dir, tmp_path):
@@ -294,8 +387,14 @@ def test_samples_skipped_while_reading_count_in_num_skipped(tiny_qwen_dir, tmp_p
     too_long = {"messages": [{"role": "user", "content": "word " * 400}, {"role": "assistant", "content": "ok"}]}
     data = tmp_path / "chat.jsonl"
     data.write_text("".join(json.dumps(s) + "\n" for s in [normal, too_long, normal]))
-    overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 1, "batch_size": 1,
-                 "max_seq_len": 64, "dataset.skip_bad_samples": "true"}
+    overrides = {
+        "checkpoint_dir": tiny_qwen_dir,
+        "output_dir": tmp_path / "out",
+        "max_steps": 1,
+        "batch_size": 1,
+        "max_seq_len": 64,
+        "dataset.skip_bad_samples": "true",
+    }
     result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["num_skipped"] for m in metrics(tmp_path / "out")] == [1]
@@ -310,7 +409,7 @@ def test_empty_chat_file_is_named(tiny_qwen_dir, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-_THREADS_AT_EXIT = '''
+_THREADS_AT_EXIT = """
 import atexit, os, sys
 
 def _report():
@@ -324,7 +423,7 @@ def _report():
         print(f"rank {os.environ['RANK']} gloo threads at exit: {sorted(n for n in names if 'gloo' in n)}", file=sys.stderr)
 
 atexit.register(_report)
-'''
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads thread names from /proc (Linux)")
@@ -337,8 +436,11 @@ def test_no_communication_thread_is_left_when_the_interpreter_exits(tiny_qwen_di
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook/sitecustomize.py").write_text(_THREADS_AT_EXIT)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "hook")}
-    result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=2, max_seq_len=101, cp_degree=2),
-                      nproc=2, env=env)
+    result = tune_run(
+        STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=2, max_seq_len=101, cp_degree=2), nproc=2, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(line for line in result.stderr.splitlines() if "gloo threads at exit" in line) == [
-        "rank 0 gloo threads at exit: []", "rank 1 gloo threads at exit: []"], result.stderr[-3000:]
+        "rank 0 gloo threads at exit: []",
+        "rank 1 gloo threads at exit: []",
+    ], result.stderr[-3000:]

@@ -20,8 +20,13 @@ from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
 def test_video_batch_gets_the_positions_of_each_full_row(tiny_qwen_dir, tiny_videos_dir):
     model = load_hf_model(tiny_qwen_dir)
-    ds = video_sft_dataset(load_tokenizer(tiny_qwen_dir), tiny_videos_dir / "train.jsonl", max_seq_len=512,
-                           video_min_pixels=TINY_MIN_PIXELS, video_max_pixels=TINY_MAX_PIXELS)
+    ds = video_sft_dataset(
+        load_tokenizer(tiny_qwen_dir),
+        tiny_videos_dir / "train.jsonl",
+        max_seq_len=512,
+        video_min_pixels=TINY_MIN_PIXELS,
+        video_max_pixels=TINY_MAX_PIXELS,
+    )
     first = ds[0]
     second = next(ds[i] for i in range(1, len(ds)) if len(ds[i]["input_ids"]) != len(first["input_ids"]))
     items = [first, second]
@@ -29,9 +34,14 @@ def test_video_batch_gets_the_positions_of_each_full_row(tiny_qwen_dir, tiny_vid
     length = batch["input_ids"].shape[1]
     assert batch["position_ids"].shape == (3, 2, length)
     for row, item in enumerate(items):
-        alone, _ = rope_index(item["input_ids"][None], video_grid_thw=item["video_grid_thw"],
-                              second_per_grid_ts=item["second_per_grid_ts"], image_token_id=ds.image_token_id,
-                              video_token_id=ds.video_token_id, tokens_per_second=2)
+        alone, _ = rope_index(
+            item["input_ids"][None],
+            video_grid_thw=item["video_grid_thw"],
+            second_per_grid_ts=item["second_per_grid_ts"],
+            image_token_id=ds.image_token_id,
+            video_token_id=ds.video_token_id,
+            tokens_per_second=2,
+        )
         n = len(item["input_ids"])
         assert torch.equal(batch["position_ids"][:, row, :n], alone[:, 0])
         assert torch.equal(batch["position_ids"][:, row, n:], torch.arange(length - n).expand(3, -1))
@@ -46,9 +56,14 @@ def test_batches_with_positions_or_without_vision_pass_unchanged(tiny_qwen_dir):
 
 def _alone(ds, item):
     """``[3, T]`` positions of one sample by itself."""
-    positions, _ = rope_index(item["input_ids"][None], video_grid_thw=item["video_grid_thw"],
-                              second_per_grid_ts=item["second_per_grid_ts"], image_token_id=ds.image_token_id,
-                              video_token_id=ds.video_token_id, tokens_per_second=2)
+    positions, _ = rope_index(
+        item["input_ids"][None],
+        video_grid_thw=item["video_grid_thw"],
+        second_per_grid_ts=item["second_per_grid_ts"],
+        image_token_id=ds.image_token_id,
+        video_token_id=ds.video_token_id,
+        tokens_per_second=2,
+    )
     return positions[:, 0]
 
 
@@ -83,17 +98,30 @@ def test_a_packed_row_gives_each_document_the_logits_of_its_sample_alone(tiny_qw
     (text positions per document): the documents never see each other."""
     model = load_hf_model(tiny_qwen_dir)
     chats = tmp_path / "c.jsonl"
-    chats.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i} " * (i + 1)},
-                                                      {"role": "assistant", "content": "a " * (9 - i)}]}) + "\n"
-                             for i in range(6)))
+    chats.write_text(
+        "".join(
+            json.dumps(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"q{i} " * (i + 1)},
+                        {"role": "assistant", "content": "a " * (9 - i)},
+                    ]
+                }
+            )
+            + "\n"
+            for i in range(6)
+        )
+    )
     tokenizer = load_tokenizer(tiny_qwen_dir)
-    for plain, packed in (packed_videos, (chat_dataset(tokenizer, chats, 128, packed=False),
-                                          chat_dataset(tokenizer, chats, 128))):
+    for plain, packed in (
+        packed_videos,
+        (chat_dataset(tokenizer, chats, 128, packed=False), chat_dataset(tokenizer, chats, 128)),
+    ):
         members = max(packed.rows, key=len)
         assert len(members) > 1
         row = _logits(model, model.with_positions(collate_padded([packed[packed.rows.index(members)]], 0)))
         start = 0
         for i in members:
             alone = _logits(model, model.with_positions(collate_padded([plain[i]], 0)))
-            assert (row[start:start + len(alone)] - alone).abs().max() <= 1e-5
+            assert (row[start : start + len(alone)] - alone).abs().max() <= 1e-5
             start += len(alone)

@@ -18,9 +18,18 @@ pytestmark = pytest.mark.slow
 
 
 def _overrides(tiny_qwen_dir, output_dir) -> list[str]:
-    return [f"checkpoint_dir={tiny_qwen_dir}", f"output_dir={output_dir}", "max_seq_len=96", "max_steps=2",
-            "dataset.max_files=10", "shuffle=false", "gradient_accumulation_steps=1", "dp_replicate_degree=2",
-            "save_hf_at_end=false", "save_every_n_steps=null"]
+    return [
+        f"checkpoint_dir={tiny_qwen_dir}",
+        f"output_dir={output_dir}",
+        "max_seq_len=96",
+        "max_steps=2",
+        "dataset.max_files=10",
+        "shuffle=false",
+        "gradient_accumulation_steps=1",
+        "dp_replicate_degree=2",
+        "save_hf_at_end=false",
+        "save_every_n_steps=null",
+    ]
 
 
 def _free_port() -> int:
@@ -34,10 +43,30 @@ def test_two_nodes_with_hsdp_match_one_node(tiny_qwen_dir, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     nodes = [
         subprocess.Popen(
-            [TUNE, "run", "--nnodes", "2", "--node_rank", str(rank), "--nproc_per_node", "1",
-             "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}", "--rdzv_id", "omnilong-test",
-             "omnilong_full", "--config", STAGE1, *_overrides(tiny_qwen_dir, tmp_path / "two_nodes")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            [
+                TUNE,
+                "run",
+                "--nnodes",
+                "2",
+                "--node_rank",
+                str(rank),
+                "--nproc_per_node",
+                "1",
+                "--rdzv_backend",
+                "c10d",
+                "--rdzv_endpoint",
+                f"127.0.0.1:{port}",
+                "--rdzv_id",
+                "omnilong-test",
+                "omnilong_full",
+                "--config",
+                STAGE1,
+                *_overrides(tiny_qwen_dir, tmp_path / "two_nodes"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         for rank in (0, 1)
     ]
@@ -49,8 +78,9 @@ def test_two_nodes_with_hsdp_match_one_node(tiny_qwen_dir, tmp_path):
                 node.kill()
     for node, (_, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-3000:]
-    one_node = tune_run(STAGE1, dict(o.split("=", 1) for o in _overrides(tiny_qwen_dir, tmp_path / "one_node")),
-                        nproc=2)
+    one_node = tune_run(
+        STAGE1, dict(o.split("=", 1) for o in _overrides(tiny_qwen_dir, tmp_path / "one_node")), nproc=2
+    )
     assert one_node.returncode == 0, one_node.stderr[-3000:]
     reference, two = metrics(tmp_path / "one_node"), metrics(tmp_path / "two_nodes")
     assert [m["step"] for m in two] == [1, 2]

@@ -52,12 +52,16 @@ ROWS = [
 LAYOUTS = {
     # 2 dp ranks x 2 rows x 2 micro-batches. The sampler pads the epoch to 12 with row 0; rank 0
     # takes positions 0, 2, 4..., rank 1 positions 1, 3, 5...; step 2 runs into epoch 1.
-    "dp2_accumulation2": ({"batch_size": 2, "gradient_accumulation_steps": 2},
-                          [[0, 1, 2, 3, 4, 5, 6, 7], [8, 10, 9, 0, 0, 2, 1, 3]]),
+    "dp2_accumulation2": (
+        {"batch_size": 2, "gradient_accumulation_steps": 2},
+        [[0, 1, 2, 3, 4, 5, 6, 7], [8, 10, 9, 0, 0, 2, 1, 3]],
+    ),
     # 2 cp ranks, padded batches of 4 rows, 2 micro-batches: step 2 starts with the uneven last
     # batch of the epoch (rows 8-10) and goes on with epoch 1's first batch.
-    "cp2_padded_rows": ({"cp_degree": 2, "batch_size": 4, "gradient_accumulation_steps": 2},
-                        [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 0, 1, 2, 3]]),
+    "cp2_padded_rows": (
+        {"cp_degree": 2, "batch_size": 4, "gradient_accumulation_steps": 2},
+        [[0, 1, 2, 3, 4, 5, 6, 7], [8, 9, 10, 0, 1, 2, 3]],
+    ),
 }
 
 
@@ -67,8 +71,10 @@ def _oracle(checkpoint_dir, rows, steps):
     trained = [p for p in model.parameters() if p.requires_grad]
     expected = []
     for step_rows in steps:
-        losses = [F.cross_entropy(model(input_ids=rows[i]["input_ids"][None])[0], rows[i]["labels"],
-                                  reduction="sum") for i in step_rows]
+        losses = [
+            F.cross_entropy(model(input_ids=rows[i]["input_ids"][None])[0], rows[i]["labels"], reduction="sum")
+            for i in step_rows
+        ]
         count = sum(int((rows[i]["labels"] != -100).sum()) for i in step_rows)
         loss = torch.stack(losses).sum() / count
         grads = torch.autograd.grad(loss, trained, allow_unused=True)
@@ -91,9 +97,18 @@ def test_step_loss_and_gradient_are_normalized_by_the_global_token_count(tiny_qw
     config.pop("lr_scheduler")  # a CLI override cannot remove a component
     config.optimizer = {"_component_": "torch.optim.SGD", "lr": LR}
     OmegaConf.save(config, tmp_path / "sgd.yaml")
-    run = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 2, "shuffle": "false",
-           "dataset._component_": "omnilong.data.chat_dataset", "~dataset.max_files": None,
-           "dataset.data_files": f"[{data}]", "dataset.packed": "false", "clip_grad_norm": "null", **overrides}
+    run = {
+        "checkpoint_dir": tiny_qwen_dir,
+        "output_dir": tmp_path / "out",
+        "max_steps": 2,
+        "shuffle": "false",
+        "dataset._component_": "omnilong.data.chat_dataset",
+        "~dataset.max_files": None,
+        "dataset.data_files": f"[{data}]",
+        "dataset.packed": "false",
+        "clip_grad_norm": "null",
+        **overrides,
+    }
     result = tune_run(str(tmp_path / "sgd.yaml"), run, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
 

@@ -23,9 +23,11 @@ def _imports_testing(source: str) -> list[int]:
 
 
 def test_the_check_finds_every_form_of_the_import():
-    source = ("import omnilong.testing\nfrom omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl\n"
-              "from omnilong import testing\ndef f():\n    import omnilong.testing.stdlib_data as s\n"
-              "from omnilong.data import chat_dataset\nimport omnilong.testingx\n")
+    source = (
+        "import omnilong.testing\nfrom omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl\n"
+        "from omnilong import testing\ndef f():\n    import omnilong.testing.stdlib_data as s\n"
+        "from omnilong.data import chat_dataset\nimport omnilong.testingx\n"
+    )
     assert _imports_testing(source) == [1, 2, 3, 5]
 
 

@@ -17,10 +17,16 @@ HF_TO_NATIVE: dict[str, str] = {
     _TOWER + "embeddings.position_embedding.weight": "visual.pos_embed.weight",
     **{
         f"{_TOWER}encoder.layers.{{}}.{hf}.{p}": f"visual.layers.{{}}.{native}.{p}"
-        for hf, native in (("layer_norm1", "attention_norm"), ("layer_norm2", "ffn_norm"),
-                           ("self_attn.q_proj", "attention.wq"), ("self_attn.k_proj", "attention.wk"),
-                           ("self_attn.v_proj", "attention.wv"), ("self_attn.out_proj", "attention.wo"),
-                           ("mlp.fc1", "feed_forward.w1"), ("mlp.fc2", "feed_forward.w2"))
+        for hf, native in (
+            ("layer_norm1", "attention_norm"),
+            ("layer_norm2", "ffn_norm"),
+            ("self_attn.q_proj", "attention.wq"),
+            ("self_attn.k_proj", "attention.wk"),
+            ("self_attn.v_proj", "attention.wv"),
+            ("self_attn.out_proj", "attention.wo"),
+            ("mlp.fc1", "feed_forward.w1"),
+            ("mlp.fc2", "feed_forward.w2"),
+        )
         for p in ("weight", "bias")
     },
     _TOWER + "post_layernorm.weight": "visual.post_norm.weight",
@@ -61,9 +67,9 @@ def to_hub_layout(key: str) -> str:
     """Rewrite a transformers-v5 key (in memory or saved) to the hub layout (hub keys pass unchanged)."""
     for v5_prefix, hub_prefix in _V5_PREFIXES:
         if key.startswith(v5_prefix):
-            return hub_prefix + key[len(v5_prefix):]
+            return hub_prefix + key[len(v5_prefix) :]
     if key.startswith("vision_tower.") and not key.startswith(_TOWER):
-        return _TOWER + key[len("vision_tower."):]
+        return _TOWER + key[len("vision_tower.") :]
     return key
 
 

@@ -26,8 +26,10 @@ def hf_tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[Dim, ...]]:
         model = llava_onevision(text_args_from_hf_config(config), vision_args_from_hf_config(config))
     state = {k: v for k, v in model.state_dict().items() if not (k == "output.weight" and ties_embeddings(config))}
     where = lambda key: "vision_config" if key.startswith("visual.") else "text_config / vision_config"  # noqa: E731
-    return {hub: tuple((size, where(native)) for size in tensor.shape)
-            for native, (hub, tensor) in zip(state, native_to_hf(state).items())}
+    return {
+        hub: tuple((size, where(native)) for size in tensor.shape)
+        for native, (hub, tensor) in zip(state, native_to_hf(state).items())
+    }
 
 
 def ties_embeddings(config: dict[str, Any]) -> bool:

@@ -12,8 +12,9 @@ def llava_onevision(args: LlavaOnevisionTextArgs, vision_args: SiglipVisionArgs)
     """A LLaVA-OneVision model of the given shape (random init; build under
     ``torch.device("meta")`` to allocate nothing)."""
     args.validate()
-    layers = qwen2_decoder_layers(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim,
-                                  args.hidden_dim, args.norm_eps)
+    layers = qwen2_decoder_layers(
+        args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.norm_eps
+    )
     model = LlavaOnevision(
         args,
         tok_embeddings=nn.Embedding(args.vocab_size, args.dim),

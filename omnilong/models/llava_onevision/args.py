@@ -1,7 +1,7 @@
 """LLaVA-OneVision model arguments, read from a Hugging Face ``config.json``."""
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 # The pinpoints of llava-onevision-qwen2-7b-ov-hf: every (height, width) in {384, 768, ..., 2304}^2.
 _PINPOINTS_7B = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
@@ -25,8 +25,8 @@ class LlavaOnevisionTextArgs:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 32768
     # Special token ids, from the config (never constants).
-    image_token_id: Optional[int] = 151646
-    video_token_id: Optional[int] = 151647
+    image_token_id: int | None = 151646
+    video_token_id: int | None = 151647
     image_grid_pinpoints: list[list[int]] = field(default_factory=lambda: [list(p) for p in _PINPOINTS_7B])
     vision_aspect_ratio: str = "anyres_max_9"
     vision_feature_layer: int = -1
@@ -46,14 +46,22 @@ class LlavaOnevisionTextArgs:
         if self.dim % self.n_heads:
             raise ValueError(f"hidden_size {self.dim} is not divisible by num_attention_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}")
-        if not (self.vision_aspect_ratio.startswith("anyres_max_")
-                and self.vision_aspect_ratio.removeprefix("anyres_max_").isdigit()):
-            raise ValueError(f"vision_aspect_ratio {self.vision_aspect_ratio!r} is not supported; "
-                             "supported: anyres_max_<N> (e.g. anyres_max_9)")
+            raise ValueError(
+                f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}"
+            )
+        if not (
+            self.vision_aspect_ratio.startswith("anyres_max_")
+            and self.vision_aspect_ratio.removeprefix("anyres_max_").isdigit()
+        ):
+            raise ValueError(
+                f"vision_aspect_ratio {self.vision_aspect_ratio!r} is not supported; "
+                "supported: anyres_max_<N> (e.g. anyres_max_9)"
+            )
         if self.vision_feature_select_strategy not in ("full", "default"):
-            raise ValueError(f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} "
-                             "is not supported; supported: full, default")
+            raise ValueError(
+                f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} "
+                "is not supported; supported: full, default"
+            )
 
 
 @dataclass
@@ -77,7 +85,9 @@ class SiglipVisionArgs:
     def validate(self) -> None:
         """Raise ``ValueError`` when the shape is not one the tower can be built with."""
         if self.dim % self.n_heads:
-            raise ValueError(f"vision_config hidden_size {self.dim} is not divisible by num_attention_heads {self.n_heads}")
+            raise ValueError(
+                f"vision_config hidden_size {self.dim} is not divisible by num_attention_heads {self.n_heads}"
+            )
 
 
 def text_args_from_hf_config(config: dict[str, Any]) -> LlavaOnevisionTextArgs:
@@ -93,11 +103,17 @@ def text_args_from_hf_config(config: dict[str, Any]) -> LlavaOnevisionTextArgs:
         raise ValueError(f"config.json has model_type={config.get('model_type')!r}; expected 'llava_onevision'")
     text = config.get("text_config") or {}
     if text.get("model_type", "qwen2") != "qwen2":
-        raise ValueError(f"config.json text_config.model_type={text.get('model_type')!r} is not supported; supported: qwen2")
+        raise ValueError(
+            f"config.json text_config.model_type={text.get('model_type')!r} is not supported; supported: qwen2"
+        )
     if text.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"config.json text_config.hidden_act={text.get('hidden_act')!r} is not supported (SwiGLU with silu)")
+        raise ValueError(
+            f"config.json text_config.hidden_act={text.get('hidden_act')!r} is not supported (SwiGLU with silu)"
+        )
     if text.get("use_sliding_window"):
-        raise ValueError("config.json sets text_config.use_sliding_window=true, which the native model does not implement")
+        raise ValueError(
+            "config.json sets text_config.use_sliding_window=true, which the native model does not implement"
+        )
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type"))
     if rope_type not in (None, "default"):
@@ -139,11 +155,15 @@ def vision_args_from_hf_config(config: dict[str, Any]) -> SiglipVisionArgs:
     """
     vision = config.get("vision_config") or {}
     if vision.get("model_type", "siglip_vision_model") != "siglip_vision_model":
-        raise ValueError(f"config.json vision_config.model_type={vision.get('model_type')!r} is not supported; "
-                         "supported: siglip_vision_model")
+        raise ValueError(
+            f"config.json vision_config.model_type={vision.get('model_type')!r} is not supported; "
+            "supported: siglip_vision_model"
+        )
     if vision.get("hidden_act", "gelu_pytorch_tanh") not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ValueError(f"config.json vision_config.hidden_act={vision.get('hidden_act')!r} is not supported; "
-                         "supported: gelu_pytorch_tanh")
+        raise ValueError(
+            f"config.json vision_config.hidden_act={vision.get('hidden_act')!r} is not supported; "
+            "supported: gelu_pytorch_tanh"
+        )
     if vision.get("vision_use_head"):
         raise ValueError("config.json vision_config.vision_use_head=true is not supported (LLaVA uses no pooling head)")
     defaults = SiglipVisionArgs()

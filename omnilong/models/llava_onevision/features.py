@@ -44,15 +44,19 @@ def unpad(features: torch.Tensor, image_size: list[int]) -> torch.Tensor:
     if width / height > current_w / current_h:
         new_h = int(round(height * (current_w / width), 7))
         pad = (current_h - new_h) // 2
-        return features[:, pad: current_h - pad, :]
+        return features[:, pad : current_h - pad, :]
     new_w = int(round(width * (current_h / height), 7))
     pad = (current_w - new_w) // 2
-    return features[:, :, pad: current_w - pad]
+    return features[:, :, pad : current_w - pad]
 
 
 def pack_image_features(
-    features: torch.Tensor, image_size: list[int], newline: torch.Tensor, pinpoints: list[list[int]],
-    crop: int, max_crops: int,
+    features: torch.Tensor,
+    image_size: list[int],
+    newline: torch.Tensor,
+    pinpoints: list[list[int]],
+    crop: int,
+    max_crops: int,
 ) -> torch.Tensor:
     """The token rows of one image.
 

@@ -6,7 +6,7 @@ shared one of :mod:`omnilong.models.blocks` with 1-D RoPE. Parallelism is applie
 outside (:mod:`omnilong.models.llava_onevision.parallelize`).
 """
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ class LlavaOnevision(nn.Module):
 
     # ------------------------------------------------------------ family interface
     @property
-    def vision_token_ids(self) -> tuple[Optional[int], ...]:
+    def vision_token_ids(self) -> tuple[int | None, ...]:
         """The token ids vision features replace: ``(image, video)``."""
         return self.args.image_token_id, self.args.video_token_id
 
@@ -85,8 +85,11 @@ class LlavaOnevision(nn.Module):
         if "position_ids" in batch:
             return batch
         docs = batch.get("document_ids")
-        positions = (torch.stack([positions_within_documents(row) for row in docs]) if docs is not None
-                     else text_position_ids(batch["input_ids"], batch.get("attention_mask")))  # [B, T]
+        positions = (
+            torch.stack([positions_within_documents(row) for row in docs])
+            if docs is not None
+            else text_position_ids(batch["input_ids"], batch.get("attention_mask"))
+        )  # [B, T]
         return {**batch, "position_ids": positions}
 
     # ------------------------------------------------------------ vision features
@@ -98,7 +101,7 @@ class LlavaOnevision(nn.Module):
         return self.projector(features)
 
     def image_features(
-        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, batch_num_images: Optional[torch.Tensor] = None
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor, batch_num_images: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``[n_image_tokens, dim]`` features of every image, in order.
 
@@ -110,21 +113,34 @@ class LlavaOnevision(nn.Module):
                 each as its base crop only (as transformers does).
         """
         sizes = image_sizes.tolist()
-        multi = ([False] * len(sizes) if batch_num_images is None
-                 else [n != 1 for n in batch_num_images.tolist() for _ in range(n)])
-        crops = [1 if m else num_crops(size, self.args.image_grid_pinpoints, self.visual.args.image_size)
-                 for size, m in zip(sizes, multi)]
+        multi = (
+            [False] * len(sizes)
+            if batch_num_images is None
+            else [n != 1 for n in batch_num_images.tolist() for _ in range(n)]
+        )
+        crops = [
+            1 if m else num_crops(size, self.args.image_grid_pinpoints, self.visual.args.image_size)
+            for size, m in zip(sizes, multi)
+        ]
         if pixel_values.ndim == 5:
             pixel_values = torch.cat([p[:n] for p, n in zip(pixel_values, crops)])  # [n_crops, C, S, S]
         features = self._projected(pixel_values).split(crops)  # per image: [crops, grid^2, dim]
-        return torch.cat([
-            pack_image_features(f, size, self.image_newline, self.args.image_grid_pinpoints,
-                                self.visual.args.image_size, self.args.max_image_crops)
-            for f, size in zip(features, sizes)
-        ])
+        return torch.cat(
+            [
+                pack_image_features(
+                    f,
+                    size,
+                    self.image_newline,
+                    self.args.image_grid_pinpoints,
+                    self.visual.args.image_size,
+                    self.args.max_image_crops,
+                )
+                for f, size in zip(features, sizes)
+            ]
+        )
 
     def video_features(
-        self, pixel_values_videos: torch.Tensor, video_num_frames: Optional[torch.Tensor] = None
+        self, pixel_values_videos: torch.Tensor, video_num_frames: torch.Tensor | None = None
     ) -> torch.Tensor:
         """``[sum_v (frames_v * pooled^2 + 1), dim]``: every frame through the tower on its own,
         pooled, frames of a video in order and one newline after each video.
@@ -150,17 +166,17 @@ class LlavaOnevision(nn.Module):
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        document_ids: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
         *,
-        pixel_values: Optional[torch.Tensor] = None,
-        image_sizes: Optional[torch.Tensor] = None,
-        batch_num_images: Optional[torch.Tensor] = None,
-        pixel_values_videos: Optional[torch.Tensor] = None,
-        video_num_frames: Optional[torch.Tensor] = None,
-        vision_token_index: Optional[torch.Tensor] = None,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        batch_num_images: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_num_frames: torch.Tensor | None = None,
+        vision_token_index: torch.Tensor | None = None,
         **unused: Any,
     ) -> torch.Tensor:
         """Takes a transformers LLaVA-OneVision processor's whole output: ``model(**processor(...))``.
@@ -201,8 +217,9 @@ class LlavaOnevision(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             docs = document_ids if document_ids is not None else torch.zeros_like(input_ids)
             document_ids = torch.where(attention_mask.bool(), docs, -1)
-        rope = multimodal_rope_cos_sin(position_ids, self.args.head_dim, self.args.rope_theta,
-                                       [self.args.head_dim // 2], h.dtype)  # 1-D RoPE: one stream
+        rope = multimodal_rope_cos_sin(
+            position_ids, self.args.head_dim, self.args.rope_theta, [self.args.head_dim // 2], h.dtype
+        )  # 1-D RoPE: one stream
         attention_plan = self.layers[0].attention.core.plan(input_ids, document_ids)
         for layer in self.layers:
             h = layer(h, rope, attention_plan)
@@ -210,4 +227,3 @@ class LlavaOnevision(nn.Module):
         if return_hidden:
             return h
         return self.output(h)  # [B, T, vocab]
-

@@ -2,7 +2,7 @@
 SigLIP tower's images (crops or frames) spread over the cp ranks (:class:`ImageSplit`), with the
 generic mechanisms of :mod:`omnilong.parallel.context_parallel`."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

@@ -6,7 +6,7 @@ frames of a batch may be encoded in any grouping (context parallelism spreads th
 ranks through ``split``).
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -88,8 +88,9 @@ class SiglipVisionTower(nn.Module):
         super().__init__()
         args.validate()
         if not -(args.n_layers + 1) <= feature_layer <= args.n_layers:
-            raise ValueError(f"vision_feature_layer {feature_layer} is outside the tower's "
-                             f"{args.n_layers + 1} hidden states")
+            raise ValueError(
+                f"vision_feature_layer {feature_layer} is outside the tower's {args.n_layers + 1} hidden states"
+            )
         self.args = args
         self.n_run = feature_layer % (args.n_layers + 1)  # layers run to reach the feature layer
         self.patch_embed = nn.Conv2d(args.in_channels, args.dim, kernel_size=args.patch_size, stride=args.patch_size)
@@ -99,7 +100,7 @@ class SiglipVisionTower(nn.Module):
         # How the work is spread: None encodes everything here; context parallelism
         # (:mod:`omnilong.models.llava_onevision.parallelize`) sets a strategy ``split(encode, images)``
         # that encodes a share of the images on each rank and returns all the features.
-        self.split: Optional[Callable[..., torch.Tensor]] = None
+        self.split: Callable[..., torch.Tensor] | None = None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """See :meth:`encode`; delegated to ``self.split`` when one is set."""

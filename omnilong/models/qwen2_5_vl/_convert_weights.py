@@ -53,7 +53,7 @@ def to_hub_layout(key: str) -> str:
     """Rewrite a transformers-v5 in-memory key to the hub layout (hub keys pass unchanged)."""
     for v5_prefix, hub_prefix in _V5_PREFIXES:
         if key.startswith(v5_prefix):
-            return hub_prefix + key[len(v5_prefix):]
+            return hub_prefix + key[len(v5_prefix) :]
     return key
 
 

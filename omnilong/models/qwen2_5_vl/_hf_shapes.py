@@ -15,8 +15,11 @@ def _text_dims(config: dict[str, Any]) -> tuple[dict[str, Dim], int]:
     """The language model's dimensions and its layer count."""
     nested = isinstance(config.get("text_config"), dict)
     text, at = ({**config, **config["text_config"]}, "text_config.") if nested else (config, "")
-    missing = [k for k in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
-               if not isinstance(text.get(k), int)]
+    missing = [
+        k
+        for k in ("hidden_size", "intermediate_size", "vocab_size", "num_attention_heads", "num_hidden_layers")
+        if not isinstance(text.get(k), int)
+    ]
     if missing:
         raise ValueError(f"config.json has no integer {', '.join(at + k for k in missing)}")
     hidden, heads = text["hidden_size"], text["num_attention_heads"]
@@ -25,8 +28,7 @@ def _text_dims(config: dict[str, Any]) -> tuple[dict[str, Dim], int]:
         "H": (hidden, f"{at}hidden_size"),
         "I": (text["intermediate_size"], f"{at}intermediate_size"),
         "V": (text["vocab_size"], f"{at}vocab_size"),
-        "KV": (kv_heads * (hidden // heads),
-               f"{at}num_key_value_heads * {at}hidden_size / {at}num_attention_heads"),
+        "KV": (kv_heads * (hidden // heads), f"{at}num_key_value_heads * {at}hidden_size / {at}num_attention_heads"),
     }
     return dims, text["num_hidden_layers"]
 

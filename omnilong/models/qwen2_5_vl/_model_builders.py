@@ -1,7 +1,5 @@
 """Builders for Qwen2.5-VL models: plain functions that return modules."""
 
-from typing import Optional
-
 from torch import nn
 
 from omnilong.models.blocks import FeedForward, RMSNorm, qwen2_decoder_layers
@@ -29,7 +27,7 @@ def qwen2_5_vl_vision(args: Qwen2_5_VLVisionArgs) -> VisionTransformer:
     )
 
 
-def qwen2_5_vl(args: Qwen2_5_VLTextArgs, vision_args: Optional[Qwen2_5_VLVisionArgs] = None) -> Qwen2_5_VL:
+def qwen2_5_vl(args: Qwen2_5_VLTextArgs, vision_args: Qwen2_5_VLVisionArgs | None = None) -> Qwen2_5_VL:
     """A Qwen2.5-VL model of the given shape (random init; build under
     ``torch.device("meta")`` to allocate nothing); text-only when ``vision_args`` is ``None``.
 
@@ -39,8 +37,9 @@ def qwen2_5_vl(args: Qwen2_5_VLTextArgs, vision_args: Optional[Qwen2_5_VLVisionA
     args.validate()
     if vision_args is not None and vision_args.out_dim != args.dim:
         raise ValueError(f"vision out_hidden_size {vision_args.out_dim} must equal the text hidden_size {args.dim}")
-    layers = qwen2_decoder_layers(args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim,
-                                  args.hidden_dim, args.norm_eps)
+    layers = qwen2_decoder_layers(
+        args.n_layers, args.dim, args.n_heads, args.n_kv_heads, args.head_dim, args.hidden_dim, args.norm_eps
+    )
     return Qwen2_5_VL(
         args,
         tok_embeddings=nn.Embedding(args.vocab_size, args.dim),

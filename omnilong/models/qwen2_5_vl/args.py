@@ -1,7 +1,7 @@
 """Qwen2.5-VL model arguments, read from a Hugging Face ``config.json`` in either layout."""
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 
 @dataclass
@@ -20,10 +20,10 @@ class Qwen2_5_VLTextArgs:
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 128000
     # Special token ids, from the config (never constants).
-    image_token_id: Optional[int] = 151655
-    video_token_id: Optional[int] = 151656
-    vision_start_token_id: Optional[int] = 151652
-    vision_end_token_id: Optional[int] = 151653
+    image_token_id: int | None = 151655
+    video_token_id: int | None = 151656
+    vision_start_token_id: int | None = 151652
+    vision_end_token_id: int | None = 151653
 
     @property
     def head_dim(self) -> int:
@@ -34,7 +34,9 @@ class Qwen2_5_VLTextArgs:
         if self.dim % self.n_heads:
             raise ValueError(f"hidden_size {self.dim} is not divisible by num_attention_heads {self.n_heads}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}")
+            raise ValueError(
+                f"num_attention_heads {self.n_heads} is not a multiple of num_key_value_heads {self.n_kv_heads}"
+            )
         if sum(self.mrope_section) != self.head_dim // 2:
             raise ValueError(
                 f"mrope_section {self.mrope_section} sums to {sum(self.mrope_section)}, "
@@ -149,7 +151,7 @@ class Qwen2_5_VLVisionArgs:
             raise ValueError(f"vision_config fullatt_block_indexes {bad} are outside 0..{self.depth - 1}")
 
 
-def vision_args_from_hf_config(config: dict[str, Any]) -> Optional[Qwen2_5_VLVisionArgs]:
+def vision_args_from_hf_config(config: dict[str, Any]) -> Qwen2_5_VLVisionArgs | None:
     """Build :class:`Qwen2_5_VLVisionArgs` from a parsed ``config.json`` (``None`` without a ``vision_config``).
 
     Both layouts nest the tower's fields in ``vision_config``; the published one names the

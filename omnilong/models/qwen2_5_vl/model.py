@@ -5,7 +5,6 @@ parallelism is applied from outside (:mod:`omnilong.models.qwen2_5_vl.paralleliz
 """
 
 from functools import partial
-from typing import Optional
 
 import torch
 from torch import nn
@@ -18,7 +17,7 @@ from omnilong.models.rope import multimodal_rope_cos_sin
 from omnilong.models.vision_tokens import scatter_vision_embeddings
 
 
-def text_position_ids(input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+def text_position_ids(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """Text positions ``[B, T]``: ``0..T-1``, or counted over unmasked tokens when a mask is given
     (masked tokens get position 1, as transformers does)."""
     if attention_mask is None:
@@ -46,7 +45,7 @@ class Qwen2_5_VL(nn.Module):
         layers: nn.ModuleList,
         norm: RMSNorm,
         output: nn.Linear,
-        visual: Optional[VisionTransformer] = None,
+        visual: VisionTransformer | None = None,
     ):
         super().__init__()
         self.args = args
@@ -60,7 +59,7 @@ class Qwen2_5_VL(nn.Module):
 
     # ------------------------------------------------------------ family interface
     @property
-    def vision_token_ids(self) -> tuple[Optional[int], ...]:
+    def vision_token_ids(self) -> tuple[int | None, ...]:
         """The token ids vision features replace: ``(image, video)``."""
         return self.args.image_token_id, self.args.video_token_id
 
@@ -78,20 +77,23 @@ class Qwen2_5_VL(nn.Module):
         if "position_ids" in batch or not any(key in batch for key in ("image_grid_thw", "video_grid_thw")):
             return batch
         position_ids = self.multimodal_position_ids(
-            batch["input_ids"], batch.get("image_grid_thw"), batch.get("video_grid_thw"),
-            batch.get("second_per_grid_ts"), document_ids=batch.get("document_ids"),
+            batch["input_ids"],
+            batch.get("image_grid_thw"),
+            batch.get("video_grid_thw"),
+            batch.get("second_per_grid_ts"),
+            document_ids=batch.get("document_ids"),
         )
         return {**batch, "position_ids": position_ids}
 
     def multimodal_position_ids(
         self,
         input_ids: torch.Tensor,
-        image_grid_thw: Optional[torch.Tensor] = None,
-        video_grid_thw: Optional[torch.Tensor] = None,
-        second_per_grid_ts: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        mm_token_type_ids: Optional[torch.Tensor] = None,
-        document_ids: Optional[torch.Tensor] = None,
+        image_grid_thw: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``[3, B, T]`` M-RoPE positions of ``input_ids`` by the rule Qwen2.5-VL was trained and
         is served with (see :func:`rope_index`; arguments as :meth:`forward`'s).
@@ -101,34 +103,42 @@ class Qwen2_5_VL(nn.Module):
         (:func:`rope_index_per_document`)."""
         vision_args = self._vision().args
         position_ids, _ = (rope_index if document_ids is None else partial(rope_index_per_document, document_ids))(
-            input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask,
-            image_token_id=self.args.image_token_id, video_token_id=self.args.video_token_id,
-            spatial_merge_size=vision_args.spatial_merge_size, tokens_per_second=vision_args.tokens_per_second,
+            input_ids,
+            image_grid_thw,
+            video_grid_thw,
+            second_per_grid_ts,
+            attention_mask,
+            image_token_id=self.args.image_token_id,
+            video_token_id=self.args.video_token_id,
+            spatial_merge_size=vision_args.spatial_merge_size,
+            tokens_per_second=vision_args.tokens_per_second,
             mm_token_type_ids=mm_token_type_ids,
         )
         return position_ids
 
     def _vision(self) -> VisionTransformer:
         if self.visual is None:
-            raise ValueError("this model was built without a vision tower; build it with vision args "
-                             "(e.g. build_model_from_hf_config) to pass images or videos")
+            raise ValueError(
+                "this model was built without a vision tower; build it with vision args "
+                "(e.g. build_model_from_hf_config) to pass images or videos"
+            )
         return self.visual
 
     def forward(
         self,
         input_ids: torch.Tensor,
-        attention_mask: Optional[torch.Tensor] = None,
-        position_ids: Optional[torch.Tensor] = None,
-        document_ids: Optional[torch.Tensor] = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
         *,
-        pixel_values: Optional[torch.Tensor] = None,
-        image_grid_thw: Optional[torch.Tensor] = None,
-        pixel_values_videos: Optional[torch.Tensor] = None,
-        video_grid_thw: Optional[torch.Tensor] = None,
-        second_per_grid_ts: Optional[torch.Tensor] = None,
-        mm_token_type_ids: Optional[torch.Tensor] = None,
-        vision_token_index: Optional[torch.Tensor] = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        mm_token_type_ids: torch.Tensor | None = None,
+        vision_token_index: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Takes a transformers Qwen2.5-VL processor's whole output: ``model(**processor(...))``.
 
@@ -176,7 +186,12 @@ class Qwen2_5_VL(nn.Module):
 
         if position_ids is None and (image_grid_thw is not None or video_grid_thw is not None):
             position_ids = self.multimodal_position_ids(
-                input_ids, image_grid_thw, video_grid_thw, second_per_grid_ts, attention_mask, mm_token_type_ids,
+                input_ids,
+                image_grid_thw,
+                video_grid_thw,
+                second_per_grid_ts,
+                attention_mask,
+                mm_token_type_ids,
                 document_ids,
             )  # [3, B, T]
         elif position_ids is None:

@@ -2,7 +2,7 @@
 tower's frame pairs spread over the cp ranks (:class:`VisionFrameSplit`), with the generic
 mechanisms of :mod:`omnilong.parallel.context_parallel`."""
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -54,7 +54,9 @@ class VisionFrameSplit:
         self.merge = merge
 
     def __call__(
-        self, encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], pixel_values: torch.Tensor,
+        self,
+        encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        pixel_values: torch.Tensor,
         grid_thw: torch.Tensor,
     ) -> torch.Tensor:
         """
@@ -76,7 +78,7 @@ class VisionFrameSplit:
         lo, hi = ranges[self.rank]
         if hi == lo:  # nothing to encode here: encode the first frame pair as padding
             lo, hi = 0, 1
-        features = encode(pixel_values[offsets[lo]:offsets[hi]], self._grids(units[lo:hi], grid_thw.device))
+        features = encode(pixel_values[offsets[lo] : offsets[hi]], self._grids(units[lo:hi], grid_thw.device))
         longest = max(max(counts), features.shape[0])
         block = F.pad(features, (0, 0, 0, longest - features.shape[0]))  # [longest, out_dim]
         gathered = GatherBlocks.apply(block, self.group)  # [cp, longest, out_dim]

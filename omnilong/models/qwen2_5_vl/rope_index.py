@@ -27,8 +27,8 @@ never saw in training and vLLM never gives it. Do not follow it; parity tests ag
 transformers 5.x pass these positions explicitly.
 """
 
+from collections.abc import Iterator, Sequence
 from itertools import repeat
-from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -95,16 +95,16 @@ def _row_positions(
 
 def rope_index(
     input_ids: torch.Tensor,
-    image_grid_thw: Optional[torch.Tensor] = None,
-    video_grid_thw: Optional[torch.Tensor] = None,
-    second_per_grid_ts: Optional[Union[torch.Tensor, Sequence[float]]] = None,
-    attention_mask: Optional[torch.Tensor] = None,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
+    attention_mask: torch.Tensor | None = None,
     *,
-    image_token_id: Optional[int],
-    video_token_id: Optional[int],
+    image_token_id: int | None,
+    video_token_id: int | None,
     spatial_merge_size: int = 2,
     tokens_per_second: int = 2,
-    mm_token_type_ids: Optional[torch.Tensor] = None,
+    mm_token_type_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """M-RoPE positions of token rows holding any mix of text, images and videos, by the
     served rule (module docstring).
@@ -139,14 +139,18 @@ def rope_index(
         for kind, token_id in ((IMAGE, image_token_id), (VIDEO, video_token_id)):
             if token_id is not None:
                 types[input_ids == token_id] = kind
-    grids = {kind: iter(g.cpu() if g is not None else ())
-             for kind, g in ((IMAGE, image_grid_thw), (VIDEO, video_grid_thw))}
+    grids = {
+        kind: iter(g.cpu() if g is not None else ()) for kind, g in ((IMAGE, image_grid_thw), (VIDEO, video_grid_thw))
+    }
     seconds = iter(torch.as_tensor(second_per_grid_ts).cpu()) if second_per_grid_ts is not None else repeat(1.0)
     position_ids = torch.zeros(3, *input_ids.shape, dtype=input_ids.dtype)
     deltas = []
     for b in range(input_ids.shape[0]):
-        real = (attention_mask[b].bool().cpu() if attention_mask is not None
-                else torch.ones(input_ids.shape[1], dtype=torch.bool))
+        real = (
+            attention_mask[b].bool().cpu()
+            if attention_mask is not None
+            else torch.ones(input_ids.shape[1], dtype=torch.bool)
+        )
         positions = _row_positions(types[b].cpu()[real], grids, seconds, spatial_merge_size, tokens_per_second)
         position_ids[:, b, real] = positions.to(position_ids.dtype)
         deltas.append(int(positions.max()) + 1 - int(real.sum()) if positions.numel() else 0)
@@ -159,12 +163,12 @@ def rope_index(
 def rope_index_per_document(
     document_ids: torch.Tensor,
     input_ids: torch.Tensor,
-    image_grid_thw: Optional[torch.Tensor] = None,
-    video_grid_thw: Optional[torch.Tensor] = None,
-    second_per_grid_ts: Optional[Union[torch.Tensor, Sequence[float]]] = None,
-    attention_mask: Optional[torch.Tensor] = None,
+    image_grid_thw: torch.Tensor | None = None,
+    video_grid_thw: torch.Tensor | None = None,
+    second_per_grid_ts: torch.Tensor | Sequence[float] | None = None,
+    attention_mask: torch.Tensor | None = None,
     *,
-    mm_token_type_ids: Optional[torch.Tensor] = None,
+    mm_token_type_ids: torch.Tensor | None = None,
     **rule,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`rope_index` of packed rows: each document gets the positions it has alone.
@@ -184,8 +188,9 @@ def rope_index_per_document(
         ``(position_ids [3, B, T], deltas [n_documents, 1])``: the deltas of the documents in
         order (row after row).
     """
-    segments = [(b, start, end) for b, row in enumerate(document_ids.tolist())
-                for _, start, end in runs_of_equal_ids(row)]
+    segments = [
+        (b, start, end) for b, row in enumerate(document_ids.tolist()) for _, start, end in runs_of_equal_ids(row)
+    ]
     longest = max(end - start for _, start, end in segments)
     shape = (len(segments), longest)
     documents = input_ids.new_zeros(shape)
@@ -196,8 +201,9 @@ def rope_index_per_document(
         real[i, : end - start] = True if attention_mask is None else attention_mask[b, start:end].bool()
         if types is not None:
             types[i, : end - start] = mm_token_type_ids[b, start:end]
-    positions, deltas = rope_index(documents, image_grid_thw, video_grid_thw, second_per_grid_ts, real,
-                                   mm_token_type_ids=types, **rule)  # [3, n_documents, longest]
+    positions, deltas = rope_index(
+        documents, image_grid_thw, video_grid_thw, second_per_grid_ts, real, mm_token_type_ids=types, **rule
+    )  # [3, n_documents, longest]
     position_ids = torch.zeros(3, *input_ids.shape, dtype=positions.dtype, device=positions.device)
     for i, (b, start, end) in enumerate(segments):
         position_ids[:, b, start:end] = positions[:, i, : end - start]

@@ -13,7 +13,7 @@ attended through the one attention entry point (:func:`omnilong.models.attention
 never with an ``N x N`` mask.
 """
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -137,8 +137,10 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # [N, H, D]
         cos, sin = rope
-        q, k = (apply_rope(t.float().transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1).to(x.dtype)
-                for t in (q, k))
+        q, k = (
+            apply_rope(t.float().transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1).to(x.dtype)
+            for t in (q, k)
+        )
         out = attention(q, k, v, segments)  # [N, H, D]
         return self.wo(out.reshape(n, -1))
 
@@ -195,7 +197,7 @@ class VisionTransformer(nn.Module):
         # How the work is spread: None encodes everything here; context parallelism
         # (:mod:`omnilong.models.qwen2_5_vl.parallelize`) sets a strategy ``split(encode, pixel_values,
         # grid_thw)`` that encodes a share of the frames on each cp rank and returns every feature.
-        self.split: Optional[Callable[..., torch.Tensor]] = None
+        self.split: Callable[..., torch.Tensor] | None = None
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """See :meth:`encode`; delegated to ``self.split`` when one is set."""
@@ -231,8 +233,10 @@ class VisionTransformer(nn.Module):
         groups = groups.to(device)
         order = (groups[:, None] * merge**2 + torch.arange(merge**2, device=device)).flatten()  # [N]
         x = self.patch_embed(pixel_values)[order]  # [N, dim], window order
-        windows, frames = (VarlenSegments.from_lengths(lengths, lengths, causal=False, device=device)
-                           for lengths in (window_lengths, frame_lengths(grids)))
+        windows, frames = (
+            VarlenSegments.from_lengths(lengths, lengths, causal=False, device=device)
+            for lengths in (window_lengths, frame_lengths(grids))
+        )
         rope = vision_rope_cos_sin(patch_positions(grids, merge, device)[order], args.head_dim, args.rope_theta)
         for index, layer in enumerate(self.layers):
             x = layer(x, rope, frames if index in args.fullatt_block_indexes else windows)

@@ -21,6 +21,9 @@ def processor_inputs(path, content: list[dict], videos=None, images=None) -> dic
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(path)
-    messages = [{"role": "user", "content": content}, {"role": "assistant", "content": [{"type": "text", "text": "ok"}]}]
+    messages = [
+        {"role": "user", "content": content},
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+    ]
     text = processor.apply_chat_template(messages)
     return dict(processor(text=[text], images=images, videos=videos, return_tensors="pt"))

@@ -15,10 +15,10 @@ from omnilong.data import collate_padded, llava_video_sft_dataset, load_tokenize
 from omnilong.hf_io import read_hf_config
 from omnilong.models import load_hf_model
 from omnilong.models.llava_onevision.parallelize import ImageSplit
-from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
 from omnilong.models.parallelize import apply_context_parallel
 from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.parallel.context_parallel import shard_batch_for_cp
+from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
 from tests.models.llava_onevision.inputs import processor_inputs as _inputs
 from tests.models.llava_onevision.inputs import random_image as _image
 from tests.models.llava_onevision.inputs import random_video as _video
@@ -29,9 +29,12 @@ TOL = 1e-5
 def _processor_batch(checkpoint) -> dict[str, torch.Tensor]:
     """An anyres image (base + 2x4 grid crops), two 3-frame videos and text, as the processor
     gives them, with positions and labels added as the recipe's batches have them."""
-    inputs = _inputs(checkpoint, [{"type": "image"}, {"type": "video"}, {"type": "video"},
-                                  {"type": "text", "text": "what is in all of these?"}],
-                     images=[_image(50, 130, seed=1)], videos=[_video(3, 40, 60, seed=2), _video(3, 42, 42, seed=3)])
+    inputs = _inputs(
+        checkpoint,
+        [{"type": "image"}, {"type": "video"}, {"type": "video"}, {"type": "text", "text": "what is in all of these?"}],
+        images=[_image(50, 130, seed=1)],
+        videos=[_video(3, 40, 60, seed=2), _video(3, 42, 42, seed=3)],
+    )
     inputs.pop("attention_mask")
     inputs["position_ids"] = torch.arange(inputs["input_ids"].shape[1])[None]
     inputs["labels"] = torch.randint(0, 1000, inputs["input_ids"].shape, generator=torch.Generator().manual_seed(4))
@@ -60,7 +63,9 @@ def _cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict, expecte
     apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])  # the family picks its tower's split
     assert isinstance(model.visual.split, ImageSplit)
     global_tokens = int((batch["labels"] != -100).sum())
-    local = _loss(model, shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], 0), global_tokens)
+    local = _loss(
+        model, shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], 0), global_tokens
+    )
     local.backward()
     total = local.detach().clone()
     torch.distributed.all_reduce(total)
@@ -93,9 +98,16 @@ def test_image_and_videos_under_cp_match_one_device(run_distributed, tiny_llava_
 def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_llava_dir, tiny_videos_dir):
     """Two packed rows of the demo videos (several documents each, right padding, then cp
     padding), positions per document computed on the full rows (``with_positions``), 2 ranks."""
-    packed = llava_video_sft_dataset(load_tokenizer(tiny_llava_dir), tiny_videos_dir / "train.jsonl",
-                                     max_seq_len=300, fps=2.0, max_frames=8, frame_size=TINY_CROP,
-                                     patch_size=TINY_PATCH, packed=True)
+    packed = llava_video_sft_dataset(
+        load_tokenizer(tiny_llava_dir),
+        tiny_videos_dir / "train.jsonl",
+        max_seq_len=300,
+        fps=2.0,
+        max_frames=8,
+        frame_size=TINY_CROP,
+        patch_size=TINY_PATCH,
+        packed=True,
+    )
     assert len(packed.rows[0]) > 1
     batch = load_hf_model(tiny_llava_dir).with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
     batch.pop("skipped")

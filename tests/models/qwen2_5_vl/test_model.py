@@ -62,9 +62,16 @@ def test_gradients_match_transformers(tiny_qwen_dir):
     loss(hf(input_ids=input_ids).logits).backward()
     loss(native(input_ids=input_ids)).backward()
     native_params = dict(native.named_parameters())
-    for native_key in ["tok_embeddings.weight", "layers.0.attention.wq.weight", "layers.0.attention.wk.bias",
-                       "layers.1.attention.wo.weight", "layers.1.feed_forward.w1.weight",
-                       "layers.0.attention_norm.weight", "norm.weight", "output.weight"]:
+    for native_key in [
+        "tok_embeddings.weight",
+        "layers.0.attention.wq.weight",
+        "layers.0.attention.wk.bias",
+        "layers.1.attention.wo.weight",
+        "layers.1.feed_forward.w1.weight",
+        "layers.0.attention_norm.weight",
+        "norm.weight",
+        "output.weight",
+    ]:
         (hub_key,) = native_to_hf({native_key: None})
         hf_grad = _hf_param(hf, hub_key).grad
         torch.testing.assert_close(native_params[native_key].grad, hf_grad, atol=ATOL, rtol=0, msg=native_key)
@@ -102,13 +109,29 @@ def test_7b_parameter_counts_equal_transformers():
     model, and the language model alone."""
     with torch.device("meta"):
         native = qwen2_5_vl_7b()
-        hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
-            text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                             num_attention_heads=28, num_key_value_heads=4, rope_parameters={
-                                 "rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
-            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
-                               fullatt_block_indexes=[7, 15, 23, 31], window_size=112, tokens_per_second=2),
-        ))
+        hf = Qwen2_5_VLForConditionalGeneration(
+            Qwen2_5_VLConfig(
+                text_config=dict(
+                    vocab_size=152064,
+                    hidden_size=3584,
+                    intermediate_size=18944,
+                    num_hidden_layers=28,
+                    num_attention_heads=28,
+                    num_key_value_heads=4,
+                    rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+                ),
+                vision_config=dict(
+                    depth=32,
+                    hidden_size=1280,
+                    intermediate_size=3420,
+                    num_heads=16,
+                    out_hidden_size=3584,
+                    fullatt_block_indexes=[7, 15, 23, 31],
+                    window_size=112,
+                    tokens_per_second=2,
+                ),
+            )
+        )
     hf_lm = sum(p.numel() for n, p in hf.named_parameters() if "visual" not in n)
     native_lm = sum(p.numel() for n, p in native.named_parameters() if not n.startswith("visual."))
     assert native_lm == hf_lm == 7_615_616_512

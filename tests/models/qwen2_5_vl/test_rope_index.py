@@ -16,13 +16,19 @@ IMG, VID, PAD = 101, 102, 0
 x = 7  # any text token (vision start/end tokens are text here)
 
 
-def positions(rows, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, attention_mask=None,
-              **kwargs):
+def positions(rows, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None, attention_mask=None, **kwargs):
     """``(t, h, w, deltas)`` lists of ``rope_index`` on the token rows ``rows``."""
     as_tensor = lambda v: None if v is None else torch.tensor(v)  # noqa: E731
     position_ids, deltas = rope_index(
-        torch.tensor(rows), as_tensor(image_grid_thw), as_tensor(video_grid_thw), as_tensor(second_per_grid_ts),
-        as_tensor(attention_mask), image_token_id=IMG, video_token_id=VID, spatial_merge_size=2, tokens_per_second=2,
+        torch.tensor(rows),
+        as_tensor(image_grid_thw),
+        as_tensor(video_grid_thw),
+        as_tensor(second_per_grid_ts),
+        as_tensor(attention_mask),
+        image_token_id=IMG,
+        video_token_id=VID,
+        spatial_merge_size=2,
+        tokens_per_second=2,
         **kwargs,
     )
     return (*position_ids.tolist(), deltas.flatten().tolist())
@@ -40,8 +46,9 @@ def test_text_after_a_long_video_resumes_past_its_last_frame():
 
 def test_two_videos_back_to_back():
     """Pad runs of two videos touch; the second starts at the first's max + 1."""
-    t, h, w, deltas = positions([[x] + [VID] * 2 + [VID] * 4 + [x]], video_grid_thw=[[2, 2, 2], [2, 2, 4]],
-                                second_per_grid_ts=[1.0, 0.5])
+    t, h, w, deltas = positions(
+        [[x] + [VID] * 2 + [VID] * 4 + [x]], video_grid_thw=[[2, 2, 2], [2, 2, 4]], second_per_grid_ts=[1.0, 0.5]
+    )
     assert t == [[0, 1, 3, 4, 4, 5, 5, 6]]
     assert h == [[0, 1, 1, 4, 4, 4, 4, 6]]
     assert w == [[0, 1, 1, 4, 5, 4, 5, 6]]
@@ -67,8 +74,12 @@ def test_fractional_seconds_floor_the_product_not_the_seconds():
 
 
 def test_left_padding_is_skipped_and_gets_position_zero():
-    t, h, w, deltas = positions([[PAD, PAD, x, VID, VID, x]], video_grid_thw=[[2, 2, 2]], second_per_grid_ts=[2.0],
-                                attention_mask=[[0, 0, 1, 1, 1, 1]])
+    t, h, w, deltas = positions(
+        [[PAD, PAD, x, VID, VID, x]],
+        video_grid_thw=[[2, 2, 2]],
+        second_per_grid_ts=[2.0],
+        attention_mask=[[0, 0, 1, 1, 1, 1]],
+    )
     assert t == [[0, 0, 0, 1, 5, 6]]
     assert h == w == [[0, 0, 0, 1, 1, 6]]
     assert deltas == [6 + 1 - 4]
@@ -80,8 +91,13 @@ def test_batch_rows_with_different_layouts(with_types):
     processor's mm_token_type_ids, when given, place the same items."""
     rows = [[x, IMG, IMG, x, x], [x, VID, VID, VID, x]]
     types = {"mm_token_type_ids": (torch.tensor(rows) == IMG).int() + 2 * (torch.tensor(rows) == VID).int()}
-    t, h, w, deltas = positions(rows, image_grid_thw=[[1, 2, 4]], video_grid_thw=[[3, 2, 2]],
-                                second_per_grid_ts=[1.0], **(types if with_types else {}))
+    t, h, w, deltas = positions(
+        rows,
+        image_grid_thw=[[1, 2, 4]],
+        video_grid_thw=[[3, 2, 2]],
+        second_per_grid_ts=[1.0],
+        **(types if with_types else {}),
+    )
     assert t == [[0, 1, 1, 3, 4], [0, 1, 3, 5, 6]]
     assert h == [[0, 1, 1, 3, 4], [0, 1, 1, 1, 6]]
     assert w == [[0, 1, 2, 3, 4], [0, 1, 1, 1, 6]]

@@ -29,8 +29,9 @@ PATCH_DIM = 3 * 2 * 14 * 14
 
 @pytest.fixture(scope="module")
 def models(tiny_qwen_dir):
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_qwen_dir, dtype=torch.float32,
-                                                            attn_implementation="sdpa")
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_qwen_dir, dtype=torch.float32, attn_implementation="sdpa"
+    )
     return hf, load_hf_model(tiny_qwen_dir)
 
 
@@ -38,7 +39,7 @@ def _hf_param(hf_model, hub_key):
     """Parameter of the transformers model by its hub checkpoint name."""
     for hub_prefix, memory_prefix in (("visual.", "model.visual."), ("model.", "model.language_model.")):
         if hub_key.startswith(hub_prefix):
-            hub_key = memory_prefix + hub_key[len(hub_prefix):]
+            hub_key = memory_prefix + hub_key[len(hub_prefix) :]
             break
     return dict(hf_model.named_parameters())[hub_key]
 
@@ -46,8 +47,9 @@ def _hf_param(hf_model, hub_key):
 def _video_patches(frames: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
     """``[F, 3, H, W]`` frames -> (pixel rows, grid) exactly as the HF video processor lays
     them out (odd frame counts padded by repeating the last frame)."""
-    patches, t, h, w = Qwen2VLVideoProcessor().patchify(frames[None], patch_size=14, merge_size=2,
-                                                        temporal_patch_size=2)
+    patches, t, h, w = Qwen2VLVideoProcessor().patchify(
+        frames[None], patch_size=14, merge_size=2, temporal_patch_size=2
+    )
     return patches[0], [t, h, w]
 
 
@@ -87,8 +89,10 @@ class Sequence:
 
     def inputs(self, second_per_grid_ts=None) -> dict:
         out = {"input_ids": torch.tensor([self.ids])}
-        for kind, pixel_key, grid_key in (("image", "pixel_values", "image_grid_thw"),
-                                          ("video", "pixel_values_videos", "video_grid_thw")):
+        for kind, pixel_key, grid_key in (
+            ("image", "pixel_values", "image_grid_thw"),
+            ("video", "pixel_values_videos", "video_grid_thw"),
+        ):
             if self.grids[kind]:
                 out[pixel_key] = torch.cat(self.pixels[kind])
                 out[grid_key] = torch.tensor(self.grids[kind])
@@ -136,8 +140,10 @@ def test_window_order_and_segments_equal_transformers(models):
     token_order = (order[:, None] * 4 + torch.arange(4)).flatten()
     cos, sin = vision_rope_cos_sin(positions[token_order], head_dim=16, theta=10_000.0)
     visual = hf.model.visual
-    expected = [visual.permute_input_for_window_attn(t, expected_index, len(positions))
-                for t in visual.rotary_pos_emb(positions.float(), positions)]
+    expected = [
+        visual.permute_input_for_window_attn(t, expected_index, len(positions))
+        for t in visual.rotary_pos_emb(positions.float(), positions)
+    ]
     assert torch.equal(cos, expected[0]) and torch.equal(sin, expected[1])
 
 
@@ -158,29 +164,44 @@ def test_logits_and_gradients_match_transformers(models, mix):
     hf.zero_grad(set_to_none=True)
     native.zero_grad(set_to_none=True)
     inputs = MIXES[mix](Sequence(native.args, seed=len(mix))).inputs(SECONDS.get(mix))
-    labels = torch.randint(native.args.vocab_size, inputs["input_ids"].shape,
-                           generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(
+        native.args.vocab_size, inputs["input_ids"].shape, generator=torch.Generator().manual_seed(1)
+    )
 
     def loss(logits):
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
 
     # transformers 5.x would place text after a video by its own rule: both models get the served positions
-    position_ids = native.multimodal_position_ids(inputs["input_ids"], inputs.get("image_grid_thw"),
-                                                  inputs.get("video_grid_thw"), inputs.get("second_per_grid_ts"))
+    position_ids = native.multimodal_position_ids(
+        inputs["input_ids"],
+        inputs.get("image_grid_thw"),
+        inputs.get("video_grid_thw"),
+        inputs.get("second_per_grid_ts"),
+    )
     expected = hf(**inputs, position_ids=position_ids).logits
     actual = native(**inputs, position_ids=position_ids)
     torch.testing.assert_close(actual, expected, atol=ATOL, rtol=0)
     loss(expected).backward()
     loss(actual).backward()
     native_params = dict(native.named_parameters())
-    for native_key in ["visual.patch_embed.proj.weight", "visual.layers.0.attention.qkv.weight",
-                       "visual.layers.1.attention.wo.bias", "visual.layers.0.feed_forward.w1.bias",
-                       "visual.layers.1.ffn_norm.weight", "visual.merger.norm.weight", "visual.merger.w1.weight",
-                       "visual.merger.w2.bias", "tok_embeddings.weight", "layers.0.attention.wq.weight",
-                       "layers.1.feed_forward.w2.weight", "output.weight"]:
+    for native_key in [
+        "visual.patch_embed.proj.weight",
+        "visual.layers.0.attention.qkv.weight",
+        "visual.layers.1.attention.wo.bias",
+        "visual.layers.0.feed_forward.w1.bias",
+        "visual.layers.1.ffn_norm.weight",
+        "visual.merger.norm.weight",
+        "visual.merger.w1.weight",
+        "visual.merger.w2.bias",
+        "tok_embeddings.weight",
+        "layers.0.attention.wq.weight",
+        "layers.1.feed_forward.w2.weight",
+        "output.weight",
+    ]:
         (hub_key,) = native_to_hf({native_key: None})
-        torch.testing.assert_close(native_params[native_key].grad, _hf_param(hf, hub_key).grad,
-                                   atol=ATOL, rtol=0, msg=native_key)
+        torch.testing.assert_close(
+            native_params[native_key].grad, _hf_param(hf, hub_key).grad, atol=ATOL, rtol=0, msg=native_key
+        )
 
 
 @pytest.fixture(scope="module")
@@ -221,8 +242,11 @@ def test_processor_output_feeds_the_model(models, processor, content):
     assert real.all() == (len(text) == 1)
 
     position_ids = native.multimodal_position_ids(
-        inputs["input_ids"], inputs.get("image_grid_thw"), inputs.get("video_grid_thw"),
-        inputs.get("second_per_grid_ts"), inputs["attention_mask"],
+        inputs["input_ids"],
+        inputs.get("image_grid_thw"),
+        inputs.get("video_grid_thw"),
+        inputs.get("second_per_grid_ts"),
+        inputs["attention_mask"],
     )
     with torch.no_grad():
         actual = native(**inputs)
