@@ -3,6 +3,7 @@
 import difflib
 import importlib.util
 import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -229,9 +230,14 @@ def _value_problems(cfg: DictConfig) -> list[str]:
     return problems
 
 
+def _component_parameters(node: DictConfig) -> Mapping[str, inspect.Parameter]:
+    """The parameters of a component node's ``_component_`` (imported by its dotted path)."""
+    return inspect.signature(_get_component_from_path(node._component_)).parameters
+
+
 def takes_argument(node: DictConfig, argument: str) -> bool:
     """Whether the ``_component_`` of a (validated) component node has a parameter ``argument``."""
-    return argument in inspect.signature(_get_component_from_path(node._component_)).parameters
+    return argument in _component_parameters(node)
 
 
 def _component_problems(key: str, node: Any, passed: tuple[int, tuple[str, ...]]) -> list[str]:
@@ -242,7 +248,7 @@ def _component_problems(key: str, node: Any, passed: tuple[int, tuple[str, ...]]
     if not OmegaConf.is_dict(node) or "_component_" not in node:
         return [f"{key} must be a mapping with a _component_"]
     try:
-        params = inspect.signature(_get_component_from_path(node._component_)).parameters
+        params = _component_parameters(node)
     except Exception as e:  # an import error, a misspelled name, a non-callable
         return [f"{key}._component_: cannot use {node._component_!r} ({type(e).__name__}: {e})".splitlines()[0]]
     n_positional, keywords = passed

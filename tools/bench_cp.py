@@ -39,6 +39,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from omnilong.constants import IGNORE_INDEX
+from omnilong.distributed import available_cores
 from omnilong.documents import positions_within_documents
 from omnilong.loss import ChunkedLinearCrossEntropy
 from omnilong.metrics import host_peak_memory, reset_host_peak_memory
@@ -151,7 +152,7 @@ def train_step(model: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tens
 def _memory_rank(rank: int, cp: int, seq_len: int, shares: list[int], port: int, results: mp.SimpleQueue) -> None:
     """One rank of :func:`measure_step_memory`: puts ``(rank, peak extra MiB, seconds)``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(cp))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // cp))
+    torch.set_num_threads(max(1, available_cores() // cp))
     dist.init_process_group("gloo")
     meshes = build_mesh(ParallelDims.resolve(cp, cp=cp), "cpu")
     model = build_model(meshes, cp)

@@ -14,11 +14,11 @@ Running it again with the same sources, tokenizer and settings does nothing (--f
 """
 
 import argparse
-import os
 import sys
 
 from omnilong.data.prepare import VIDEO_FORMATS, prepare
 from omnilong.data.prepared import KINDS
+from omnilong.distributed import available_cores
 
 
 def main() -> None:
@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--tokenizer", required=True, help="model or tokenizer directory that training uses")
     parser.add_argument("--output", required=True, help="prepared directory to write")
-    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="tokenizer processes")
+    parser.add_argument("--workers", type=int, default=min(8, available_cores()), help="tokenizer processes")
     parser.add_argument("--text-column", default="text", help="text: field of JSONL / JSON / parquet records")
     parser.add_argument("--separator-token", default=None, help="text: token after each document (default EOS)")
     parser.add_argument("--data-root", default=None, help="video_sft: directory of relative video paths")
