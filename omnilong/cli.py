@@ -2,7 +2,8 @@
 
 torchtune's ``tune ls`` / ``tune cp`` read a fixed list of torchtune's own recipes
 (``torchtune._recipe_registry``) with no way to add one short of patching it, so OmniLong
-has its own command with the same verbs; ``omnilong run`` hands over to ``tune run``.
+has its own command with the same verbs; ``omnilong run`` launches the recipe as ``tune run``
+does, without importing torchtune.
 
     omnilong ls                                   # recipes and shipped configs
     omnilong cp tiny/stage1_text my_stage1.yaml   # a config (or the recipe) to edit
@@ -12,15 +13,19 @@ has its own command with the same verbs; ``omnilong run`` hands over to ``tune r
 
 import argparse
 import functools
+import gc
 import importlib.util
+import os
+import runpy
 import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+
+from omegaconf import DictConfig
 
 from omnilong.config import keys_markdown, keys_text
-from omnilong.config_files import CONFIG_ROOT, resolve_config, shipped_configs
+from omnilong.config_files import CONFIG_ROOT, load_config, resolve_config, shipped_configs
 
 RECIPE = "omnilong_full"
 
@@ -58,10 +63,10 @@ def _cp(source: str, destination: str) -> Path:
 
 
 def _run(args: list[str]) -> int:
-    """``tune run [TORCHRUN-OPTIONS] omnilong_full --config <config> [overrides]`` in this process:
-    the options before ``--config`` go to the launcher, the rest to the recipe."""
-    from torchtune._cli.tune import main as tune_main
-
+    """``omnilong run [TORCHRUN-OPTIONS] --config <config> [overrides]``: what ``tune run
+    [TORCHRUN-OPTIONS] omnilong_full --config <config> [overrides]`` does, without importing
+    torchtune (about 3 s). With any torchrun option the recipe runs under torchrun (standalone
+    unless a rendezvous endpoint is given), else in this process, which exits with its status."""
     if "--config" not in args and {"-h", "--help"} & set(args):
         print(
             "usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [key=value ...]\n\n"
@@ -73,10 +78,27 @@ def _run(args: list[str]) -> int:
     if "--config" not in args or args.index("--config") + 1 >= len(args):
         raise ValueError("omnilong run needs --config <config> (`omnilong ls` lists the shipped ones)")
     at = args.index("--config")
-    config = str(resolve_config(args[at + 1]))
-    sys.argv = ["tune", "run", *args[:at], RECIPE, "--config", config, *args[at + 2 :]]
-    tune_main()  # a single-process run exits here with the recipe's status
+    recipe_args = ["--config", str(resolve_config(args[at + 1])), *args[at + 2 :]]
+    sys.path.append(os.getcwd())  # as tune run does: components in the working directory import
+    gc.freeze()  # what is imported so far lives to the end: collections (and the one at exit) skip it
+    if args[:at]:
+        _run_torchrun([*args[:at], "--module", RECIPE, *recipe_args])
+        return 0
+    sys.argv = [RECIPE, *recipe_args]
+    runpy.run_module(RECIPE, run_name="__main__")  # exits with the recipe's status
     return 0
+
+
+def _run_torchrun(argv: list[str]) -> None:
+    """torchrun with ``argv``; standalone (a rendezvous of its own) without ``--rdzv-endpoint``.
+    A failed rank raises ``ChildFailedError``, which ``record`` reports as ``tune run`` does."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+    from torch.distributed.run import get_args_parser, run
+
+    args = get_args_parser().parse_args(argv)
+    if not args.rdzv_endpoint:
+        args.standalone = True
+    record(run)(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,28 +134,30 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse(recipe_main: Callable[[Any], int]) -> Callable[[], None]:
-    """torchtune's ``config.parse`` for the recipe's ``main``, plus: ``--config`` may name a
-    shipped config (:func:`resolve_config`), and ``--help`` lists every config key."""
-    from torchtune.config._parse import TuneRecipeArgumentParser
-    from torchtune.config._utils import _merge_yaml_and_cli_args
+def parse(recipe_main: Callable[[DictConfig], int]) -> Callable[[], None]:
+    """The recipe's command line for its ``main``: ``--config <config> [key=value | ~key ...]``
+    (:func:`load_config`), where ``<config>`` may name a shipped config (:func:`resolve_config`)
+    and ``--help`` lists every config key. Errors in the command line end the process with
+    status 1 and one line; ``main``'s return value is the exit status."""
 
     @functools.wraps(recipe_main)
     def wrapper() -> None:
-        parser = TuneRecipeArgumentParser(
+        parser = argparse.ArgumentParser(
             description=recipe_main.__doc__,
             epilog="config keys (default, meaning):\n" + keys_text(),
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
-        argv = sys.argv[1:]
-        if "--config" in argv[:-1]:
-            at = argv.index("--config") + 1
-            try:
-                argv[at] = str(resolve_config(argv[at]))
-            except FileNotFoundError as e:
-                print(f"{RECIPE}: error: {e}", file=sys.stderr)
-                sys.exit(1)
-        yaml_args, cli_args = parser.parse_known_args(argv)
-        sys.exit(recipe_main(_merge_yaml_and_cli_args(yaml_args, cli_args)))
+        parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (`omnilong ls`)")
+        args, overrides = parser.parse_known_args(sys.argv[1:])
+        try:
+            flags = [arg for arg in overrides if arg.startswith("--")]
+            if flags:
+                raise ValueError(f"unknown option {flags[0]}: the recipe takes --config and key=value overrides")
+            cfg = load_config(resolve_config(args.config), overrides)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"{RECIPE}: error: {e}", file=sys.stderr)
+            sys.exit(1)
+        gc.freeze()  # the modules' objects live to the end: later collections (and the one at exit) skip them
+        sys.exit(recipe_main(cfg))
 
     return wrapper

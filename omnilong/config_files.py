@@ -1,4 +1,5 @@
-"""The shipped configs: where they are, their names, and ``--config`` values that name one.
+"""The shipped configs (where they are, their names, ``--config`` values that name one) and
+reading a config file with its command-line overrides.
 
 Configs live in the checkout's ``configs/`` folder, next to the ``omnilong`` package; the
 editable install of ``scripts/setup.sh`` (``pip install -e``) reads them there. A
@@ -6,7 +7,10 @@ non-editable install (``pip install .``) does not ship them: give ``--config`` a
 """
 
 import difflib
+from collections.abc import Sequence
 from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
 
@@ -45,3 +49,44 @@ def resolve_config(value: str, root: Path = CONFIG_ROOT) -> Path:
     if not configs:
         hint = " (a non-editable install does not ship them); give a path"
     raise FileNotFoundError(f"config {value}: no such file, nor a shipped config ({len(configs)} in {root}){hint}")
+
+
+def load_config(path: Path, overrides: Sequence[str]) -> DictConfig:
+    """The YAML config at ``path`` with the command line's ``overrides`` applied, as ``tune run``
+    reads them:
+
+    - ``key=value`` sets ``key`` (dotted for a nested one: ``dataset.max_files=20``); the value
+      is read as YAML, and ``None`` is null;
+    - ``key=dotted.path`` on a component node (one with a ``_component_``) replaces the
+      component and keeps its arguments, as ``key._component_=dotted.path`` does;
+    - ``~key`` deletes ``key`` (its default then applies; a required key is then missing).
+
+    Raises:
+        ValueError: an override that is neither ``key=value`` nor ``~key``, a ``~key`` that
+            names no key, or a config with a top-level key ``config``.
+    """
+    cfg = OmegaConf.load(path)
+    if "config" in cfg:
+        raise ValueError(f"{path}: a config may not have a key named 'config' (--config names the file)")
+    dotlist = []
+    for arg in overrides:
+        if arg.startswith("~"):
+            _delete(cfg, arg[1:].split("=")[0])
+            continue
+        key, equals, value = arg.partition("=")
+        if not key or not equals:
+            raise ValueError(f"command-line override {arg!r}: write key=value to set a key, or ~key to delete one")
+        node = OmegaConf.select(cfg, key, default=None)
+        if OmegaConf.is_dict(node) and "_component_" in node and value not in ("None", "null"):
+            key += "._component_"
+        dotlist.append(f"{key}={'null' if value == 'None' else value}")
+    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+
+
+def _delete(cfg: DictConfig, key: str) -> None:
+    """Remove the dotted ``key`` from ``cfg``."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(cfg, parent_key, default=None) if parent_key else cfg
+    if not OmegaConf.is_dict(parent) or leaf not in parent:
+        raise ValueError(f"command-line override ~{key}: the config has no key {key} to delete")
+    del parent[leaf]

@@ -29,7 +29,6 @@ from omegaconf import DictConfig, OmegaConf
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from torch.utils.data import DataLoader
-from torchtune import config
 
 from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
@@ -43,6 +42,7 @@ from omnilong.checkpoint.training_state import (
     verify_checkpoint,
 )
 from omnilong.cli import parse
+from omnilong.config import instantiate as instantiate_component
 from omnilong.config import takes_argument, validate_config
 from omnilong.constants import IGNORE_INDEX
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
@@ -74,9 +74,10 @@ _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def instantiate(key: str, node: DictConfig, *args, **kwargs):
-    """``config.instantiate`` whose argument errors name the config key at fault."""
+    """The component of config key ``key`` (its ``node``), built with ``args`` and ``kwargs``;
+    argument errors name the key at fault."""
     try:
-        return config.instantiate(node, *args, **kwargs)
+        return instantiate_component(node, *args, **kwargs)
     except TypeError as e:
         raise ValueError(f"config key {key!r} ({node.get('_component_')}): {e}") from e
 

@@ -1,6 +1,7 @@
-"""Launching the recipe as users do (`tune run [--nproc_per_node N] omnilong_full ...`), or its
-command line in this process for configs it refuses at once, and reading what a run wrote:
-shared by the recipe, checkpoint and parity tests."""
+"""Launching the recipe as users do (`omnilong run [--nproc_per_node N] --config ...`, or `tune
+run [--nproc_per_node N] omnilong_full --config ...`), or its command line in this process for
+configs it refuses at once, and reading what a run wrote: shared by the recipe, checkpoint and
+parity tests."""
 
 import json
 import os
@@ -12,6 +13,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
+OMNILONG = str(Path(sys.executable).parent / "omnilong")
 STAGE1 = str(REPO / "configs/tiny/stage1_text.yaml")
 STAGE2 = str(REPO / "configs/tiny/stage2_text_sft.yaml")
 STAGE3 = str(REPO / "configs/tiny/stage3_video_sft.yaml")
@@ -25,11 +27,16 @@ def _args(overrides: dict) -> list[str]:
     return [k if v is None else f"{k}={v}" for k, v in overrides.items()]
 
 
-def tune_run(config, overrides, nproc=1, timeout=300, **popen) -> subprocess.CompletedProcess:
-    """``tune run`` of ``config`` with ``key=value`` overrides (``None`` value: the bare key)."""
-    cmd = (
-        [TUNE, "run"] + (["--nproc_per_node", str(nproc)] if nproc > 1 else []) + ["omnilong_full", "--config", config]
-    )
+def recipe_run(config, overrides, nproc=1, launcher="omnilong", timeout=300, **popen) -> subprocess.CompletedProcess:
+    """``omnilong run`` (``launcher="tune"``: ``tune run``) of ``config`` on ``nproc`` processes,
+    with ``key=value`` overrides (``None`` value: the bare key). Both launch the recipe the same
+    way; ``omnilong run`` starts about 3 s sooner (it does not import torchtune), so the tests use
+    it and a few go through ``tune run``."""
+    torchrun = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    if launcher == "tune":
+        cmd = [TUNE, "run", *torchrun, "omnilong_full", "--config", config]
+    else:
+        cmd = [OMNILONG, "run", *torchrun, "--config", config]
     env = {**(popen.get("env") or os.environ), "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         cmd + _args(overrides), capture_output=True, text=True, timeout=timeout, env=env, cwd=popen.get("cwd", REPO)

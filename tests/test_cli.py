@@ -7,6 +7,7 @@ from omegaconf import OmegaConf
 
 from omnilong.cli import main, parse
 from omnilong.config import KEYS, validate_config
+from omnilong.config_files import load_config
 
 
 def test_ls_lists_the_recipe_and_every_shipped_config(capsys):
@@ -67,3 +68,32 @@ def test_recipe_refuses_an_unknown_config_name_with_one_line(monkeypatch, capsys
     cfg, code = _parsed(monkeypatch, "--config", "tiny/stage1_txt")
     assert code == 1 and cfg is None
     assert capsys.readouterr().err.startswith("omnilong_full: error: config tiny/stage1_txt: no such file")
+
+
+def test_overrides_set_replace_and_delete_keys(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "a: 1\nnested: {x: 2}\nopt: {_component_: torch.optim.SGD, lr: 0.1}\ngone: 3\nlogger: {_component_: m.L}\n"
+    )
+    cfg = load_config(
+        path, ["a=5", "nested.x=[1, 2]", "opt=torch.optim.AdamW", "~gone", "b=None", "logger=None", "s=a=b"]
+    )
+    assert cfg.a == 5 and list(cfg.nested.x) == [1, 2] and cfg.b is None and cfg.logger is None and cfg.s == "a=b"
+    assert cfg.opt._component_ == "torch.optim.AdamW" and cfg.opt.lr == 0.1  # the component changes, its arguments stay
+    assert "gone" not in cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("max_steps", "override 'max_steps': write key=value to set a key, or ~key to delete one"),
+        ("~no_such_key", "override ~no_such_key: the config has no key no_such_key to delete"),
+        ("~dataset.no_such_key", "the config has no key dataset.no_such_key to delete"),
+        ("--max_steps=3", "unknown option --max_steps=3: the recipe takes --config and key=value overrides"),
+    ],
+)
+def test_recipe_refuses_a_malformed_override_with_one_line(monkeypatch, capsys, override, message):
+    cfg, code = _parsed(monkeypatch, "--config", "tiny/stage1_text", override)
+    assert code == 1 and cfg is None
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("omnilong_full: error: ") and message in err[0], err

@@ -5,9 +5,8 @@ from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
-from torchtune.config._utils import _get_component_from_path
 
-from omnilong.config import DEFAULTS, KEYS, REQUIRED_KEYS, keys_markdown, validate_config
+from omnilong.config import DEFAULTS, KEYS, REQUIRED_KEYS, component_from_path, keys_markdown, validate_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -25,7 +24,7 @@ def _components(node):
 def test_shipped_config_is_valid(path):
     cfg = validate_config(OmegaConf.load(path))
     for component in _components(cfg):
-        assert callable(_get_component_from_path(component)), component
+        assert callable(component_from_path(component)), component
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torchvision.transforms.v2.functional as tvF
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -252,6 +251,8 @@ def resize_and_normalize(
     """``[T, 3, H, W]`` uint8 -> ``[T, 3, height, width]`` fp32 as transformers' processors do it:
     bicubic antialiased resize of the uint8 frames, then rescaling by 1/255 and normalisation
     fused as ``(x - 255 * mean) / (255 * std)``."""
+    import torchvision.transforms.v2.functional as tvF  # here: importing torchvision costs ~1 s that text runs skip
+
     frames = tvF.resize(frames, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
     scale = 1.0 / (1.0 / 255.0)  # transformers folds rescaling into the normalisation this way
     return tvF.normalize(frames.to(torch.float32), torch.tensor(mean) * scale, torch.tensor(std) * scale, inplace=True)

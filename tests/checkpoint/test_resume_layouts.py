@@ -23,7 +23,7 @@ import torch
 
 from omnilong.checkpoint.dcp_io import load_model_tensors
 from omnilong.checkpoint.training_state import FAULT_ENV
-from tests.recipe_runs import STAGE2, metrics, tune_run
+from tests.recipe_runs import STAGE2, metrics, recipe_run
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +53,7 @@ def _run(checkpoint_dir, data, output_dir, fault=None, **extra):
         "dataset.packed": "false",
         **extra,
     }
-    return tune_run(STAGE2, overrides, nproc=2, env={**os.environ, FAULT_ENV: fault} if fault else None)
+    return recipe_run(STAGE2, overrides, nproc=2, env={**os.environ, FAULT_ENV: fault} if fault else None)
 
 
 def _curve(output_dir):

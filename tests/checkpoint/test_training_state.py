@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from omnilong.checkpoint.dcp_io import load_model_tensors
-from tests.recipe_runs import STAGE1, metrics, refused_in_process, tune_run
+from tests.recipe_runs import STAGE1, metrics, recipe_run, refused_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def _overrides(tiny_qwen_dir, output_dir=None, **extra):
 
 
 def _run(tiny_qwen_dir, output_dir, nproc=1, **extra):
-    return tune_run(STAGE1, _overrides(tiny_qwen_dir, output_dir, **extra), nproc=nproc)
+    return recipe_run(STAGE1, _overrides(tiny_qwen_dir, output_dir, **extra), nproc=nproc)
 
 
 def _reference(shared_run, tiny_qwen_dir, nproc=1):

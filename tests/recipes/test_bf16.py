@@ -11,7 +11,7 @@ fp32 accumulation over chunks is checked in ``tests/loss`` (this model's loss ha
 import pytest
 from omegaconf import OmegaConf
 
-from tests.recipe_runs import SMALL_STAGE1, STAGE1, metrics, tune_run
+from tests.recipe_runs import SMALL_STAGE1, STAGE1, metrics, recipe_run
 
 pytestmark = pytest.mark.slow
 
@@ -20,7 +20,7 @@ def test_bf16_run_matches_fp32(tiny_qwen_dir, shared_run, tmp_path):
     """The fp32 run is the config's own (``dtype: fp32``), shared with other tests."""
     assert OmegaConf.load(STAGE1).dtype == "fp32"
     small = {"checkpoint_dir": tiny_qwen_dir, **SMALL_STAGE1}
-    result = tune_run(STAGE1, {**small, "output_dir": tmp_path / "bf16", "dtype": "bf16"})
+    result = recipe_run(STAGE1, {**small, "output_dir": tmp_path / "bf16", "dtype": "bf16"})
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {"fp32": metrics(shared_run(STAGE1, small)), "bf16": metrics(tmp_path / "bf16")}
     assert [m["step"] for m in runs["bf16"]] == [1, 2, 3]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from omnilong.checkpoint.dcp_io import load_model_tensors, read_checkpoint_metadata
-from tests.recipe_runs import REPO, assert_same_losses, metrics, tune_run
+from tests.recipe_runs import REPO, assert_same_losses, metrics, recipe_run
 
 pytestmark = pytest.mark.slow
 
@@ -34,9 +34,9 @@ def _run(tiny_llava_dir, tiny_videos_dir, output_dir, **extra):
 def test_video_sft_with_context_parallel_reproduces_single_process(tiny_llava_dir, tiny_videos_dir, tmp_path):
     """cp_degree=2 (frames encoded half on each rank, ring attention over zigzag shards) gives
     the per-step losses and gradient norms of one process within 1e-4."""
-    one = tune_run(STAGE3, _run(tiny_llava_dir, tiny_videos_dir, tmp_path / "one", save_every_n_steps="null"))
+    one = recipe_run(STAGE3, _run(tiny_llava_dir, tiny_videos_dir, tmp_path / "one", save_every_n_steps="null"))
     assert one.returncode == 0, one.stderr[-3000:]
-    cp = tune_run(
+    cp = recipe_run(
         STAGE3, _run(tiny_llava_dir, tiny_videos_dir, tmp_path / "cp", save_every_n_steps="null", cp_degree=2), nproc=2
     )
     assert cp.returncode == 0, cp.stderr[-3000:]
@@ -58,7 +58,7 @@ def test_frozen_tower_trained_projector_resume_and_export(tiny_llava_dir, tiny_v
     overrides = _run(
         tiny_llava_dir, tiny_videos_dir, out, freeze_vision="true", freeze_projector="false", save_hf_at_end="true"
     )
-    first = tune_run(STAGE3, overrides)
+    first = recipe_run(STAGE3, overrides)
     assert first.returncode == 0, first.stderr[-3000:]
     keys = read_checkpoint_metadata(out / "checkpoints/step_2").state_dict_metadata
     assert any(k.startswith("optimizer.state.projector.") for k in keys)
@@ -68,7 +68,7 @@ def test_frozen_tower_trained_projector_resume_and_export(tiny_llava_dir, tiny_v
 
     shutil.rmtree(out / "checkpoints/step_2")
     shutil.rmtree(out / "hf")
-    resumed = tune_run(STAGE3, {**overrides, "resume_from_checkpoint": "true"})
+    resumed = recipe_run(STAGE3, {**overrides, "resume_from_checkpoint": "true"})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     same = ("step", "loss", "grad_norm", "num_tokens", "lr")
     assert [{k: m[k] for k in same} for m in metrics(out)] == [{k: m[k] for k in same} for m in uninterrupted]

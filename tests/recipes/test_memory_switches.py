@@ -10,14 +10,14 @@ import pytest
 from omegaconf import OmegaConf
 
 from omnilong.config import validate_config
-from tests.recipe_runs import SMALL_STAGE1, STAGE1, metrics, tune_run
+from tests.recipe_runs import SMALL_STAGE1, STAGE1, metrics, recipe_run
 
 
 @pytest.mark.slow
 def test_activation_offload_and_mlp_chunks_train_like_the_plain_run(tiny_qwen_dir, shared_run, tmp_path):
     """The plain run is shared with other tests."""
     small = {"checkpoint_dir": tiny_qwen_dir, **SMALL_STAGE1}
-    switched = tune_run(
+    switched = recipe_run(
         STAGE1,
         {
             **small,

@@ -23,8 +23,8 @@ from tests.recipe_runs import (
     TUNE,
     assert_same_losses,
     metrics,
+    recipe_run,
     refused_in_process,
-    tune_run,
 )
 
 pytestmark = pytest.mark.slow
@@ -49,10 +49,14 @@ def _with_data_files(overrides, component, data):
 
 def test_two_processes_with_fsdp_cpu_offload_match_one_process_with_accumulation(tiny_qwen_dir, shared_run, tmp_path):
     """Same data, seed and global batch (2 rows per step): per-step losses within 1e-4 relative.
-    The one-process run (the config's 2 accumulation steps) is shared with other tests."""
+    The one-process run (the config's 2 accumulation steps, by ``omnilong run``) is shared with
+    other tests; the two processes are started by ``tune run``."""
     one = shared_run(STAGE1, _small(tiny_qwen_dir))
-    two = tune_run(
-        STAGE1, _small(tiny_qwen_dir, tmp_path / "two", gradient_accumulation_steps=1, fsdp_cpu_offload="true"), nproc=2
+    two = recipe_run(
+        STAGE1,
+        _small(tiny_qwen_dir, tmp_path / "two", gradient_accumulation_steps=1, fsdp_cpu_offload="true"),
+        nproc=2,
+        launcher="tune",
     )
     assert two.returncode == 0, two.stderr[-3000:]
     assert_same_losses(one, tmp_path / "two")
@@ -64,7 +68,9 @@ def test_two_processes_with_fsdp_cpu_offload_match_one_process_with_accumulation
 
 
 def test_loss_falls_and_runs_from_any_directory(tiny_qwen_dir, tmp_path):
-    result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=12, max_seq_len=256), cwd=tmp_path)
+    """Through ``tune run``, on one process."""
+    overrides = _small(tiny_qwen_dir, tmp_path / "out", max_steps=12, max_seq_len=256)
+    result = recipe_run(STAGE1, overrides, launcher="tune", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     losses = [m["loss"] for m in metrics(tmp_path / "out")]
     assert len(losses) == 12 and losses[-1] < losses[0] - 0.3
@@ -84,7 +90,7 @@ def test_samples_without_trainable_tokens_contribute_nothing(tiny_qwen_dir, tmp_
         "shuffle": "false",
         "dataset.packed": "false",
     }
-    result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data), nproc=2)
+    result = recipe_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(tmp_path / "out")
     assert m[0]["num_tokens"] > 0 and m[0]["loss"] > 0
@@ -104,7 +110,7 @@ def _assert_refused_before_compute(result, message, output_dir=None):
 
 def test_bad_config_stops_tune_run_with_one_line(tiny_qwen_dir, tmp_path):
     """The same refusal through ``tune run``: exit status 1, one line, no traceback, nothing built."""
-    result = tune_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), "max_seq_length": 64})
+    result = recipe_run(STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), "max_seq_length": 64}, launcher="tune")
     _assert_refused_before_compute(
         result, "unknown key 'max_seq_length' (did you mean 'max_seq_len'?)", tmp_path / "out"
     )
@@ -115,11 +121,11 @@ def test_unwritable_output_dir_or_checkpoints_folder_fails_before_any_compute(ti
     (tmp_path / "file").write_text("a regular file")
     out = tmp_path / "file" / "out"
     _assert_refused_before_compute(
-        tune_run(STAGE1, _small(tiny_qwen_dir, out)), f"output_dir {out} is not writable (Not a directory"
+        recipe_run(STAGE1, _small(tiny_qwen_dir, out)), f"output_dir {out} is not writable (Not a directory"
     )
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "checkpoints").write_text("not a folder")
-    result = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", save_every_n_steps=1))
+    result = recipe_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "out", save_every_n_steps=1))
     _assert_refused_before_compute(
         result,
         f"output_dir: checkpoints cannot be written to {tmp_path / 'out/checkpoints'} "
@@ -132,7 +138,7 @@ def test_malformed_jsonl_is_named_on_every_rank_without_a_hang(tiny_qwen_dir, tm
     data = tmp_path / "docs.jsonl"
     data.write_text('{"text": "fine"}\n{"text": "fine"}\n{"text": oops}\n')
     overrides = _with_data_files(_small(tiny_qwen_dir, tmp_path / "out"), "omnilong.data.PackedTextDataset", data)
-    result = tune_run(STAGE1, overrides, nproc=2, timeout=120)
+    result = recipe_run(STAGE1, overrides, nproc=2, timeout=120)
     assert result.returncode != 0
     assert f"{data}:3: malformed JSON line" in result.stderr
 
@@ -168,7 +174,7 @@ def test_chunked_loss_trains_like_the_full_logits_loss(tiny_qwen_dir, shared_run
     give the same per-step losses (fp32)."""
     assert OmegaConf.load(STAGE1).loss._component_ == "omnilong.loss.ChunkedLinearCrossEntropy"
     full_logits = {"loss._component_": "omnilong.loss.FullLogitsCrossEntropy"}
-    full = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "full", **full_logits))
+    full = recipe_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "full", **full_logits))
     assert full.returncode == 0, full.stderr[-3000:]
     runs = {
         name: [(m["loss"], m["grad_norm"]) for m in metrics(output_dir)]
@@ -197,13 +203,13 @@ def test_context_parallel_reproduces_single_process_losses(
     accumulation); losses and gradient norms within 1e-4."""
     small = {"max_seq_len": 250, "max_steps": 2, "gradient_accumulation_steps": 1}
     one = shared_run(STAGE1, _small(tiny_qwen_dir, **{**small, "gradient_accumulation_steps": accumulation}))
-    many = tune_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "cp", **degrees, **small), nproc=nproc)
+    many = recipe_run(STAGE1, _small(tiny_qwen_dir, tmp_path / "cp", **degrees, **small), nproc=nproc)
     assert many.returncode == 0, many.stderr[-3000:]
     assert_same_losses(one, tmp_path / "cp")
 
 
 def test_degrees_that_do_not_match_the_world_size_fail_before_compute(tiny_qwen_dir, tmp_path):
-    result = tune_run(
+    result = recipe_run(
         STAGE1, {**_small(tiny_qwen_dir, tmp_path / "out"), "dp_shard_degree": 2, "cp_degree": 2}, nproc=2, timeout=120
     )
     assert result.returncode != 0
@@ -239,7 +245,7 @@ def test_video_sft_with_context_parallel_reproduces_single_process(
     """Stage 3 with a trained or a frozen vision tower: cp_degree=2 (frames split over the ranks,
     ring attention) gives the per-step losses and gradient norms of one process within 1e-4."""
     one = _video_one_process(shared_run, tiny_qwen_dir, tiny_videos_dir, freeze_vision)
-    cp = tune_run(
+    cp = recipe_run(
         STAGE3,
         _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "cp", freeze_vision=freeze_vision, cp_degree=2),
         nproc=2,
@@ -270,7 +276,7 @@ def _data_with_corrupt_video(tiny_videos_dir, tmp_path):
 
 def test_corrupt_video_is_skipped_on_every_rank_and_counted(tiny_qwen_dir, tiny_videos_dir, tmp_path):
     data = _data_with_corrupt_video(tiny_videos_dir, tmp_path)
-    result = tune_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data), nproc=2)
+    result = recipe_run(STAGE3, _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data), nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
     m = metrics(tmp_path / "out")
     assert [r["num_skipped"] for r in m] == [1, 1] and all(r["loss"] > 0 for r in m)
@@ -278,7 +284,7 @@ def test_corrupt_video_is_skipped_on_every_rank_and_counted(tiny_qwen_dir, tiny_
 
 def test_corrupt_video_without_skipping_stops_every_rank_naming_it(tiny_qwen_dir, tiny_videos_dir, tmp_path):
     data = _data_with_corrupt_video(tiny_videos_dir, tmp_path)
-    result = tune_run(
+    result = recipe_run(
         STAGE3,
         _video_run(tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data, **{"dataset.skip_bad_samples": "false"}),
         nproc=2,
@@ -291,7 +297,7 @@ def test_corrupt_video_without_skipping_stops_every_rank_naming_it(tiny_qwen_dir
 def test_corrupt_video_in_a_dataloader_worker_is_one_line_naming_it(tiny_qwen_dir, tiny_videos_dir, tmp_path):
     """With num_workers > 0 the error comes from a worker: its message, not the worker's traceback."""
     data = _data_with_corrupt_video(tiny_videos_dir, tmp_path)
-    result = tune_run(
+    result = recipe_run(
         STAGE3,
         _video_run(
             tiny_qwen_dir,
@@ -326,11 +332,11 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_di
     overwrite_output_dir moves the old run to <output_dir>.old-1."""
     out = tmp_path / "out"
     run = _small(tiny_qwen_dir, out, max_steps=2, save_every_n_steps=1, keep_last_n_checkpoints=1)
-    assert tune_run(STAGE1, run).returncode == 0
+    assert recipe_run(STAGE1, run).returncode == 0
     first_metrics = (out / "metrics.jsonl").read_bytes()
 
     _assert_refused_before_compute(
-        tune_run(STAGE1, run),
+        recipe_run(STAGE1, run),
         f"output_dir {out} holds another run (metrics.jsonl, checkpoints/step_2): continue it "
         "with resume_from_checkpoint=true, move it aside with overwrite_output_dir=true",
     )
@@ -342,7 +348,7 @@ def test_a_used_output_dir_is_refused_unless_resumed_or_moved_aside(tiny_qwen_di
     )
     assert (out / "metrics.jsonl").read_bytes() == first_metrics
 
-    moved = tune_run(STAGE1, {**run, "overwrite_output_dir": "true", "optimizer.lr": 1e-4})
+    moved = recipe_run(STAGE1, {**run, "overwrite_output_dir": "true", "optimizer.lr": 1e-4})
     assert moved.returncode == 0, moved.stderr[-3000:]
     assert f"the previous run in {out} was moved to {out}.old-1" in moved.stderr
     assert (tmp_path / "out.old-1/metrics.jsonl").read_bytes() == first_metrics
@@ -355,13 +361,13 @@ def test_pruning_removes_only_checkpoints_of_the_current_run(tiny_qwen_dir, tmp_
     checkpoint, renames the other run's step_2 it writes over and never touches step_9; a
     changed optimizer is accepted when allowed explicitly."""
     first = _small(tiny_qwen_dir, tmp_path / "first", max_steps=1, save_every_n_steps=1)
-    assert tune_run(STAGE1, first).returncode == 0
+    assert recipe_run(STAGE1, first).returncode == 0
     for step in (2, 9):
         foreign = tmp_path / f"out/checkpoints/step_{step}"
         shutil.copytree(tmp_path / "first/checkpoints/step_1", foreign)
         manifest = json.loads((foreign / "manifest.json").read_text())
         (foreign / "manifest.json").write_text(json.dumps({**manifest, "run_id": "another-run"}))
-    resumed = tune_run(
+    resumed = recipe_run(
         STAGE1,
         _small(
             tiny_qwen_dir,
@@ -395,7 +401,7 @@ def test_samples_skipped_while_reading_count_in_num_skipped(tiny_qwen_dir, tmp_p
         "max_seq_len": 64,
         "dataset.skip_bad_samples": "true",
     }
-    result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
+    result = recipe_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
     assert result.returncode == 0, result.stderr[-3000:]
     assert [m["num_skipped"] for m in metrics(tmp_path / "out")] == [1]
 
@@ -404,7 +410,7 @@ def test_empty_chat_file_is_named(tiny_qwen_dir, tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
     overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 1}
-    result = tune_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
+    result = recipe_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
     assert result.returncode == 1 and f"no usable chat sample in {data}" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -436,7 +442,7 @@ def test_no_communication_thread_is_left_when_the_interpreter_exits(tiny_qwen_di
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook/sitecustomize.py").write_text(_THREADS_AT_EXIT)
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "hook")}
-    result = tune_run(
+    result = recipe_run(
         STAGE1, _small(tiny_qwen_dir, tmp_path / "out", max_steps=2, max_seq_len=101, cp_degree=2), nproc=2, env=env
     )
     assert result.returncode == 0, result.stderr[-3000:]

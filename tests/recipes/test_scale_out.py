@@ -1,5 +1,6 @@
-"""Multi-node training, on one machine: two "nodes" (two ``tune run`` launches with
-``--nnodes 2``, one process each, meeting by c10d rendezvous on 127.0.0.1) training with HSDP
+"""Multi-node training, on one machine: two "nodes" (a ``tune run`` and an ``omnilong run``
+launch with ``--nnodes 2``, one process each, meeting by c10d rendezvous on 127.0.0.1: either
+launcher joins the other's job) training with HSDP
 (``dp_replicate_degree=2``: parameters replicated across the nodes, sharded within).
 
 Oracle: one node with two processes and the same degrees; per-step losses and gradient norms
@@ -12,7 +13,7 @@ import subprocess
 
 import pytest
 
-from tests.recipe_runs import STAGE1, TUNE, metrics, tune_run
+from tests.recipe_runs import OMNILONG, STAGE1, TUNE, metrics, recipe_run
 
 pytestmark = pytest.mark.slow
 
@@ -44,8 +45,7 @@ def test_two_nodes_with_hsdp_match_one_node(tiny_qwen_dir, tmp_path):
     nodes = [
         subprocess.Popen(
             [
-                TUNE,
-                "run",
+                *([TUNE, "run"] if rank == 0 else [OMNILONG, "run"]),
                 "--nnodes",
                 "2",
                 "--node_rank",
@@ -58,7 +58,7 @@ def test_two_nodes_with_hsdp_match_one_node(tiny_qwen_dir, tmp_path):
                 f"127.0.0.1:{port}",
                 "--rdzv_id",
                 "omnilong-test",
-                "omnilong_full",
+                *(["omnilong_full"] if rank == 0 else []),
                 "--config",
                 STAGE1,
                 *_overrides(tiny_qwen_dir, tmp_path / "two_nodes"),
@@ -78,7 +78,7 @@ def test_two_nodes_with_hsdp_match_one_node(tiny_qwen_dir, tmp_path):
                 node.kill()
     for node, (_, stderr) in zip(nodes, outputs):
         assert node.returncode == 0, stderr[-3000:]
-    one_node = tune_run(
+    one_node = recipe_run(
         STAGE1, dict(o.split("=", 1) for o in _overrides(tiny_qwen_dir, tmp_path / "one_node")), nproc=2
     )
     assert one_node.returncode == 0, one_node.stderr[-3000:]

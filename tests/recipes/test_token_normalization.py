@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 
 from omnilong.data import chat_dataset, load_tokenizer
 from omnilong.models import load_hf_model
-from tests.recipe_runs import STAGE2, metrics, tune_run
+from tests.recipe_runs import STAGE2, metrics, recipe_run
 
 pytestmark = pytest.mark.slow
 
@@ -109,7 +109,7 @@ def test_step_loss_and_gradient_are_normalized_by_the_global_token_count(tiny_qw
         "clip_grad_norm": "null",
         **overrides,
     }
-    result = tune_run(str(tmp_path / "sgd.yaml"), run, nproc=2)
+    result = recipe_run(str(tmp_path / "sgd.yaml"), run, nproc=2)
     assert result.returncode == 0, result.stderr[-3000:]
 
     rows = chat_dataset(load_tokenizer(tiny_qwen_dir), [data], max_seq_len=512, packed=False)

@@ -10,7 +10,7 @@ from omnilong.constants import IGNORE_INDEX
 from omnilong.data import load_tokenizer
 from omnilong.data.packed_text import PackedTextDataset
 from omnilong.models.hf_loading import load_hf_model
-from tests.recipe_runs import STAGE1, metrics, tune_run
+from tests.recipe_runs import STAGE1, metrics, recipe_run
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +61,7 @@ def test_val_loss_under_two_dp_ranks_matches_a_one_process_oracle_and_the_log_re
     rank 0 only, no progress bar, and an end-of-run summary."""
     files = _held_out_files(tmp_path)
     out = tmp_path / "out"
-    result = tune_run(
+    result = recipe_run(
         STAGE1,
         {
             "checkpoint_dir": tiny_qwen_dir,
