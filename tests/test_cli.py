@@ -1,5 +1,6 @@
 """The `omnilong` command (ls, cp, keys, run --help) and the recipe's command line, in-process."""
 
+import subprocess
 import sys
 
 import pytest
@@ -97,3 +98,12 @@ def test_recipe_refuses_a_malformed_override_with_one_line(monkeypatch, capsys, 
     assert code == 1 and cfg is None
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("omnilong_full: error: ") and message in err[0], err
+
+
+def test_importing_the_recipe_imports_neither_torchtune_nor_torchvision():
+    """Every rank imports the recipe: torchtune (with torchao) and torchvision would add about 3 s
+    to each one's start-up. They are imported when used: a config naming a torchtune component,
+    video frames to resize."""
+    code = "import sys, omnilong_full; print([m for m in ('torchtune', 'torchao', 'torchvision') if m in sys.modules])"
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert imported.strip() == "[]"

@@ -3,6 +3,7 @@ docstrings as chat (stage 2). Real text present on every machine, so the tiny co
 demo and the tests need no download."""
 
 import ast
+import os
 import sysconfig
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,15 +19,18 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+_NOT_SOURCES = {"site-packages", "test", "tests", "idlelib", "__pycache__"}
+
+
 def python_stdlib_sources(max_files: int = 0) -> list[Path]:
     """The ``.py`` files of this Python's standard library (tests and site-packages excluded),
     sorted; the first ``max_files`` when positive. Real source code present on every machine."""
     root = stdlib_dir()
-    files = sorted(
-        p
-        for p in root.rglob("*.py")
-        if not ({"site-packages", "test", "tests", "idlelib", "__pycache__"} & set(p.relative_to(root).parts))
-    )
+    files = []
+    for folder, subfolders, names in os.walk(root):
+        subfolders[:] = [d for d in subfolders if d not in _NOT_SOURCES]  # not walked at all: site-packages is large
+        files += [Path(folder, name) for name in names if name.endswith(".py")]
+    files.sort()
     return files[:max_files] if max_files > 0 else files
 
 

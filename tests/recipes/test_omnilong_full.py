@@ -416,7 +416,7 @@ def test_empty_chat_file_is_named(tiny_qwen_dir, tmp_path):
 
 
 _THREADS_AT_EXIT = """
-import atexit, os, sys
+import atexit, os
 
 def _report():
     names = []
@@ -425,8 +425,9 @@ def _report():
             names.append(open(f"/proc/{os.getpid()}/task/{task}/comm").read().strip())
         except OSError:
             pass
-    if "RANK" in os.environ:
-        print(f"rank {os.environ['RANK']} gloo threads at exit: {sorted(n for n in names if 'gloo' in n)}", file=sys.stderr)
+    if "RANK" in os.environ:  # one write of the whole line: the ranks share the launcher's stderr
+        line = f"rank {os.environ['RANK']} gloo threads at exit: {sorted(n for n in names if 'gloo' in n)}\\n"
+        os.write(2, line.encode())
 
 atexit.register(_report)
 """
