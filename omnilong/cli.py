@@ -66,7 +66,8 @@ def _run(args: list[str]) -> int:
     """``omnilong run [TORCHRUN-OPTIONS] --config <config> [overrides]``: what ``tune run
     [TORCHRUN-OPTIONS] omnilong_full --config <config> [overrides]`` does, without importing
     torchtune (about 3 s). With any torchrun option the recipe runs under torchrun (standalone
-    unless a rendezvous endpoint is given), else in this process, which exits with its status."""
+    unless a rendezvous endpoint is given) and a failed rank gives status 1; else the recipe runs
+    in this process, which exits with its status."""
     if "--config" not in args and {"-h", "--help"} & set(args):
         print(
             "usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [key=value ...]\n\n"
@@ -82,23 +83,28 @@ def _run(args: list[str]) -> int:
     sys.path.append(os.getcwd())  # as tune run does: components in the working directory import
     gc.freeze()  # what is imported so far lives to the end: collections (and the one at exit) skip it
     if args[:at]:
-        _run_torchrun([*args[:at], "--module", RECIPE, *recipe_args])
-        return 0
+        return _run_torchrun([*args[:at], "--module", RECIPE, *recipe_args])
     sys.argv = [RECIPE, *recipe_args]
     runpy.run_module(RECIPE, run_name="__main__")  # exits with the recipe's status
     return 0
 
 
-def _run_torchrun(argv: list[str]) -> None:
+def _run_torchrun(argv: list[str]) -> int:
     """torchrun with ``argv``; standalone (a rendezvous of its own) without ``--rdzv-endpoint``.
-    A failed rank raises ``ChildFailedError``, which ``record`` reports as ``tune run`` does."""
-    from torch.distributed.elastic.multiprocessing.errors import record
+    Returns 1 when a rank failed, after torchrun's table of the failed ranks and exit codes
+    (each rank has printed its own error above it), without the launcher's traceback."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
     from torch.distributed.run import get_args_parser, run
 
     args = get_args_parser().parse_args(argv)
     if not args.rdzv_endpoint:
         args.standalone = True
-    record(run)(args)
+    try:
+        record(run)(args)  # record: a failed rank's error file reaches an enclosing launcher's, as under tune run
+    except ChildFailedError as e:
+        print(f"omnilong run: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
