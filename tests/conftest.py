@@ -15,8 +15,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.utils._python_dispatch
+
+from tests.fork_server import fork_server_context
 
 # Tests run on CPU; keep each process to one thread so that 4 ranks share 2 cores well.
 torch.set_num_threads(1)
@@ -44,38 +45,14 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
             dist.destroy_process_group()
 
 
-# What the rank processes of spawn_ranks import before a test's function runs: a fork server
-# imports it once per session, and forks each rank from it, so a rank starts in a fraction of a
-# second instead of importing torch anew (2-3 s). The server runs no torch op before forking:
-# no thread pool exists yet to be lost in the fork.
-_RANK_PRELOAD = [
-    "torch",
-    "torch.distributed.fsdp",
-    "torch.distributed.tensor",
-    "transformers",
-    "omnilong.models.qwen2_5_vl.model",
-    "omnilong.models.llava_onevision.model",
-    "omnilong.parallel.context_parallel",
-    "omnilong.parallel.fsdp",
-    "omnilong.loss",
-]
-
-
-def _rank_context():
-    """The multiprocessing context of spawn_ranks: a fork server with :data:`_RANK_PRELOAD`."""
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(_RANK_PRELOAD)
-    return ctx
-
-
 def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.0) -> list:
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` new processes on gloo, forked from
-    a server that imported torch and OmniLong once (:func:`_rank_context`).
+    the session's server that imported torch and OmniLong once (``tests/fork_server.py``).
 
     ``fn`` must be a module-level function; its return values (picklable) come back
     as a list indexed by rank. A failure on any rank raises with that rank's traceback.
     """
-    ctx = _rank_context()
+    ctx = fork_server_context()
     queue = ctx.Queue()
     port = _free_port()
     procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]

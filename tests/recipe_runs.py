@@ -7,9 +7,12 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.fork_server import fork_server_context
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -27,20 +30,57 @@ def _args(overrides: dict) -> list[str]:
     return [k if v is None else f"{k}={v}" for k, v in overrides.items()]
 
 
-def recipe_run(config, overrides, nproc=1, launcher="omnilong", timeout=300, **popen) -> subprocess.CompletedProcess:
-    """``omnilong run`` (``launcher="tune"``: ``tune run``) of ``config`` on ``nproc`` processes,
-    with ``key=value`` overrides (``None`` value: the bare key). Both launch the recipe the same
-    way; ``omnilong run`` starts about 3 s sooner (it does not import torchtune), so the tests use
-    it and a few go through ``tune run``."""
+def recipe_run(config, overrides, nproc=1, launcher=None, timeout=300, **popen) -> subprocess.CompletedProcess:
+    """The recipe on ``config`` with ``key=value`` overrides (``None`` value: the bare key) on
+    ``nproc`` processes, launched by ``launcher``:
+
+    - ``"omnilong"``: ``omnilong run`` in a new process; ``"tune"``: ``tune run`` (which starts
+      about 3 s later: it imports torchtune). Both launch the recipe the same way.
+    - ``None`` (most tests): ``omnilong run`` for several processes; for one, ``omnilong run``'s
+      ``main`` in a process forked from the session's fork server (``tests/fork_server.py``),
+      which has imported the recipe: the same run, 3-4 s sooner.
+    """
+    env = {**(popen.get("env") or os.environ), "OMP_NUM_THREADS": "1"}
+    cwd = popen.get("cwd", REPO)
     torchrun = ["--nproc_per_node", str(nproc)] if nproc > 1 else []
+    if launcher is None and nproc == 1:
+        return _forked_omnilong(["run", "--config", config, *_args(overrides)], env, cwd, timeout)
     if launcher == "tune":
         cmd = [TUNE, "run", *torchrun, "omnilong_full", "--config", config]
     else:
         cmd = [OMNILONG, "run", *torchrun, "--config", config]
-    env = {**(popen.get("env") or os.environ), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(
-        cmd + _args(overrides), capture_output=True, text=True, timeout=timeout, env=env, cwd=popen.get("cwd", REPO)
-    )
+    return subprocess.run(cmd + _args(overrides), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
+
+
+def _forked_omnilong(argv: list[str], env: dict, cwd, timeout: float) -> subprocess.CompletedProcess:
+    """``omnilong <argv>`` in a process forked from the fork server, with ``env`` and ``cwd``:
+    its exit status (negative: the signal that killed it) and its output, as ``subprocess.run``
+    reports them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        child = fork_server_context().Process(target=_omnilong_main, args=(argv, env, str(cwd), str(out), str(err)))
+        child.start()
+        child.join(timeout)
+        if child.is_alive():
+            child.kill()
+            child.join()
+            raise subprocess.TimeoutExpired([OMNILONG, *argv], timeout, out.read_text(), err.read_text())
+        return subprocess.CompletedProcess([OMNILONG, *argv], child.exitcode, out.read_text(), err.read_text())
+
+
+def _omnilong_main(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> None:
+    """In the forked process: what a new ``omnilong`` process has (environment, working
+    directory, output files as its stdout and stderr), then its ``main``; exits with its status."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(env)
+    for fd, path in ((1, stdout), (2, stderr)):
+        opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(opened, fd)
+        os.close(opened)
+    from omnilong.cli import main
+
+    sys.exit(main(argv))
 
 
 def metrics(output_dir) -> list[dict]:

@@ -412,7 +412,7 @@ def test_empty_chat_file_is_named(tiny_qwen_dir, tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n")
     overrides = {"checkpoint_dir": tiny_qwen_dir, "output_dir": tmp_path / "out", "max_steps": 1}
-    result = recipe_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data))
+    result = recipe_run(STAGE2, _with_data_files(overrides, "omnilong.data.chat_dataset", data), launcher="omnilong")
     assert result.returncode == 1 and f"no usable chat sample in {data}" in result.stderr
     assert "Traceback" not in result.stderr
 
