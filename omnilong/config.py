@@ -246,8 +246,8 @@ def component_from_path(path: str) -> Any:
         try:
             obj = importlib.import_module(module_name)
         except ModuleNotFoundError as e:
-            if e.name is not None and not module_name.startswith(e.name):  # the module exists; its own import failed
-                raise
+            if e.name is not None and not (module_name == e.name or module_name.startswith(e.name + ".")):
+                raise  # the module exists; a module it imports is missing
             continue
         for i, attribute in enumerate(parts[n:], start=n):
             if not hasattr(obj, attribute):

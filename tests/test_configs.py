@@ -4,9 +4,18 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from omnilong.config import DEFAULTS, KEYS, REQUIRED_KEYS, component_from_path, keys_markdown, validate_config
+from omnilong.config import (
+    DEFAULTS,
+    KEYS,
+    REQUIRED_KEYS,
+    component_from_path,
+    instantiate,
+    keys_markdown,
+    validate_config,
+)
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
 
@@ -92,3 +101,37 @@ def test_freeze_projector_is_true_false_or_null():
     cfg.freeze_projector = "yes"
     with pytest.raises(ValueError, match="freeze_projector must be true, false or null, got 'yes'"):
         validate_config(cfg)
+
+
+@pytest.mark.parametrize(
+    "path, message",
+    [
+        (
+            "torch.optim.AdamX",
+            "optimizer._component_: cannot use 'torch.optim.AdamX' (AttributeError: torch.optim has no attribute 'AdamX')",
+        ),
+        ("torhc.optim.AdamW", "cannot use 'torhc.optim.AdamW' (ImportError: no module named 'torhc')"),
+        ("torch.optim..AdamW", "(ImportError: 'torch.optim..AdamW' is not a dotted path such as torch.optim.AdamW)"),
+    ],
+)
+def test_a_component_that_cannot_be_imported_is_named(path, message):
+    with pytest.raises(ValueError) as refused:
+        validate_config(_stage1(optimizer={"_component_": path, "lr": 1e-3}))
+    assert message in str(refused.value)
+
+
+def test_a_component_whose_own_import_fails_reports_the_missing_module(tmp_path, monkeypatch):
+    """A module that exists but imports a missing package: the missing package is named, not the
+    component (which would send the user looking for a typo)."""
+    (tmp_path / "my_components.py").write_text("import not_installed_package\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    with pytest.raises(ModuleNotFoundError, match="not_installed_package"):
+        component_from_path("my_components.MyDataset")
+
+
+def test_instantiate_builds_the_component_with_the_nodes_arguments_and_the_callers():
+    cfg = OmegaConf.create({"lr": 0.5, "opt": {"_component_": "torch.optim.SGD", "lr": "${lr}", "momentum": 0.9}})
+    params = [torch.nn.Parameter(torch.zeros(1))]
+    optimizer = instantiate(cfg.opt, params, momentum=0.0)  # keyword arguments win over the node's
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.param_groups[0]["lr"] == 0.5 and optimizer.param_groups[0]["momentum"] == 0.0
