@@ -257,6 +257,25 @@ def test_video_sft_with_context_parallel_reproduces_single_process(
     assert all(m["num_tokens"] > 0 for m in metrics(one))
 
 
+def test_a_tokenizer_whose_vision_token_ids_are_not_the_models_is_refused_before_weights(
+    tiny_qwen_dir, tiny_videos_dir, tmp_path
+):
+    """A checkpoint whose config.json names another ``video_token_id`` than its tokenizer's
+    ``<|video_pad|>``: the run stops naming both ids, before any weight is read."""
+    checkpoint = shutil.copytree(tiny_qwen_dir, tmp_path / "checkpoint")
+    config = json.loads((checkpoint / "config.json").read_text())
+    tokenizer_id = config["video_token_id"]
+    config["video_token_id"] = tokenizer_id + 100
+    (checkpoint / "config.json").write_text(json.dumps(config))
+    result = recipe_run(STAGE3, _video_run(checkpoint, tiny_videos_dir, tmp_path / "out"))
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert [line for line in result.stderr.splitlines() if "error:" in line] == [
+        f"omnilong_full: error: the dataset's video_token_id {tokenizer_id} is not the model's "
+        f"{tokenizer_id + 100}: use the tokenizer of the checkpoint"
+    ], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "omnilong INFO: model:" not in result.stderr
+
+
 def _data_with_corrupt_video(tiny_videos_dir, tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 64)
     lines = (tiny_videos_dir / "train.jsonl").read_text().splitlines()
