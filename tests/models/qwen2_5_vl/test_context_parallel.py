@@ -60,6 +60,19 @@ def _loss_sum(model, batch):
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
 
 
+def _errors_summed_over_ranks(local, expected, model, reference) -> dict:
+    """``{"loss": |sum over the cp ranks of local - expected|, name: max |sum over the ranks of
+    the parameter's gradient - the one-device gradient|}``."""
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    errors = {"loss": (total - expected.detach()).abs().item()}
+    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
+        grad = p.grad.clone()
+        torch.distributed.all_reduce(grad)
+        errors[name] = (grad - ref.grad).abs().max().item()
+    return errors
+
+
 def _cp_worker(rank: int, world_size: int, checkpoint: str) -> dict:
     torch.manual_seed(0)
     reference = load_hf_model(checkpoint)
@@ -75,14 +88,7 @@ def _cp_worker(rank: int, world_size: int, checkpoint: str) -> dict:
     shard = shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], pad_token_id=0)
     local = _loss_sum(model, shard)
     local.backward()
-    total = local.detach().clone()
-    torch.distributed.all_reduce(total)
-    errors = {"loss": (total - expected.detach()).abs().item()}
-    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
-        grad = p.grad.clone()
-        torch.distributed.all_reduce(grad)
-        errors[name] = (grad - ref.grad).abs().max().item()
-    return errors
+    return _errors_summed_over_ranks(local, expected, model, reference)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -122,14 +128,7 @@ def _packed_cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict) 
     apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
     local = _loss_sum(model, shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], 0))
     local.backward()
-    total = local.detach().clone()
-    torch.distributed.all_reduce(total)
-    errors = {"loss": (total - expected.detach()).abs().item()}
-    for (name, p), ref in zip(model.named_parameters(), reference.parameters()):
-        grad = p.grad.clone()
-        torch.distributed.all_reduce(grad)
-        errors[name] = (grad - ref.grad).abs().max().item()
-    return errors
+    return _errors_summed_over_ranks(local, expected, model, reference)
 
 
 def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_qwen_dir, tiny_videos_dir):
