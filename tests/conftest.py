@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.utils._python_dispatch
 
-from tests.fork_server import fork_server_context
+from tests.fork_server import adopt, fork_server_context
 
 # Tests run on CPU; keep each process to one thread so that 4 ranks share 2 cores well.
 torch.set_num_threads(1)
@@ -29,7 +29,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue, env: dict, cwd: str) -> None:
+    adopt(env, cwd)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
@@ -55,7 +56,10 @@ def spawn_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 300.
     ctx = fork_server_context()
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    here = (dict(os.environ), os.getcwd())
+    procs = [
+        ctx.Process(target=_rank_entry, args=(r, world_size, port, fn, args, queue, *here)) for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}

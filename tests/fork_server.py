@@ -5,6 +5,7 @@ runs) begin in a fraction of a second instead of importing all of it anew (3-4 s
 """
 
 import multiprocessing.context
+import os
 
 import torch.multiprocessing
 
@@ -33,3 +34,12 @@ def fork_server_context() -> multiprocessing.context.ForkServerContext:
     context = torch.multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     return context
+
+
+def adopt(environment: dict[str, str], cwd: str) -> None:
+    """In a process forked from the server: take ``environment`` and ``cwd``, those of the test
+    that starts it, as a spawned process would have; the server's own are those of whichever
+    test happened to start the server."""
+    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(environment)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fork_server import fork_server_context
+from tests.fork_server import adopt, fork_server_context
 
 REPO = Path(__file__).resolve().parents[1]
 TUNE = str(Path(sys.executable).parent / "tune")
@@ -71,9 +71,7 @@ def _forked_omnilong(argv: list[str], env: dict, cwd, timeout: float) -> subproc
 def _omnilong_main(argv: list[str], env: dict, cwd: str, stdout: str, stderr: str) -> None:
     """In the forked process: what a new ``omnilong`` process has (environment, working
     directory, output files as its stdout and stderr), then its ``main``; exits with its status."""
-    os.chdir(cwd)
-    os.environ.clear()
-    os.environ.update(env)
+    adopt(env, cwd)
     for fd, path in ((1, stdout), (2, stderr)):
         opened = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
         os.dup2(opened, fd)
