@@ -81,7 +81,6 @@ def _run(args: list[str]) -> int:
     at = args.index("--config")
     recipe_args = ["--config", str(resolve_config(args[at + 1])), *args[at + 2 :]]
     sys.path.append(os.getcwd())  # as tune run does: components in the working directory import
-    gc.freeze()  # what is imported so far lives to the end: collections (and the one at exit) skip it
     if args[:at]:
         return _run_torchrun([*args[:at], "--module", RECIPE, *recipe_args])
     sys.argv = [RECIPE, *recipe_args]
@@ -96,6 +95,7 @@ def _run_torchrun(argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, record
     from torch.distributed.run import get_args_parser, run
 
+    gc.freeze()  # the launcher's imports live to its end: its collections (and the one at exit) skip them
     args = get_args_parser().parse_args(argv)
     if not args.rdzv_endpoint:
         args.standalone = True

@@ -12,11 +12,9 @@ import torch.multiprocessing
 # Every module here is imported once by the server; an import error is ignored by
 # multiprocessing (the child then imports the module itself), so test_fork_server checks them.
 PRELOAD = [
-    "torch",
     "torch._dynamo",  # imported by DeviceMesh slicing in every run
     "torch.distributed.fsdp",
     "torch.distributed.tensor",
-    "transformers",
     "transformers.models.auto.tokenization_auto",  # the recipe's tokenizer loading
     "omnilong.models.qwen2_5_vl.model",
     "omnilong.models.llava_onevision.model",

@@ -24,18 +24,23 @@ def _main(name: str, argv: list[str], monkeypatch) -> int:
     return module.main()
 
 
-@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
-def test_each_evaluation_writes_results(checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys, request):
-    model = [
+def _model_args(checkpoint: Path, max_new_tokens: int) -> list[str]:
+    """The tools' model arguments: ``checkpoint`` in fp32 on the CPU (``--checkpoint`` first)."""
+    return [
         "--checkpoint",
-        str(request.getfixturevalue(checkpoint)),
+        str(checkpoint),
         "--dtype",
         "fp32",
         "--device",
         "cpu",
         "--max-new-tokens",
-        "2",
+        str(max_new_tokens),
     ]
+
+
+@pytest.mark.parametrize("checkpoint", CHECKPOINTS)
+def test_each_evaluation_writes_results(checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys, request):
+    model = _model_args(request.getfixturevalue(checkpoint), max_new_tokens=2)
     needle = write_needle_image(tmp_path / "needle.png")
     root = write_tiny_videomme(tmp_path / "videomme", tiny_videos_dir)
     runs = {
@@ -70,14 +75,7 @@ def test_generate_answers_and_bad_checkpoint_is_one_line(
     checkpoint, tiny_videos_dir, tmp_path, monkeypatch, capsys, request
 ):
     argv = [
-        "--checkpoint",
-        str(request.getfixturevalue(checkpoint)),
-        "--dtype",
-        "fp32",
-        "--device",
-        "cpu",
-        "--max-new-tokens",
-        "3",
+        *_model_args(request.getfixturevalue(checkpoint), max_new_tokens=3),
         "--image",
         str(write_needle_image(tmp_path / "needle.png")),
         "--video",

@@ -18,6 +18,19 @@ from omnilong.models.qwen2_5_vl import rope_index
 from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 
 
+def _alone(ds, item):
+    """``[3, T]`` positions of one sample by itself."""
+    positions, _ = rope_index(
+        item["input_ids"][None],
+        video_grid_thw=item["video_grid_thw"],
+        second_per_grid_ts=item["second_per_grid_ts"],
+        image_token_id=ds.image_token_id,
+        video_token_id=ds.video_token_id,
+        tokens_per_second=2,
+    )
+    return positions[:, 0]
+
+
 def test_video_batch_gets_the_positions_of_each_full_row(tiny_qwen_dir, tiny_videos_dir):
     model = load_hf_model(tiny_qwen_dir)
     ds = video_sft_dataset(
@@ -34,16 +47,8 @@ def test_video_batch_gets_the_positions_of_each_full_row(tiny_qwen_dir, tiny_vid
     length = batch["input_ids"].shape[1]
     assert batch["position_ids"].shape == (3, 2, length)
     for row, item in enumerate(items):
-        alone, _ = rope_index(
-            item["input_ids"][None],
-            video_grid_thw=item["video_grid_thw"],
-            second_per_grid_ts=item["second_per_grid_ts"],
-            image_token_id=ds.image_token_id,
-            video_token_id=ds.video_token_id,
-            tokens_per_second=2,
-        )
         n = len(item["input_ids"])
-        assert torch.equal(batch["position_ids"][:, row, :n], alone[:, 0])
+        assert torch.equal(batch["position_ids"][:, row, :n], _alone(ds, item))
         assert torch.equal(batch["position_ids"][:, row, n:], torch.arange(length - n).expand(3, -1))
 
 
@@ -52,19 +57,6 @@ def test_batches_with_positions_or_without_vision_pass_unchanged(tiny_qwen_dir):
     text = {"input_ids": torch.tensor([[5, 6, 7]]), "position_ids": torch.tensor([[0, 1, 0]])}
     assert model.with_positions(text) is text
     assert model.with_positions({"input_ids": text["input_ids"]}).keys() == {"input_ids"}
-
-
-def _alone(ds, item):
-    """``[3, T]`` positions of one sample by itself."""
-    positions, _ = rope_index(
-        item["input_ids"][None],
-        video_grid_thw=item["video_grid_thw"],
-        second_per_grid_ts=item["second_per_grid_ts"],
-        image_token_id=ds.image_token_id,
-        video_token_id=ds.video_token_id,
-        tokens_per_second=2,
-    )
-    return positions[:, 0]
 
 
 @pytest.fixture(scope="module")
