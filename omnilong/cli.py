@@ -22,8 +22,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from omegaconf import DictConfig
-
 from omnilong.config import keys_markdown, keys_text
 from omnilong.config_files import CONFIG_ROOT, load_config, resolve_config, shipped_configs
 
@@ -140,11 +138,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def parse(recipe_main: Callable[[DictConfig], int]) -> Callable[[], None]:
+def _add_dry_run_arguments(parser: argparse.ArgumentParser) -> None:
+    from omnilong.memory_plan import GPUS
+    from omnilong.models.named import NAMED_MODELS
+
+    group = parser.add_argument_group(
+        "dry run", "the run's setup and a few steps at full size on this CPU, on fake tensors (no GPU, no data)"
+    )
+    group.add_argument("--dry-run", action="store_true", help="dry-run the config instead of training")
+    group.add_argument("--world-size", type=int, default=1, help="ranks of the job to plan for (default 1)")
+    group.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="the GPU to fit (default h100)")
+    group.add_argument(
+        "--gpu-memory", type=float, metavar="GIB", help="the GPU's memory in GiB, if not the named GPU's"
+    )
+    group.add_argument("--mfu", type=float, default=0.4, help="fraction of the GPU's peak the step time is stated at")
+    group.add_argument("--steps", type=int, default=2, help="training steps to trace (default 2)")
+    group.add_argument(
+        "--model", choices=sorted(NAMED_MODELS), help="shapes to use when checkpoint_dir is not on this machine"
+    )
+    group.add_argument("--no-longest", action="store_true", help="skip the search for the longest max_seq_len")
+
+
+def _dry_run_settings(args: argparse.Namespace, config: Path):
+    """The :class:`~omnilong.dry_run.DryRunSettings` of ``--dry-run``'s arguments, or None without it."""
+    if not args.dry_run:
+        return None
+    from dataclasses import replace
+
+    from omnilong.dry_run import DryRunSettings
+    from omnilong.memory_plan import GPUS
+
+    for name in ("world_size", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+    gpu = GPUS[args.gpu]
+    if args.gpu_memory is not None:
+        gpu = replace(gpu, name=f"{args.gpu_memory:g} GiB GPU", memory_gib=args.gpu_memory)
+    return DryRunSettings(args.world_size, gpu, args.mfu, args.steps, args.model, not args.no_longest, config)
+
+
+def parse(recipe_main: Callable[..., int]) -> Callable[[], None]:
     """The recipe's command line for its ``main``: ``--config <config> [key=value | ~key ...]``
     (:func:`load_config`), where ``<config>`` may name a shipped config (:func:`resolve_config`)
-    and ``--help`` lists every config key. Errors in the command line end the process with
-    status 1 and one line; ``main``'s return value is the exit status."""
+    and ``--help`` lists every config key; ``--dry-run`` and its options give ``main`` its
+    ``dry_run`` settings. Errors in the command line end the process with status 1 and one
+    line; ``main``'s return value is the exit status."""
 
     @functools.wraps(recipe_main)
     def wrapper() -> None:
@@ -154,16 +194,21 @@ def parse(recipe_main: Callable[[DictConfig], int]) -> Callable[[], None]:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
         parser.add_argument("--config", required=True, help="a YAML path or a shipped config name (`omnilong ls`)")
+        _add_dry_run_arguments(parser)
         args, overrides = parser.parse_known_args(sys.argv[1:])
         try:
             flags = [arg for arg in overrides if arg.startswith("--")]
             if flags:
-                raise ValueError(f"unknown option {flags[0]}: the recipe takes --config and key=value overrides")
-            cfg = load_config(resolve_config(args.config), overrides)
+                raise ValueError(
+                    f"unknown option {flags[0]}: the recipe takes --config, key=value overrides and the dry run's options"
+                )
+            config = resolve_config(args.config)
+            cfg = load_config(config, overrides)
+            dry_run = _dry_run_settings(args, config)
         except (ValueError, FileNotFoundError) as e:
             print(f"{RECIPE}: error: {e}", file=sys.stderr)
             sys.exit(1)
         gc.freeze()  # the modules' objects live to the end: later collections (and the one at exit) skip them
-        sys.exit(recipe_main(cfg))
+        sys.exit(recipe_main(cfg, dry_run=dry_run))
 
     return wrapper

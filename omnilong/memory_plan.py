@@ -37,6 +37,30 @@ from torch import nn
 from omnilong.loss.chunked_linear_ce import auto_chunk_size
 
 GiB = 2**30
+RESERVE_GIB = 6.0  # CUDA context, NCCL buffers, cuBLAS workspaces, allocator fragmentation
+
+
+@dataclass(frozen=True)
+class GPU:
+    """A GPU a run is planned for: its memory and its dense bf16 peak throughput."""
+
+    name: str
+    memory_gib: float
+    bf16_tflops: float
+
+    @property
+    def usable_bytes(self) -> int:
+        """What a training step may take: the memory less :data:`RESERVE_GIB`."""
+        return int((self.memory_gib - RESERVE_GIB) * GiB)
+
+
+#: ``--gpu`` names: memory as ``torch.cuda.get_device_properties`` reports it (nvidia-smi's
+#: MiB), peak dense bf16 throughput from the vendor's data sheet (SXM parts).
+GPUS = {
+    "h100": GPU("H100 80 GB", 79.6, 989.0),
+    "h200": GPU("H200 141 GB", 139.8, 989.0),
+    "a100": GPU("A100 80 GB", 79.2, 312.0),
+}
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from. The loss of a step is the sum of token losses over every micro-batch and r
 divided by the all-reduced count of trained tokens.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -54,6 +55,17 @@ from omnilong.distributed import (
     resolve_device,
     shutdown_distributed,
 )
+from omnilong.dry_run import (
+    DeviceMemoryTracker,
+    DryRunReport,
+    DryRunSettings,
+    FlopCount,
+    MadeUpRows,
+    StepRecord,
+    dry_run_offload,
+    fake_tensors,
+    init_fake_process_group,
+)
 from omnilong.hf_io import read_hf_config
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
@@ -96,24 +108,27 @@ class OmniLongFullRecipe:
 
     def __init__(self, cfg: DictConfig):
         self.cfg = validate_config(cfg)
-        self.device = resolve_device(self.cfg.device)
         self.dtype = _DTYPES[self.cfg.dtype]
         self.checkpoint_dir = Path(self.cfg.checkpoint_dir)
         self.output_dir = Path(self.cfg.output_dir)
-        # Fail on a bad checkpoint dir, output_dir or checkpoint to resume before starting
-        # processes talking to each other.
+        self._check_inputs()
+        # A resumed run keeps its id: only checkpoints with the run's id are ever pruned.
+        self.run_id = (self.resume_from and checkpoint_run_id(self.resume_from)) or uuid.uuid4().hex
+
+    def _check_inputs(self) -> None:
+        """The device, the checkpoint's config and weights and the checkpoint to resume from:
+        a bad one fails here, before processes start talking to each other."""
+        self.device = resolve_device(self.cfg.device)
         self.hf_config = read_hf_config(self.checkpoint_dir)
         check_hf_weights(self.checkpoint_dir, self.hf_config)
         self.resume_from = resume_path(self.cfg)
         if self.resume_from is not None:
             verify_checkpoint(self.resume_from)
             check_resume_config(self.resume_from, self.cfg)
-        # A resumed run keeps its id: only checkpoints with the run's id are ever pruned.
-        self.run_id = (self.resume_from and checkpoint_run_id(self.resume_from)) or uuid.uuid4().hex
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        init_distributed(self.device)
+        self._init_process_group()
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.dims = ParallelDims.resolve(
             self.world_size, self.cfg.dp_replicate_degree, self.cfg.dp_shard_degree, self.cfg.cp_degree
@@ -124,13 +139,10 @@ class OmniLongFullRecipe:
         threads, why = cpu_threads_per_rank(self.cfg.cpu_threads_per_rank, os.environ, available_cores())
         torch.set_num_threads(threads)
         logger.info("CPU threads per rank: %d (%s)", threads, why)
-        saves = bool(self.cfg.save_every_n_steps) or self.cfg.save_hf_at_end
-        moved = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves))
-        if moved is not None:
-            logger.info("overwrite_output_dir: the previous run in %s was moved to %s", self.output_dir, moved)
+        self._prepare_output_dir()
         torch.manual_seed(self.cfg.seed)
 
-        self.tokenizer = load_tokenizer(self.cfg.tokenizer_dir or self.checkpoint_dir)
+        self.tokenizer = self._load_tokenizer()
         self.dataset, self.dataloader, self.sampler = self._setup_data()
         self.val_dataloader = self._setup_validation()
         self.model = self._setup_model()
@@ -140,13 +152,31 @@ class OmniLongFullRecipe:
         self.optimizer = instantiate(
             "optimizer", self.cfg.optimizer, trainable, **implementation_kwargs(self.cfg.optimizer, params_on_cpu)
         )
-        self.activation_offload = activation_offload(self.cfg.activation_offload, self.device)
+        self.activation_offload = self._activation_offload()
         self.lr_scheduler = (
             instantiate("lr_scheduler", self.cfg.lr_scheduler, self.optimizer, num_training_steps=self.cfg.max_steps)
             if self.cfg.lr_scheduler is not None
             else None
         )
         self.start_step = self._resume() + 1
+        self._setup_metrics()
+
+    def _init_process_group(self) -> None:
+        init_distributed(self.device)
+
+    def _prepare_output_dir(self) -> None:
+        saves = bool(self.cfg.save_every_n_steps) or self.cfg.save_hf_at_end
+        moved = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves))
+        if moved is not None:
+            logger.info("overwrite_output_dir: the previous run in %s was moved to %s", self.output_dir, moved)
+
+    def _load_tokenizer(self):
+        return load_tokenizer(self.cfg.tokenizer_dir or self.checkpoint_dir)
+
+    def _activation_offload(self):
+        return activation_offload(self.cfg.activation_offload, self.device)
+
+    def _setup_metrics(self) -> None:
         if self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
@@ -262,14 +292,17 @@ class OmniLongFullRecipe:
         takes it (the video datasets size their inputs from it), else nothing."""
         return {"model_config": self.hf_config} if takes_argument(node, "model_config") else {}
 
-    def _setup_data(self):
-        dataset = instantiate(
+    def _make_dataset(self):
+        return instantiate(
             "dataset",
             self.cfg.dataset,
             self.tokenizer,
             max_seq_len=self.cfg.max_seq_len,
             **self._model_config_for(self.cfg.dataset),
         )
+
+    def _setup_data(self):
+        dataset = self._make_dataset()
         dp_mesh = self.meshes.dp
         sampler = ResumableDistributedSampler(
             len(dataset),
@@ -284,7 +317,7 @@ class OmniLongFullRecipe:
             dataset,
             batch_size=self.cfg.batch_size,
             sampler=sampler,
-            num_workers=self.cfg.num_workers,
+            num_workers=self._loader_workers(),
             collate_fn=partial(collate_padded, pad_id=dataset.pad_id),
         )
         logger.info(
@@ -295,6 +328,9 @@ class OmniLongFullRecipe:
             getattr(dataset, "num_skipped", 0),
         )
         return dataset, dataloader, sampler
+
+    def _loader_workers(self) -> int:
+        return self.cfg.num_workers
 
     def _setup_validation(self) -> DataLoader | None:
         """The held-out split's loader for this data-parallel rank (:class:`HeldOutShard`), or None."""
@@ -403,13 +439,42 @@ class OmniLongFullRecipe:
         (loss_sum / global_tokens.clamp(min=1)).backward()
         return loss_sum.detach()
 
-    def _clip_gradients(self) -> float:
+    def _clip_gradients(self) -> torch.Tensor:
+        """Clips the gradients to ``clip_grad_norm`` (if set); returns their total norm (a 0-d tensor)."""
         norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), self.cfg.clip_grad_norm if self.cfg.clip_grad_norm is not None else math.inf
         )
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        return float(norm)
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+    def _train_step(
+        self, micro_batches: list[dict[str, torch.Tensor]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step over ``micro_batches`` (this rank's).
+
+        Returns:
+            The summed token loss of this rank, the gradient norm (0-d tensors, not yet read
+            back to the host), and the all-reduced ``[trained tokens, input tokens]`` (float64, host).
+        """
+        counts = torch.tensor(
+            [
+                sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
+                sum(mb["input_ids"].numel() for mb in micro_batches),
+            ],
+            dtype=torch.float64,
+        )
+        dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
+        global_tokens = counts[0].to(self.device)
+        skipped = torch.tensor(sum(int(mb["skipped"].sum()) for mb in micro_batches if "skipped" in mb))
+        dist.all_reduce(skipped, group=self.meshes.dp.get_group())  # cp ranks of a group share rows
+        self.num_skipped += int(skipped)
+
+        loss_sum = sum(self._micro_step(mb, global_tokens) for mb in micro_batches)
+        grad_norm = self._clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.lr_scheduler is not None:
+            self.lr_scheduler.step()
+        return loss_sum, grad_norm, counts
 
     def train(self) -> None:
         cfg = self.cfg
@@ -418,26 +483,10 @@ class OmniLongFullRecipe:
         for step in range(self.start_step, cfg.max_steps + 1):
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
-            counts = torch.tensor(
-                [
-                    sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches),
-                    sum(mb["input_ids"].numel() for mb in micro_batches),
-                ],
-                dtype=torch.float64,
-            )
-            dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
-            global_tokens, global_inputs = counts[0].to(self.device), counts[1]
-            skipped = torch.tensor(sum(int(mb["skipped"].sum()) for mb in micro_batches if "skipped" in mb))
-            dist.all_reduce(skipped, group=self.meshes.dp.get_group())  # cp ranks of a group share rows
-            self.num_skipped += int(skipped)
-
-            loss_sum = sum(self._micro_step(mb, global_tokens) for mb in micro_batches)
-            grad_norm = self._clip_gradients()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
             lr = self.optimizer.param_groups[0]["lr"]
-            if self.lr_scheduler is not None:
-                self.lr_scheduler.step()
+            loss_sum, grad_norm, counts = self._train_step(micro_batches)
+            grad_norm = float(grad_norm)
+            global_inputs = counts[1]
 
             loss_sum = loss_sum.double().cpu()
             dist.all_reduce(loss_sum)
@@ -497,14 +546,109 @@ class OmniLongFullRecipe:
         shutdown_distributed(meshes.world if meshes is not None else None)
 
 
+class DryRunRecipe(OmniLongFullRecipe):
+    """The recipe at full size on one CPU (:mod:`omnilong.dry_run`): its real setup and
+    training steps on fake tensors, as rank 0 of a fake process group of the job's world size;
+    no checkpoint weights, no data, no output written. ``train`` returns a :class:`DryRunReport`."""
+
+    def __init__(self, cfg: DictConfig, settings: DryRunSettings):
+        self.settings = settings
+        super().__init__(cfg)
+
+    def _check_inputs(self) -> None:
+        self.device = torch.device("cpu")  # stands for the config's device (dry_run.fake_tensors)
+        self.hf_config, self.model_source = self.settings.model_config(self.checkpoint_dir)
+        self.resume_from = None
+
+    def _init_process_group(self) -> None:
+        init_fake_process_group(self.settings.world_size)
+
+    def _prepare_output_dir(self) -> None:
+        pass
+
+    def _load_tokenizer(self):
+        return None
+
+    def _make_dataset(self) -> MadeUpRows:
+        return MadeUpRows(self.cfg.dataset, self.cfg.max_seq_len, self.hf_config)
+
+    def _loader_workers(self) -> int:
+        return 0  # the rows' pixels are fake tensors of this process
+
+    def _setup_validation(self) -> None:
+        return None
+
+    def _load_weights(self, model: torch.nn.Module) -> None:
+        pass
+
+    def _resume(self) -> int:
+        return 0
+
+    def _activation_offload(self):
+        self.tracker = DeviceMemoryTracker(self.model, self.optimizer, self.cfg.fsdp_cpu_offload)
+        self.tracker.tag_module(self.loss_fn, "loss")
+        return dry_run_offload(self.tracker) if self.cfg.activation_offload else contextlib.nullcontext()
+
+    def _setup_metrics(self) -> None:
+        pass
+
+    def _traced_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepRecord:
+        """One training step under the memory tracker and a FLOP counter."""
+        for batch in micro_batches:
+            self.tracker.track_inputs(batch)  # on the GPU in a real run
+        self.tracker.device_peak, self.tracker.host_peak = {}, {}
+        start = time.perf_counter()
+        with FlopCount() as flops:
+            self._train_step(micro_batches)
+        return StepRecord(
+            tokens=sum(mb["input_ids"].numel() for mb in micro_batches),
+            device=dict(self.tracker.device_peak),
+            host=dict(self.tracker.host_peak),
+            flops=flops.flops,
+            seconds=time.perf_counter() - start,
+        )
+
+    def train(self) -> DryRunReport:
+        cfg, dims = self.cfg, self.dims
+        report = DryRunReport(
+            config=str(self.settings.config),
+            settings=self.settings,
+            model_source=self.model_source,
+            mesh=f"dp_replicate {dims.dp_replicate} x dp_shard {dims.dp_shard} x cp {dims.cp}",
+            rows=self.dataset.description,
+            tokens_per_step=cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps * dims.dp,
+            max_seq_len=cfg.max_seq_len,
+            length_multiple=max(1024, 2 * dims.cp),
+        )
+        batches = self._batches()
+        self.model.train()
+        with self.tracker:
+            for step in range(1, self.settings.steps + 1):
+                record = self._traced_step([next(batches) for _ in range(cfg.gradient_accumulation_steps)])
+                report.steps.append(record)
+                logger.info(
+                    "dry run: step %d traced in %.1f s: peak %.2f GiB", step, record.seconds, record.peak / 2**30
+                )
+                self.tracker.reset_mod_stats()
+            if self.settings.longest:
+                shorter = self.dataset.fixed_tokens + (cfg.max_seq_len - self.dataset.fixed_tokens) // 2
+                rows = MadeUpRows(cfg.dataset, shorter, self.hf_config)
+                batch = self._model_batch(collate_padded([rows[0]] * cfg.batch_size, rows.pad_id), rows.pad_id)
+                report.shorter = self._traced_step([batch])
+        return report
+
+
 @parse
-def recipe_main(cfg: DictConfig) -> int:
+def recipe_main(cfg: DictConfig, dry_run: DryRunSettings | None = None) -> int:
     """Full fine-tuning of a vision-language model on long inputs.
 
     tune run [TORCHRUN-OPTIONS] omnilong_full --config <config> [key=value ...]
+    tune run omnilong_full --config <config> --dry-run --world-size 8 [key=value ...]
 
     <config> is a YAML path or a shipped config name (`omnilong ls`: tiny/stage1_text, ...).
     """
+    if dry_run is not None:
+        return _dry_run_main(cfg, dry_run)
     recipe = None
     try:
         recipe = OmniLongFullRecipe(cfg)
@@ -524,6 +668,25 @@ def recipe_main(cfg: DictConfig) -> int:
         return 1
     finally:
         recipe.cleanup()
+    return 0
+
+
+def _dry_run_main(cfg: DictConfig, settings: DryRunSettings) -> int:
+    """Dry-run ``cfg`` (:class:`DryRunRecipe`); prints the report. A config that cannot run
+    fails here as it would on the cluster: one line, status 1."""
+    recipe = None
+    try:
+        with fake_tensors("cuda" if cfg.get("device", "auto") != "cpu" else "cpu"):
+            recipe = DryRunRecipe(cfg, settings)
+            recipe.setup()
+            report = recipe.train()
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"omnilong_full: error: {one_line(e)}", file=sys.stderr)
+        return 1
+    finally:
+        if recipe is not None:
+            recipe.cleanup()
+    print(report.format())
     return 0
 
 

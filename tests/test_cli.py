@@ -47,7 +47,7 @@ def _parsed(monkeypatch, *argv):
     seen = {}
     monkeypatch.setattr(sys, "argv", ["omnilong_full", *argv])
     with pytest.raises(SystemExit) as stop:
-        parse(lambda cfg: seen.setdefault("cfg", cfg) and 0)()
+        parse(lambda cfg, dry_run=None: seen.setdefault("cfg", cfg) and 0)()
     return seen.get("cfg"), stop.value.code
 
 
@@ -90,7 +90,7 @@ def test_overrides_set_replace_and_delete_keys(tmp_path):
         ("max_steps", "override 'max_steps': write key=value to set a key, or ~key to delete one"),
         ("~no_such_key", "override ~no_such_key: the config has no key no_such_key to delete"),
         ("~dataset.no_such_key", "the config has no key dataset.no_such_key to delete"),
-        ("--max_steps=3", "unknown option --max_steps=3: the recipe takes --config and key=value overrides"),
+        ("--max_steps=3", "unknown option --max_steps=3: the recipe takes --config, key=value overrides and the dry run's options"),
     ],
 )
 def test_recipe_refuses_a_malformed_override_with_one_line(monkeypatch, capsys, override, message):

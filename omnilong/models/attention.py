@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from omnilong.kernel_device import kernel_device_type
 from omnilong.models.varlen_attention import (
     CPU_FLASH,
     EXACT,
@@ -48,11 +49,12 @@ def kernel_for(q: torch.Tensor) -> AttentionKernel:
     * CPU: the SDPA flash op for CPU, one call per run of equal segments;
     * elsewhere (CUDA in fp32, which flash attention rejects): exact attention in fp32.
     """
-    if q.device.type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
+    device_type = kernel_device_type(q)
+    if device_type == "cuda" and q.dtype in (torch.float16, torch.bfloat16):
         from omnilong.models._cuda_attention import FLASH_VARLEN
 
         return FLASH_VARLEN
-    return CPU_FLASH if q.device.type == "cpu" else EXACT
+    return CPU_FLASH if device_type == "cpu" else EXACT
 
 
 def attention_with_lse(
