@@ -1,5 +1,8 @@
 """The CUDA mover of :mod:`omnilong.parallel.activation_offload`: copies on one side stream
 between the device and pinned host memory, ordered against the compute stream by events.
+Nothing here waits on the host (no ``synchronize``, ``query`` or ``record_stream``): the
+memory a copy reads or writes stays the compute stream's, and the compute stream waits for
+the copy's event before any later work of its own, so before that memory can be reused.
 Imported only on CUDA."""
 
 from typing import Any
@@ -14,30 +17,27 @@ class CudaMover:
         self.stream = torch.cuda.Stream(device=device)
 
     def to_host(self, tensor: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Copy after the compute stream has produced ``tensor``; the caller keeps ``tensor``
-        alive until :meth:`done`."""
+        """Copy ``tensor`` into new pinned host memory once the compute stream has produced it."""
         host = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=True)
-        self.stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(self.stream):
-            host.copy_(tensor, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return host, event
-
-    def done(self, token: Any) -> bool:
-        return token is None or token.query()
+        return host, self._copy(host, tensor, torch.cuda.current_stream(tensor.device))
 
     def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """Copy on the side stream (after any copy to ``host`` queued there before)."""
-        with torch.cuda.stream(self.stream):
-            tensor = host.to(self.stream.device, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record(self.stream)
-        return tensor, event
+        """Copy ``host`` into a new tensor allocated on the compute stream (its memory may have
+        been freed by compute work still queued: the copy starts after that work)."""
+        compute = torch.cuda.current_stream(self.stream.device)
+        tensor = torch.empty(host.shape, dtype=host.dtype, device=self.stream.device)
+        return tensor, self._copy(tensor, host, compute)
 
-    def ready(self, tensor: torch.Tensor, token: Any) -> None:
-        """The compute stream waits for the copy; ``tensor``'s memory (allocated on the side
-        stream) is not reused before the compute stream is done with it."""
-        stream = torch.cuda.current_stream(tensor.device)
-        stream.wait_event(token)
-        tensor.record_stream(stream)
+    def _copy(self, destination: torch.Tensor, source: torch.Tensor, compute: torch.cuda.Stream) -> Any:
+        """The copy on the side stream after ``compute``'s queued work; the token is its event and
+        ``compute``. The pinned buffer is kept by torch's host allocator until the copy ends."""
+        self.stream.wait_stream(compute)
+        with torch.cuda.stream(self.stream):
+            destination.copy_(source, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event, compute
+
+    def wait(self, token: Any) -> None:
+        event, compute = token
+        compute.wait_event(event)
