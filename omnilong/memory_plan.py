@@ -188,7 +188,7 @@ def plan(shape: ModelShape, run: RunSetup) -> dict[str, int]:
     if run.fsdp:
         communication += 2 * c * shape.layer_params + 4 * shape.layer_params
     if run.cp > 1:
-        communication += tokens * 2 * shape.kv_dim * (2 * c + 4)  # k/v blocks sent + received, fp32 dk/dv
+        communication += tokens * 2 * shape.kv_dim * (2 * c + 3 * c)  # k/v and dk/dv sent + received, home dk/dv
     flowing = 2 * tokens * c * d  # gradients of a layer's output and input
 
     persistent = parameters + optimizer + communication

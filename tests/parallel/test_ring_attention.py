@@ -7,7 +7,9 @@ unsharded from all cp ranks and compared on the real (unpadded) tokens.
 
 Tolerances: max abs diff <= 1e-5 in fp32. bf16 runs the ring on bf16 inputs and compares
 with the fp32 oracle on the same (bf16-rounded) inputs: <= 2e-2 for the output,
-<= 2e-2 * max|grad| for the gradients (bf16 has an 8-bit mantissa, eps = 7.8e-3).
+<= 2e-2 * max|grad| for the gradients (bf16 has an 8-bit mantissa, eps = 7.8e-3). The
+dK/dV sums travel the ring in the inputs' dtype, rounded at every hop, so the local ring
+also runs cp = 8 (six roundings more than the shares' own).
 
 The ring runs two ways with the same code: as virtual ranks in one process
 (:func:`run_local_ring`; on CPU always, on CUDA when present, where the kernel is flash
@@ -122,7 +124,7 @@ def _local_ring_errors(masked_attention, cp: int, case: tuple, device: str) -> d
     return _errors(got, expected, dtype)
 
 
-@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("cp", [2, 4, 8])
 @pytest.mark.parametrize("name", list(CASES))
 def test_local_ring_matches_masked_attention(masked_attention, cp, name):
     errors = _local_ring_errors(masked_attention, cp, CASES[name], "cpu")
@@ -130,13 +132,49 @@ def test_local_ring_matches_masked_attention(masked_attention, cp, name):
 
 
 @CUDA
-@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("cp", [2, 4, 8])
 @pytest.mark.parametrize("name", ["causal", "documents", "gqa_28_4_documents", "gqa_causal", "padding_documents"])
 def test_local_ring_on_cuda_matches_masked_attention(masked_attention, cp, name):
     """The CUDA kernels (flash varlen, bf16) forward and backward."""
     hq, hkv, packed, short, _ = CASES[name]
     errors = _local_ring_errors(masked_attention, cp, (hq, hkv, packed, short, torch.bfloat16), "cuda")
     assert max(errors.values()) <= _tolerance(torch.bfloat16), errors
+
+
+class _RecordingRing:
+    """A ring that records the dtype of every tensor it sends, phase by phase."""
+
+    def __init__(self, ring):
+        self.ring, self.rank, self.size = ring, ring.rank, ring.size
+        self.sent: dict[str, list[list[torch.dtype]]] = {}
+        self.phase = ""
+
+    def shift(self, tensors):
+        self.sent.setdefault(self.phase, []).append([t.dtype for t in tensors])
+        return self.ring.shift(tensors)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("cp", [1, 2, 4])
+def test_what_travels_the_ring_is_in_the_inputs_dtype(cp, dtype):
+    """Forward: ``cp - 1`` hops of the k/v blocks. Backward: ``cp - 1`` hops of the k/v blocks
+    and ``cp - 1`` of the dK/dV sums (the owner's own share never leaves). Everything sent is
+    in the inputs' dtype: bf16 dK/dV sums are half the bytes of fp32 ones."""
+
+    def rank_fn(ring):
+        ring = _RecordingRing(ring)
+        steps = plan_ring(ring.rank, cp, None, 1, 2 * CHUNK, torch.device("cpu"))
+        g = torch.Generator().manual_seed(ring.rank)
+        q, k, v = (torch.randn(2 * CHUNK, h, HEAD_DIM, generator=g).to(dtype) for h in (4, 2, 2))
+        ring.phase = "forward"
+        out, lse = ring_forward(q, k, v, steps, ring)
+        ring.phase = "backward"
+        ring_backward(torch.ones_like(out), q, k, v, out, lse, steps, ring)
+        return ring.sent
+
+    for sent in run_local_ring(cp, rank_fn):
+        assert sent.get("forward", []) == [[dtype, dtype]] * (cp - 1)
+        assert sent.get("backward", []) == [[dtype, dtype]] * (2 * (cp - 1))
 
 
 def _distributed_errors(masked_attention, cp_group: dist.ProcessGroup | DeviceMesh, case: tuple) -> dict[str, float]:

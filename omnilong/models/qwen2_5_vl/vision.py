@@ -114,7 +114,13 @@ class PatchEmbed(nn.Module):
 
 class VisionAttention(nn.Module):
     """Multi-head self-attention with a fused biased qkv projection and 2-D rotary embedding,
-    attending within segments (windows or frame pairs)."""
+    attending within segments (windows or frame pairs).
+
+    The fused weight is applied as its three ``[dim, dim]`` row blocks, so that ``q``, ``k``
+    and ``v`` come out as separate contiguous ``[N, H, D]`` tensors: views of one ``[N, 3 dim]``
+    output would be strided, and the CUDA flash kernel copies strided inputs, in the forward
+    and again in the backward.
+    """
 
     def __init__(self, dim: int, n_heads: int):
         super().__init__()
@@ -135,7 +141,10 @@ class VisionAttention(nn.Module):
             ``[N, dim]``.
         """
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.n_heads, self.head_dim).unbind(1)  # [N, H, D]
+        q, k, v = (
+            F.linear(x, weight, bias).view(n, self.n_heads, self.head_dim)  # [N, H, D], contiguous
+            for weight, bias in zip(self.qkv.weight.chunk(3), self.qkv.bias.chunk(3))
+        )
         cos, sin = rope
         q, k = (
             apply_rope(t.float().transpose(0, 1)[None], cos[None], sin[None])[0].transpose(0, 1).to(x.dtype)

@@ -13,15 +13,24 @@ exact multiples) the all-padding windows transformers drops.
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 from transformers.vision_utils import get_vision_attention_seqlens, get_vision_position_ids, get_vision_window_index
 
 from omnilong.hf_io import read_hf_config
+from omnilong.models import attention as entry
 from omnilong.models import load_hf_model
 from omnilong.models.qwen2_5_vl import qwen2_5_vl, text_args_from_hf_config, vision_args_from_hf_config
 from omnilong.models.qwen2_5_vl._convert_weights import native_to_hf
-from omnilong.models.qwen2_5_vl.vision import frame_lengths, patch_positions, vision_rope_cos_sin, window_order
+from omnilong.models.qwen2_5_vl.vision import (
+    VisionAttention,
+    frame_lengths,
+    patch_positions,
+    vision_rope_cos_sin,
+    window_order,
+)
+from omnilong.models.varlen_attention import CPU_FLASH, AttentionKernel, VarlenSegments
 
 ATOL = 1e-5
 PATCH_DIM = 3 * 2 * 14 * 14
@@ -202,6 +211,55 @@ def test_logits_and_gradients_match_transformers(models, mix):
         torch.testing.assert_close(
             native_params[native_key].grad, _hf_param(hf, hub_key).grad, atol=ATOL, rtol=0, msg=native_key
         )
+
+
+class _CopyReads(TorchDispatchMode):
+    """Records the storage of every tensor that a copy (``clone``, ``_to_copy``, ``copy_``) reads."""
+
+    COPIES = {"clone", "_to_copy", "copy_"}
+
+    def __init__(self):
+        super().__init__()
+        self.sources: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name in self.COPIES:
+            source = args[1] if name == "copy_" else args[0]
+            self.sources.append(source.untyped_storage().data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_vision_attention_gives_the_kernel_contiguous_qkv_and_never_copies_v(monkeypatch, dtype):
+    """The CUDA flash kernel copies strided ``q``, ``k``, ``v`` (``.contiguous()``) in the forward
+    and again in the backward. The vision attention hands every kernel call (a recording kernel
+    around the CPU one, swapped in at ``kernel_for``) contiguous ``[N, H, D]`` tensors, and no
+    copy reads ``v``'s storage in the forward or the backward: ``v`` is the projection's output."""
+    seen = []
+
+    def record(q, k, v):
+        seen.append(v)
+        assert q.is_contiguous() and k.is_contiguous() and v.is_contiguous(), (q.stride(), k.stride(), v.stride())
+
+    def forward(q, k, v, segments):
+        record(q, k, v)
+        return CPU_FLASH.forward(q, k, v, segments)
+
+    def backward(dout, q, k, v, out, lse, segments):
+        record(q, k, v)
+        return CPU_FLASH.backward(dout, q, k, v, out, lse, segments)
+
+    monkeypatch.setattr(entry, "kernel_for", lambda q: AttentionKernel(forward, backward))
+    torch.manual_seed(0)
+    layer = VisionAttention(32, 4).to(dtype)
+    x = torch.randn(40, 32, dtype=dtype, requires_grad=True)
+    rope = vision_rope_cos_sin(patch_positions([(1, 4, 10)], 2, x.device), head_dim=8, theta=10_000.0)
+    segments = VarlenSegments.from_lengths([16, 16, 8], [16, 16, 8], causal=False, device=x.device)
+    with _CopyReads() as copies:
+        layer(x, rope, segments).sum().backward()
+    assert len(seen) == 2 and seen[0].data_ptr() == seen[1].data_ptr()  # forward, then backward on the saved v
+    assert seen[0].untyped_storage().data_ptr() not in copies.sources
 
 
 @pytest.fixture(scope="module")
