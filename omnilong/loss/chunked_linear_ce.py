@@ -23,7 +23,7 @@ chunk of padding. The function thus has one shape and compiles once per dtype, a
 first call on every rank, instead of again for a ragged last chunk or for a rank with 0
 or 1 trained tokens (dynamo specialises sizes 0 and 1) in the middle of a run, while the
 other ranks wait at the next collective. The padding costs at most one chunk of GEMMs per
-call (a few ms for a 7B model on an H100).
+call (for Qwen2.5-VL-7B, 512 x 152064 x 3584: 1.7 TFLOP for the three).
 
 Fake tensors (a dry run under ``FakeTensorMode``): ``torch.compile`` cannot run there, so
 the compiled path's padded chunks go through the eager in-place function
