@@ -430,8 +430,8 @@ class OmniLongFullRecipe:
 
     def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its (local) summed token loss."""
-        batch = {k: v.to(self.device) for k, v in batch.items() if k != "skipped"}
-        labels = batch.pop("labels")
+        labels = batch["labels"]  # stays on the host: the loss finds its trained tokens there, without a sync
+        batch = {k: v.to(self.device) for k, v in batch.items() if k not in ("labels", "skipped")}
         with self.activation_offload:
             hidden = self.model(**batch, return_hidden=True)
         weight = self.model.output.weight

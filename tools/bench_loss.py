@@ -4,7 +4,8 @@ Variants, each run in its own fresh subprocess (fp32 on CPU, bf16 hidden and wei
 CUDA; the weight and the hidden states both require gradients):
   (a) full: ``hidden @ weight.T`` then ``F.cross_entropy`` (FullLogitsCrossEntropy);
   (b) torchtune: ``CEWithChunkedOutputLoss`` on 8 chunks ``hidden.chunk(8) @ weight.T``;
-  (c) omnilong: ``ChunkedLinearCrossEntropy`` (automatic chunk size);
+  (c) omnilong: ``ChunkedLinearCrossEntropy`` (automatic chunk size; labels on the host, as
+      the recipe passes them);
   (d) liger: Liger-Kernel's ``LigerFusedLinearCrossEntropyLoss`` (CUDA, when
       ``liger-kernel`` is importable: an optional package, not a dependency).
 
@@ -70,9 +71,10 @@ def _child(variant: str, tokens: int, hidden_dim: int, vocab: int, device: str) 
         from omnilong.loss import ChunkedLinearCrossEntropy
 
         loss_fn = ChunkedLinearCrossEntropy()
+        host_labels = labels.cpu()
 
         def step() -> torch.Tensor:
-            return loss_fn(hidden, weight, labels)
+            return loss_fn(hidden, weight, host_labels)
 
     if cuda:
         return _time_cuda(step, hidden, weight)

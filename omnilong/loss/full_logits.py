@@ -29,21 +29,22 @@ class FullLogitsCrossEntropy(nn.Module):
 
     def forward(
         self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    ) -> torch.Tensor | tuple[torch.Tensor, int]:
         """
         Args:
             hidden: ``[N, H]`` or ``[B, T, H]`` final hidden states.
             weight: ``[V, H]`` output projection.
-            labels: ``[N]`` or ``[B, T]`` targets, already shifted.
+            labels: ``[N]`` or ``[B, T]`` targets, already shifted; on any device.
 
         Returns:
-            The mean loss, or ``(loss_sum, num_tokens)`` for ``reduction="sum"``.
+            The mean loss, or ``(loss_sum, num_tokens)`` for ``reduction="sum"``, the count
+            a host int (read back from the device: this reference does not avoid syncs).
         """
         hidden = hidden.reshape(-1, hidden.shape[-1])
-        labels = labels.reshape(-1)
+        labels = labels.reshape(-1).to(hidden.device)
         logits = (hidden @ weight.t()).float()  # [N, V]
         loss_sum = F.cross_entropy(logits, labels, ignore_index=self.ignore_index, reduction="sum")
-        num_tokens = (labels != self.ignore_index).sum()
+        num_tokens = int((labels != self.ignore_index).sum())
         if self.reduction == "sum":
             return loss_sum, num_tokens
-        return loss_sum / num_tokens.clamp(min=1)
+        return loss_sum / max(num_tokens, 1)

@@ -11,6 +11,11 @@ compared with the fp32 oracle on the same (bf16-rounded) inputs: <= 5e-2 for the
 Under FSDP2 (2 gloo ranks, each with its own batch, gradients summed over ranks as
 OmniLong configures FSDP) the gathered gradients equal the sum over ranks of the
 single-process gradients.
+The compiled path (chunks padded to ``chunk_size``, the fused chunk function compiled; run on
+CPU with inductor here) compiles one graph over calls of any trained-token count, equals the
+eager path within 1e-5 (fp32), and reads nothing back to the host; on CUDA that is checked with
+``torch.cuda.set_sync_debug_mode("error")``. On fake tensors (a dry run) the loss traces with
+the GPU's shapes, dtypes and GEMM work.
 """
 
 import copy
@@ -19,8 +24,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._dynamo.utils import counters
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
-from omnilong.loss import ChunkedLinearCrossEntropy, FullLogitsCrossEntropy
+from omnilong.loss import ChunkedLinearCrossEntropy, FullLogitsCrossEntropy, chunked_linear_ce
 from omnilong.loss.chunked_linear_ce import auto_chunk_size
 
 VOCAB, DIM, IGNORE = 37, 16, -100
@@ -72,9 +81,20 @@ def test_matches_full_logits(shape, chunk_size, reduction):
 
 def test_sum_returns_num_tokens():
     hidden, weight, labels = _inputs((26,))
-    loss_sum, num_tokens = ChunkedLinearCrossEntropy(3, reduction="sum")(hidden, weight, labels)
-    assert num_tokens.item() == 18
-    assert loss_sum.dtype == torch.float32
+    for loss_fn in (ChunkedLinearCrossEntropy(3, reduction="sum"), FullLogitsCrossEntropy(reduction="sum")):
+        loss_sum, num_tokens = loss_fn(hidden, weight, labels)
+        assert type(num_tokens) is int and num_tokens == 18
+        assert loss_sum.dtype == torch.float32
+
+
+def test_given_num_tokens_gives_the_same_result():
+    """``num_tokens`` (positions found with ``nonzero_static``) changes nothing (exactly)."""
+    hidden, weight, labels = _inputs((2, 13))
+    loss_fn = ChunkedLinearCrossEntropy(4, reduction="sum")
+    counted = _loss_and_grads(loss_fn, hidden, weight, labels)
+    given = _loss_and_grads(lambda *args: loss_fn(*args, num_tokens=18), hidden, weight, labels)
+    for a, b in zip(counted, given):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -246,28 +266,150 @@ def test_weight_gradient_buffer_is_reused_across_micro_batches():
 
 def test_fused_chunk_function_equals_the_in_place_one():
     """The function compiled on CUDA (written without mutation) gives the same loss and
-    gradient as the in-place one used on CPU (checked eagerly here; fp32, 1e-6)."""
+    gradient as the in-place one used on CPU (checked eagerly here; fp32, 1e-6); both give
+    padding rows (target -1) zero gradient and add nothing to the loss."""
     from omnilong.loss.chunked_linear_ce import _fused_softmax_cross_entropy_grad, softmax_cross_entropy_grad_
 
     g = torch.Generator().manual_seed(0)
-    logits, labels = torch.randn(7, 50, generator=g) * 4, torch.randint(0, 50, (7,), generator=g)
-    fused = _fused_softmax_cross_entropy_grad(logits, labels, torch.tensor(0.25), 1e-3, torch.float32)
-    in_place = softmax_cross_entropy_grad_(logits.clone(), labels, 0.25, 1e-3, torch.float32)
-    for a, b in zip(fused, in_place):
-        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    logits, targets = torch.randn(7, 50, generator=g) * 4, torch.randint(0, 50, (7,), generator=g)
+    padded = torch.cat([targets[:5], torch.tensor([-1, -1])])
+    for fn in (_fused_softmax_cross_entropy_grad, softmax_cross_entropy_grad_):
+        grad, loss = fn(logits.clone(), padded, 1e-3, torch.float32)
+        unpadded = softmax_cross_entropy_grad_(logits[:5].clone(), targets[:5], 1e-3, torch.float32)
+        assert grad[5:].abs().max().item() == 0.0
+        torch.testing.assert_close((grad[:5], loss), unpadded, atol=1e-6, rtol=1e-6)
+    fused = _fused_softmax_cross_entropy_grad(logits, targets, 1e-3, torch.float32)
+    in_place = softmax_cross_entropy_grad_(logits.clone(), targets, 1e-3, torch.float32)
+    torch.testing.assert_close(fused, in_place, atol=1e-6, rtol=1e-6)
+
+
+def _ragged_labels(num_trained: int, seed: int = 0) -> torch.Tensor:
+    """``[26]`` labels of which ``num_trained`` (at random positions) are not ignored."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.full((26,), IGNORE)
+    positions = torch.randperm(26, generator=g)[:num_trained]
+    labels[positions] = torch.randint(VOCAB, (num_trained,), generator=g)
+    return labels
+
+
+# Trained tokens per call, chunks of 4: none, a single row, a full chunk, ragged last chunks.
+RAGGED_COUNTS = (0, 1, 4, 5, 2, 18, 26)
+
+
+@pytest.mark.slow  # a first inductor compile on CPU takes ~20 s (then its disk cache ~1 s)
+def test_compiled_path_compiles_once_over_ragged_chunks():
+    """``compiled=True`` (the CUDA default), run on CPU: the first call compiles the chunk
+    function although it has no trained token, the calls after it (1 to 26 trained tokens)
+    compile nothing, and each call's loss and gradients equal the eager path's (fp32, <= 1e-5
+    relative to the largest entry)."""
+    hidden, weight, _ = _inputs((26,))
+    compiled = ChunkedLinearCrossEntropy(4, reduction="sum", compiled=True)
+    eager = ChunkedLinearCrossEntropy(4, reduction="sum", compiled=False)
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    for n in RAGGED_COUNTS:
+        labels = _ragged_labels(n)
+        got = _loss_and_grads(compiled, hidden, weight, labels)
+        _assert_close(got, _loss_and_grads(eager, hidden, weight, labels))
+        assert counters["stats"]["unique_graphs"] - graphs == 1, n
+
+
+@pytest.mark.slow  # compiles like the test above (shared in one process)
+def test_compiled_path_reads_nothing_back_to_the_host(no_host_sync):
+    """After a first call (which compiles), forward and backward on the compiled path read no
+    tensor value back to the host (the CPU stand-in for CUDA's sync debug mode). The trained
+    tokens are counted by the caller here: on CPU the labels' host ``nonzero`` is a device's."""
+    hidden, weight, _ = _inputs((26,))
+    loss_fn = ChunkedLinearCrossEntropy(4, reduction="sum", compiled=True)
+    loss_fn(hidden, weight, _ragged_labels(5))[0].backward()
+    with no_host_sync():
+        for n in RAGGED_COUNTS:
+            loss, count = loss_fn(hidden, weight, _ragged_labels(n), num_tokens=n)
+            (loss / 7).backward()
+            assert count == n
+
+
+def test_fake_labels_need_num_tokens():
+    with FakeTensorMode():
+        hidden, weight, labels = torch.empty(26, DIM), torch.empty(VOCAB, DIM), torch.empty(26, dtype=torch.long)
+        with pytest.raises(ValueError, match="pass num_tokens"):
+            ChunkedLinearCrossEntropy(4)(hidden, weight, labels)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_traces_on_fake_tensors(device, dtype):
+    """A dry run's call: fake hidden, weight and labels (on a fake CUDA device too, which
+    needs no GPU), 300 of 2000 tokens trained, chunks of 128. The loss and the gradients
+    have the real dtypes and shapes, and the GEMM work is the device's: three GEMMs over the
+    300 rows on CPU, over 384 on CUDA (its chunks are padded to 128 rows). The backward goes
+    through autograd on CPU; on a fake CUDA device torch's autograd engine asks for the
+    device's driver, so there the loss's backward is called directly."""
+    vocab, dim, rows = 500, 64, {"cpu": 300, "cuda": 384}[device]
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        hidden = torch.empty(2000, dim, device=device, dtype=dtype, requires_grad=True)
+        weight = torch.empty(vocab, dim, device=device, dtype=dtype, requires_grad=True)
+        labels = torch.empty(2000, dtype=torch.long)
+        with FlopCounterMode(display=False) as flops:
+            loss, count = ChunkedLinearCrossEntropy(128, reduction="sum")(hidden, weight, labels, num_tokens=300)
+        if device == "cpu":
+            (loss / 7).backward()
+            grad_hidden, grad_weight = hidden.grad, weight.grad
+        else:
+            grad_hidden, grad_weight = loss.grad_fn.apply(torch.ones((), device=device))[:2]
+    assert count == 300 and loss.shape == () and loss.dtype == torch.float32
+    assert grad_hidden.shape == hidden.shape and grad_hidden.dtype == dtype
+    assert grad_weight.shape == weight.shape and grad_weight.dtype == dtype
+    assert flops.get_total_flops() == 3 * 2 * rows * vocab * dim
+
+
+class _LargestNewTensor(TorchDispatchMode):
+    """Records the bytes of the largest tensor an op allocates (views and in-place or ``out=``
+    results excluded)."""
+
+    def __enter__(self):
+        self.nbytes = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if not func.is_view and not func._schema.is_mutable:
+            for t in torch.utils._pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    self.nbytes = max(self.nbytes, t.nbytes)
+        return out
+
+
+def test_fake_weight_gradient_has_no_full_fp32_temporary(monkeypatch):
+    """Where the fake rule of ``addmm(..., out_dtype=)`` fails (torch 2.11; forced here on later
+    versions), the fake CUDA weight-gradient GEMM is traced in blocks of rows, each fp32 block
+    no larger than the chunk's fp32 logits: no ``[V, H]`` fp32 temporary inflates a dry run's
+    memory peak."""
+    monkeypatch.setattr(chunked_linear_ce, "_fake_addmm_out_dtype_fails", lambda: True)
+    chunk, vocab, dim = 8, 500, 64
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        grad_weight = torch.zeros(vocab, dim, device="cuda")
+        grad_logits = torch.empty(chunk, vocab, device="cuda", dtype=torch.bfloat16)
+        h = torch.empty(chunk, dim, device="cuda", dtype=torch.bfloat16)
+        with _LargestNewTensor() as largest, FlopCounterMode(display=False) as flops:
+            chunked_linear_ce._add_weight_grad_(grad_weight, grad_logits, h, cuda=True)
+    assert 0 < largest.nbytes <= chunk * vocab * 4 < vocab * dim * 4
+    assert flops.get_total_flops() == 2 * chunk * vocab * dim
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_matches_fp32_oracle():
+@pytest.mark.parametrize("labels_device", ["cpu", "cuda"])
+def test_cuda_bf16_matches_fp32_oracle(labels_device):
     """The CUDA path (bf16 GEMMs with fp32 output and accumulation, compiled chunk math,
-    mean reduction over two batches of different token counts): loss within 1e-2 and
-    gradients within 2e-2 of their largest entry, against fp32 full logits."""
+    mean reduction over two batches of different token counts), labels on the host or on the
+    GPU: loss within 1e-2 and gradients within 2e-2 of their largest entry, against fp32 full
+    logits."""
     for tokens in (300, 77):
         g = torch.Generator().manual_seed(tokens)
         hidden = torch.randn(tokens, 64, generator=g).cuda().bfloat16().requires_grad_()
         weight = (torch.randn(1000, 64, generator=g) * 0.125).cuda().bfloat16().requires_grad_()
         labels = torch.randint(0, 1000, (tokens,), generator=g).cuda()
-        loss = ChunkedLinearCrossEntropy(chunk_size=64)(hidden, weight, labels)
+        loss = ChunkedLinearCrossEntropy(chunk_size=64)(hidden, weight, labels.to(labels_device))
         loss.backward()
         h32, w32 = (x.detach().float().requires_grad_() for x in (hidden, weight))
         want = F.cross_entropy(h32 @ w32.t(), labels)
@@ -275,3 +417,30 @@ def test_cuda_bf16_matches_fp32_oracle():
         assert abs(loss.item() - want.item()) <= 1e-2
         for got, expected in ((hidden.grad, h32.grad), (weight.grad, w32.grad)):
             assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_call_has_no_host_sync_and_compiles_once():
+    """bf16 on CUDA, labels on the host (as the recipe passes them): after a first call
+    without trained tokens (which compiles), forward and backward over ragged trained-token
+    counts (0, 1, 65, 300 of 300; chunks of 64) run under
+    ``torch.cuda.set_sync_debug_mode("error")`` and compile no new graph."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(300, 64, generator=g).cuda().bfloat16().requires_grad_()
+    weight = (torch.randn(1000, 64, generator=g) * 0.125).cuda().bfloat16().requires_grad_()
+    loss_fn = ChunkedLinearCrossEntropy(chunk_size=64, reduction="sum")
+    labels = [torch.randint(0, 1000, (300,), generator=g) for _ in range(4)]
+    for label, n in zip(labels, (0, 1, 65, 300)):
+        label[n:] = IGNORE
+    loss_fn(hidden, weight, labels[0])[0].backward()
+    graphs = counters["stats"]["unique_graphs"]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for label in labels:
+            loss, _ = loss_fn(hidden, weight, label)
+            (loss / 7).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.isfinite(hidden.grad.float()).all() and torch.isfinite(weight.grad.float()).all()
