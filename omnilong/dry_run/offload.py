@@ -10,8 +10,9 @@ from omnilong.parallel.activation_offload import SavedTensorOffload
 
 
 class DryRunMover:
-    """Copies that complete at once (fake tensors take no time); the host copies are tagged
-    ``"host"`` in ``tracker``."""
+    """The :class:`~omnilong.parallel.activation_offload.Mover` of a dry run: fake copies (the
+    compute stream's waits are no-ops: there is one stream), the host copies tagged ``"host"``
+    in ``tracker``. The offload's window decides, as on a GPU, how long originals stay."""
 
     def __init__(self, tracker: DeviceMemoryTracker):
         self.tracker = tracker
@@ -22,13 +23,10 @@ class DryRunMover:
         host.copy_(tensor)
         return host, None
 
-    def done(self, token: Any) -> bool:
-        return True
-
     def to_device(self, host: torch.Tensor) -> tuple[torch.Tensor, Any]:
         return host.clone(), None
 
-    def ready(self, tensor: torch.Tensor, token: Any) -> None:
+    def wait(self, token: Any) -> None:
         pass
 
 

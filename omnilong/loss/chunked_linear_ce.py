@@ -60,6 +60,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.distributed.tensor import DTensor, Partial
 
 from omnilong.constants import IGNORE_INDEX
+from omnilong.kernel_device import kernel_device_type
 
 # fp32 elements in one chunk of logits (512 MiB): large enough that the three matmuls of a
 # chunk run near full speed (tools/bench_loss.py, T=4096, V=152064: 0.77x the full-logits
@@ -357,7 +358,7 @@ class ChunkedLinearCrossEntropy(nn.Module):
         if isinstance(weight, DTensor):
             weight = weight.full_tensor(grad_placements=[Partial()] * weight.device_mesh.ndim)
         chunk_size = self.chunk_size or auto_chunk_size(weight.shape[0])
-        cuda = hidden.device.type == "cuda"
+        cuda = kernel_device_type(hidden) == "cuda"  # a dry run's fake tensors may stand for CUDA ones
         compiled = cuda if self.compiled is None else self.compiled
         positions, targets, count = _trained_tokens(
             labels.reshape(-1), self.ignore_index, hidden.device, chunk_size if compiled else None, num_tokens
