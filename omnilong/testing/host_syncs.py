@@ -25,9 +25,10 @@ import os
 import sys
 import sysconfig
 import threading
+import traceback
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,21 +83,28 @@ def describe(syncs: Sequence[HostSync]) -> str:
     return f"{len(syncs)} host sync{'s' if len(syncs) > 1 else ''}: " + "; ".join(parts)
 
 
+def _site(frames: Iterable[tuple[str, int, str]]) -> str:
+    """``path:line (function)`` of the first of ``frames`` (``(path, line, function)``, innermost
+    first) outside this module, torch and the standard library, else of the first; paths
+    relative to the checkout when inside it."""
+    frames = list(frames)
+    path, line, function = next((frame for frame in frames if _outside_libraries(frame[0])), frames[0])
+    return f"{path.removeprefix(_REPO_DIR)}:{line} ({function})"
+
+
+def _outside_libraries(path: str) -> bool:
+    """Whether ``path`` is code of its own: not this module, torch or the standard library."""
+    library = path.startswith(_STDLIB_DIR) and "-packages" not in path
+    return path != __file__ and not path.startswith((_TORCH_DIR, "<frozen")) and not library
+
+
 def _caller() -> str:
-    """``path:line (function)`` of the innermost frame outside this module, torch and the
-    standard library (paths relative to the checkout when inside it)."""
-    frame = sys._getframe(1)
-    innermost = None
+    """The :func:`_site` of this thread's stack (the caller of the caller, outward)."""
+    frame, frames = sys._getframe(1), []
     while frame is not None:
-        path = frame.f_code.co_filename
-        innermost = innermost or frame
-        library = path.startswith(_STDLIB_DIR) and "-packages" not in path
-        if path != __file__ and not path.startswith((_TORCH_DIR, "<frozen")) and not library:
-            break
+        frames.append((frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name))
         frame = frame.f_back
-    frame = frame or innermost
-    path = frame.f_code.co_filename
-    return f"{path.removeprefix(_REPO_DIR)}:{frame.f_lineno} ({frame.f_code.co_name})"
+    return _site(frames)
 
 
 class _SyncingOps(TorchDispatchMode):
@@ -206,6 +214,32 @@ def host_syncs(device: torch.device | str = "cpu") -> Iterator[list[HostSync]]:
     guard = _cuda_sync_warnings if torch.device(device).type == "cuda" else _CpuGuard
     with guard(records.append):
         yield records
+
+
+def cuda_sync_error(fn: Callable[[], Any]) -> HostSync | None:
+    """Runs ``fn()`` in torch's ``"error"`` sync debug mode: the first host sync it made, or
+    ``None``. Slower to use than :func:`host_syncs` (it stops at the first), but no warning
+    filter inside ``fn`` can hide a sync from it.
+
+    Raises:
+        Any exception of ``fn`` other than torch's sync error.
+    """
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        fn()
+    except RuntimeError as error:
+        chain = [error]  # a thread's error may come wrapped (local_ring: "virtual rank r failed")
+        while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+            chain.append(chain[-1].__cause__ or chain[-1].__context__)
+        raised = [e for e in chain if str(e).startswith(_CUDA_SYNC_WARNING)]
+        if not raised:
+            raise
+        frames = reversed(traceback.extract_tb(raised[-1].__traceback__))
+        return HostSync("cuda", _site((f.filename, f.lineno, f.name) for f in frames))
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return None
 
 
 @contextlib.contextmanager

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from omnilong.testing import host_syncs as module
-from omnilong.testing.host_syncs import HostSync, HostSyncError, describe, host_syncs, no_host_sync
+from omnilong.testing.host_syncs import HostSync, HostSyncError, cuda_sync_error, describe, host_syncs, no_host_sync
 
 HERE = "tests/testing/test_host_syncs.py"
 
@@ -85,9 +85,7 @@ def test_describe_counts_the_sites():
 def test_on_cuda_every_sync_warning_is_recorded_and_the_mode_restored(monkeypatch):
     """torch's sync debug mode is switched to "warn" inside and back after; each of its
     warnings is a sync at the line that raised it, other warnings are shown as usual."""
-    modes = [0]
-    monkeypatch.setattr(module.torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
-    monkeypatch.setattr(module.torch.cuda, "set_sync_debug_mode", modes.append)
+    modes = _fake_sync_debug_mode(monkeypatch)
     message = "called a synchronizing CUDA operation (Triggered internally at CUDAFunctions.cpp:186.)"
     with pytest.warns(UserWarning, match="unrelated"), host_syncs("cuda") as syncs:
         assert modes[-1] == "warn"
@@ -97,3 +95,33 @@ def test_on_cuda_every_sync_warning_is_recorded_and_the_mode_restored(monkeypatc
     assert modes[-1] == 0
     where = f"{HERE}:{_line_of('cuda warning: raised as torch raises it')} (test_on_cuda_every_sync_warning_is_recorded_and_the_mode_restored)"
     assert syncs == [HostSync("cuda", where)] * 2
+
+
+def _fake_sync_debug_mode(monkeypatch) -> list:
+    """torch.cuda's sync debug mode switched by a stand-in: the list of modes set, last current."""
+    modes = [0]
+    monkeypatch.setattr(module.torch.cuda, "get_sync_debug_mode", lambda: modes[-1])
+    monkeypatch.setattr(module.torch.cuda, "set_sync_debug_mode", modes.append)
+    return modes
+
+
+def test_error_mode_names_the_first_sync_and_restores_the_mode(monkeypatch):
+    """torch raises its sync error (here by hand, from a virtual rank's thread-like wrapper)."""
+    modes = _fake_sync_debug_mode(monkeypatch)
+
+    def step():
+        assert modes[-1] == "error"
+        raise RuntimeError("called a synchronizing CUDA operation")  # the sync
+
+    def wrapped():
+        try:
+            step()
+        except RuntimeError as error:
+            raise RuntimeError(f"virtual rank 0 of 2 failed: {error}") from error
+
+    where = f"{HERE}:{_line_of('the sync')} (step)"
+    assert cuda_sync_error(wrapped) == HostSync("cuda", where) and modes[-1] == 0
+    assert cuda_sync_error(lambda: None) is None and modes[-1] == 0
+    with pytest.raises(RuntimeError, match="unrelated"):
+        cuda_sync_error(lambda: (_ for _ in ()).throw(RuntimeError("unrelated")))
+    assert modes[-1] == 0
