@@ -887,6 +887,8 @@ def run_check(check: Check, ctx: Context) -> Row:
         outcome = check.run(ctx)
         ctx.synchronize()  # an asynchronous CUDA error belongs to this check
         status = PASS if outcome.passed else FAIL
+        details = ", ".join(f"{name} {_number(error, '.1e')}" for name, (error, _) in outcome.errors.items())
+        note = "; ".join(part for part in (outcome.failure, outcome.note, details) if part)
     except Skip as skip:
         status, note = SKIP, str(skip)
     except Exception as error:  # this check's failure, not the run's
@@ -895,11 +897,9 @@ def run_check(check: Check, ctx: Context) -> Row:
     try:
         ctx.free()
     except Exception as error:
-        status, note, trace = FAIL, f"after the check: {_one_line(error)}", traceback.format_exc()
+        status, trace = FAIL, traceback.format_exc()
+        note = "; ".join(part for part in (f"after the check: {_one_line(error)}", note) if part)
     worst = outcome.worst() if outcome else None
-    if outcome is not None:
-        details = ", ".join(f"{name} {_number(error, '.1e')}" for name, (error, _) in outcome.errors.items())
-        note = "; ".join(part for part in (outcome.failure, outcome.note, details, note) if part)
     return Row(
         check.name,
         status,
