@@ -1,13 +1,10 @@
 """Shared fixtures: multi-process launch on gloo, tiny random checkpoints, an attention
 oracle and a host-sync guard."""
 
-import contextlib
 import os
 import socket
 import sys
-import threading
 import traceback
-import unittest.mock
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +12,6 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.utils._python_dispatch
 
 from tests.fork_server import adopt, fork_server_context
 
@@ -177,58 +173,13 @@ def masked_attention() -> Callable:
     return _masked_attention
 
 
-class _HostSyncError(AssertionError):
-    pass
-
-
-class _NoHostSync(torch.utils._python_dispatch.TorchDispatchMode):
-    """Fails on every operator that reads a tensor's value back to the host."""
-
-    SYNCING = ("_local_scalar_dense", "nonzero", "unique_consecutive", "_unique2", "masked_select", "equal")
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.split(".")[0] in self.SYNCING:
-            raise _HostSyncError(f"host sync: {func}")
-        return func(*args, **(kwargs or {}))
-
-
-_GUARDS = {"lock": threading.Lock(), "depth": 0, "patches": []}
-
-
-def _refuse_host_read(*args, **kwargs):
-    raise _HostSyncError("host sync: .tolist() / .numpy()")
-
-
-@contextlib.contextmanager
-def _no_host_sync():
-    """Inside: any host read of a tensor (``.item()``, ``bool(t)``, ``.tolist()``, ``.numpy()``,
-    data-dependent ops such as ``nonzero``) raises. On CPU, where such reads cost nothing,
-    this stands in for ``torch.cuda.set_sync_debug_mode("error")``. Operators are checked in
-    the entering thread; ``.tolist()``/``.numpy()`` are refused in every thread while any
-    thread is inside (threads may enter and leave in any order)."""
-    with _GUARDS["lock"]:
-        if _GUARDS["depth"] == 0:
-            _GUARDS["patches"] = [
-                unittest.mock.patch.object(torch.Tensor, name, _refuse_host_read) for name in ("tolist", "numpy")
-            ]
-            for patch in _GUARDS["patches"]:
-                patch.start()
-        _GUARDS["depth"] += 1
-    try:
-        with _NoHostSync():
-            yield
-    finally:
-        with _GUARDS["lock"]:
-            _GUARDS["depth"] -= 1
-            if _GUARDS["depth"] == 0:
-                for patch in _GUARDS["patches"]:
-                    patch.stop()
-
-
 @pytest.fixture
 def no_host_sync() -> Callable:
-    """The :func:`_no_host_sync` context manager."""
-    return _no_host_sync
+    """The CPU stand-in for ``torch.cuda.set_sync_debug_mode("error")``: a context manager
+    inside which any host read of a tensor raises (:func:`omnilong.testing.host_syncs.no_host_sync`)."""
+    from omnilong.testing.host_syncs import no_host_sync
+
+    return no_host_sync
 
 
 @pytest.fixture(scope="session")
