@@ -592,10 +592,15 @@ class DryRunRecipe(OmniLongFullRecipe):
     def _setup_metrics(self) -> None:
         pass
 
+    def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
+        """As the recipe's, with the batch's copy on the device counted while the step runs."""
+        self.tracker.reset_mod_stats()  # the tracker's per-module records hold one forward each
+        on_device = {key: value if key == "labels" else value.clone() for key, value in batch.items()}
+        self.tracker.track_inputs(on_device)
+        return super()._micro_step(on_device, global_tokens)
+
     def _traced_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepRecord:
         """One training step under the memory tracker and a FLOP counter."""
-        for batch in micro_batches:
-            self.tracker.track_inputs(batch)  # on the GPU in a real run
         self.tracker.device_peak, self.tracker.host_peak = {}, {}
         start = time.perf_counter()
         with FlopCount() as flops:
@@ -629,7 +634,6 @@ class DryRunRecipe(OmniLongFullRecipe):
                 logger.info(
                     "dry run: step %d traced in %.1f s: peak %.2f GiB", step, record.seconds, record.peak / 2**30
                 )
-                self.tracker.reset_mod_stats()
             if self.settings.longest:
                 shorter = self.dataset.fixed_tokens + (cfg.max_seq_len - self.dataset.fixed_tokens) // 2
                 rows = MadeUpRows(cfg.dataset, shorter, self.hf_config)
