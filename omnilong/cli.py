@@ -65,10 +65,13 @@ def _run(args: list[str]) -> int:
     [TORCHRUN-OPTIONS] omnilong_full --config <config> [overrides]`` does, without importing
     torchtune (about 3 s). With any torchrun option the recipe runs under torchrun (standalone
     unless a rendezvous endpoint is given) and a failed rank gives status 1; else the recipe runs
-    in this process, which exits with its status."""
+    in this process, which exits with its status. With ``--dry-run`` the recipe runs in this
+    process as rank 0 of the job the torchrun options describe (:mod:`omnilong.dry_run`)."""
     if "--config" not in args and {"-h", "--help"} & set(args):
         print(
-            "usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [key=value ...]\n\n"
+            "usage: omnilong run [TORCHRUN-OPTIONS] --config <config> [--dry-run [DRY-RUN-OPTIONS]] "
+            "[key=value ...]\n\n--dry-run: the job's setup and steps at full size on this CPU (no GPU, no "
+            "data, no weights); its options: `python -m omnilong_full --help`\n\n"
             "<config>: a YAML path or a shipped config name (`omnilong ls`); config keys (default, meaning):\n"
             + keys_text(),
             end="",
@@ -79,11 +82,35 @@ def _run(args: list[str]) -> int:
     at = args.index("--config")
     recipe_args = ["--config", str(resolve_config(args[at + 1])), *args[at + 2 :]]
     sys.path.append(os.getcwd())  # as tune run does: components in the working directory import
-    if args[:at]:
+    if "--dry-run" in recipe_args:  # one process stands for the job torchrun would start
+        if args[:at]:
+            recipe_args += ["--world-size", str(_torchrun_world_size(args[:at]))]
+    elif args[:at]:
         return _run_torchrun([*args[:at], "--module", RECIPE, *recipe_args])
     sys.argv = [RECIPE, *recipe_args]
     runpy.run_module(RECIPE, run_name="__main__")  # exits with the recipe's status
     return 0
+
+
+def _torchrun_world_size(options: list[str]) -> int:
+    """The ranks the torchrun ``options`` would start: ``--nproc_per_node`` x ``--nnodes`` (the
+    most nodes of a ``MIN:MAX`` range).
+
+    Raises:
+        ValueError: a count that is not a number (``--nproc_per_node gpu`` counts this machine's
+            GPUs, which a dry run cannot know).
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--nproc_per_node", "--nproc-per-node", default="1")
+    parser.add_argument("--nnodes", default="1")
+    known, _ = parser.parse_known_args(options)
+    nodes = known.nnodes.split(":")[-1]
+    if not (known.nproc_per_node.isdigit() and nodes.isdigit()):
+        raise ValueError(
+            f"a dry run needs numbers for --nproc_per_node and --nnodes, got {known.nproc_per_node!r} "
+            f"and {known.nnodes!r}"
+        )
+    return int(known.nproc_per_node) * int(nodes)
 
 
 def _run_torchrun(argv: list[str]) -> int:

@@ -546,7 +546,33 @@ class OmniLongFullRecipe:
         shutdown_distributed(meshes.world if meshes is not None else None)
 
 
-class DryRunRecipe(OmniLongFullRecipe):
+class TracedSteps:
+    """Training steps under the dry run's memory tracker (``self.tracker``) and FLOP count:
+    the dry run's, and a real run's when it is compared with a dry run (the same code)."""
+
+    def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
+        """As the recipe's, with the batch's copy on the device counted while the step runs."""
+        self.tracker.reset_mod_stats()  # the tracker's per-module records hold one forward each
+        on_device = {key: value if key == "labels" else value.clone() for key, value in batch.items()}
+        self.tracker.track_inputs(on_device)
+        return super()._micro_step(on_device, global_tokens)
+
+    def _traced_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepRecord:
+        """One training step under the memory tracker and a FLOP counter."""
+        self.tracker.device_peak, self.tracker.host_peak = {}, {}
+        start = time.perf_counter()
+        with FlopCount() as flops:
+            self._train_step(micro_batches)
+        return StepRecord(
+            tokens=sum(mb["input_ids"].numel() for mb in micro_batches),
+            device=dict(self.tracker.device_peak),
+            host=dict(self.tracker.host_peak),
+            flops=flops.flops,
+            seconds=time.perf_counter() - start,
+        )
+
+
+class DryRunRecipe(TracedSteps, OmniLongFullRecipe):
     """The recipe at full size on one CPU (:mod:`omnilong.dry_run`): its real setup and
     training steps on fake tensors, as rank 0 of a fake process group of the job's world size;
     no checkpoint weights, no data, no output written. ``train`` returns a :class:`DryRunReport`."""
@@ -591,27 +617,6 @@ class DryRunRecipe(OmniLongFullRecipe):
 
     def _setup_metrics(self) -> None:
         pass
-
-    def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
-        """As the recipe's, with the batch's copy on the device counted while the step runs."""
-        self.tracker.reset_mod_stats()  # the tracker's per-module records hold one forward each
-        on_device = {key: value if key == "labels" else value.clone() for key, value in batch.items()}
-        self.tracker.track_inputs(on_device)
-        return super()._micro_step(on_device, global_tokens)
-
-    def _traced_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepRecord:
-        """One training step under the memory tracker and a FLOP counter."""
-        self.tracker.device_peak, self.tracker.host_peak = {}, {}
-        start = time.perf_counter()
-        with FlopCount() as flops:
-            self._train_step(micro_batches)
-        return StepRecord(
-            tokens=sum(mb["input_ids"].numel() for mb in micro_batches),
-            device=dict(self.tracker.device_peak),
-            host=dict(self.tracker.host_peak),
-            flops=flops.flops,
-            seconds=time.perf_counter() - start,
-        )
 
     def train(self) -> DryRunReport:
         cfg, dims = self.cfg, self.dims
