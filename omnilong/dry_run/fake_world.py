@@ -28,9 +28,8 @@ def init_fake_process_group(world_size: int, rank: int = 0) -> None:
     """The default process group: ``world_size`` ranks of which this process is ``rank``;
     collectives return at once and move nothing."""
     import torch.testing._internal.distributed.fake_pg  # noqa: F401  (registers the "fake" backend)
-    from torch._C._distributed_c10d import FakeStore
 
-    dist.init_process_group("fake", rank=rank, world_size=world_size, store=FakeStore())
+    dist.init_process_group("fake", rank=rank, world_size=world_size, store=dist.HashStore())
 
 
 _REAL_FACTORY_BYTES = 64 << 20
@@ -64,17 +63,6 @@ def _small_integers(out) -> bool:
     )
 
 
-class _OutsideTheFakeMode:
-    """A reusable context that steps out of the active fake tensor mode."""
-
-    def __enter__(self) -> None:
-        self._context = unset_fake_temporarily()
-        self._context.__enter__()
-
-    def __exit__(self, *exc) -> None:
-        self._context.__exit__(*exc)
-
-
 @contextlib.contextmanager
 def _dtensor_metadata_outside_the_fake_mode() -> Iterator[None]:
     """DTensor computes an op's global output shapes by running it on fake global-shape tensors
@@ -83,12 +71,17 @@ def _dtensor_metadata_outside_the_fake_mode() -> Iterator[None]:
     whose tensors the tracker leaves out (as it does in a run without fake tensors)."""
     from torch.distributed.tensor._sharding_prop import ShardingPropagator
 
-    previous = ShardingPropagator._fake_mode_lock
-    ShardingPropagator._fake_mode_lock = _OutsideTheFakeMode()
+    original = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def outside_the_fake_mode(propagator, op_schema):
+        with unset_fake_temporarily():
+            return original(propagator, op_schema)
+
+    ShardingPropagator._propagate_tensor_meta_non_cached = outside_the_fake_mode
     try:
         yield
     finally:
-        ShardingPropagator._fake_mode_lock = previous
+        ShardingPropagator._propagate_tensor_meta_non_cached = original
 
 
 @contextlib.contextmanager

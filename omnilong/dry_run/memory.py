@@ -20,6 +20,7 @@ import weakref
 from collections.abc import Iterator
 
 import torch
+from torch._guards import active_fake_mode
 from torch.distributed._tools.fsdp2_mem_tracker import FSDPMemTracker
 from torch.distributed._tools.mem_tracker import _State
 
@@ -71,6 +72,7 @@ class DeviceMemoryTracker(FSDPMemTracker):
         self._tagged_storages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.device_peak: dict[str, int] = {}  # bytes per category at the device's peak
         self.host_peak: dict[str, int] = {}  # bytes per category at the host's peak
+        self._fake_mode_of_the_run = None
 
     @contextlib.contextmanager
     def tagged_as(self, tag: str) -> Iterator[None]:
@@ -96,7 +98,13 @@ class DeviceMemoryTracker(FSDPMemTracker):
         module.register_forward_pre_hook(enter)
         module.register_forward_hook(leave)
 
+    def __enter__(self) -> "DeviceMemoryTracker":
+        self._fake_mode_of_the_run = active_fake_mode()
+        return super().__enter__()
+
     def _track(self, reftype, t: torch.Tensor) -> None:
+        if active_fake_mode() is not self._fake_mode_of_the_run:
+            return  # DTensor's shape propagation in a fake mode of its own (torch 2.11's tracker counts it)
         if self._tag is not None:
             storage = t.untyped_storage()
             if storage not in self._tagged_storages:
