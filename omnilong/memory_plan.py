@@ -124,6 +124,24 @@ class RunSetup:
     mlp_chunk_size: int | None = None
     loss_chunk_size: int | None = None  # None: omnilong.loss's automatic chunk
 
+    @classmethod
+    def from_config(cls, cfg, gpus: int) -> "RunSetup":
+        """The switches of a (validated) recipe config on ``gpus`` GPUs."""
+        loss_chunk = cfg.loss.get("chunk_size") if cfg.get("loss") is not None else None
+        return cls(
+            seq_len=cfg.max_seq_len,
+            gpus=gpus,
+            cp=cfg.cp_degree,
+            dp_replicate=cfg.dp_replicate_degree,
+            batch_size=cfg.batch_size,
+            compute_bytes=2 if cfg.dtype == "bf16" else 4,
+            fsdp_cpu_offload=cfg.fsdp_cpu_offload,
+            activation_checkpointing=cfg.enable_activation_checkpointing,
+            activation_offload=cfg.activation_offload,
+            mlp_chunk_size=cfg.mlp_chunk_size,
+            loss_chunk_size=loss_chunk,
+        )
+
     def validate(self) -> None:
         if self.gpus % (self.dp_replicate * self.cp):
             raise ValueError(

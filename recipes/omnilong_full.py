@@ -572,22 +572,20 @@ class TracedSteps:
         )
 
 
-class DryRunRecipe(TracedSteps, OmniLongFullRecipe):
-    """The recipe at full size on one CPU (:mod:`omnilong.dry_run`): its real setup and
-    training steps on fake tensors, as rank 0 of a fake process group of the job's world size;
-    no checkpoint weights, no data, no output written. ``train`` returns a :class:`DryRunReport`."""
+class MadeUpRun(OmniLongFullRecipe):
+    """The recipe on made-up rows (:class:`MadeUpRows`: the shapes the config's data would give)
+    and untrained weights, reading no checkpoint weights, no data and no tokenizer, and writing
+    nothing: what a dry run runs on fake tensors, and what ``tools/gpu_check.py`` runs for real
+    to compare with it. The model's shapes come from ``settings`` (:meth:`DryRunSettings.model_config`)."""
 
     def __init__(self, cfg: DictConfig, settings: DryRunSettings):
         self.settings = settings
         super().__init__(cfg)
 
     def _check_inputs(self) -> None:
-        self.device = torch.device("cpu")  # stands for the config's device (dry_run.fake_tensors)
+        self.device = resolve_device(self.cfg.device)
         self.hf_config, self.model_source = self.settings.model_config(self.checkpoint_dir)
         self.resume_from = None
-
-    def _init_process_group(self) -> None:
-        init_fake_process_group(self.settings.world_size)
 
     def _prepare_output_dir(self) -> None:
         pass
@@ -599,24 +597,40 @@ class DryRunRecipe(TracedSteps, OmniLongFullRecipe):
         return MadeUpRows(self.cfg.dataset, self.cfg.max_seq_len, self.hf_config)
 
     def _loader_workers(self) -> int:
-        return 0  # the rows' pixels are fake tensors of this process
+        return 0  # in a dry run the rows' pixels are fake tensors of this process
 
     def _setup_validation(self) -> None:
         return None
 
     def _load_weights(self, model: torch.nn.Module) -> None:
-        pass
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.normal_(std=0.02)
 
     def _resume(self) -> int:
         return 0
+
+    def _setup_metrics(self) -> None:
+        pass
+
+
+class DryRunRecipe(TracedSteps, MadeUpRun):
+    """The recipe at full size on one CPU (:mod:`omnilong.dry_run`): :class:`MadeUpRun` on fake
+    tensors, as rank 0 of a fake process group of the job's world size, its steps traced.
+    ``train`` returns a :class:`DryRunReport`."""
+
+    def _check_inputs(self) -> None:
+        self.device = torch.device("cpu")  # stands for the config's device (dry_run.fake_tensors)
+        self.hf_config, self.model_source = self.settings.model_config(self.checkpoint_dir)
+        self.resume_from = None
+
+    def _init_process_group(self) -> None:
+        init_fake_process_group(self.settings.world_size)
 
     def _activation_offload(self):
         self.tracker = DeviceMemoryTracker(self.model, self.optimizer, self.cfg.fsdp_cpu_offload)
         self.tracker.tag_module(self.loss_fn, "loss")
         return dry_run_offload(self.tracker) if self.cfg.activation_offload else contextlib.nullcontext()
-
-    def _setup_metrics(self) -> None:
-        pass
 
     def train(self) -> DryRunReport:
         cfg, dims = self.cfg, self.dims

@@ -90,7 +90,10 @@ def test_overrides_set_replace_and_delete_keys(tmp_path):
         ("max_steps", "override 'max_steps': write key=value to set a key, or ~key to delete one"),
         ("~no_such_key", "override ~no_such_key: the config has no key no_such_key to delete"),
         ("~dataset.no_such_key", "the config has no key dataset.no_such_key to delete"),
-        ("--max_steps=3", "unknown option --max_steps=3: the recipe takes --config, key=value overrides and the dry run's options"),
+        (
+            "--max_steps=3",
+            "unknown option --max_steps=3: the recipe takes --config, key=value overrides and the dry run's options",
+        ),
     ],
 )
 def test_recipe_refuses_a_malformed_override_with_one_line(monkeypatch, capsys, override, message):

@@ -22,10 +22,8 @@ from pathlib import Path
 
 import torch
 
-from omnilong.memory_plan import GiB, ModelShape, RunSetup, longest_seq_len, plan
-
-NAMES = ("qwen2.5-vl-7b",)
-RESERVE_GIB = 6.0  # CUDA context, NCCL buffers, allocator fragmentation
+from omnilong.memory_plan import RESERVE_GIB, GiB, ModelShape, RunSetup, longest_seq_len, plan
+from omnilong.models.named import NAMED_MODELS
 
 # Small models for --validate-cpu: (text args, seq_len, mlp_chunk_size).
 CPU_CASES = [
@@ -56,16 +54,18 @@ CPU_CASES = [
 def model_shape(model: str, freeze_vision: bool = True) -> ModelShape:
     """The shape of a named model or of the checkpoint directory ``model`` (built on meta)."""
     from omnilong.hf_io import read_hf_config
-    from omnilong.models import qwen2_5_vl_7b
     from omnilong.models.hf_loading import build_model_from_hf_config
+    from omnilong.models.named import named_model_config
 
     with torch.device("meta"):
-        if model.lower() in NAMES:
-            built = qwen2_5_vl_7b()
+        if model.lower() in NAMED_MODELS:
+            built = build_model_from_hf_config(named_model_config(model))
         elif Path(model).is_dir():
             built = build_model_from_hf_config(read_hf_config(model))
         else:
-            raise SystemExit(f"--model {model!r}: neither a checkpoint directory nor a known name ({', '.join(NAMES)})")
+            raise SystemExit(
+                f"--model {model!r}: neither a checkpoint directory nor a known name ({', '.join(NAMED_MODELS)})"
+            )
     return ModelShape.of(built, freeze_vision)
 
 
@@ -166,7 +166,8 @@ def _switch_table(shape: ModelShape, gpus: int, memory: float) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="qwen2.5-vl-7b", help="checkpoint directory or " + ", ".join(NAMES))
+    parser.add_argument("--model", default="qwen2.5-vl-7b", help="checkpoint directory or " + ", ".join(NAMED_MODELS))
+    parser.add_argument("--config", help="a recipe config (path or shipped name): its sequence length and switches")
     parser.add_argument("--seq-len", type=int, default=131072)
     parser.add_argument("--gpus", type=int, default=8)
     parser.add_argument("--cp", type=int, default=1)
@@ -213,6 +214,17 @@ def main() -> None:
     memory = args.memory_gib - args.reserve_gib
     if args.table:
         _switch_table(shape, args.gpus, memory)
+        return
+    if args.config:
+        from omnilong.config import validate_config
+        from omnilong.config_files import load_config, resolve_config
+
+        run = RunSetup.from_config(validate_config(load_config(resolve_config(args.config), [])), args.gpus)
+        _print_plan(shape, run, memory)
+        print(
+            f"predicted; the dry run of the real code is the answer: omnilong run --nproc_per_node {args.gpus} "
+            f"--config {args.config} --dry-run"
+        )
         return
     run = RunSetup(
         seq_len=args.seq_len,

@@ -124,13 +124,13 @@ class MadeUpRows(Dataset):
         if video_format.model_type == "llava_onevision":
             crop = video_format.crop
             return {
-                "pixel_values_videos": torch.empty(frames, 3, crop, crop),
+                "pixel_values_videos": torch.zeros(frames, 3, crop, crop),
                 "video_num_frames": torch.tensor([frames]),
             }
         patching = video_format.patching
         grid = video_grid(frames, height, width, patching)
         return {
-            "pixel_values_videos": torch.empty(grid[0] * grid[1] * grid[2], patching.patch_dim),
+            "pixel_values_videos": torch.zeros(grid[0] * grid[1] * grid[2], patching.patch_dim),
             "video_grid_thw": torch.tensor([grid]),
             "second_per_grid_ts": torch.tensor([patching.temporal / self.video["options"].fps]),
         }
