@@ -627,6 +627,9 @@ class DryRunRecipe(TracedSteps, MadeUpRun):
     def _init_process_group(self) -> None:
         init_fake_process_group(self.settings.world_size)
 
+    def _load_weights(self, model: torch.nn.Module) -> None:
+        pass  # fake tensors hold no values
+
     def _activation_offload(self):
         self.tracker = DeviceMemoryTracker(self.model, self.optimizer, self.cfg.fsdp_cpu_offload)
         self.tracker.tag_module(self.loss_fn, "loss")
@@ -643,6 +646,7 @@ class DryRunRecipe(TracedSteps, MadeUpRun):
             tokens_per_step=cfg.batch_size * cfg.max_seq_len * cfg.gradient_accumulation_steps * dims.dp,
             max_seq_len=cfg.max_seq_len,
             length_multiple=max(1024, 2 * dims.cp),
+            video_tokens=self.dataset.video["tokens"] if self.dataset.video else 0,
         )
         batches = self._batches()
         self.model.train()

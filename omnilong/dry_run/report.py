@@ -85,6 +85,7 @@ class DryRunReport:
     shorter: StepRecord | None = None  # the extra step at fewer tokens (for the longest length)
     max_seq_len: int = 0
     length_multiple: int = 1024
+    video_tokens: int = 0  # the vision tokens of the rows' video, which a longer row keeps as they are
 
     @property
     def steady(self) -> StepRecord:
@@ -144,5 +145,8 @@ class DryRunReport:
         ]
         longest = self.longest_seq_len()
         if longest is not None:
-            lines.append(f"longest max_seq_len that fits: {longest:,} (extrapolated from the peaks at two lengths)")
+            rows = "the same video and more text, " if self.video_tokens else ""
+            lines.append(
+                f"longest max_seq_len that fits: {longest:,} ({rows}extrapolated from the peaks at two lengths)"
+            )
         return "\n".join(lines)
