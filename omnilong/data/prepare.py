@@ -6,7 +6,7 @@ original order as they come back, with at most a few batches in flight, so memor
 bounded whatever the corpus size. ``tools/prepare_data.py`` is the command line.
 """
 
-import json
+import errno
 import multiprocessing
 import os
 import shlex
@@ -22,9 +22,20 @@ from tqdm import tqdm
 from omnilong.data.chat import _validate_messages, tokenize_conversation
 from omnilong.data.llava_video import LlavaVideoFormat
 from omnilong.data.packed_text import separator_id, tokenize_documents
-from omnilong.data.prepared import KINDS, META, PreparedWriter, source_fingerprint, tokenizer_fingerprint
+from omnilong.data.prepared import (
+    KINDS,
+    META,
+    PREPARED_NAMES,
+    PreparedDataError,
+    PreparedWriter,
+    inside,
+    read_prepared,
+    source_fingerprint,
+    tokenizer_fingerprint,
+)
 from omnilong.data.sources import PathLike, expand_data_files, read_records, read_text_documents
 from omnilong.data.tokenizer import load_tokenizer
+from omnilong.data.video import probe_video
 from omnilong.data.video_sft import QwenVideoFormat, parse_sample, tokenize_video_sample
 
 _TEXT_BATCH_CHARS = 1 << 20  # a text batch: about 1M characters
@@ -46,7 +57,9 @@ def _text_batch(texts: list[str], separator: int) -> tuple[np.ndarray, np.ndarra
 def _sample_batch(
     kind: str, samples: list[tuple[str, Any, str | None]], skip_bad: bool, video_format: str = "qwen2_5_vl"
 ) -> list:
-    """``(tokens, trainable, record)`` per sample, or ``None`` for a bad one when skipping."""
+    """``(tokens, trainable, record)`` per sample, or ``None`` for a bad one when skipping.
+    A video_sft sample is bad if a video lies outside its data directory ``root`` or is
+    missing, empty, corrupt or without a video stream (probed: headers and frame index)."""
     out = []
     for origin, record, root in samples:
         try:
@@ -56,11 +69,19 @@ def _sample_batch(
             else:
                 marker, pad_token = VIDEO_FORMATS[video_format]
                 sample = parse_sample(origin, record, Path(root), marker)
-                absent = next((v for v in sample.videos if not v.is_file()), None)
-                if absent is not None:
-                    raise FileNotFoundError(f"{origin}: video file not found: {absent}")
+                videos = [os.path.normpath(v) for v in sample.videos]
+                for video in videos:
+                    if not inside(video, [root]):
+                        raise ValueError(
+                            f"{origin}: video {video} lies outside the data directory {root} "
+                            "(give --data-root a directory that holds every video)"
+                        )
+                    try:
+                        probe_video(video)
+                    except (FileNotFoundError, ValueError) as e:  # ValueError: VideoDecodeError
+                        raise type(e)(f"{origin}: {e}") from e
                 input_ids, trainable = tokenize_video_sample(_worker_tokenizer, sample, pad_token)
-                meta = {"origin": origin, "videos": [str(v) for v in sample.videos], "messages": sample.messages}
+                meta = {"origin": origin, "videos": videos, "messages": sample.messages}
         except (ValueError, FileNotFoundError):
             if not skip_bad:
                 raise
@@ -70,9 +91,9 @@ def _sample_batch(
     return out
 
 
-def _text_batches(files: Sequence[Path], text_column: str, counts: dict[str, int]) -> Iterator[list[str]]:
+def _text_batches(files: Sequence[Path], text_column: str, counts: dict[str, int], on_bad) -> Iterator[list[str]]:
     batch, chars = [], 0
-    for _, text in read_text_documents(files, text_column):
+    for _, text in read_text_documents(files, text_column, on_bad):
         if not text.strip():
             counts["empty_documents"] += 1
             continue
@@ -85,17 +106,45 @@ def _text_batches(files: Sequence[Path], text_column: str, counts: dict[str, int
         yield batch
 
 
-def _sample_batches(files: Sequence[Path], data_root: PathLike | None) -> Iterator[list]:
+def _sample_batches(files: Sequence[Path], data_root: PathLike | None, on_bad) -> Iterator[list]:
     batch = []
     for path in files:
-        root = str(Path(data_root).expanduser() if data_root is not None else path.parent)
-        for origin, record in read_records(path):
+        root = str((Path(data_root).expanduser() if data_root is not None else path.parent).resolve())
+        for origin, record in read_records(path, on_bad):
             batch.append((origin, record, root))
             if len(batch) == _SAMPLE_BATCH:
                 yield batch
                 batch = []
     if batch:
         yield batch
+
+
+def _check_output(output: Path, files: Sequence[Path]) -> None:
+    """Refuse an ``output`` that preparing would wrongly replace: one that holds a source
+    file, or anything but an absent path, an empty directory or a prepared directory
+    (``meta.json`` and nothing but the files of prepared data).
+
+    Raises:
+        ValueError: names the source or the foreign files and the fix.
+    """
+    resolved = output.resolve()
+    source = next((f for f in files if f.resolve().is_relative_to(resolved)), None)
+    if source is not None:
+        raise ValueError(
+            f"--output {output} holds the source {source}, which preparing would delete; choose another --output"
+        )
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise ValueError(f"--output {output} exists and is not a directory; choose another --output")
+    names = {p.name for p in output.iterdir()}
+    if names and (META not in names or names - PREPARED_NAMES):
+        others = sorted(names - PREPARED_NAMES)
+        listed = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        raise ValueError(
+            f"--output {output} is not a prepared data directory (it holds {listed}{'' if META in names else ', no ' + META}), "
+            "and preparing replaces its output whole; choose another --output, or empty it"
+        )
 
 
 def _ordered_map(pool, fn, batches: Iterator[tuple], in_flight: int) -> Iterator:
@@ -136,12 +185,15 @@ def prepare(
             training).
         data_files: files, directories or globs, as for the raw datasets.
         tokenizer_dir: the model (or tokenizer) directory training will use.
-        output: the directory to write (replaced atomically once complete).
+        output: the directory to write (replaced atomically once complete): absent, empty
+            or a prepared directory, and holding no source file.
         workers: tokenizer processes (1: in this process).
         text_column, separator_token: text kind, as :class:`~omnilong.data.PackedTextDataset`.
         data_root: video_sft kind, as :func:`~omnilong.data.video_sft_dataset`.
-        skip_bad_samples: chat / video_sft: skip and count malformed samples, samples with a
-            missing video or a rendering without their video tokens, instead of raising.
+        skip_bad_samples: skip and count malformed JSONL lines and records, and (chat /
+            video_sft) malformed samples, samples with a video that is missing, unreadable or
+            outside the data directory, or a rendering without their video tokens, instead of
+            raising.
         force: prepare again even if ``output`` already holds this very preparation.
         progress: show a tqdm bar.
         video_format: video_sft kind: the model family whose video placeholders the text gets
@@ -151,7 +203,9 @@ def prepare(
         The ``meta.json`` contents (counts, skipped, seconds, tokens per second, ...).
 
     Raises:
-        ValueError: an unknown kind, no document, a bad sample (named) unless skipped.
+        ValueError: an unknown kind, no document, a bad sample (named) unless skipped, an
+            ``output`` that is not a prepared directory or holds a source.
+        OSError: "no space left on <dir>" (ENOSPC) once the temporary directory is removed.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
@@ -165,7 +219,7 @@ def prepare(
     if kind == "text":
         settings = {"separator_id": separator_id(tokenizer, separator_token), "text_column": text_column}
     elif kind == "video_sft":
-        settings = {"data_root": None if data_root is None else str(Path(data_root).resolve())}
+        settings = {"data_root": None if data_root is None else str(Path(data_root).expanduser().resolve())}
         if video_format != "qwen2_5_vl":  # Qwen2.5-VL's directories predate the setting
             settings["video_format"] = video_format
     identity = {
@@ -173,9 +227,13 @@ def prepare(
         "tokenizer_fingerprint": tokenizer_fingerprint(tokenizer),
         "sources": source_fingerprint(files),
     }
-    output = Path(output)
+    output = Path(output).expanduser()
+    _check_output(output, files)
     if not force and (output / META).is_file():
-        meta = json.loads((output / META).read_text())
+        try:
+            meta = read_prepared(output)  # a truncated or damaged directory is prepared again
+        except PreparedDataError:
+            meta = {}
         if meta.get("kind") == kind and all(meta.get(k) == v for k, v in identity.items()):
             return {**meta, "up_to_date": True}
 
@@ -200,6 +258,11 @@ def prepare(
     command += [str(f) for f in ([data_files] if isinstance(data_files, (str, Path)) else data_files)]
 
     counts = {"empty_documents": 0, "bad_samples": 0}
+
+    def count_bad(error: ValueError) -> None:  # a malformed line or record, skipped
+        counts["bad_samples"] += 1
+
+    on_bad = count_bad if skip_bad_samples else None
     writer = PreparedWriter(output, kind)
     start = time.perf_counter()
     if workers > 1:  # fork: the workers start at once; each loads the tokenizer once
@@ -217,13 +280,15 @@ def prepare(
     )
     try:
         if kind == "text":
-            batches = ((texts, settings["separator_id"]) for texts in _text_batches(files, text_column, counts))
+            batches = ((texts, settings["separator_id"]) for texts in _text_batches(files, text_column, counts, on_bad))
             for tokens, lengths in _ordered_map(pool, _text_batch, batches, 2 * workers):
                 writer.add_stream(tokens, lengths)
                 bar.update(len(lengths))
                 bar.set_postfix(tokens=f"{writer.num_tokens:,}", refresh=False)
         else:
-            batches = ((kind, batch, skip_bad_samples, video_format) for batch in _sample_batches(files, data_root))
+            batches = (
+                (kind, batch, skip_bad_samples, video_format) for batch in _sample_batches(files, data_root, on_bad)
+            )
             for results in _ordered_map(pool, _sample_batch, batches, 2 * workers):
                 for result in results:
                     if result is None:
@@ -245,9 +310,15 @@ def prepare(
                 "command": shlex.join(command),
             }
         )
-        return {**json.loads((output / META).read_text()), "up_to_date": False}
-    except BaseException:
+        return {**read_prepared(output), "up_to_date": False}
+    except BaseException as e:
         writer.abort()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on {writer.tmp.parent} while preparing {output}: removed {writer.tmp.name}, "
+                f"the previous prepared data (if any) is kept; free space or choose another --output",
+            ) from e
         raise
     finally:
         bar.close()

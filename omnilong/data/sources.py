@@ -5,7 +5,7 @@ Errors name the file (and the line, for JSONL) and say what was expected.
 
 import glob
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +35,11 @@ def expand_data_files(data_files: PathLike | Sequence[PathLike]) -> list[Path]:
     return files
 
 
-def read_records(path: Path) -> Iterator[tuple[str, Any]]:
+def read_records(path: Path, on_bad: Callable[[ValueError], None] | None = None) -> Iterator[tuple[str, Any]]:
     """``(origin, record)`` pairs of a JSONL, JSON (list of objects) or parquet file.
 
-    ``origin`` is ``"file:line"`` for JSONL and ``"file[index]"`` otherwise.
+    ``origin`` is ``"file:line"`` for JSONL and ``"file[index]"`` otherwise. ``on_bad``: called
+    with the error of a malformed JSONL line, which is then skipped, instead of raising it.
 
     Raises:
         ValueError: a malformed JSONL line (file and line number in the message), or a
@@ -53,7 +54,10 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
                 try:
                     yield f"{path}:{line_no}", json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{line_no}: malformed JSON line ({e.msg} at column {e.colno})") from e
+                    error = ValueError(f"{path}:{line_no}: malformed JSON line ({e.msg} at column {e.colno})")
+                    if on_bad is None:
+                        raise error from e
+                    on_bad(error)
     elif suffix == ".json":
         with open(path, encoding="utf-8") as f:
             try:
@@ -73,20 +77,27 @@ def read_records(path: Path) -> Iterator[tuple[str, Any]]:
         raise ValueError(f"{path}: unsupported sample file type {suffix!r} (use .jsonl, .json or .parquet)")
 
 
-def read_text_documents(files: Sequence[Path], text_column: str = "text") -> Iterator[tuple[str, str]]:
+def read_text_documents(
+    files: Sequence[Path], text_column: str = "text", on_bad: Callable[[ValueError], None] | None = None
+) -> Iterator[tuple[str, str]]:
     """``(origin, text)`` of every document: a whole file for plain-text files, the
-    ``text_column`` field of each record for JSONL/JSON/parquet.
+    ``text_column`` field of each record for JSONL/JSON/parquet. ``on_bad``: called with the
+    error of a malformed JSONL line or record, which is then skipped, instead of raising it.
 
     Raises:
         ValueError: a record without a string ``text_column`` (names file and line).
     """
     for path in files:
         if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
-            for origin, record in read_records(path):
+            for origin, record in read_records(path, on_bad):
                 text = record.get(text_column) if isinstance(record, dict) else None
-                if not isinstance(text, str):
-                    raise ValueError(f"{origin}: expected an object with a string field {text_column!r}")
-                yield origin, text
+                if isinstance(text, str):
+                    yield origin, text
+                    continue
+                error = ValueError(f"{origin}: expected an object with a string field {text_column!r}")
+                if on_bad is None:
+                    raise error
+                on_bad(error)
         else:
             try:
                 yield str(path), path.read_text(encoding="utf-8")
