@@ -266,6 +266,10 @@ class PreparedSource:
     def num_documents(self) -> int:
         return len(self.offsets) - 1
 
+    @functools.cached_property
+    def video_roots(self) -> list[str]:
+        return video_roots(self.meta)
+
     def record(self, index: int) -> dict[str, Any]:
         """The JSON record of document ``index``.
 
@@ -276,12 +280,11 @@ class PreparedSource:
         lo, hi = int(self.record_offsets[index]), int(self.record_offsets[index + 1])
         record = json.loads(self.records[lo:hi].tobytes())
         if self.meta["kind"] == "video_sft":
-            roots = video_roots(self.meta)
-            outside = next((v for v in record["videos"] if not inside(v, roots)), None)
+            outside = next((v for v in record["videos"] if not inside(v, self.video_roots)), None)
             if outside is not None:
                 raise PreparedDataError(
                     f"{self.path / 'records.jsonl'}: record {index} ({record['origin']}) names a video outside "
-                    f"its data directory {', '.join(roots)}: {outside}; {_rerun(self.path, self.meta)}"
+                    f"its data directory {', '.join(self.video_roots)}: {outside}; {_rerun(self.path, self.meta)}"
                 )
         return record
 
