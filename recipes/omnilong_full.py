@@ -40,6 +40,7 @@ from omnilong.checkpoint.training_state import (
     CheckpointWriter,
     StopRequest,
     checkpoint_run_id,
+    fault_injected,
     find_latest_checkpoint,
     load_training_state,
     maybe_inject_sigkill,
@@ -536,6 +537,8 @@ class OmniLongFullRecipe:
                 last and cfg.save_hf_at_end or stop is not None
             ):
                 self._save_checkpoint(step)
+            if fault_injected("after_step", step):  # the crash tests kill a run whose checkpoints are written
+                self._finish_checkpoint()
             maybe_inject_sigkill("after_step", step)
             if stop is not None:
                 raise StoppedBySignal(stop, step, self._finish_checkpoint())

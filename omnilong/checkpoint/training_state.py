@@ -45,16 +45,22 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_NAME = "config.yaml"
 MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# Fault injection for the crash tests: "after_step@N" SIGKILLs rank 0 when step N is done,
+# Fault injection for the crash tests: "after_step@N" SIGKILLs rank 0 when step N is done and
+# the checkpoints started before it are written,
 # "during_save@N" after step N's checkpoint files are written but before they are renamed
 # into place. Unset in normal runs.
 FAULT_ENV = "OMNILONG_INJECT_SIGKILL"
 logger = logging.getLogger("omnilong")
 
 
+def fault_injected(point: str, step: int) -> bool:
+    """Whether ``$OMNILONG_INJECT_SIGKILL`` is ``f"{point}@{step}"`` (the same on every rank)."""
+    return os.environ.get(FAULT_ENV) == f"{point}@{step}"
+
+
 def maybe_inject_sigkill(point: str, step: int) -> None:
-    """SIGKILL this process if ``$OMNILONG_INJECT_SIGKILL`` is ``f"{point}@{step}"`` (rank 0 only)."""
-    if os.environ.get(FAULT_ENV) == f"{point}@{step}" and dist.get_rank() == 0:
+    """SIGKILL this process if :func:`fault_injected` (rank 0 only)."""
+    if fault_injected(point, step) and dist.get_rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
