@@ -1,7 +1,7 @@
-"""Step time of a tiny run with a checkpoint every step against none (checkpoints are written
+"""Step time of a tiny run with a checkpoint every ``--save-every`` steps against none (checkpoints are written
 in the background: the difference is what a save costs the training loop).
 
-    python tools/bench_checkpoint.py [--config tiny/stage1_text] [--steps 20] [key=value ...]
+    python tools/bench_checkpoint.py [--config tiny/stage1_text] [--steps 20] [--save-every 5] [key=value ...]
 
 Runs ``omnilong run`` twice, side by side in one invocation, and prints seconds per step from
 each run's "done: N steps in X s" line.
@@ -30,12 +30,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="tiny/stage1_text")
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--save-every", type=int, default=5)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args()
     without = seconds_per_step(args.config, args.steps, "null", args.overrides)
-    with_save = seconds_per_step(args.config, args.steps, "1", args.overrides)
+    with_save = seconds_per_step(args.config, args.steps, str(args.save_every), args.overrides)
     print(
-        f"{args.config}, {args.steps} steps: {without:.3f} s/step without saves, {with_save:.3f} s/step saving every step"
+        f"{args.config}, {args.steps} steps: {without:.3f} s/step without saves, {with_save:.3f} s/step saving every {args.save_every} steps"
     )
 
 
