@@ -71,6 +71,9 @@ def estimator_arguments(args: argparse.Namespace) -> dict[str, Any]:
         "max_run": args.max_run_hours * 3600,
         "volume_size": args.volume_gb,
         "base_job_name": args.job_name,
+        # a spot interruption's SIGTERM: torchrun lets the ranks finish their step and write a
+        # checkpoint for this long before killing them (torch >= 2.12; 30 s before)
+        "environment": {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "110"},
     }
     if args.image_uri:
         estimator["image_uri"] = args.image_uri

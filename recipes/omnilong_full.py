@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import uuid
@@ -35,11 +36,14 @@ from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
 from omnilong.checkpoint.run_dir import check_resume_config, prepare_output_dir, resume_path
 from omnilong.checkpoint.training_state import (
+    CheckpointWriteError,
+    CheckpointWriter,
+    StopRequest,
     checkpoint_run_id,
+    fault_injected,
     find_latest_checkpoint,
     load_training_state,
     maybe_inject_sigkill,
-    save_training_state,
     verify_checkpoint,
 )
 from omnilong.cli import parse
@@ -101,6 +105,17 @@ def one_line(e: BaseException) -> str:
     if "\nOriginal Traceback" not in text:
         return text
     return text.splitlines()[-1].removeprefix(f"{type(e).__module__}.{type(e).__qualname__}: ")
+
+
+class StoppedBySignal(Exception):
+    """Training stopped after ``step`` on a signal, with ``checkpoint`` written."""
+
+    def __init__(self, signal: signal.Signals, step: int, checkpoint: Path):
+        self.signal, self.step, self.checkpoint = signal, step, checkpoint
+        super().__init__(
+            f"stopped by {signal.name} after step {step}; checkpoint written: {checkpoint}; "
+            "the same command with resume_from_checkpoint=true continues from it"
+        )
 
 
 class OmniLongFullRecipe:
@@ -384,19 +399,16 @@ class OmniLongFullRecipe:
             path.write_text("".join(line + "\n" for line in kept))
 
     def _save_checkpoint(self, step: int) -> None:
+        """Start writing the checkpoint of ``step`` in the background (:class:`CheckpointWriter`)."""
         trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed, "num_skipped": self.num_skipped}
-        path = save_training_state(
-            self.output_dir,
-            step,
-            self.model,
-            self.optimizer,
-            self.lr_scheduler,
-            trainer,
-            self.cfg,
-            self.cfg.keep_last_n_checkpoints,
-            self.run_id,
-        )
-        logger.info("checkpoint written: %s", path)
+        self.checkpoints.save(step, self.model, self.optimizer, self.lr_scheduler, trainer, self.cfg)
+
+    def _finish_checkpoint(self) -> Path | None:
+        """Wait for the checkpoint being written (collective) and put it in place; returns it."""
+        path = self.checkpoints.finish()
+        if path is not None:
+            logger.info("checkpoint written: %s", path)
+        return path
 
     # ------------------------------------------------------------------ train
     def _batches(self) -> Iterator[dict[str, torch.Tensor]]:
@@ -477,9 +489,13 @@ class OmniLongFullRecipe:
         return loss_sum, grad_norm, counts
 
     def train(self) -> None:
+        """The training loop. SIGTERM or SIGINT stops it after the step all ranks agree on, with a
+        checkpoint (:class:`StoppedBySignal`)."""
         cfg = self.cfg
         batches = self._batches()
+        self.checkpoints = CheckpointWriter(self.output_dir, cfg.keep_last_n_checkpoints, self.run_id)
         self.model.train()
+        self.stop_request = StopRequest(log=self.is_rank_zero).install()
         for step in range(self.start_step, cfg.max_steps + 1):
             start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation_steps)]
@@ -488,15 +504,20 @@ class OmniLongFullRecipe:
             grad_norm = float(grad_norm)
             global_inputs = counts[1]
 
-            loss_sum = loss_sum.double().cpu()
-            dist.all_reduce(loss_sum)
+            # one all-reduce: the loss, the ranks asked to stop by each signal, the ranks still writing
+            flags = [self.stop_request.signal == s for s in StopRequest.SIGNALS] + [self.checkpoints.busy()]
+            reduced = torch.cat([loss_sum.double().cpu().reshape(1), torch.tensor(flags, dtype=torch.float64)])
+            dist.all_reduce(reduced)
+            loss_sum, asked, writing = reduced[0], reduced[1:-1].tolist(), bool(reduced[-1])
+            stop = next((s for s, n in zip(StopRequest.SIGNALS, asked) if n), None)
             elapsed = time.perf_counter() - start
             self.metrics.step_done(int(global_inputs))
             last = step == cfg.max_steps
+            stop = None if last else stop
             evaluate = self.val_dataloader is not None and (
                 last or bool(cfg.eval_every_n_steps) and step % cfg.eval_every_n_steps == 0
             )
-            if step % cfg.log_every_n_steps == 0 or last or evaluate:
+            if step % cfg.log_every_n_steps == 0 or last or evaluate or stop is not None:
                 self.metrics.log(
                     step,
                     {
@@ -510,11 +531,18 @@ class OmniLongFullRecipe:
                         **(self._validate() if evaluate else {}),
                     },
                 )
+            if not writing:
+                self._finish_checkpoint()
             if (cfg.save_every_n_steps and (step % cfg.save_every_n_steps == 0 or last)) or (
-                last and cfg.save_hf_at_end
+                last and cfg.save_hf_at_end or stop is not None
             ):
                 self._save_checkpoint(step)
+            if fault_injected("after_step", step):  # the crash tests kill a run whose checkpoints are written
+                self._finish_checkpoint()
             maybe_inject_sigkill("after_step", step)
+            if stop is not None:
+                raise StoppedBySignal(stop, step, self._finish_checkpoint())
+        self._finish_checkpoint()
         checkpoint = find_latest_checkpoint(self.output_dir) if cfg.save_every_n_steps or cfg.save_hf_at_end else None
         if cfg.save_hf_at_end:
             self._export_hf(checkpoint)
@@ -540,7 +568,9 @@ class OmniLongFullRecipe:
         a setup that stopped half-way too."""
         if hasattr(self, "metrics"):
             self.metrics.close()
-        for name in ("lr_scheduler", "optimizer", "model", "loss_fn", "dataloader"):
+        if hasattr(self, "stop_request"):
+            self.stop_request.uninstall()
+        for name in ("lr_scheduler", "optimizer", "model", "loss_fn", "dataloader", "checkpoints"):
             self.__dict__.pop(name, None)
         meshes = self.__dict__.pop("meshes", None)
         shutdown_distributed(meshes.world if meshes is not None else None)
@@ -690,7 +720,11 @@ def recipe_main(cfg: DictConfig, dry_run: DryRunSettings | None = None) -> int:
     except KeyboardInterrupt:
         logger.warning("interrupted: stopping cleanly")
         return 130
-    except BadSampleError as e:  # the launcher stops the other ranks when this one exits
+    except StoppedBySignal as e:
+        if recipe.is_rank_zero:
+            print(f"omnilong_full: {e}", file=sys.stderr)
+        return 128 + e.signal
+    except (BadSampleError, CheckpointWriteError) as e:  # the launcher stops the other ranks when this one exits
         print(f"omnilong_full: error: {one_line(e)}", file=sys.stderr)
         return 1
     finally:

@@ -6,6 +6,7 @@ must agree on model, data and optimizer unless ``allow_config_change_on_resume``
 ``overwrite_output_dir`` (the old run is renamed to ``<output_dir>.old-N``, never deleted).
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from omnilong.checkpoint.training_state import CHECKPOINTS_DIR, RUN_CONFIG_NAME, find_latest_checkpoint, step_dirs
 
+logger = logging.getLogger("omnilong")
 METRICS_NAME = "metrics.jsonl"
 # Keys a resumed run must share with the checkpoint's run: its model, data and optimizer.
 RESUME_KEYS = (
@@ -64,22 +66,41 @@ def _flatten(node: Any, prefix: str) -> dict[str, Any]:
     return {prefix: node}
 
 
+def _resolved(config: dict, key: str) -> Any:
+    """``config[key]``, a folder's path resolved (step folders store it absolute, users often relative)."""
+    value = config.get(key)
+    return str(Path(value).resolve()) if key == "checkpoint_dir" and isinstance(value, str) else value
+
+
 def check_resume_config(checkpoint: Path, cfg: DictConfig) -> None:
     """Refuse to resume ``checkpoint`` with another model, data or optimizer than it was
-    trained with (:data:`RESUME_KEYS`), unless ``cfg.allow_config_change_on_resume``.
+    trained with (:data:`RESUME_KEYS`), or with another ``max_steps`` when an lr schedule
+    (which spans ``max_steps``) is set, unless ``cfg.allow_config_change_on_resume``; then
+    a changed ``max_steps`` is still logged as a warning.
 
     Raises:
         ValueError: naming the checkpoint's config.yaml and every key that differs.
     """
     saved_path = checkpoint / RUN_CONFIG_NAME
-    if cfg.allow_config_change_on_resume or not saved_path.is_file():
+    if not saved_path.is_file():
         return
     saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
     new = OmegaConf.to_container(cfg, resolve=True)
+    keys = RESUME_KEYS + (("max_steps",) if new.get("lr_scheduler") is not None else ())
     old_values, new_values = {}, {}
-    for key in RESUME_KEYS:
-        old_values.update(_flatten(saved.get(key), key))
-        new_values.update(_flatten(new.get(key), key))
+    for key in keys:
+        old_values.update(_flatten(_resolved(saved, key), key))
+        new_values.update(_flatten(_resolved(new, key), key))
+    if cfg.allow_config_change_on_resume:
+        if old_values.get("max_steps", new.get("max_steps")) != new.get("max_steps"):
+            logger.warning(
+                "resume_from_checkpoint: max_steps changed from %s (%s) to %s: the lr schedule spans the new "
+                "max_steps, so the learning rate changes at the resumed step",
+                old_values["max_steps"],
+                saved_path,
+                new["max_steps"],
+            )
+        return
     changed = [
         f"{k} ({old_values.get(k, '<unset>')!r} -> {new_values.get(k, '<unset>')!r})"
         for k in sorted(set(old_values) | set(new_values))

@@ -12,12 +12,19 @@ Layout of ``<output_dir>/checkpoints/step_N/``:
   that a damaged file is found, and named, before anything is loaded. Pruning old
   checkpoints removes only those with the current run's id.
 
-A checkpoint is written under ``step_N.tmp`` and renamed to ``step_N`` only once every
-rank has finished writing, so a crash while saving leaves the previous checkpoints intact;
-leftover ``.tmp`` directories are ignored and removed by the next save.
+A checkpoint is written in the background (:class:`CheckpointWriter`) under ``step_N.tmp``
+and renamed to ``step_N`` only once every rank has finished writing, so a crash while saving
+leaves the previous checkpoints intact; leftover ``.tmp`` directories are ignored and removed
+by the next save (a symlink in their place is refused, never followed). A full disk stops the
+run naming the checkpoints folder, with the partial folder removed.
+
+:class:`StopRequest` turns SIGTERM (SLURM, spot instances) and SIGINT (Ctrl-C) into a request
+that the training loop honours after the current step, with a checkpoint.
 """
 
+import errno
 import json
+import logging
 import os
 import re
 import shutil
@@ -38,15 +45,22 @@ CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_NAME = "config.yaml"
 MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
-# Fault injection for the crash tests: "after_step@N" SIGKILLs rank 0 when step N is done,
+# Fault injection for the crash tests: "after_step@N" SIGKILLs rank 0 when step N is done and
+# the checkpoints started before it are written,
 # "during_save@N" after step N's checkpoint files are written but before they are renamed
 # into place. Unset in normal runs.
 FAULT_ENV = "OMNILONG_INJECT_SIGKILL"
+logger = logging.getLogger("omnilong")
+
+
+def fault_injected(point: str, step: int) -> bool:
+    """Whether ``$OMNILONG_INJECT_SIGKILL`` is ``f"{point}@{step}"`` (the same on every rank)."""
+    return os.environ.get(FAULT_ENV) == f"{point}@{step}"
 
 
 def maybe_inject_sigkill(point: str, step: int) -> None:
-    """SIGKILL this process if ``$OMNILONG_INJECT_SIGKILL`` is ``f"{point}@{step}"`` (rank 0 only)."""
-    if os.environ.get(FAULT_ENV) == f"{point}@{step}" and dist.get_rank() == 0:
+    """SIGKILL this process if :func:`fault_injected` (rank 0 only)."""
+    if fault_injected(point, step) and dist.get_rank() == 0:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -142,6 +156,197 @@ def _rng_state() -> dict[str, torch.Tensor]:
     return state
 
 
+class StopRequest:
+    """Once installed (until uninstalled), SIGTERM and SIGINT only record that a stop was asked for
+    (``self.signal``); the training loop agrees on it across ranks and stops after a step,
+    with a checkpoint. Further signals are logged and ignored (SIGKILL stops at once)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, log: bool):
+        self.signal: signal.Signals | None = None
+        self.log = log
+
+    def install(self) -> "StopRequest":
+        self._previous = {s: signal.signal(s, self._record) for s in self.SIGNALS}
+        return self
+
+    def uninstall(self) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def _record(self, signum: int, frame) -> None:
+        if self.log:
+            logger.warning(
+                "received %s: %s",
+                signal.Signals(signum).name,
+                "already stopping" if self.signal else "stopping after this step, with a checkpoint",
+            )
+        self.signal = self.signal or signal.Signals(signum)
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (the message names where and why); its partial
+    ``step_N.tmp`` folder is removed and the earlier checkpoints are kept."""
+
+
+def _no_space(error: BaseException | None) -> bool:
+    """Whether ``error`` (or a rank's failure inside DCP's ``CheckpointException``, or a cause) is ENOSPC."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if isinstance(error, CheckpointException):
+            return any(_no_space(f[0] if isinstance(f, tuple) else f) for f in error.failures.values())
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _replace_dir(path: Path) -> None:
+    """Remove ``path`` if it is a directory (a partial or old checkpoint of ours); a symlink or a
+    file in its place is never followed nor removed.
+
+    Raises:
+        CheckpointWriteError: ``path`` is a symlink or not a directory (names it).
+    """
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        raise CheckpointWriteError(
+            f"{path} is a {'symlink' if path.is_symlink() else 'file'}, not a checkpoint folder: "
+            "remove it (checkpoints are never written through it)"
+        )
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _saved_config(config: DictConfig) -> DictConfig:
+    """``config`` with its model and tokenizer folders made absolute: a step folder's config
+    names the same folders from any working directory."""
+    config = config.copy()
+    for key in ("checkpoint_dir", "tokenizer_dir"):
+        if config.get(key):
+            config[key] = str(Path(config[key]).resolve())
+    return config
+
+
+class CheckpointWriter:
+    """Writes ``output_dir/checkpoints/step_N`` in the background (DCP's ``async_save``: the
+    state is copied to host memory, then written by a thread while training goes on).
+
+    One write at a time: :meth:`save` first finishes the previous one. A write is finished
+    (manifest written, ``step_N.tmp`` renamed to ``step_N``, old checkpoints of run ``run_id``
+    pruned down to ``keep_last_n``) by :meth:`finish`, a collective that every rank calls at the
+    same step, once every rank's write is done (:meth:`busy`, agreed on by the caller) or to
+    wait for it. The writes' own collectives run on a separate gloo group, so they never
+    interleave with the training's.
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last_n: int, run_id: str):
+        self.root = Path(output_dir) / CHECKPOINTS_DIR
+        self.keep_last_n, self.run_id = keep_last_n, run_id
+        self.group = dist.new_group(backend="gloo")
+        self.rank = dist.get_rank()
+        self.pending: tuple[int, Any, BaseException | None] | None = None  # step, future, this rank's error
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        lr_scheduler: Any | None,
+        trainer: dict[str, int],
+        config: DictConfig,
+    ) -> None:
+        """Start writing ``step_{step}`` (collective); returns once the state is copied.
+
+        Raises:
+            CheckpointWriteError: the previous write failed, or this one could not start.
+        """
+        self.finish()
+        tmp = self.root / f"step_{step}.tmp"
+        error = None
+        if self.rank == 0:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                _replace_dir(tmp)
+                if (self.root / f"step_{step}").is_symlink():
+                    _replace_dir(self.root / f"step_{step}")  # refused: never renamed over
+                (tmp / "rng").mkdir(parents=True)
+                OmegaConf.save(_saved_config(config), tmp / RUN_CONFIG_NAME)
+            except (OSError, CheckpointWriteError) as e:
+                error = e
+        self.pending = (step, None, error)
+        self._agree_no_error()
+        future, error = None, None
+        try:
+            future = dcp.async_save(
+                _app_state(model, optimizer, lr_scheduler, trainer), checkpoint_id=tmp, process_group=self.group
+            )
+            torch.save(_rng_state(), tmp / "rng" / f"rank_{self.rank}.pt")
+        except OSError as e:
+            error = e
+        self.pending = (step, getattr(future, "upload_completion", future), error)  # 2.14 may wrap the future
+
+    def busy(self) -> bool:
+        """Whether this rank's part of the pending write is still being written."""
+        return self.pending is not None and self.pending[1] is not None and not self.pending[1].done()
+
+    def finish(self) -> Path | None:
+        """Wait for the pending write on every rank (collective) and put it in place.
+
+        Returns:
+            The checkpoint written (None: none was pending).
+
+        Raises:
+            CheckpointWriteError: on every rank, when any rank's write failed: "no space left on
+                <checkpoints folder>" for a full disk, else the error; the partial folder is removed.
+        """
+        if self.pending is None:
+            return None
+        step, future, error = self.pending
+        if future is not None and error is None:
+            try:
+                future.result()
+            except (Exception, CheckpointException) as e:  # CheckpointException is a BaseException
+                error = e
+        self.pending = (step, None, error)
+        self._agree_no_error()
+        self.pending = None
+        final, tmp = self.root / f"step_{step}", self.root / f"step_{step}.tmp"
+        maybe_inject_sigkill("during_save", step)
+        if self.rank == 0:
+            files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            (tmp / MANIFEST_NAME).write_text(json.dumps({"run_id": self.run_id, "files": files}, indent=1) + "\n")
+            if final.exists() and checkpoint_run_id(final) != self.run_id:  # another run's: kept, renamed
+                os.replace(final, final.with_name(f"{final.name}.of-run-{checkpoint_run_id(final) or 'unknown'}"))
+            _replace_dir(final)
+            os.replace(tmp, final)
+            _prune(self.root, self.keep_last_n, self.run_id)
+        dist.barrier(group=self.group)
+        return final
+
+    def _agree_no_error(self) -> None:
+        """Raise the pending write's error on every rank if any rank has one, after rank 0
+        removed the partial folder (collective)."""
+        step, _, error = self.pending
+        errors: list[str | None] = [None] * dist.get_world_size(self.group)
+        mine = None
+        if error is not None:
+            mine = f"no space left on {self.root}" if _no_space(error) else f"{type(error).__name__}: {error}"
+        dist.all_gather_object(errors, mine, group=self.group)
+        failed = next((e for e in errors if e is not None), None)
+        if failed is None:
+            return
+        self.pending = None
+        tmp = self.root / f"step_{step}.tmp"
+        if self.rank == 0 and tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = find_latest_checkpoint(self.root.parent)
+        raise CheckpointWriteError(
+            f"cannot write the checkpoint of step {step} ({failed}); {tmp} removed, "
+            + (f"the previous checkpoint {kept} is kept" if kept is not None else "no earlier checkpoint exists")
+        )
+
+
 def save_training_state(
     output_dir: str | Path,
     step: int,
@@ -153,39 +358,22 @@ def save_training_state(
     keep_last_n: int,
     run_id: str,
 ) -> Path:
-    """Write ``output_dir/checkpoints/step_{step}`` on every rank (collective) and keep the
-    last ``keep_last_n`` complete checkpoints of run ``run_id`` (others are never removed).
+    """Write ``output_dir/checkpoints/step_{step}`` on every rank (collective) and wait for it
+    (:class:`CheckpointWriter`); keeps the last ``keep_last_n`` complete checkpoints of run
+    ``run_id`` (others are never removed).
 
     Returns:
         The final checkpoint directory.
     """
-    rank = dist.get_rank()
-    root = Path(output_dir) / CHECKPOINTS_DIR
-    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        (tmp / "rng").mkdir(parents=True)
-        OmegaConf.save(config, tmp / RUN_CONFIG_NAME)
-    dist.barrier()
-    dcp.save(_app_state(model, optimizer, lr_scheduler, trainer), checkpoint_id=tmp)
-    torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
-    dist.barrier()
-    maybe_inject_sigkill("during_save", step)
-    if rank == 0:
-        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-        (tmp / MANIFEST_NAME).write_text(json.dumps({"run_id": run_id, "files": files}, indent=1) + "\n")
-        if final.exists() and checkpoint_run_id(final) != run_id:  # another run's: kept, renamed
-            os.replace(final, final.with_name(f"{final.name}.of-run-{checkpoint_run_id(final) or 'unknown'}"))
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        _prune(root, keep_last_n, run_id)
-    dist.barrier()
-    return final
+    writer = CheckpointWriter(output_dir, keep_last_n, run_id)
+    writer.save(step, model, optimizer, lr_scheduler, trainer, config)
+    return writer.finish()
 
 
 def _prune(root: Path, keep_last_n: int, run_id: str) -> None:
     for leftover in root.glob("step_*.tmp"):
-        shutil.rmtree(leftover, ignore_errors=True)
+        if leftover.is_dir() and not leftover.is_symlink():
+            shutil.rmtree(leftover, ignore_errors=True)
     ours = [p for p in step_dirs(root) if checkpoint_run_id(p) == run_id]
     for old in ours[: max(0, len(ours) - keep_last_n)]:
         shutil.rmtree(old, ignore_errors=True)
