@@ -38,6 +38,7 @@ import gc
 import importlib.metadata
 import inspect
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -829,6 +830,8 @@ def _measured_and_predicted_peaks(cfg, settings, ctx: Context) -> tuple[int, int
         finally:
             dry.cleanup()
     ctx.free()
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(name, None)  # a one-rank group of its own on a new port (init_distributed)
     before = torch.cuda.memory_allocated(ctx.device)
     real = omnilong_full.MadeUpRun(cfg, settings)
     try:
