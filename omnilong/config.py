@@ -337,6 +337,21 @@ def _metric_logger_problems(node: Any) -> list[str]:
     ]
 
 
+def _optimizer_problems(node: DictConfig) -> list[str]:
+    """Hyper-parameters the optimizer refuses (``lr=-1``, ``betas`` outside [0, 1), ``eps`` < 0,
+    ...), found by building it over one dummy parameter: torch's optimizers check them when
+    built, so the check is the optimizer's own, for any optimizer, before the model loads."""
+    import torch
+
+    try:
+        instantiate(node, [torch.nn.Parameter(torch.zeros(1))])
+    except (ValueError, TypeError) as e:
+        return [f"optimizer {node._component_} refuses its arguments: {str(e).splitlines()[0]}"]
+    except Exception:  # needs real parameters (a device, a shape): checked when built at setup
+        return []
+    return []
+
+
 def validate_config(cfg: DictConfig) -> DictConfig:
     """Check the keys of a recipe config and fill in defaults, before any work starts.
 
@@ -363,6 +378,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     for key, passed in _COMPONENTS.items():
         problems += _component_problems(key, merged[key], passed)
     problems += _metric_logger_problems(merged.metric_logger)
+    if not problems:  # the optimizer's component and arguments are known good: build it once
+        problems += _optimizer_problems(merged.optimizer)
     if problems:
         raise ValueError("config error: " + "; ".join(problems))
     return merged

@@ -10,6 +10,7 @@ import difflib
 from collections.abc import Sequence
 from pathlib import Path
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 CONFIG_ROOT = Path(__file__).resolve().parents[1] / "configs"
@@ -62,10 +63,18 @@ def load_config(path: Path, overrides: Sequence[str]) -> DictConfig:
     - ``~key`` deletes ``key`` (its default then applies; a required key is then missing).
 
     Raises:
-        ValueError: an override that is neither ``key=value`` nor ``~key``, a ``~key`` that
-            names no key, or a config with a top-level key ``config``.
+        ValueError: a YAML syntax error (one line naming file, line and column), an override
+            that is neither ``key=value`` nor ``~key`` or whose value is not YAML, a ``~key``
+            that names no key, or a config with a top-level key ``config``.
     """
-    cfg = OmegaConf.load(path)
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)  # where the parser stopped, 0-based
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        raise ValueError(f"{path}{where}: {_yaml_problem(e)}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text (byte {e.start}); a config is a YAML file") from None
     if "config" in cfg:
         raise ValueError(f"{path}: a config may not have a key named 'config' (--config names the file)")
     dotlist = []
@@ -80,7 +89,19 @@ def load_config(path: Path, overrides: Sequence[str]) -> DictConfig:
         if OmegaConf.is_dict(node) and "_component_" in node and value not in ("None", "null"):
             key += "._component_"
         dotlist.append(f"{key}={'null' if value == 'None' else value}")
+    for item in dotlist:
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as e:
+            raise ValueError(f"command-line override {item!r}: the value is not YAML ({_yaml_problem(e)})") from None
     return OmegaConf.merge(cfg, OmegaConf.from_dotlist(dotlist))
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """``"YAML syntax error: problem (context)"`` of a parser error, on one line."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    context = getattr(error, "context", None)
+    return f"YAML syntax error: {problem}" + (f" ({context})" if context else "")
 
 
 def _delete(cfg: DictConfig, key: str) -> None:

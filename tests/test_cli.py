@@ -90,6 +90,7 @@ def test_overrides_set_replace_and_delete_keys(tmp_path):
         ("max_steps", "override 'max_steps': write key=value to set a key, or ~key to delete one"),
         ("~no_such_key", "override ~no_such_key: the config has no key no_such_key to delete"),
         ("~dataset.no_such_key", "the config has no key dataset.no_such_key to delete"),
+        ("optimizer.lr=[1,", "override 'optimizer.lr=[1,': the value is not YAML (YAML syntax error: "),
         (
             "--max_steps=3",
             "unknown option --max_steps=3: the recipe takes --config, key=value overrides and the dry run's options",
@@ -101,6 +102,25 @@ def test_recipe_refuses_a_malformed_override_with_one_line(monkeypatch, capsys, 
     assert code == 1 and cfg is None
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("omnilong_full: error: ") and message in err[0], err
+
+
+@pytest.mark.parametrize(
+    "text, where, problem",
+    [
+        ("a: 1\nb: [1, 2\nc: 3\n", "3:2", "did not find expected ',' or ']' (while parsing a flow sequence)"),
+        ("a: 1\n  b: 2\n", "2:4", "mapping values are not allowed in this context"),
+    ],
+)
+def test_a_yaml_syntax_error_is_one_line_naming_file_line_and_column(
+    monkeypatch, capsys, tmp_path, text, where, problem
+):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    cfg, code = _parsed(monkeypatch, "--config", str(path))
+    assert code == 1 and cfg is None
+    assert capsys.readouterr().err.splitlines() == [
+        f"omnilong_full: error: {path}:{where}: YAML syntax error: {problem}"
+    ]
 
 
 def test_importing_the_recipe_imports_neither_torchtune_nor_torchvision():

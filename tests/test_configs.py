@@ -120,6 +120,22 @@ def test_a_component_that_cannot_be_imported_is_named(path, message):
     assert message in str(refused.value)
 
 
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        ({"lr": -1}, "optimizer torch.optim.AdamW refuses its arguments: Invalid learning rate: -1"),
+        ({"lr": 1e-3, "betas": [0.9, 1.5]}, "refuses its arguments: Invalid beta parameter at index 1: 1.5"),
+        ({"lr": 1e-3, "eps": -1e-8}, "refuses its arguments: Invalid epsilon value: -1e-08"),
+        ({"lr": 1e-3, "weight_decay": -0.1}, "refuses its arguments: Invalid weight_decay value: -0.1"),
+    ],
+)
+def test_optimizer_arguments_torch_refuses_fail_at_validation(arguments, message):
+    """Before the model loads (the recipe validates first): torch's own check, on a dummy parameter."""
+    with pytest.raises(ValueError) as refused:
+        validate_config(_stage1(optimizer={"_component_": "torch.optim.AdamW", **arguments}))
+    assert message in str(refused.value)
+
+
 def test_a_component_whose_own_import_fails_reports_the_missing_module(tmp_path, monkeypatch):
     """A module that exists but imports a missing package: the missing package is named, not the
     component (which would send the user looking for a typo)."""

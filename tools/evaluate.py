@@ -21,10 +21,11 @@ import sys
 from pathlib import Path
 
 from omnilong.data.sources import expand_data_files
+from omnilong.data.video import probe_video
 from omnilong.eval.family import read_image
 from omnilong.eval.niah import default_lengths, run_niah
 from omnilong.eval.session import add_model_arguments, close_session, open_session
-from omnilong.eval.videomme import run_videomme
+from omnilong.eval.videomme import read_inputs, run_videomme
 from omnilong.eval.vniah import run_vniah
 from omnilong.testing import python_stdlib_sources
 
@@ -71,9 +72,16 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     loaded = None
     try:
-        loaded, family = open_session(args)
+        # input files are checked before the model loads
         if args.evaluation == "niah":
             files = expand_data_files(args.haystack) if args.haystack else python_stdlib_sources()
+        elif args.evaluation == "vniah":
+            probe_video(args.haystack_video, args.fps, args.max_frames)
+            needle = read_image(args.needle_image)
+        else:
+            read_inputs(args.root, args.questions, args.limit, args.skip_missing_videos)
+        loaded, family = open_session(args)
+        if args.evaluation == "niah":
             lengths = args.lengths or default_lengths(loaded.model.args.max_position_embeddings)
             summary = run_niah(
                 loaded,
@@ -92,7 +100,7 @@ def main() -> int:
                 family,
                 args.output,
                 args.haystack_video,
-                read_image(args.needle_image),
+                needle,
                 args.question,
                 args.answer,
                 args.frame_counts,

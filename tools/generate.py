@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from omnilong.data.video import DecodedVideo, decode_video
+from omnilong.data.video import DecodedVideo, decode_video, probe_video
 from omnilong.eval.ask import generate_answer
 from omnilong.eval.family import Prompt, read_image
 from omnilong.eval.session import add_model_arguments, close_session, open_session
@@ -29,11 +29,14 @@ def main() -> int:
     logging.basicConfig(level=logging.WARNING)
     loaded = None
     try:
+        images = tuple(read_image(p) for p in args.image)  # input files are checked before the model loads
+        if args.video:
+            probe_video(args.video, args.fps, args.max_frames)
         loaded, family = open_session(args)
         video: DecodedVideo | None = None
         if args.video:
             video = decode_video(args.video, family.video_options.fps, family.video_options.max_frames)
-        prompt = Prompt(args.text, tuple(read_image(p) for p in args.image), video)
+        prompt = Prompt(args.text, images, video)
         answer, prompt_tokens = generate_answer(loaded, family, prompt, args.max_new_tokens)
         if loaded.is_main:
             print(answer)

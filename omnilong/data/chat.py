@@ -3,6 +3,13 @@
 A sample is ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}``
 in JSONL / JSON / parquet files. Labels are -100 everywhere except on the tokens of
 assistant turns (their content and end-of-turn token).
+
+Chat templates expect one of two content structures: a plain string (Qwen2.5's, which also
+takes lists) or a list of typed parts (LLaVA-OneVision's hub template iterates
+``[{"type": "text", "text": ...}]`` and renders a string as nothing).
+:func:`chat_content_form` finds which by rendering a probe conversation, and
+:func:`render_chat` renders with it; every rendered conversation is checked to hold each
+message's text, in order, so a template that drops text is refused instead of trained on.
 """
 
 import logging
@@ -19,6 +26,67 @@ from omnilong.data.sources import PathLike, expand_data_files, read_records
 logger = logging.getLogger(__name__)
 
 _ROLES = ("system", "user", "assistant")
+_PROBE = ("omnilong probe question 7", "omnilong probe answer 9")
+_CONTENT_FORMS: dict[str, str] = {}  # chat template -> "string" | "parts"
+
+
+def _template_name(tokenizer) -> str:
+    return f"the chat template of {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__}"
+
+
+def _as_parts(messages: list[dict]) -> list[dict]:
+    return [{**m, "content": [{"type": "text", "text": m["content"]}]} for m in messages]
+
+
+def chat_content_form(tokenizer) -> str:
+    """``"string"`` when the tokenizer's chat template renders plain string contents, else
+    ``"parts"`` when it renders lists of text parts (``[{"type": "text", "text": ...}]``).
+
+    Found once per template by rendering a user and an assistant turn each way.
+
+    Raises:
+        ValueError: the tokenizer has no chat template, or its template renders the probe's
+            text in neither structure (names the tokenizer).
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise ValueError(f"the tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template")
+    key = repr(template)
+    if key not in _CONTENT_FORMS:
+        probe = [{"role": "user", "content": _PROBE[0]}, {"role": "assistant", "content": _PROBE[1]}]
+        for form, messages in (("string", probe), ("parts", _as_parts(probe))):
+            if all(t in tokenizer.apply_chat_template(messages, tokenize=False) for t in _PROBE):
+                _CONTENT_FORMS[key] = form
+                break
+        else:
+            raise ValueError(
+                f"{_template_name(tokenizer)} renders a message's text neither from a string content "
+                'nor from [{"type": "text", "text": ...}] parts; use a template that renders it'
+            )
+    return _CONTENT_FORMS[key]
+
+
+def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """``messages`` (string contents) rendered with the tokenizer's chat template, in the content
+    structure the template expects (:func:`chat_content_form`)."""
+    if chat_content_form(tokenizer) == "parts":
+        messages = _as_parts(messages)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def check_texts_rendered(tokenizer, messages: list[dict], text: str) -> None:
+    """Raise ``ValueError`` (naming the template and the message) unless each message's text
+    (stripped) appears in the rendered ``text``, in order."""
+    cursor = 0
+    for i, message in enumerate(messages):
+        content = message["content"].strip()
+        at = text.find(content, cursor)
+        if at < 0:
+            raise ValueError(
+                f"{_template_name(tokenizer)} drops or changes the text of message {i} ({message['role']}): "
+                f"{content!r:.80} is not in its rendering; fix the template or the data"
+            )
+        cursor = at + len(content)
 
 
 def _validate_messages(origin: str, record) -> list[dict]:
@@ -41,17 +109,19 @@ def assistant_char_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tup
 
     Raises:
         ValueError: the chat template does not render conversations incrementally (a
-            rendered prefix is not a prefix of the whole).
+            rendered prefix is not a prefix of the whole), or drops a message's text
+            (:func:`check_texts_rendered`).
     """
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render_chat(tokenizer, messages)
+    check_texts_rendered(tokenizer, messages, text)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
-        through = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        through = render_chat(tokenizer, messages[: i + 1])
         if not (text.startswith(through) and through.startswith(before)):
-            raise ValueError("the tokenizer's chat template does not render conversations incrementally")
+            raise ValueError(f"{_template_name(tokenizer)} does not render conversations incrementally")
         spans.append((len(before), len(through)))
     return text, spans
 
@@ -104,15 +174,18 @@ class ChatDataset(Dataset):
     ):
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; stage-2 chat data needs one")
+        chat_content_form(tokenizer)  # refuses a tokenizer without a usable chat template
         self.max_seq_len = max_seq_len
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.num_skipped = 0
         self._samples: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._lengths: list[int] = []
         for origin, record in samples:
-            input_ids, labels = self._tokenize(tokenizer, _validate_messages(origin, record))
+            messages = _validate_messages(origin, record)
+            try:
+                input_ids, labels = self._tokenize(tokenizer, messages)
+            except ValueError as e:
+                raise ValueError(f"{origin}: {e}") from None
             if len(input_ids) > max_seq_len:
                 if not skip_bad_samples:
                     raise ValueError(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from omnilong.data.chat import _validate_messages, tokenize_conversation
+from omnilong.data.chat import _validate_messages, chat_content_form, tokenize_conversation
 from omnilong.data.llava_video import LlavaVideoFormat
 from omnilong.data.packed_text import separator_id, tokenize_documents
 from omnilong.data.prepared import (
@@ -215,6 +215,8 @@ def prepare(
         raise ValueError(f"workers must be at least 1, got {workers}")
     files = expand_data_files(data_files)
     tokenizer = load_tokenizer(tokenizer_dir)
+    if kind != "text":
+        chat_content_form(tokenizer)  # a template that renders no text is refused, never skipped sample by sample
     settings: dict[str, Any] = {}
     if kind == "text":
         settings = {"separator_id": separator_id(tokenizer, separator_token), "text_column": text_column}

@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from omnilong.data.chat import shifted_labels, tokenize_conversation
+from omnilong.data.chat import chat_content_form, shifted_labels, tokenize_conversation
 from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
@@ -174,9 +174,13 @@ def tokenize_video_sample(
     token belongs to an assistant turn).
 
     Raises:
-        ValueError: the rendering does not hold one ``pad_token`` per video (names the sample).
+        ValueError: the rendering does not hold one ``pad_token`` per video, or the chat
+            template drops a message's text (names the sample).
     """
-    input_ids, trainable = tokenize_conversation(tokenizer, sample.messages)
+    try:
+        input_ids, trainable = tokenize_conversation(tokenizer, sample.messages)
+    except ValueError as e:
+        raise ValueError(f"{sample.origin}: {e}") from None
     if int((input_ids == tokenizer.convert_tokens_to_ids(pad_token)).sum()) != len(sample.videos):
         raise ValueError(
             f"{sample.origin}: the rendered conversation does not hold one {pad_token} per video "
@@ -305,8 +309,7 @@ class VideoSFTDataset(Dataset):
         self.format = video_format if video_format is not None else QwenVideoFormat()
         if max_seq_len <= 0:
             raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template; stage-3 video data needs one")
+        chat_content_form(tokenizer)  # refuses a tokenizer without a usable chat template
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.format.required_tokens}
         missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
         if missing:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from omnilong.data.chat import check_texts_rendered
 from omnilong.data.video import (
     DecodedVideo,
     Patching,
@@ -80,13 +81,18 @@ def read_image(path: Path) -> torch.Tensor:
 def render_prompt(tokenizer: Any, prompt: Prompt, answer: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``prompt`` as one user turn (images, then the video, then the text) with the checkpoint's
     chat template and the assistant's generation prompt: its token ids ``[T]`` (one placeholder
-    token per image / video, for the family to expand) and ``answer``'s ``[A]`` (empty without one)."""
+    token per image / video, for the family to expand) and ``answer``'s ``[A]`` (empty without one).
+
+    Raises:
+        ValueError: the template drops the prompt's text (names the template).
+    """
     content = [{"type": "image"} for _ in prompt.images]
     content += [{"type": "video"}] if prompt.video is not None else []
     content.append({"type": "text", "text": prompt.text})
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
+    check_texts_rendered(tokenizer, [{"role": "user", "content": prompt.text}], text)
     ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
     answer_ids = torch.tensor(
         tokenizer(answer, add_special_tokens=False)["input_ids"] if answer else [], dtype=torch.long

@@ -74,7 +74,9 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
     """The question records of ``path``, nested ``questions`` lists flattened.
 
     Raises:
-        ValueError: a record without one of the fields Video-MME questions have (names it).
+        ValueError: a record without one of the fields Video-MME questions have, or whose
+            ``videoID`` is not a plain file name (a path could name a file outside the data
+            directory) (names it).
     """
     questions = []
     for origin, record in read_records(path):
@@ -85,6 +87,11 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
             missing = [f for f in _FIELDS if f not in row]
             if missing:
                 raise ValueError(f"{origin}: a Video-MME question needs {missing}")
+            video_id = row["videoID"]
+            if not isinstance(video_id, str) or Path(video_id).name != video_id or video_id in ("", ".", ".."):
+                raise ValueError(
+                    f"{origin}: videoID {video_id!r} is not a file name (videos are read from <root>/data only)"
+                )
             questions.append({f: row[f] for f in _FIELDS})
     return questions
 
@@ -148,6 +155,28 @@ def _decode(path: Path, family: ModelFamily, num_frames: int | None) -> DecodedV
     return decode_video(path, options.fps, options.max_frames)
 
 
+def read_inputs(
+    root: Path, questions_file: Path | None = None, limit: int | None = None, skip_missing_videos: bool = False
+) -> tuple[list[dict[str, Any]], dict[str, Path | None]]:
+    """The questions (the first ``limit``) and each ``videoID``'s file (``None``: missing): what
+    :func:`run_videomme` reads first, and what ``tools/evaluate.py`` checks before loading a model.
+
+    Raises:
+        FileNotFoundError: no questions file, or missing videos (all named up to 10), unless
+            ``skip_missing_videos``.
+        ValueError: a malformed question (:func:`read_questions`).
+    """
+    questions = read_questions(questions_file or default_questions_file(root))[:limit]
+    videos = {q["videoID"]: find_video(root, q["videoID"]) for q in questions}
+    missing = sorted(v for v, p in videos.items() if p is None)
+    if missing and not skip_missing_videos:
+        raise FileNotFoundError(
+            f"{len(missing)} videos missing under {root}/data (e.g. {missing[:10]}): download "
+            "them, or pass skip_missing_videos to score without them (they are counted)"
+        )
+    return questions, videos
+
+
 def run_videomme(
     loaded: InferenceModel,
     family: ModelFamily,
@@ -167,14 +196,8 @@ def run_videomme(
         FileNotFoundError: missing videos (all named up to 10), unless ``skip_missing_videos``
             (then they are counted in ``results.json``).
     """
-    questions = read_questions(questions_file or default_questions_file(root))[:limit]
-    videos = {q["videoID"]: find_video(root, q["videoID"]) for q in questions}
+    questions, videos = read_inputs(root, questions_file, limit, skip_missing_videos)
     missing = sorted(v for v, p in videos.items() if p is None)
-    if missing and not skip_missing_videos:
-        raise FileNotFoundError(
-            f"{len(missing)} videos missing under {root}/data (e.g. {missing[:10]}): download "
-            "them, or pass skip_missing_videos to score without them (they are counted)"
-        )
     answers_path = output_dir / "answers.jsonl"
     done = {}
     if answers_path.is_file():

@@ -23,18 +23,16 @@ TINY_PINPOINTS = [
 ]
 SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]  # the 7B processors' normalisation
 
-# ChatML as llava-onevision-qwen2-7b-ov-hf's template renders it (no default system turn):
-# list contents put each image's ``<image>\n`` first, then each video's ``<video>\n``, then
-# the text; string contents render as they are.
+# ChatML as llava-onevision-qwen2-7b-ov-hf's hub template renders it (no default system turn):
+# it iterates each message's content parts, putting each image's ``<image>\n`` first, then
+# each video's ``<video>\n``, then the text parts; like the hub's, it renders a plain string
+# content as nothing (the data code renders with text parts: omnilong.data.chat).
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
-    "{%- if message['content'] is string %}{{- message['content'] }}"
-    "{%- else %}"
     "{%- for item in message['content'] | selectattr('type', 'equalto', 'image') %}{{- '<image>\\n' }}{%- endfor %}"
     "{%- for item in message['content'] | selectattr('type', 'equalto', 'video') %}{{- '<video>\\n' }}{%- endfor %}"
     "{%- for item in message['content'] | selectattr('type', 'equalto', 'text') %}{{- item['text'] }}{%- endfor %}"
-    "{%- endif %}"
     "{{- '<|im_end|>\\n' }}"
     "{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"

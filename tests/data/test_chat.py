@@ -1,12 +1,14 @@
 """Stage-2 chat formatting: labels only on assistant turns, shifted once (one sample per row
 here; packing: tests/data/test_packing.py)."""
 
+import copy
 import json
 
 import pytest
 import torch
 
 from omnilong.data import chat_dataset, collate_padded, load_tokenizer
+from omnilong.data.chat import chat_content_form
 
 
 @pytest.fixture(scope="module")
@@ -78,3 +80,50 @@ def test_collate_pads_right_with_ignored_labels_and_own_document(tokenizer, tmp_
     assert (batch["labels"][1, n:] == -100).all() and (batch["document_ids"][1, n:] == -1).all()
     assert (batch["input_ids"][1, n:] == ds.pad_id).all()
     assert batch["position_ids"][1].tolist() == list(range(batch["input_ids"].shape[1]))
+
+
+def _with_template(tokenizer, template: str):
+    changed = copy.deepcopy(tokenizer)
+    changed.chat_template = template
+    return changed
+
+
+def test_llava_template_renders_strings_as_nothing_like_the_hub(tiny_llava_dir):
+    llava = load_tokenizer(tiny_llava_dir)
+    assert (
+        llava.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False)
+        == "<|im_start|>user\n<|im_end|>\n"
+    )
+    assert chat_content_form(llava) == "parts"
+
+
+def test_llava_template_trains_on_the_answers_text(tiny_llava_dir, tmp_path):
+    llava = load_tokenizer(tiny_llava_dir)
+    sample = _conversation(("user", "name a module"), ("assistant", "pathlib"))
+    ds = chat_dataset(llava, _jsonl(tmp_path / "c.jsonl", [sample]), max_seq_len=256, packed=False)
+    ids, labels = ds[0]["input_ids"], ds[0]["labels"]
+    assert llava.decode(ids) == "<|im_start|>user\nname a module<|im_end|>\n<|im_start|>assistant\npathlib<|im_end|>\n"
+    assert llava.decode(ids[1:][labels[:-1] != -100]) == "pathlib<|im_end|>\n"
+
+
+def test_template_that_drops_a_message_is_refused_naming_sample_template_and_message(tokenizer, tmp_path):
+    no_system = _with_template(
+        tokenizer,
+        "{%- for m in messages %}{%- if m['role'] != 'system' %}"
+        "{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    )
+    f = _jsonl(tmp_path / "c.jsonl", [_conversation(("system", "be terse"), ("user", "hi"), ("assistant", "ok"))])
+    with pytest.raises(
+        ValueError, match=r"c\.jsonl:1: the chat template of .*tiny_qwen.* drops .* message 0 \(system\)"
+    ):
+        chat_dataset(no_system, f, max_seq_len=64)
+
+
+def test_template_that_renders_no_text_is_refused_before_reading_samples(tokenizer, tmp_path):
+    roles_only = _with_template(
+        tokenizer, "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '<|im_end|>' }}{%- endfor %}"
+    )
+    f = _jsonl(tmp_path / "c.jsonl", [_conversation(("user", "hi"), ("assistant", "ok"))])
+    with pytest.raises(ValueError, match=r"the chat template of .*tiny_qwen.* renders a message's text neither"):
+        chat_dataset(roles_only, f, max_seq_len=64)

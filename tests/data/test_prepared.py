@@ -101,6 +101,17 @@ def test_prepare_skips_and_counts_malformed_chat_samples_or_names_them(tiny_qwen
     assert meta["num_documents"] == 2 and meta["num_skipped"]["bad_samples"] == 1
 
 
+def test_prepare_refuses_a_template_that_renders_no_text_even_when_skipping(tiny_qwen_dir, tmp_path):
+    roles_only = load_tokenizer(tiny_qwen_dir)
+    roles_only.chat_template = "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '<|im_end|>' }}{%- endfor %}"
+    roles_only.save_pretrained(tmp_path / "tok")
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    with pytest.raises(ValueError, match=r"the chat template of .*tok.* renders a message's text neither"):
+        prepare(
+            "chat", _jsonl(tmp_path / "c.jsonl", [good]), tmp_path / "tok", tmp_path / "prep", skip_bad_samples=True
+        )
+
+
 def test_prepared_video_samples_equal_raw_samples(tokenizer, tiny_qwen_dir, tiny_videos_dir, tmp_path):
     prepare("video_sft", tiny_videos_dir / "train.jsonl", tiny_qwen_dir, tmp_path / "prep", progress=False)
     raw = video_sft_dataset(tokenizer, tiny_videos_dir / "train.jsonl", max_seq_len=512)

@@ -109,3 +109,62 @@ def test_missing_needle_image_is_named(tiny_qwen_dir, tiny_videos_dir, tmp_path,
     ]
     assert _main("evaluate", argv, monkeypatch) == 1
     assert "none.png: image not found" in capsys.readouterr().err
+
+
+def _jsonl_questions(path: Path, video_id: str) -> Path:
+    fields = {"question_id": "q1", "duration": "short", "domain": "d", "task_type": "t", "question": "?"}
+    path.write_text(json.dumps({"videoID": video_id, **fields, "options": ["A. a"], "answer": "A"}) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "tool, case, named",
+    [
+        ("generate", ["--text", "q", "--video", "{tmp}/none.mp4"], "none.mp4: video file not found"),
+        ("generate", ["--text", "q", "--image", "{tmp}/none.png"], "none.png: image not found"),
+        ("evaluate", ["niah", "--haystack", "{tmp}/none/*.txt"], "none/*.txt"),
+        (
+            "evaluate",
+            [
+                "vniah",
+                "--haystack-video",
+                "{tmp}/none.mp4",
+                "--needle-image",
+                "{tmp}/n.png",
+                "--question",
+                "q",
+                "--answer",
+                "a",
+            ],
+            "none.mp4",
+        ),
+        ("evaluate", ["videomme", "--root", "{tmp}"], "no questions under"),
+        ("evaluate", ["videomme", "--root", "{tmp}", "--questions", "{tmp}/q.jsonl"], "1 videos missing under"),
+    ],
+)
+def test_input_files_are_checked_before_the_model_loads(
+    tool, case, named, tiny_videos_dir, tmp_path, monkeypatch, capsys
+):
+    """Each bad input is one line naming it, and no model is loaded (open_session would raise)."""
+
+    def no_model(args):
+        raise AssertionError("the model was loaded before the input files were checked")
+
+    monkeypatch.setattr("omnilong.eval.session.open_session", no_model)
+    _jsonl_questions(tmp_path / "q.jsonl", "absent")
+    argv = [a.format(tmp=tmp_path, videos=tiny_videos_dir) for a in case]
+    if tool == "evaluate":
+        argv[1:1] = ["--output", str(tmp_path / "out")]
+    assert _main(tool, [*argv, "--checkpoint", str(tmp_path / "model")], monkeypatch) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"{tool}: error:") and named in err[0], err
+
+
+@pytest.mark.parametrize("video_id", ["../secret", "/etc/passwd", "..", "sub/clip"])
+def test_a_videomme_video_id_naming_a_path_is_refused(video_id, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("omnilong.eval.session.open_session", lambda args: pytest.fail("model loaded"))
+    argv = ["videomme", "--root", str(tmp_path), "--questions", str(_jsonl_questions(tmp_path / "q.jsonl", video_id))]
+    assert (
+        _main("evaluate", [*argv, "--output", str(tmp_path / "out"), "--checkpoint", str(tmp_path)], monkeypatch) == 1
+    )
+    assert f"q.jsonl:1: videoID {video_id!r} is not a file name" in capsys.readouterr().err

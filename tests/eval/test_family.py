@@ -3,11 +3,13 @@ prompt (an image, a video with an odd frame count, text) gives bitwise the same
 ``input_ids`` and vision inputs, and generation takes the processor's whole output
 (``model(**processor(...))`` inputs) with the same result."""
 
+import pytest
 import torch
 from transformers import AutoProcessor
 
+from omnilong.data.tokenizer import load_tokenizer
 from omnilong.data.video import decode_video
-from omnilong.eval.family import Prompt
+from omnilong.eval.family import Prompt, render_prompt
 from omnilong.generation.generate import greedy_generate
 
 
@@ -36,3 +38,10 @@ def test_prompt_inputs_equal_the_transformers_processor(tiny_inference, tiny_qwe
 
     generated = greedy_generate(loaded.model, dict(theirs), 4, family.stop_token_ids)
     assert generated == greedy_generate(loaded.model, ours, 4, family.stop_token_ids)
+
+
+def test_a_template_that_drops_the_prompt_text_is_refused_naming_it(tiny_qwen_dir):
+    tokenizer = load_tokenizer(tiny_qwen_dir)
+    tokenizer.chat_template = "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '<|im_end|>' }}{%- endfor %}"
+    with pytest.raises(ValueError, match=r"the chat template of .*tiny_qwen.* drops .* message 0 \(user\)"):
+        render_prompt(tokenizer, Prompt("Which colour?"))
