@@ -435,7 +435,7 @@ class VideoSFTDataset(Dataset):
             ``second_per_grid_ts`` ``[V]``; ``skipped`` (0-d bool). After :meth:`decode_cp_share`,
             ``pixel_values_videos`` holds only this cp rank's frame units of each video, and
             ``decode_failures [T]`` is ``index + 1`` on every token when a video's frames of this
-            rank's share could not be decoded (its pixels are then zeros of the same shape), else
+            rank's share could not be decoded (its pixels are then blank frames' of the same shape), else
             0: a rank that decodes only part of a video cannot tell alone whether the sample is
             bad, so the recipe agrees over the cp group (:func:`agree_on_decode_failures`) before
             it skips or refuses the sample on every rank alike.

@@ -1,0 +1,188 @@
+"""Under context parallelism a video dataset decodes only a cp rank's share of each video.
+
+Oracle: the same dataset without a cp share (every frame decoded and processed, the items as
+they were before shares existed). A rank's item must have the whole sample's token row, grids
+and frame counts, and exactly (bitwise) the oracle's pixel rows of the frame units that the
+towers' split rule (:func:`omnilong.vision_shares.unit_share`) gives the rank; the ranks' pixels
+together are the oracle's.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnilong.data import llava_video_sft_dataset, load_tokenizer, video_sft_dataset
+from omnilong.data.video import VideoDecodeError
+from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
+from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+from omnilong.vision_shares import frame_share, unit_share
+
+FRAMES = 31  # 16 frame pairs, the last completed by repeating the last frame: 4 pairs per rank at cp 4
+
+
+def _write_video(path: Path, frames: int, fps: float, height: int = 56, width: int = 84) -> Path:
+    from torchcodec.encoders import VideoEncoder
+
+    g = torch.Generator().manual_seed(frames)
+    VideoEncoder(
+        torch.randint(0, 256, (frames, 3, height, width), dtype=torch.uint8, generator=g), frame_rate=fps
+    ).to_file(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """Two samples: a 31-frame video (8 fps) and a 5-frame one with a 23-frame one."""
+    root = tmp_path_factory.mktemp("cp_share")
+    for name, frames in (("long.mp4", FRAMES), ("short.mp4", 5), ("mid.mp4", 23)):
+        _write_video(root / name, frames, 8.0)
+    turns = lambda n: [  # noqa: E731
+        {"from": "human", "value": "<video>\n" * n + "What is shown?"},
+        {"from": "gpt", "value": "Noise."},
+    ]
+    samples = [
+        {"video": "long.mp4", "conversations": turns(1)},
+        {"video": ["short.mp4", "mid.mp4"], "conversations": turns(2)},
+    ]
+    (root / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    return root / "train.jsonl"
+
+
+def _qwen(tiny_qwen_dir, data, **kwargs):
+    return video_sft_dataset(
+        load_tokenizer(tiny_qwen_dir),
+        data,
+        max_seq_len=4096,
+        fps=8.0,
+        video_min_pixels=TINY_MIN_PIXELS,
+        video_max_pixels=TINY_MAX_PIXELS,
+        **kwargs,
+    )
+
+
+def _llava(tiny_llava_dir, data, **kwargs):
+    return llava_video_sft_dataset(
+        load_tokenizer(tiny_llava_dir),
+        data,
+        max_seq_len=8192,
+        fps=8.0,
+        max_frames=64,
+        frame_size=TINY_CROP,
+        patch_size=TINY_PATCH,
+        **kwargs,
+    )
+
+
+def _shared(dataset, rank: int, cp: int):
+    dataset.decode_cp_share(rank, cp)
+    return dataset
+
+
+def _share_rows(pixels: torch.Tensor, units: list[int], rows_per_unit: list[int], rank: int, cp: int) -> torch.Tensor:
+    """The rows of ``pixels`` (videos back to back, ``units[v]`` units of ``rows_per_unit[v]``
+    rows each) of rank ``rank``'s units of every video."""
+    out, offset = [], 0
+    for n, rows in zip(units, rows_per_unit):
+        lo, hi = unit_share(n, rank, cp)
+        out.append(pixels[offset + lo * rows : offset + hi * rows])
+        offset += n * rows
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+@pytest.mark.parametrize("index", [0, 1])
+def test_qwen_rank_decodes_only_its_frame_pairs_with_the_whole_token_row(tiny_qwen_dir, data, cp, index):
+    """Each rank: the oracle's tokens, labels, grids and seconds per pair; pixels of its frame
+    pairs bitwise; the ranks' rows cover the oracle's once (the 5-frame video has 3 pairs, so at
+    cp 4 some rank has none of it)."""
+    full = _qwen(tiny_qwen_dir, data)[index]
+    grids = full["video_grid_thw"].tolist()
+    units, rows = [t for t, _, _ in grids], [h * w for _, h, w in grids]
+    assert index == 1 or units[0] // cp >= 4 or cp == 2  # the long video gives every rank several pairs
+    covered = 0
+    for rank in range(cp):
+        item = _shared(_qwen(tiny_qwen_dir, data), rank, cp)[index]
+        for key in ("input_ids", "labels", "document_ids", "video_grid_thw", "second_per_grid_ts", "skipped"):
+            assert torch.equal(item[key], full[key]), key
+        assert torch.equal(item["pixel_values_videos"], _share_rows(full["pixel_values_videos"], units, rows, rank, cp))
+        assert torch.equal(item["decode_failures"], torch.zeros_like(item["input_ids"]))
+        covered += item["pixel_values_videos"].shape[0]
+    assert covered == full["pixel_values_videos"].shape[0]
+
+
+@pytest.mark.parametrize("cp", [2, 4])
+def test_llava_rank_decodes_only_its_frames_with_the_whole_token_row(tiny_llava_dir, data, cp):
+    full = _llava(tiny_llava_dir, data)
+    for index in range(len(full)):
+        expected = full[index]
+        frames = expected["video_num_frames"].tolist()
+        for rank in range(cp):
+            item = _shared(_llava(tiny_llava_dir, data), rank, cp)[index]
+            for key in ("input_ids", "labels", "video_num_frames", "skipped"):
+                assert torch.equal(item[key], expected[key]), key
+            share = _share_rows(expected["pixel_values_videos"], frames, [1] * len(frames), rank, cp)
+            assert torch.equal(item["pixel_values_videos"], share)
+
+
+def test_frame_share_covers_whole_units_and_completes_an_odd_last_pair():
+    """Frames of a rank are its units' frames: pairs start at even frames, the last pair of 31
+    frames is frame 30 alone (processing repeats it), and the ranks tile the frames in order."""
+    shares = [frame_share(FRAMES, 2, rank, 4) for rank in range(4)]
+    assert shares == [(0, 8), (8, 16), (16, 24), (24, 31)]
+    assert [frame_share(5, 2, rank, 4) for rank in range(4)] == [(0, 0), (0, 2), (2, 4), (4, 5)]
+    assert [unit_share(3, rank, 4) for rank in range(4)] == [(0, 0), (0, 1), (1, 2), (2, 3)]
+    with pytest.raises(ValueError, match="outside 0..3"):
+        unit_share(3, 4, 4)
+
+
+def test_a_rank_that_cannot_decode_its_frames_flags_the_sample_with_zero_pixels(tiny_qwen_dir, data, monkeypatch):
+    """A corrupt stretch of a video is seen only by the rank that decodes it: that rank's item
+    keeps the sample's token row and pixel shape (zeros) and flags every token with 1 + the
+    sample's index (for the recipe's agreement over the cp group); the other ranks' items are
+    as usual. Nothing raises in the worker, whatever ``skip_bad_samples`` says."""
+    import omnilong.data.video_sft as video_sft
+
+    decode = video_sft.decode_video
+
+    def corrupt_after_frame_20(path, fps, max_frames, indices=None):
+        if indices is not None and any(i >= 20 for i in indices):
+            raise VideoDecodeError(f"{path}: cannot decode frames (invalid data)")
+        return decode(path, fps, max_frames, indices)
+
+    full = _qwen(tiny_qwen_dir, data)[0]
+    _, h, w = full["video_grid_thw"][0].tolist()
+    first = 8 * h * w  # rows of frame pairs 0-7 (frames 0-15): rank 0's at cp 2
+    monkeypatch.setattr(video_sft, "decode_video", corrupt_after_frame_20)
+    good, bad = (_shared(_qwen(tiny_qwen_dir, data), rank, 2)[0] for rank in (0, 1))
+    assert not good["decode_failures"].any()
+    assert torch.equal(good["pixel_values_videos"], full["pixel_values_videos"][:first])
+    assert torch.equal(bad["decode_failures"], torch.ones_like(full["input_ids"]))
+    for key in ("input_ids", "labels", "video_grid_thw"):
+        assert torch.equal(bad[key], full[key]), key
+    assert bad["pixel_values_videos"].shape == full["pixel_values_videos"][first:].shape
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_an_unreadable_video_is_bad_on_every_rank_alike(tiny_qwen_dir, data, tmp_path, skip):
+    """An unreadable file is seen in the metadata that every rank reads: each rank gives the
+    skipped placeholder (its one blank frame pair on the last rank only) or raises naming it."""
+    from omnilong.data import BadSampleError
+
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 64)
+    sample = {
+        "video": str(tmp_path / "broken.mp4"),
+        "conversations": json.loads(data.read_text().splitlines()[0])["conversations"],
+    }
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(json.dumps(sample) + "\n")
+    for rank in range(2):
+        dataset = _shared(_qwen(tiny_qwen_dir, broken, skip_bad_samples=skip), rank, 2)
+        if not skip:
+            with pytest.raises(BadSampleError, match="broken.mp4"):
+                dataset[0]
+            continue
+        item = dataset[0]
+        assert bool(item["skipped"]) and not item["decode_failures"].any()
+        assert item["pixel_values_videos"].shape[0] == (4 if rank == 1 else 0)
