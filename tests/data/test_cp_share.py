@@ -8,7 +8,6 @@ together are the oracle's.
 """
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,35 +18,7 @@ from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
 from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from omnilong.vision_shares import frame_share, unit_share
 
-FRAMES = 31  # 16 frame pairs, the last completed by repeating the last frame: 4 pairs per rank at cp 4
-
-
-def _write_video(path: Path, frames: int, fps: float, height: int = 56, width: int = 84) -> Path:
-    from torchcodec.encoders import VideoEncoder
-
-    g = torch.Generator().manual_seed(frames)
-    VideoEncoder(
-        torch.randint(0, 256, (frames, 3, height, width), dtype=torch.uint8, generator=g), frame_rate=fps
-    ).to_file(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    """Two samples: a 31-frame video (8 fps) and a 5-frame one with a 23-frame one."""
-    root = tmp_path_factory.mktemp("cp_share")
-    for name, frames in (("long.mp4", FRAMES), ("short.mp4", 5), ("mid.mp4", 23)):
-        _write_video(root / name, frames, 8.0)
-    turns = lambda n: [  # noqa: E731
-        {"from": "human", "value": "<video>\n" * n + "What is shown?"},
-        {"from": "gpt", "value": "Noise."},
-    ]
-    samples = [
-        {"video": "long.mp4", "conversations": turns(1)},
-        {"video": ["short.mp4", "mid.mp4"], "conversations": turns(2)},
-    ]
-    (root / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
-    return root / "train.jsonl"
+FRAMES = 31  # cp_share_videos' long video: 16 frame pairs, 4 per rank at cp 4
 
 
 def _qwen(tiny_qwen_dir, data, **kwargs):
@@ -93,17 +64,17 @@ def _share_rows(pixels: torch.Tensor, units: list[int], rows_per_unit: list[int]
 
 @pytest.mark.parametrize("cp", [2, 4])
 @pytest.mark.parametrize("index", [0, 1])
-def test_qwen_rank_decodes_only_its_frame_pairs_with_the_whole_token_row(tiny_qwen_dir, data, cp, index):
+def test_qwen_rank_decodes_only_its_frame_pairs_with_the_whole_token_row(tiny_qwen_dir, cp_share_videos, cp, index):
     """Each rank: the oracle's tokens, labels, grids and seconds per pair; pixels of its frame
     pairs bitwise; the ranks' rows cover the oracle's once (the 5-frame video has 3 pairs, so at
     cp 4 some rank has none of it)."""
-    full = _qwen(tiny_qwen_dir, data)[index]
+    full = _qwen(tiny_qwen_dir, cp_share_videos)[index]
     grids = full["video_grid_thw"].tolist()
     units, rows = [t for t, _, _ in grids], [h * w for _, h, w in grids]
     assert index == 1 or units[0] // cp >= 4 or cp == 2  # the long video gives every rank several pairs
     covered = 0
     for rank in range(cp):
-        item = _shared(_qwen(tiny_qwen_dir, data), rank, cp)[index]
+        item = _shared(_qwen(tiny_qwen_dir, cp_share_videos), rank, cp)[index]
         for key in ("input_ids", "labels", "document_ids", "video_grid_thw", "second_per_grid_ts", "skipped"):
             assert torch.equal(item[key], full[key]), key
         assert torch.equal(item["pixel_values_videos"], _share_rows(full["pixel_values_videos"], units, rows, rank, cp))
@@ -113,13 +84,13 @@ def test_qwen_rank_decodes_only_its_frame_pairs_with_the_whole_token_row(tiny_qw
 
 
 @pytest.mark.parametrize("cp", [2, 4])
-def test_llava_rank_decodes_only_its_frames_with_the_whole_token_row(tiny_llava_dir, data, cp):
-    full = _llava(tiny_llava_dir, data)
+def test_llava_rank_decodes_only_its_frames_with_the_whole_token_row(tiny_llava_dir, cp_share_videos, cp):
+    full = _llava(tiny_llava_dir, cp_share_videos)
     for index in range(len(full)):
         expected = full[index]
         frames = expected["video_num_frames"].tolist()
         for rank in range(cp):
-            item = _shared(_llava(tiny_llava_dir, data), rank, cp)[index]
+            item = _shared(_llava(tiny_llava_dir, cp_share_videos), rank, cp)[index]
             for key in ("input_ids", "labels", "video_num_frames", "skipped"):
                 assert torch.equal(item[key], expected[key]), key
             share = _share_rows(expected["pixel_values_videos"], frames, [1] * len(frames), rank, cp)
@@ -137,7 +108,9 @@ def test_frame_share_covers_whole_units_and_completes_an_odd_last_pair():
         unit_share(3, 4, 4)
 
 
-def test_a_rank_that_cannot_decode_its_frames_flags_the_sample_with_zero_pixels(tiny_qwen_dir, data, monkeypatch):
+def test_a_rank_that_cannot_decode_its_frames_flags_the_sample_with_zero_pixels(
+    tiny_qwen_dir, cp_share_videos, monkeypatch
+):
     """A corrupt stretch of a video is seen only by the rank that decodes it: that rank's item
     keeps the sample's token row and pixel shape (zeros) and flags every token with 1 + the
     sample's index (for the recipe's agreement over the cp group); the other ranks' items are
@@ -151,11 +124,11 @@ def test_a_rank_that_cannot_decode_its_frames_flags_the_sample_with_zero_pixels(
             raise VideoDecodeError(f"{path}: cannot decode frames (invalid data)")
         return decode(path, fps, max_frames, indices)
 
-    full = _qwen(tiny_qwen_dir, data)[0]
+    full = _qwen(tiny_qwen_dir, cp_share_videos)[0]
     _, h, w = full["video_grid_thw"][0].tolist()
     first = 8 * h * w  # rows of frame pairs 0-7 (frames 0-15): rank 0's at cp 2
     monkeypatch.setattr(video_sft, "decode_video", corrupt_after_frame_20)
-    good, bad = (_shared(_qwen(tiny_qwen_dir, data), rank, 2)[0] for rank in (0, 1))
+    good, bad = (_shared(_qwen(tiny_qwen_dir, cp_share_videos), rank, 2)[0] for rank in (0, 1))
     assert not good["decode_failures"].any()
     assert torch.equal(good["pixel_values_videos"], full["pixel_values_videos"][:first])
     assert torch.equal(bad["decode_failures"], torch.ones_like(full["input_ids"]))
@@ -165,7 +138,7 @@ def test_a_rank_that_cannot_decode_its_frames_flags_the_sample_with_zero_pixels(
 
 
 @pytest.mark.parametrize("skip", [True, False])
-def test_an_unreadable_video_is_bad_on_every_rank_alike(tiny_qwen_dir, data, tmp_path, skip):
+def test_an_unreadable_video_is_bad_on_every_rank_alike(tiny_qwen_dir, cp_share_videos, tmp_path, skip):
     """An unreadable file is seen in the metadata that every rank reads: each rank gives the
     skipped placeholder (its one blank frame pair on the last rank only) or raises naming it."""
     from omnilong.data import BadSampleError
@@ -173,7 +146,7 @@ def test_an_unreadable_video_is_bad_on_every_rank_alike(tiny_qwen_dir, data, tmp
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 64)
     sample = {
         "video": str(tmp_path / "broken.mp4"),
-        "conversations": json.loads(data.read_text().splitlines()[0])["conversations"],
+        "conversations": json.loads(cp_share_videos.read_text().splitlines()[0])["conversations"],
     }
     broken = tmp_path / "broken.jsonl"
     broken.write_text(json.dumps(sample) + "\n")
