@@ -157,7 +157,7 @@ def tiny_videos_dir(tmp_path_factory) -> Path:
 def cp_share_videos(tmp_path_factory) -> Path:
     """``train.jsonl`` of two samples over random-noise videos at 8 fps, 56x84: one of 31 frames
     (16 frame pairs, the last completed by repetition: several pairs for each of 4 cp ranks) and
-    one of a 5-frame and a 23-frame video."""
+    one of a 5-frame and a 23-frame video; next to it ``corrupt_tail.mp4``, in no sample."""
     import json
 
     from torchcodec.encoders import VideoEncoder
@@ -177,6 +177,12 @@ def cp_share_videos(tmp_path_factory) -> Path:
         {"video": ["short.mp4", "mid.mp4"], "conversations": turns(2)},
     ]
     (root / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    # corrupt_tail.mp4: long.mp4 with the last quarter of its frame data zeroed: its metadata
+    # (31 frames) reads, its first frames decode, its last ones do not
+    data = bytearray((root / "long.mp4").read_bytes())
+    start, end = data.find(b"mdat") + 4, data.find(b"moov") - 4
+    data[start + (end - start) * 3 // 4 : end] = bytes(end - (start + (end - start) * 3 // 4))
+    (root / "corrupt_tail.mp4").write_bytes(data)
     return root / "train.jsonl"
 
 

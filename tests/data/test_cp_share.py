@@ -8,12 +8,12 @@ together are the oracle's.
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from omnilong.data import llava_video_sft_dataset, load_tokenizer, video_sft_dataset
-from omnilong.data.video import VideoDecodeError
 from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
 from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from omnilong.vision_shares import frame_share, unit_share
@@ -108,33 +108,34 @@ def test_frame_share_covers_whole_units_and_completes_an_odd_last_pair():
         unit_share(3, 4, 4)
 
 
-def test_a_rank_that_cannot_decode_its_frames_flags_the_sample_with_zero_pixels(
-    tiny_qwen_dir, cp_share_videos, monkeypatch
-):
-    """A corrupt stretch of a video is seen only by the rank that decodes it: that rank's item
-    keeps the sample's token row and pixel shape (zeros) and flags every token with 1 + the
-    sample's index (for the recipe's agreement over the cp group); the other ranks' items are
-    as usual. Nothing raises in the worker, whatever ``skip_bad_samples`` says."""
-    import omnilong.data.video_sft as video_sft
+def _one_sample(path: Path, video: Path, template: Path) -> Path:
+    """A ``train.jsonl`` of the first conversation of ``template`` over ``video``."""
+    sample = {"video": str(video), "conversations": json.loads(template.read_text().splitlines()[0])["conversations"]}
+    path.write_text(json.dumps(sample) + "\n")
+    return path
 
-    decode = video_sft.decode_video
 
-    def corrupt_after_frame_20(path, fps, max_frames, indices=None):
-        if indices is not None and any(i >= 20 for i in indices):
-            raise VideoDecodeError(f"{path}: cannot decode frames (invalid data)")
-        return decode(path, fps, max_frames, indices)
+def test_a_rank_that_cannot_decode_its_frames_flags_the_sample(tiny_qwen_dir, cp_share_videos, tmp_path):
+    """A video whose metadata reads but whose last frames do not decode: without cp the sample is
+    bad (as always); at cp 2 only rank 1 decodes the bad frames. Rank 0's item is as usual (its
+    pixels those of the intact video); rank 1's keeps the sample's token row and pixel shape and
+    flags every token with 1 + the sample's index, for the recipe's agreement over the cp group.
+    Nothing raises in a rank's worker, whatever ``skip_bad_samples`` says."""
+    from omnilong.data import BadSampleError
 
-    full = _qwen(tiny_qwen_dir, cp_share_videos)[0]
-    _, h, w = full["video_grid_thw"][0].tolist()
+    data = _one_sample(tmp_path / "corrupt.jsonl", cp_share_videos.parent / "corrupt_tail.mp4", cp_share_videos)
+    with pytest.raises(BadSampleError, match="corrupt_tail.mp4"):
+        _qwen(tiny_qwen_dir, data)[0]
+    intact = _qwen(tiny_qwen_dir, cp_share_videos)[0]  # the same video before its tail was zeroed
+    _, h, w = intact["video_grid_thw"][0].tolist()
     first = 8 * h * w  # rows of frame pairs 0-7 (frames 0-15): rank 0's at cp 2
-    monkeypatch.setattr(video_sft, "decode_video", corrupt_after_frame_20)
-    good, bad = (_shared(_qwen(tiny_qwen_dir, cp_share_videos), rank, 2)[0] for rank in (0, 1))
+    good, bad = (_shared(_qwen(tiny_qwen_dir, data), rank, 2)[0] for rank in (0, 1))
     assert not good["decode_failures"].any()
-    assert torch.equal(good["pixel_values_videos"], full["pixel_values_videos"][:first])
-    assert torch.equal(bad["decode_failures"], torch.ones_like(full["input_ids"]))
+    assert torch.equal(good["pixel_values_videos"], intact["pixel_values_videos"][:first])
+    assert torch.equal(bad["decode_failures"], torch.ones_like(intact["input_ids"]))
     for key in ("input_ids", "labels", "video_grid_thw"):
-        assert torch.equal(bad[key], full[key]), key
-    assert bad["pixel_values_videos"].shape == full["pixel_values_videos"][first:].shape
+        assert torch.equal(bad[key], intact[key]), key
+    assert bad["pixel_values_videos"].shape == intact["pixel_values_videos"][first:].shape
 
 
 @pytest.mark.parametrize("skip", [True, False])
@@ -144,12 +145,7 @@ def test_an_unreadable_video_is_bad_on_every_rank_alike(tiny_qwen_dir, cp_share_
     from omnilong.data import BadSampleError
 
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 64)
-    sample = {
-        "video": str(tmp_path / "broken.mp4"),
-        "conversations": json.loads(cp_share_videos.read_text().splitlines()[0])["conversations"],
-    }
-    broken = tmp_path / "broken.jsonl"
-    broken.write_text(json.dumps(sample) + "\n")
+    broken = _one_sample(tmp_path / "broken.jsonl", tmp_path / "broken.mp4", cp_share_videos)
     for rank in range(2):
         dataset = _shared(_qwen(tiny_qwen_dir, broken, skip_bad_samples=skip), rank, 2)
         if not skip:
