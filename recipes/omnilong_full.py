@@ -457,7 +457,7 @@ class OmniLongFullRecipe:
             names = "; ".join(dataset.sample_name(i) for i in failed)
             if not dataset.skip_bad_samples:
                 raise BadSampleError(
-                    f"{names}: a video's frames cannot be decoded on a cp rank (its log names the frames); "
+                    f"{names}: a video's frames cannot be decoded on a cp rank (its log says why); "
                     "set dataset.skip_bad_samples: true to skip such samples"
                 )
             logger.warning("skipping %d samples whose video a cp rank cannot decode: %s", len(failed), names)

@@ -39,6 +39,12 @@ and adds nothing to the loss or to the count of trained tokens. Samples whose vi
 file is missing at construction are dropped then (counted in ``num_skipped``); every
 rank reads the same files, so all ranks see the same dataset length.
 
+Context parallelism: after :meth:`VideoSFTDataset.decode_cp_share` (the recipe calls it with
+the rank's place in its cp group), an item's token row is still the whole sample's, sized from
+its videos' metadata, but only the frames this rank's vision tower share encodes are decoded,
+resized and normalised (:mod:`omnilong.vision_shares`, the rule the towers' splits use): about
+``1/cp`` of the decode time, memory and host-to-device copy of a video per rank.
+
 Packing (``packed`` of :func:`video_sft_dataset`) sizes each sample from its videos'
 metadata at construction (:meth:`VideoSFTDataset.sample_lengths`) and puts several samples
 in a row (:mod:`omnilong.data.packing`); a placeholder then takes its sample's place in
@@ -435,10 +441,12 @@ class VideoSFTDataset(Dataset):
             ``second_per_grid_ts`` ``[V]``; ``skipped`` (0-d bool). After :meth:`decode_cp_share`,
             ``pixel_values_videos`` holds only this cp rank's frame units of each video, and
             ``decode_failures [T]`` is ``index + 1`` on every token when a video's frames of this
-            rank's share could not be decoded (its pixels are then blank frames' of the same shape), else
-            0: a rank that decodes only part of a video cannot tell alone whether the sample is
-            bad, so the recipe agrees over the cp group (:func:`agree_on_decode_failures`) before
-            it skips or refuses the sample on every rank alike.
+            rank's share could not be decoded (its pixels are then those of blank frames), else 0:
+            a rank that decodes only part of a video cannot tell alone whether the sample is bad,
+            so the recipe agrees over the cp group (``agree_on_decode_failures`` of
+            :mod:`omnilong.parallel.context_parallel`) before it skips or refuses the sample on
+            every rank alike. A video whose metadata cannot be read is bad on every rank alike:
+            it raises (or gives the placeholder) as without cp.
 
         Raises:
             BadSampleError: an undecodable video or too many tokens, unless skipped.
@@ -486,7 +494,9 @@ class VideoSFTDataset(Dataset):
     ) -> tuple[list[dict[str, torch.Tensor]], bool]:
         """This cp rank's vision inputs of each video of ``sample`` (of metadata ``shapes``, resized
         to ``sizes``): only its share's frames decoded and processed. Returns them and whether a
-        share could not be decoded here (its pixels then zeros of the same shape, at the asked fps)."""
+        share could not be decoded here: its pixels are then those of blank frames and its
+        ``second_per_grid_ts`` that of the asked fps (the sample is dropped on every rank, and only
+        its own tokens, whose labels are then ignored, see its pixels and positions)."""
         vision, failed = [], False
         for path, (frames, height, width), size in zip(sample.videos, shapes, sizes):
             lo, hi = frame_share(frames, self.format.temporal, self.cp_rank, self.cp_size)
@@ -498,7 +508,8 @@ class VideoSFTDataset(Dataset):
                         f"gave {hi - lo} frames of {height}x{width}"
                     )
             except (FileNotFoundError, VideoDecodeError) as e:
-                logger.warning("%s: cp rank %d cannot decode its frames of a video: %s", sample.origin, self.cp_rank, e)
+                # an error, so that every rank logs it: the other ranks know only that this one failed
+                logger.error("%s: cp rank %d cannot decode its frames of a video: %s", sample.origin, self.cp_rank, e)
                 failed = True
                 video = DecodedVideo(torch.zeros(hi - lo, 3, height, width, dtype=torch.uint8), self.options.fps)
             vision.append(self.format.process_share(video, size, frames))
