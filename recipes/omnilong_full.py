@@ -79,7 +79,7 @@ from omnilong.models.sequence_chunks import set_mlp_chunk_size
 from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.optimizer import implementation_kwargs
 from omnilong.parallel.activation_offload import activation_offload
-from omnilong.parallel.context_parallel import shard_batch_for_cp
+from omnilong.parallel.context_parallel import agree_on_decode_failures, shard_batch_for_cp
 from omnilong.parallel.fsdp import apply_activation_checkpointing, apply_fsdp
 from omnilong.parallel.mesh import ParallelDims, build_mesh
 from omnilong.validation import HeldOutShard, held_out_loss
@@ -316,8 +316,16 @@ class OmniLongFullRecipe:
             **self._model_config_for(self.cfg.dataset),
         )
 
+    def _decode_cp_share(self, dataset) -> None:
+        """Under context parallelism a video dataset decodes, for each sample, only the frames this
+        cp rank's vision tower encodes (``decode_cp_share``; the token rows stay whole)."""
+        decode_cp_share = getattr(dataset, "decode_cp_share", None)
+        if self.dims.cp > 1 and decode_cp_share is not None:
+            decode_cp_share(self.meshes.cp.get_local_rank(), self.dims.cp)
+
     def _setup_data(self):
         dataset = self._make_dataset()
+        self._decode_cp_share(dataset)
         dp_mesh = self.meshes.dp
         sampler = ResumableDistributedSampler(
             len(dataset),
@@ -358,6 +366,7 @@ class OmniLongFullRecipe:
             max_seq_len=self.cfg.max_seq_len,
             **self._model_config_for(self.cfg.validation_dataset),
         )
+        self._decode_cp_share(dataset)
         dp_mesh = self.meshes.dp
         shard = HeldOutShard(dataset, dp_mesh.size(), dp_mesh.get_local_rank())
         logger.info(
@@ -420,23 +429,44 @@ class OmniLongFullRecipe:
             self.sampler.set_epoch(self.epoch, self.consumed)
             for batch in self.dataloader:
                 self.consumed += batch["input_ids"].shape[0] * dp
-                yield self._model_batch(batch, self.dataset.pad_id)
+                yield self._model_batch(batch, self.dataset)
             self.epoch, self.consumed = self.epoch + 1, 0
 
-    def _model_batch(self, batch: dict[str, torch.Tensor], pad_id: int) -> dict[str, torch.Tensor]:
-        """A collated batch with the model's positions of the full rows (``model.with_positions``);
-        with context parallelism, this rank's shard of it."""
+    def _model_batch(self, batch: dict[str, torch.Tensor], dataset) -> dict[str, torch.Tensor]:
+        """A collated batch of ``dataset`` with the model's positions of the full rows
+        (``model.with_positions``); with context parallelism, this rank's shard of it, the
+        samples whose video some cp rank could not decode skipped or refused on every rank alike."""
         batch = self.model.with_positions(batch)
         if self.dims.cp > 1:
+            if "decode_failures" in batch:
+                batch = self._agree_on_decode_failures(batch, dataset)
             batch = shard_batch_for_cp(
-                with_vision_token_index(batch, self.model.vision_token_ids), self.meshes.cp, pad_id
+                with_vision_token_index(batch, self.model.vision_token_ids), self.meshes.cp, dataset.pad_id
             )
+        return batch
+
+    def _agree_on_decode_failures(self, batch: dict[str, torch.Tensor], dataset) -> dict[str, torch.Tensor]:
+        """``batch`` with the samples whose video some cp rank could not decode skipped, as every
+        rank of the cp group agrees (:func:`agree_on_decode_failures`).
+
+        Raises:
+            BadSampleError: there are such samples and ``dataset`` does not skip bad samples (names them).
+        """
+        batch, failed = agree_on_decode_failures(batch, self.meshes.cp)
+        if failed:
+            names = "; ".join(dataset.sample_name(i) for i in failed)
+            if not dataset.skip_bad_samples:
+                raise BadSampleError(
+                    f"{names}: a video's frames cannot be decoded on a cp rank (its log says why); "
+                    "set dataset.skip_bad_samples: true to skip such samples"
+                )
+            logger.warning("skipping %d samples whose video a cp rank cannot decode: %s", len(failed), names)
         return batch
 
     def _validate(self) -> dict[str, float]:
         """``val_loss`` and ``val_tokens`` of the whole held-out split (:func:`held_out_loss`)."""
-        pad_id = self.val_dataloader.dataset.dataset.pad_id
-        batches = (self._model_batch(batch, pad_id) for batch in self.val_dataloader)
+        dataset = self.val_dataloader.dataset.dataset
+        batches = (self._model_batch(batch, dataset) for batch in self.val_dataloader)
         loss, tokens = held_out_loss(self.model, self.loss_fn, batches, self.device)
         return {"val_loss": loss, "val_tokens": tokens}
 
@@ -690,7 +720,7 @@ class DryRunRecipe(TracedSteps, MadeUpRun):
             if self.settings.longest:
                 shorter = self.dataset.fixed_tokens + (cfg.max_seq_len - self.dataset.fixed_tokens) // 2
                 rows = MadeUpRows(cfg.dataset, shorter, self.hf_config)
-                batch = self._model_batch(collate_padded([rows[0]] * cfg.batch_size, rows.pad_id), rows.pad_id)
+                batch = self._model_batch(collate_padded([rows[0]] * cfg.batch_size, rows.pad_id), rows)
                 report.shorter = self._traced_step([batch])
         return report
 

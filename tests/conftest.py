@@ -153,6 +153,39 @@ def tiny_videos_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def cp_share_videos(tmp_path_factory) -> Path:
+    """``train.jsonl`` of two samples over random-noise videos at 8 fps, 56x84: one of 31 frames
+    (16 frame pairs, the last completed by repetition: several pairs for each of 4 cp ranks) and
+    one of a 5-frame and a 23-frame video; next to it ``corrupt_tail.mp4``, in no sample."""
+    import json
+
+    from torchcodec.encoders import VideoEncoder
+
+    root = tmp_path_factory.mktemp("cp_share_videos")
+    for name, frames in (("long.mp4", 31), ("short.mp4", 5), ("mid.mp4", 23)):
+        noise = torch.randint(
+            0, 256, (frames, 3, 56, 84), dtype=torch.uint8, generator=torch.Generator().manual_seed(frames)
+        )
+        VideoEncoder(noise, frame_rate=8.0).to_file(root / name)
+    turns = lambda n: [  # noqa: E731
+        {"from": "human", "value": "<video>\n" * n + "What is shown?"},
+        {"from": "gpt", "value": "Noise, frame after frame."},
+    ]
+    samples = [
+        {"video": "long.mp4", "conversations": turns(1)},
+        {"video": ["short.mp4", "mid.mp4"], "conversations": turns(2)},
+    ]
+    (root / "train.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    # corrupt_tail.mp4: long.mp4 with the last quarter of its frame data zeroed: its metadata
+    # (31 frames) reads, its first frames decode, its last ones do not
+    data = bytearray((root / "long.mp4").read_bytes())
+    start, end = data.find(b"mdat") + 4, data.find(b"moov") - 4
+    data[start + (end - start) * 3 // 4 : end] = bytes(end - (start + (end - start) * 3 // 4))
+    (root / "corrupt_tail.mp4").write_bytes(data)
+    return root / "train.jsonl"
+
+
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, document_ids=None) -> torch.Tensor:
     """Causal attention with an explicit ``[B, 1, T, T]`` mask (same document and key <= query),
     in the inputs' dtype on the CPU math path: an oracle independent of OmniLong's kernels.

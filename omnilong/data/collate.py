@@ -13,14 +13,14 @@ def collate_padded(samples: list[dict[str, torch.Tensor]], pad_id: int) -> dict[
     """Stack samples into ``[B, T]`` tensors, right-padding to the longest.
 
     Padding gets ``pad_id`` tokens, ``-100`` labels, positions continuing the sample's
-    (each M-RoPE stream from its last value), and document id -1 (a document of its own,
-    so real tokens never attend to it). ``position_ids`` of shape ``[3, T]`` become
-    ``[3, B, T]``. Vision tensors (:data:`VISION_KEYS`) are concatenated along dim 0;
+    (each M-RoPE stream from its last value), document id -1 (a document of its own,
+    so real tokens never attend to it) and ``decode_failures`` 0 (a cp share's items).
+    ``position_ids`` of shape ``[3, T]`` become ``[3, B, T]``. Vision tensors (:data:`VISION_KEYS`) are concatenated along dim 0;
     0-d values (a video item's ``skipped`` flag, a packed row's count of skipped samples)
     are stacked into ``[B]``.
     """
     length = max(s["input_ids"].shape[-1] for s in samples)
-    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "document_ids": -1}
+    fill = {"input_ids": pad_id, "labels": IGNORE_INDEX, "document_ids": -1, "decode_failures": 0}
     batch = {}
     for key in samples[0]:
         values = [s[key] for s in samples]

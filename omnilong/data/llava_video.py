@@ -82,6 +82,19 @@ class LlavaVideoFormat:
         frames = resize_and_normalize(video.frames, self.crop, self.crop, self.mean, self.std)
         return {"pixel_values_videos": frames, "video_num_frames": torch.tensor([frames.shape[0]])}
 
+    temporal = 1  # frames per unit the tower encodes on its own
+
+    def process_share(self, video: DecodedVideo, size: tuple[int, int], frames: int) -> dict[str, torch.Tensor]:
+        """:meth:`process` of a cp rank's share of a video of ``frames`` sampled frames (``video``
+        holds the share's frames, maybe none): pixels ``[n, 3, crop, crop]`` of the share only,
+        ``video_num_frames [1]`` of the whole video."""
+        pixels = (
+            self.process(video, size)["pixel_values_videos"]
+            if video.frames.shape[0]
+            else torch.zeros(0, 3, self.crop, self.crop)
+        )
+        return {"pixel_values_videos": pixels, "video_num_frames": torch.tensor([frames])}
+
     def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """A skipped item: one ``<video>`` over one blank frame (``tokens_per_frame + 1`` tokens)."""
         return (

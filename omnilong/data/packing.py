@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from omnilong.data.collate import VISION_KEYS
 
 #: Per-token keys of an item, concatenated along the sequence (their last dim).
-_TOKEN_KEYS = ("input_ids", "labels", "position_ids")
+_TOKEN_KEYS = ("input_ids", "labels", "position_ids", "decode_failures")
 
 
 def pack_rows(lengths: Sequence[int], max_seq_len: int) -> list[list[int]]:

@@ -139,18 +139,26 @@ def _sampling_plan(path: Path, fps: float, max_frames: int):
     return decoder, times, rate
 
 
-def decode_video(path: str | Path, fps: float = 1.0, max_frames: int = 768) -> DecodedVideo:
+def decode_video(
+    path: str | Path, fps: float = 1.0, max_frames: int = 768, indices: Sequence[int] | None = None
+) -> DecodedVideo:
     """Decode the frames of ``path`` shown at ``0, 1/fps, 2/fps, ...`` (from the stream's
-    start, within its duration), spread more thinly when there would be over ``max_frames``.
+    start, within its duration), spread more thinly when there would be over ``max_frames``;
+    with ``indices``, only those of them (positions in that sampling; none: no frame decoded).
 
     Returns:
-        The frames (``[T, 3, H, W]`` uint8) and their effective fps.
+        The frames (``[T, 3, H, W]`` uint8; ``T = len(indices)`` with ``indices``) and their
+        effective fps (the whole sampling's).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         VideoDecodeError: the file is unreadable or corrupt, or has no decodable frame.
     """
     decoder, times, rate = _sampling_plan(Path(path), fps, max_frames)
+    if indices is not None:
+        times = [times[i] for i in indices]
+    if not times:
+        return DecodedVideo(torch.empty(0, 3, decoder.metadata.height, decoder.metadata.width, dtype=torch.uint8), rate)
     try:
         frames = decoder.get_frames_played_at(seconds=times).data  # shape: [T, 3, H, W]
     except RuntimeError as e:

@@ -39,6 +39,12 @@ and adds nothing to the loss or to the count of trained tokens. Samples whose vi
 file is missing at construction are dropped then (counted in ``num_skipped``); every
 rank reads the same files, so all ranks see the same dataset length.
 
+Context parallelism: after :meth:`VideoSFTDataset.decode_cp_share` (the recipe calls it with
+the rank's place in its cp group), an item's token row is still the whole sample's, sized from
+its videos' metadata, but only the frames this rank's vision tower share encodes are decoded,
+resized and normalised (:mod:`omnilong.vision_shares`, the rule the towers' splits use): about
+``1/cp`` of the decode time, memory and host-to-device copy of a video per rank.
+
 Packing (``packed`` of :func:`video_sft_dataset`) sizes each sample from its videos'
 metadata at construction (:meth:`VideoSFTDataset.sample_lengths`) and puts several samples
 in a row (:mod:`omnilong.data.packing`); a placeholder then takes its sample's place in
@@ -58,6 +64,7 @@ from omnilong.data.chat import chat_content_form, shifted_labels, tokenize_conve
 from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
+    DecodedVideo,
     Patching,
     VideoDecodeError,
     VideoOptions,
@@ -66,7 +73,9 @@ from omnilong.data.video import (
     probe_video,
     process_video,
     shape_sizes,
+    video_grid,
 )
+from omnilong.vision_shares import frame_share, unit_share
 
 logger = logging.getLogger(__name__)
 
@@ -239,6 +248,25 @@ class QwenVideoFormat:
     def process(self, video, size: tuple[int, int]) -> dict[str, torch.Tensor]:
         return process_video(video, *size, self.patching)
 
+    @property
+    def temporal(self) -> int:
+        """Frames per unit the vision tower encodes on its own (a frame pair)."""
+        return self.patching.temporal
+
+    def process_share(self, video, size: tuple[int, int], frames: int) -> dict[str, torch.Tensor]:
+        """The vision inputs of a cp rank's share of a video of ``frames`` sampled frames:
+        ``video`` holds the share's frames (whole frame pairs, maybe none; the last pair of an
+        odd count completed as :func:`process_video` does). Pixels ``[n, 1176]`` of the share's
+        pairs only, ``video_grid_thw`` and ``second_per_grid_ts`` of the whole video."""
+        grid = torch.tensor([video_grid(frames, *size, self.patching)])
+        if video.frames.shape[0] == 0:
+            return {
+                "pixel_values_videos": torch.zeros(0, self.patching.patch_dim),
+                "video_grid_thw": grid,
+                "second_per_grid_ts": torch.tensor([self.patching.temporal / video.fps], dtype=torch.float32),
+            }
+        return {**self.process(video, size), "video_grid_thw": grid}
+
     def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """``(input_ids, video tokens, vision inputs)`` of a skipped item: one blank 2x28x28
         video (one LLM token) between ``<|vision_start|>`` and ``<|vision_end|>``."""
@@ -321,6 +349,7 @@ class VideoSFTDataset(Dataset):
         self.skip_bad_samples = skip_bad_samples
         self.num_skipped = 0
         self._lengths: list[int] | None = None  # set by sample_lengths(); items are held to them
+        self.cp_rank, self.cp_size = 0, 1  # set by decode_cp_share()
 
     @classmethod
     def from_tokenized(
@@ -344,6 +373,25 @@ class VideoSFTDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._samples)
+
+    def decode_cp_share(self, rank: int, cp: int) -> None:
+        """From now on make items for cp rank ``rank`` of ``cp`` (the recipe calls this before its
+        loader starts): each item's token row is the whole sample's (its layout comes from the
+        videos' metadata, the same on every rank), its pixels only those of the frame units this
+        rank's vision tower encodes (:func:`~omnilong.vision_shares.unit_share`, the rule the
+        towers' splits use), and it carries ``decode_failures`` (see :meth:`__getitem__`).
+
+        Raises:
+            ValueError: ``rank`` outside ``0..cp-1``.
+        """
+        if not 0 <= rank < cp:
+            raise ValueError(f"cp rank {rank} is outside 0..{cp - 1}")
+        self.cp_rank, self.cp_size = rank, cp
+
+    def sample_name(self, index: int) -> str:
+        """``"origin (video, ...)"`` of sample ``index``, for messages."""
+        sample = self._samples[index][0]
+        return f"{sample.origin} ({', '.join(map(str, sample.videos))})"
 
     def sample_lengths(self) -> list[int]:
         """Tokens of each sample, video tokens included, from its videos' metadata (no frame
@@ -393,7 +441,15 @@ class VideoSFTDataset(Dataset):
 
         Returns:
             ``input_ids``, ``labels``, ``document_ids`` ``[T]``; ``pixel_values_videos`` ``[N, 1176]``; ``video_grid_thw`` ``[V, 3]``;
-            ``second_per_grid_ts`` ``[V]``; ``skipped`` (0-d bool).
+            ``second_per_grid_ts`` ``[V]``; ``skipped`` (0-d bool). After :meth:`decode_cp_share`,
+            ``pixel_values_videos`` holds only this cp rank's frame units of each video, and
+            ``decode_failures [T]`` is ``index + 1`` on every token when a video's frames of this
+            rank's share could not be decoded (its pixels are then those of blank frames), else 0:
+            a rank that decodes only part of a video cannot tell alone whether the sample is bad,
+            so the recipe agrees over the cp group (``agree_on_decode_failures`` of
+            :mod:`omnilong.parallel.context_parallel`) before it skips or refuses the sample on
+            every rank alike. A video whose metadata cannot be read is bad on every rank alike:
+            it raises (or gives the placeholder) as without cp.
 
         Raises:
             BadSampleError: an undecodable video or too many tokens, unless skipped.
@@ -408,25 +464,59 @@ class VideoSFTDataset(Dataset):
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:
         sample, input_ids, trainable = self._samples[index]
+        fps, max_frames = self.options.fps, self.options.max_frames
         try:
-            videos = [decode_video(path, self.options.fps, self.options.max_frames) for path in sample.videos]
+            if self.cp_size > 1:  # the metadata on every rank alike: an unreadable file is bad everywhere
+                shapes = [probe_video(path, fps, max_frames) for path in sample.videos]
+            else:
+                videos = [decode_video(path, fps, max_frames) for path in sample.videos]
+                shapes = [(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos]
         except (FileNotFoundError, VideoDecodeError) as e:
             raise BadSampleError(f"{sample.origin}: {e}") from e
-        shapes = [(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos]
         sizes, length, counts = self._checked_length(sample, input_ids, shapes)
         if self._lengths is not None and length != self._lengths[index]:
             raise BadSampleError(
                 f"{sample.origin}: sample has {length} tokens once decoded, but its videos' "
                 f"metadata gave {self._lengths[index]} (what packing planned its row with)"
             )
-        vision = [self.format.process(v, size) for v, size in zip(videos, sizes)]
+        if self.cp_size > 1:
+            vision, failed = self._shares(sample, shapes, sizes)
+        else:
+            vision, failed = [self.format.process(v, size) for v, size in zip(videos, sizes)], False
         return self._row(
             input_ids,
             trainable,
             counts,
             {key: torch.cat([item[key] for item in vision]) for key in vision[0]},
             skipped=False,
+            failure=index + 1 if failed else 0,
         )
+
+    def _shares(
+        self, sample: VideoSample, shapes: list[tuple[int, int, int]], sizes: list[tuple[int, int]]
+    ) -> tuple[list[dict[str, torch.Tensor]], bool]:
+        """This cp rank's vision inputs of each video of ``sample`` (of metadata ``shapes``, resized
+        to ``sizes``): only its share's frames decoded and processed. Returns them and whether a
+        share could not be decoded here: its pixels are then those of blank frames and its
+        ``second_per_grid_ts`` that of the asked fps (the sample is dropped on every rank, and only
+        its own tokens, whose labels are then ignored, see its pixels and positions)."""
+        vision, failed = [], False
+        for path, (frames, height, width), size in zip(sample.videos, shapes, sizes):
+            lo, hi = frame_share(frames, self.format.temporal, self.cp_rank, self.cp_size)
+            try:
+                video = decode_video(path, self.options.fps, self.options.max_frames, indices=range(lo, hi))
+                if tuple(video.frames.shape) != (hi - lo, 3, height, width):
+                    raise VideoDecodeError(
+                        f"{path}: frames {lo}..{hi - 1} decoded as {tuple(video.frames.shape)}, but the metadata "
+                        f"gave {hi - lo} frames of {height}x{width}"
+                    )
+            except (FileNotFoundError, VideoDecodeError) as e:
+                # an error, so that every rank logs it: the other ranks know only that this one failed
+                logger.error("%s: cp rank %d cannot decode its frames of a video: %s", sample.origin, self.cp_rank, e)
+                failed = True
+                video = DecodedVideo(torch.zeros(hi - lo, 3, height, width, dtype=torch.uint8), self.options.fps)
+            vision.append(self.format.process_share(video, size, frames))
+        return vision, failed
 
     def _row(
         self,
@@ -435,24 +525,31 @@ class VideoSFTDataset(Dataset):
         counts: list[int],
         vision: dict[str, torch.Tensor],
         skipped: bool,
+        failure: int = 0,
     ) -> dict[str, torch.Tensor]:
         """The item of a token row holding one ``<|video_pad|>`` per video, each expanded
-        to ``counts[i]`` tokens; labels shifted once over the full row."""
+        to ``counts[i]`` tokens; labels shifted once over the full row; with a cp share,
+        ``decode_failures`` ``failure`` on every token."""
         repeats = torch.ones_like(input_ids)
         repeats[input_ids == self.video_token_id] = torch.tensor(counts)
         input_ids, trainable = input_ids.repeat_interleave(repeats), trainable.repeat_interleave(repeats)
+        shared = {"decode_failures": torch.full_like(input_ids, failure)} if self.cp_size > 1 else {}
         return {
             "input_ids": input_ids,
             "labels": shifted_labels(input_ids, trainable),
             "document_ids": torch.zeros(len(input_ids), dtype=torch.long),
             **vision,
             "skipped": torch.tensor(skipped),
+            **shared,
         }
 
     def _placeholder(self) -> dict[str, torch.Tensor]:
         """A skipped item: the format's placeholder over one blank video (Qwen's:
         ``<|vision_start|><|video_pad|><|vision_end|>``, one LLM token), no label trained."""
         input_ids, count, vision = self.format.placeholder(self._token_ids, self.options)
+        lo, hi = unit_share(1, self.cp_rank, self.cp_size)  # the blank video is one unit
+        pixels = vision["pixel_values_videos"]
+        vision["pixel_values_videos"] = pixels[: pixels.shape[0] * (hi - lo)]
         return self._row(
             torch.tensor(input_ids), torch.zeros(len(input_ids), dtype=torch.bool), [count], vision, skipped=True
         )

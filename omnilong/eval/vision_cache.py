@@ -8,7 +8,7 @@ same features alone as inside its video, so the haystack's units are encoded onc
 the needle's are encoded per depth.
 
 A cache sits on the tower's ``split`` hook (Qwen2.5-VL: ``visual.split(encode, pixel_values,
-grid_thw)``, LLaVA-OneVision: ``visual.split(encode, images)``) and wraps whatever split was
+grid_thw)``, LLaVA-OneVision: ``visual.split(encode, images, counts)``) and wraps whatever split was
 there (the cp split, or none), so under context parallelism the units it does encode are still
 spread over the cp ranks; every rank holds the same keys, so all make the same calls.
 """
@@ -110,8 +110,9 @@ class FrameCache(_KeyedFeatures):
     def _encode(self, encode: Callable, images: torch.Tensor) -> torch.Tensor:
         return encode(images) if self.inner is None else self.inner(encode, images)
 
-    def __call__(self, encode: Callable, images: torch.Tensor) -> torch.Tensor:
-        """``[N, C, S, S]`` frames -> ``[N, L, D]`` features."""
+    def __call__(self, encode: Callable, images: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """``[N, C, S, S]`` frames -> ``[N, L, D]`` features. ``counts`` (frames per video) is not
+        passed on: here ``images`` are every frame, which a cp split may take as one run."""
         keys, self.keys = self.keys, None
         if keys is None or len(keys) != images.shape[0]:
             self.encoded += images.shape[0]

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from omnilong.constants import PIXEL_KEYS
+from omnilong.constants import IGNORE_INDEX, PIXEL_KEYS
 from omnilong.models.attention import CausalAttention
 from omnilong.parallel.ring_attention import RingAttention
 from omnilong.parallel.sequence_sharding import pad_batch, shard_batch
@@ -52,6 +52,42 @@ def shard_batch_for_cp(
     return shard_batch(pad_batch(batch, cp, pad_token_id), cp_mesh.get_local_rank(), cp)
 
 
+def agree_on_decode_failures(
+    batch: dict[str, torch.Tensor], cp_mesh: DeviceMesh
+) -> tuple[dict[str, torch.Tensor], list[int]]:
+    """Make the cp ranks of a group agree on the samples whose videos some rank could not decode.
+
+    Under context parallelism each rank decodes only its share of a video's frames, so a corrupt
+    stretch of a video is seen by one rank alone (see ``VideoSFTDataset.decode_cp_share``). One
+    all-reduce (max) of ``decode_failures`` over the cp group tells every rank; each then drops
+    those samples alike: their labels ignored (no loss, no trained token, no gradient: attention
+    never crosses samples, and the tower encodes each frame unit on its own) and each counted in
+    ``skipped``.
+
+    Args:
+        batch: a full-sequence batch with ``decode_failures [B, T]`` (``1 + the sample's index``
+            on each token of a sample this rank could not decode, else 0), ``labels [B, T]`` and
+            optionally ``skipped [B]``.
+        cp_mesh: the cp mesh.
+
+    Returns:
+        ``batch`` without ``decode_failures``, those samples' labels ignored and counted in
+        ``skipped``; and the failed samples' dataset indices, ascending, the same on every rank.
+    """
+    batch = dict(batch)
+    failures = batch.pop("decode_failures").to(torch.device(cp_mesh.device_type))
+    dist.all_reduce(failures, op=dist.ReduceOp.MAX, group=cp_mesh.get_group())
+    failures = failures.cpu()
+    failed = failures > 0
+    if not bool(failed.any()):
+        return batch, []
+    batch["labels"] = batch["labels"].masked_fill(failed, IGNORE_INDEX)
+    if "skipped" in batch:
+        per_row = torch.tensor([len(row[row > 0].unique()) for row in failures])
+        batch["skipped"] = batch["skipped"].long() + per_row
+    return batch, sorted((failures[failed].unique() - 1).tolist())
+
+
 class GatherBlocks(torch.autograd.Function):
     """``[L, D]`` on each rank -> ``[n_ranks, L, D]`` everywhere (``GatherBlocks.apply(block, group)``).
     Backward: the gradient of every copy is summed over ranks (all-reduce) and each rank keeps
@@ -71,18 +107,19 @@ class GatherBlocks(torch.autograd.Function):
         return grad[ctx.rank], None
 
 
-def balanced_ranges(sizes: list[int], parts: int) -> list[tuple[int, int]]:
-    """Split ``range(len(sizes))`` into ``parts`` contiguous ``(lo, hi)`` ranges of about equal
-    total size: unit ``i`` goes to part ``floor(start_i * parts / total)``, ``start_i`` being
-    the total size of the units before it. Ranges may be empty."""
-    total, start, owners = max(sum(sizes), 1), 0, []
-    for size in sizes:
-        owners.append(start * parts // total)
-        start += size
-    ranges, i = [], 0
-    for part in range(parts):
-        lo = i
-        while i < len(owners) and owners[i] == part:
-            i += 1
-        ranges.append((lo, i))
-    return ranges
+def item_order(sizes: list[list[int]], longest: int) -> torch.Tensor:
+    """Where each item's rows lie in gathered blocks: ``[sum of sizes]`` row indices into
+    ``[n_ranks * longest]`` (the gathered ``[n_ranks, longest]`` blocks flattened) that put the rows
+    back in item order, each item's rank-0 rows first, then its rank-1 rows, ...
+
+    Args:
+        sizes: ``sizes[item][rank]`` rows of the item that ``rank`` holds, each rank's rows
+            in item order at the start of its block.
+        longest: rows per block.
+    """
+    starts, index = [0] * (len(sizes[0]) if sizes else 0), []
+    for item in sizes:
+        for rank, n in enumerate(item):
+            index.append(torch.arange(rank * longest + starts[rank], rank * longest + starts[rank] + n))
+            starts[rank] += n
+    return torch.cat(index)

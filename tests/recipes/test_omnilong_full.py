@@ -277,11 +277,14 @@ def test_a_tokenizer_whose_vision_token_ids_are_not_the_models_is_refused_before
     assert "Traceback" not in result.stderr and "omnilong INFO: model:" not in result.stderr
 
 
-def _data_with_corrupt_video(tiny_videos_dir, tmp_path):
-    (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 64)
+def _data_with_corrupt_video(tiny_videos_dir, tmp_path, video=None):
+    """The tiny videos' samples, the first one's video replaced by ``video`` (default an unreadable file)."""
+    if video is None:
+        video = tmp_path / "broken.mp4"
+        video.write_bytes(b"\x00\x01 not a video" * 64)
     lines = (tiny_videos_dir / "train.jsonl").read_text().splitlines()
     first = json.loads(lines[0])
-    first["video"] = str(tmp_path / "broken.mp4")
+    first["video"] = str(video)
     data = tmp_path / "train.jsonl"
     data.write_text(
         "\n".join(
@@ -314,6 +317,28 @@ def test_corrupt_video_without_skipping_stops_every_rank_naming_it(tiny_qwen_dir
     )
     assert result.returncode != 0
     assert "broken.mp4" in result.stderr and f"{data}:1" in result.stderr
+
+
+@pytest.mark.parametrize("skip", ["true", "false"])
+def test_video_that_one_cp_rank_cannot_decode_is_skipped_or_refused_on_both_ranks(
+    tiny_qwen_dir, tiny_videos_dir, cp_share_videos, tmp_path, skip
+):
+    """cp_degree=2: each rank decodes only its half of a video whose metadata reads but whose
+    last frames do not decode, so only rank 1 meets the bad frames; both ranks agree, and either
+    skip the sample (counted, the run goes on) or stop naming it."""
+    data = _data_with_corrupt_video(tiny_videos_dir, tmp_path, cp_share_videos.parent / "corrupt_tail.mp4")
+    run = _video_run(
+        tiny_qwen_dir, tiny_videos_dir, tmp_path / "out", data, cp_degree=2, **{"dataset.skip_bad_samples": skip}
+    )
+    result = recipe_run(STAGE3, run, nproc=2, timeout=180)
+    assert "cp rank 1 cannot decode its frames" in result.stderr and "cp rank 0 cannot" not in result.stderr
+    if skip == "true":
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [r["num_skipped"] for r in metrics(tmp_path / "out")] == [1, 1]
+        return
+    assert result.returncode != 0
+    refusal = f"omnilong_full: error: {data}:1 ({cp_share_videos.parent / 'corrupt_tail.mp4'}): a video's frames"
+    assert result.stderr.count(refusal) == 2, result.stderr[-3000:]  # both ranks (their lines may interleave)
 
 
 def test_corrupt_video_in_a_dataloader_worker_is_one_line_naming_it(tiny_qwen_dir, tiny_videos_dir, tmp_path):

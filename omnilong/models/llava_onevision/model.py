@@ -93,9 +93,10 @@ class LlavaOnevision(nn.Module):
         return {**batch, "position_ids": positions}
 
     # ------------------------------------------------------------ vision features
-    def _projected(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, C, S, S]`` crops or frames -> ``[N, grid^2, dim]`` projected features."""
-        features = self.visual(images)  # [N, grid^2, vision_dim]
+    def _projected(self, images: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """``[N, C, S, S]`` crops or frames -> ``[N, grid^2, dim]`` projected features (``counts``:
+        frames per video, for the tower's split; see :meth:`SiglipVisionTower.forward`)."""
+        features = self.visual(images, counts)  # [N, grid^2, vision_dim]
         if self.args.vision_feature_select_strategy == "default":
             features = features[:, 1:]
         return self.projector(features)
@@ -147,7 +148,9 @@ class LlavaOnevision(nn.Module):
 
         Args:
             pixel_values_videos: ``[n_videos, frames, C, S, S]`` (the processor's layout) or
-                ``[total_frames, C, S, S]`` (OmniLong's data: videos of any lengths back to back).
+                ``[total_frames, C, S, S]`` (OmniLong's data: videos of any lengths back to back;
+                under context parallelism, possibly only this cp rank's frames of each video:
+                :class:`~omnilong.models.llava_onevision.parallelize.ImageSplit`).
             video_num_frames: ``[n_videos]`` frames per video, for the second layout.
         """
         if pixel_values_videos.ndim == 5:
@@ -157,7 +160,7 @@ class LlavaOnevision(nn.Module):
             raise ValueError("pixel_values_videos of shape [total_frames, C, S, S] need video_num_frames")
         else:
             counts = video_num_frames.tolist()
-        features = self._projected(pixel_values_videos)  # [total_frames, grid^2, dim]
+        features = self._projected(pixel_values_videos, counts)  # [total_frames, grid^2, dim]
         pooled = pool_video_features(features, self.visual.args.grid)  # [total_frames, pooled^2, dim]
         newline = self.image_newline.to(pooled.dtype)[None]
         return torch.cat([row for video in pooled.split(counts) for row in (video.flatten(0, 1), newline)])

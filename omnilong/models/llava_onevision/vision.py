@@ -98,14 +98,15 @@ class SiglipVisionTower(nn.Module):
         self.layers = nn.ModuleList(SiglipBlock(args) for _ in range(args.n_layers))
         self.post_norm = nn.LayerNorm(args.dim, eps=args.norm_eps)
         # How the work is spread: None encodes everything here; context parallelism
-        # (:mod:`omnilong.models.llava_onevision.parallelize`) sets a strategy ``split(encode, images)``
+        # (:mod:`omnilong.models.llava_onevision.parallelize`) sets a strategy ``split(encode, images, counts)``
         # that encodes a share of the images on each rank and returns all the features.
         self.split: Callable[..., torch.Tensor] | None = None
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """See :meth:`encode`; delegated to ``self.split`` when one is set."""
+    def forward(self, images: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
+        """See :meth:`encode`; delegated to ``self.split`` when one is set, with ``counts``, the
+        frames of each video when ``images`` are videos' frames (the split deals each video's)."""
         if self.split is not None:
-            return self.split(self.encode, images)
+            return self.split(self.encode, images, counts)
         return self.encode(images)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh
 
 from omnilong.models.qwen2_5_vl.model import Qwen2_5_VL
-from omnilong.parallel.context_parallel import GatherBlocks, apply_ring_attention, balanced_ranges
+from omnilong.parallel.context_parallel import GatherBlocks, apply_ring_attention, item_order
+from omnilong.vision_shares import unit_share
 
 
 def apply_context_parallel(model: Qwen2_5_VL, cp_mesh: DeviceMesh) -> int:
@@ -26,21 +27,17 @@ def apply_context_parallel(model: Qwen2_5_VL, cp_mesh: DeviceMesh) -> int:
     return swapped
 
 
-def _frame_units(grids: list[list[int]]) -> list[tuple[int, int, int]]:
-    """``(item, h, w)`` per temporal slice (frame pair) of every item, in processor order."""
-    return [(item, h, w) for item, (t, h, w) in enumerate(grids) for _ in range(t)]
-
-
 class VisionFrameSplit:
     """Encode a share of the frame pairs on each cp rank and give every rank all the features.
 
     Qwen2.5-VL's vision tower never attends across frame pairs (window blocks attend
     within windows of one frame pair, full-attention blocks within one frame pair), so a
-    frame pair encoded alone gives the same features as inside its video. Frame pairs are
-    dealt to the cp ranks in contiguous runs of about equal patch count, each rank encodes
-    its run, and the features are all-gathered (their gradients summed back). Vision
-    activation memory per rank is then ~1/cp of the whole. A rank with no frame pair
-    encodes the first one as padding, so that every rank runs the same collectives
+    frame pair encoded alone gives the same features as inside its video. Each item's frame
+    pairs are dealt to the cp ranks by :func:`~omnilong.vision_shares.unit_share` (the rule the
+    data uses to decode only a rank's share), each rank encodes its pairs, and the features are
+    all-gathered (their gradients summed back) and put back in item order. Vision activation
+    memory per rank is then ~1/cp of the whole. A rank with no frame pair encodes one blank
+    ``merge x merge`` patch group as padding, so that every rank runs the same collectives
     forward and backward.
 
     Args:
@@ -62,37 +59,51 @@ class VisionFrameSplit:
         """
         Args:
             encode: the tower's single-device ``encode(pixel_values, grid_thw)``.
-            pixel_values: ``[N, patch_dim]`` every item's patches (the same on every cp rank).
-            grid_thw: ``[n_items, 3]``.
+            pixel_values: ``[N, patch_dim]`` every item's patches, or ``[N_r, patch_dim]`` only this
+                rank's share of them (each item's frame pairs of :func:`unit_share`, items in
+                order: what a cp-aware dataset delivers). The row count tells them apart; the
+                two are the same rows when this rank's share is everything.
+            grid_thw: ``[n_items, 3]`` every item's grid.
 
         Returns:
             ``[N / merge^2, out_dim]`` every item's features, as ``encode`` would give them.
+
+        Raises:
+            ValueError: ``pixel_values`` has neither row count.
         """
-        units = _frame_units(grid_thw.tolist())
-        patches = [h * w for _, h, w in units]
-        offsets = [0]
-        for n in patches:
-            offsets.append(offsets[-1] + n)
-        ranges = balanced_ranges(patches, self.size)
-        counts = [sum(patches[lo:hi]) // self.merge**2 for lo, hi in ranges]
-        lo, hi = ranges[self.rank]
-        if hi == lo:  # nothing to encode here: encode the first frame pair as padding
-            lo, hi = 0, 1
-        features = encode(pixel_values[offsets[lo] : offsets[hi]], self._grids(units[lo:hi], grid_thw.device))
+        grids = grid_thw.tolist()
+        shares = [[unit_share(t, r, self.size) for r in range(self.size)] for t, _, _ in grids]
+        patches = [h * w for _, h, w in grids]  # per frame pair of each item
+        local = self._local_rows(pixel_values, grids, [s[self.rank] for s in shares])
+        mine = [[hi - lo, h, w] for (lo, hi), (_, h, w) in zip((s[self.rank] for s in shares), grids) if hi > lo]
+        if mine:
+            features = encode(local, torch.tensor(mine, device=grid_thw.device))
+        else:  # nothing to encode here: a blank patch group keeps the collectives in step
+            blank = pixel_values.new_zeros(self.merge**2, pixel_values.shape[1])
+            features = encode(blank, torch.tensor([[1, self.merge, self.merge]], device=grid_thw.device))
+        # features of rank r: item by item, (hi - lo) * h * w / merge^2 rows each
+        sizes = [[(hi - lo) * n // self.merge**2 for lo, hi in item] for item, n in zip(shares, patches)]
+        counts = [sum(item[r] for item in sizes) for r in range(self.size)]
         longest = max(max(counts), features.shape[0])
         block = F.pad(features, (0, 0, 0, longest - features.shape[0]))  # [longest, out_dim]
-        gathered = GatherBlocks.apply(block, self.group)  # [cp, longest, out_dim]
-        return torch.cat([gathered[r, : counts[r]] for r in range(self.size)])
+        gathered = GatherBlocks.apply(block, self.group).flatten(0, 1)  # [cp * longest, out_dim]
+        return gathered[item_order(sizes, longest).to(gathered.device)]
 
-    @staticmethod
-    def _grids(units: list[tuple[int, int, int]], device: torch.device) -> torch.Tensor:
-        """``[n, 3]`` grids of a run of frame pairs: consecutive pairs of one item become one grid."""
-        grids: list[list[int]] = []
-        previous = None
-        for item, h, w in units:
-            if item == previous:
-                grids[-1][0] += 1
-            else:
-                grids.append([1, h, w])
-            previous = item
-        return torch.tensor(grids, device=device)
+    def _local_rows(
+        self, pixel_values: torch.Tensor, grids: list[list[int]], mine: list[tuple[int, int]]
+    ) -> torch.Tensor:
+        """``[N_r, patch_dim]`` this rank's rows of ``pixel_values`` (all rows or the share)."""
+        total = sum(t * h * w for t, h, w in grids)
+        share = sum((hi - lo) * h * w for (lo, hi), (_, h, w) in zip(mine, grids))
+        if pixel_values.shape[0] == share:
+            return pixel_values
+        if pixel_values.shape[0] != total:
+            raise ValueError(
+                f"{pixel_values.shape[0]} pixel rows for the grids {grids} on cp rank {self.rank}: expected all "
+                f"{total} or this rank's share of {share}"
+            )
+        rows, offset = [], 0
+        for (lo, hi), (t, h, w) in zip(mine, grids):
+            rows.append(pixel_values[offset + lo * h * w : offset + hi * h * w])
+            offset += t * h * w
+        return torch.cat(rows)

@@ -112,3 +112,67 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_llava
     batch = load_hf_model(tiny_llava_dir).with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
     batch.pop("skipped")
     _assert_close(tiny_llava_dir, batch, 2, run_distributed)
+
+
+def _cp_share_dataset(checkpoint, data):
+    return llava_video_sft_dataset(
+        load_tokenizer(checkpoint),
+        data,
+        max_seq_len=8192,
+        fps=8.0,
+        max_frames=64,
+        frame_size=TINY_CROP,
+        patch_size=TINY_PATCH,
+    )
+
+
+def _two_samples(dataset) -> dict:
+    """The two samples of ``dataset`` collated in one batch (only a rank's frames after
+    ``decode_cp_share``), positions per row."""
+    batch = collate_padded([dataset[0], dataset[1]], dataset.pad_id)
+    batch.pop("skipped")
+    return batch
+
+
+def _local_frames_worker(rank: int, world_size: int, checkpoint: str, data, expected: dict) -> dict:
+    """The cp run as the recipe makes it: this rank's items from the dataset's cp share (its
+    frames only), positions of the full rows, the ranks' agreement on decode failures, the cut."""
+    from omnilong.parallel.context_parallel import agree_on_decode_failures
+
+    model = load_hf_model(checkpoint)
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
+    dataset = _cp_share_dataset(checkpoint, data)
+    dataset.decode_cp_share(rank, world_size)
+    batch, failed = agree_on_decode_failures(model.with_positions(_two_samples(dataset)), mesh["cp"])
+    assert failed == [] and batch["pixel_values_videos"].shape[0] == expected["frames"][rank]
+    local = _loss(
+        model,
+        shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], 0),
+        expected["global_tokens"],
+    )
+    local.backward()
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    errors = {"loss": abs(total.item() - expected["loss"])}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+        if expected[name] is None or p.grad is None:
+            errors[name] = 0.0 if p.grad is None and expected[name] is None else float("inf")
+        else:
+            errors[name] = (p.grad - expected[name]).abs().max().item()
+    return errors
+
+
+def test_ranks_given_only_their_frames_match_one_device(run_distributed, tiny_llava_dir, cp_share_videos):
+    """2 ranks, each given by the dataset only its frames of each video (31, then 5 and 23
+    frames: 15 + 2 + 11 on rank 0, 16 + 3 + 12 on rank 1), equal the one-device run on all frames."""
+    dataset = _cp_share_dataset(tiny_llava_dir, cp_share_videos)
+    batch = load_hf_model(tiny_llava_dir).with_positions(_two_samples(dataset))
+    loss, grads = _one_device(tiny_llava_dir, batch)
+    expected = {**grads, "loss": loss, "global_tokens": int((batch["labels"] != -100).sum()), "frames": [28, 31]}
+    for errors in run_distributed(_local_frames_worker, 2, str(tiny_llava_dir), cp_share_videos, expected):
+        bad = {k: v for k, v in errors.items() if v > TOL}
+        assert not bad, bad
+        assert "visual.layers.1.feed_forward.w2.weight" in errors

@@ -155,6 +155,68 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_qwen_
         assert not bad, bad
 
 
+def _shared_items_dataset(checkpoint, data):
+    from omnilong.data import load_tokenizer, video_sft_dataset
+    from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
+
+    return video_sft_dataset(
+        load_tokenizer(checkpoint),
+        data,
+        max_seq_len=4096,
+        fps=8.0,
+        video_min_pixels=TINY_MIN_PIXELS,
+        video_max_pixels=TINY_MAX_PIXELS,
+    )
+
+
+def _two_samples(dataset) -> dict:
+    """The two samples of ``dataset`` collated in one batch (only a rank's pixels after
+    ``decode_cp_share``)."""
+    from omnilong.data import collate_padded
+
+    batch = collate_padded([dataset[0], dataset[1]], dataset.pad_id)
+    batch.pop("skipped")
+    return batch
+
+
+def _local_pixels_worker(rank: int, world_size: int, checkpoint: str, data, batch: dict) -> dict:
+    """The cp run as the recipe makes it: this rank's items from the dataset's cp share (its
+    pixels only), positions of the full rows, the ranks' agreement on decode failures, the cut."""
+    from omnilong.parallel.context_parallel import agree_on_decode_failures
+
+    reference = load_hf_model(checkpoint)
+    reference.visual.requires_grad_(True)
+    model = copy.deepcopy(reference)
+    expected = _loss_sum(reference, batch)
+    expected.backward()
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
+    apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
+    dataset = _shared_items_dataset(checkpoint, data)
+    dataset.decode_cp_share(rank, world_size)
+    local_batch = model.with_positions(_two_samples(dataset))
+    local_batch, failed = agree_on_decode_failures(local_batch, mesh["cp"])
+    assert failed == []
+    assert local_batch["pixel_values_videos"].shape[0] < batch["pixel_values_videos"].shape[0] / 2
+    local = _loss_sum(
+        model, shard_batch_for_cp(with_vision_token_index(local_batch, model.vision_token_ids), mesh["cp"], 0)
+    )
+    local.backward()
+    return _errors_summed_over_ranks(local, expected, model, reference)
+
+
+def test_ranks_given_only_their_frame_pairs_match_one_device(run_distributed, tiny_qwen_dir, cp_share_videos):
+    """4 ranks, each given by the dataset only its frame pairs (a 16-pair video: 4 each; a 3-pair
+    and a 12-pair video in the other row) equal the one-device run on every frame's pixels."""
+    dataset = _shared_items_dataset(tiny_qwen_dir, cp_share_videos)
+    batch = load_hf_model(tiny_qwen_dir).with_positions(_two_samples(dataset))
+    for errors in run_distributed(_local_pixels_worker, 4, str(tiny_qwen_dir), cp_share_videos, batch):
+        assert errors["loss"] <= TOL * 100, errors["loss"]
+        bad = {k: v for k, v in errors.items() if k != "loss" and v > TOL}
+        assert not bad, bad
+        assert any(k.startswith("visual.layers") for k in errors)
+
+
 def test_vision_batch_without_its_token_index_is_refused():
     """A shard could not tell which features its pad tokens take: the model's
     ``with_vision_token_index`` must run on the full sequence first (no mesh is reached)."""
