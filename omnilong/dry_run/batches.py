@@ -5,7 +5,8 @@ video data, one video of the config's ``max_frames`` frames (a 1280x720 source) 
 dataset's own rules (the pixel budget for Qwen2.5-VL, the tower's crop for LLaVA-OneVision)
 with the vision-token count the dataset would give it. Token ids, labels, document ids and
 vision grids are real tensors (the host reads them); the pixels are made inside the dry run's
-fake tensor mode, so they take no memory. Every token after the video (or, for text, every
+fake tensor mode, so they take no memory; under context parallelism only this rank's share of
+them, as the video datasets decode (:meth:`MadeUpRows.decode_cp_share`). Every token after the video (or, for text, every
 token) is trained: the most work the loss can have.
 """
 
@@ -21,6 +22,7 @@ from omnilong.constants import IGNORE_INDEX
 from omnilong.data.llava_video import llava_video_format
 from omnilong.data.video import VideoOptions, video_grid
 from omnilong.data.video_sft import QwenVideoFormat
+from omnilong.vision_shares import unit_share
 
 SOURCE_VIDEO = (1280, 720)  # width, height of the made-up source video
 _TEXT_TOKEN = 1000  # any ordinary token id
@@ -48,6 +50,7 @@ class MadeUpRows(Dataset):
     """
 
     num_skipped = 0
+    cp_rank, cp_size = 0, 1
 
     def __init__(self, node: DictConfig, max_seq_len: int, model_config: dict[str, Any], length: int = 1024):
         self.max_seq_len, self.length = max_seq_len, length
@@ -99,6 +102,11 @@ class MadeUpRows(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def decode_cp_share(self, rank: int, cp: int) -> None:
+        """Rows for cp rank ``rank`` of ``cp``: the whole token row, the pixels of this rank's
+        frame units only (:func:`~omnilong.vision_shares.unit_share`), as the video datasets give."""
+        self.cp_rank, self.cp_size = rank, cp
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         input_ids = torch.full((self.max_seq_len,), _TEXT_TOKEN)
         trained = torch.ones(self.max_seq_len, dtype=torch.bool)
@@ -123,14 +131,16 @@ class MadeUpRows(Dataset):
         video_format, frames, (height, width) = self.video["format"], self.video["frames"], self.video["size"]
         if video_format.model_type == "llava_onevision":
             crop = video_format.crop
+            lo, hi = unit_share(frames, self.cp_rank, self.cp_size)
             return {
-                "pixel_values_videos": torch.zeros(frames, 3, crop, crop),
+                "pixel_values_videos": torch.zeros(hi - lo, 3, crop, crop),
                 "video_num_frames": torch.tensor([frames]),
             }
         patching = video_format.patching
         grid = video_grid(frames, height, width, patching)
+        lo, hi = unit_share(grid[0], self.cp_rank, self.cp_size)
         return {
-            "pixel_values_videos": torch.zeros(grid[0] * grid[1] * grid[2], patching.patch_dim),
+            "pixel_values_videos": torch.zeros((hi - lo) * grid[1] * grid[2], patching.patch_dim),
             "video_grid_thw": torch.tensor([grid]),
             "second_per_grid_ts": torch.tensor([patching.temporal / self.video["options"].fps]),
         }
