@@ -77,10 +77,15 @@ class LlavaVideoFormat:
     def num_tokens(self, frames: int, size: tuple[int, int]) -> int:
         return frames * self.tokens_per_frame + 1
 
-    def process(self, video: DecodedVideo, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """``pixel_values_videos [T, 3, crop, crop]`` fp32 and ``video_num_frames [1]``."""
-        frames = resize_and_normalize(video.frames, self.crop, self.crop, self.mean, self.std)
-        return {"pixel_values_videos": frames, "video_num_frames": torch.tensor([frames.shape[0]])}
+    def process(self, video: DecodedVideo, size: tuple[int, int], chunk_frames: int = 16) -> dict[str, torch.Tensor]:
+        """``pixel_values_videos [T, 3, crop, crop]`` fp32 and ``video_num_frames [1]``; ``chunk_frames``
+        frames are resized and normalised at a time, straight into the output."""
+        count = video.frames.shape[0]
+        pixels = torch.empty(count, 3, self.crop, self.crop)
+        for start in range(0, count, chunk_frames):
+            part = video.frames[start : start + chunk_frames]
+            pixels[start : start + len(part)] = resize_and_normalize(part, self.crop, self.crop, self.mean, self.std)
+        return {"pixel_values_videos": pixels, "video_num_frames": torch.tensor([count])}
 
     def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """A skipped item: one ``<video>`` over one blank frame (``tokens_per_frame + 1`` tokens)."""

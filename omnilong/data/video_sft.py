@@ -59,9 +59,9 @@ from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
     Patching,
+    SampledVideo,
     VideoDecodeError,
     VideoOptions,
-    decode_video,
     num_video_tokens,
     probe_video,
     process_video,
@@ -405,23 +405,30 @@ class VideoSFTDataset(Dataset):
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:
         sample, input_ids, trainable = self._samples[index]
+        options = self.options
         try:
-            videos = [decode_video(path, self.options.fps, self.options.max_frames) for path in sample.videos]
+            sources = [
+                SampledVideo(path, options.fps, options.max_frames, options.decode_device) for path in sample.videos
+            ]
+            shapes = [(v.num_frames, v.height, v.width) for v in sources]
+            sizes, length, counts = self._checked_length(sample, input_ids, shapes)
+            if self._lengths is not None and length != self._lengths[index]:
+                raise BadSampleError(
+                    f"{sample.origin}: sample has {length} tokens once decoded, but its videos' "
+                    f"metadata gave {self._lengths[index]} (what packing planned its row with)"
+                )
+            videos = [source.decode(size) for source, size in zip(sources, sizes)]  # resized as decoded
         except (FileNotFoundError, VideoDecodeError) as e:
             raise BadSampleError(f"{sample.origin}: {e}") from e
-        shapes = [(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos]
-        sizes, length, counts = self._checked_length(sample, input_ids, shapes)
-        if self._lengths is not None and length != self._lengths[index]:
-            raise BadSampleError(
-                f"{sample.origin}: sample has {length} tokens once decoded, but its videos' "
-                f"metadata gave {self._lengths[index]} (what packing planned its row with)"
-            )
         vision = [self.format.process(v, size) for v, size in zip(videos, sizes)]
         return self._row(
             input_ids,
             trainable,
             counts,
-            {key: torch.cat([item[key] for item in vision]) for key in vision[0]},
+            {
+                key: torch.cat([item[key] for item in vision]) if len(vision) > 1 else vision[0][key]
+                for key in vision[0]
+            },
             skipped=False,
         )
 
