@@ -475,6 +475,7 @@ def video_sft_dataset(
     skip_bad_samples: bool = False,
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
+    decode_device: str = "cpu",
 ) -> VideoSFTDataset | PackedDataset:
     """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
 
@@ -492,12 +493,14 @@ def video_sft_dataset(
         model_config: the checkpoint's parsed ``config.json`` (given by the recipe): the
             frames are cut as its vision tower cuts them (:meth:`QwenVideoFormat.from_model_config`);
             ``None``: Qwen2.5-VL's patching.
+        decode_device: ``"cpu"``, or ``"cuda"``: NVIDIA's hardware decoder, where available (else
+            the CPU, with a warning saying why; see :class:`~omnilong.data.video.SampledVideo`).
 
     Raises:
         ValueError: ``model_config`` is not a Qwen2.5-VL checkpoint's (names the component to use).
     """
     video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
-    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
+    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels, decode_device)
     source = ", ".join(map(str, expand_data_files(data_files)))
     dataset = VideoSFTDataset(
         tokenizer,
