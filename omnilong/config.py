@@ -128,6 +128,13 @@ KEYS: tuple[Key, ...] = (
         "its loss is `val_loss` in the metrics",
     ),
     Key("eval_every_n_steps", None, "evaluate `validation_dataset` every N steps; null: at the last step only"),
+    # the data loader (issue 25)
+    Key(
+        "prefetch_factor",
+        1,
+        "samples each worker prepares ahead (with `num_workers` > 0): a rank holds up to `num_workers` x this "
+        "many; 1 keeps stage 3's loader ahead of the 7B step (README: Benchmarks, stage-3 video)",
+    ),
 )
 
 REQUIRED_KEYS = tuple(k.name for k in KEYS if k.default is REQUIRED)
@@ -142,6 +149,7 @@ _POSITIVE_INTS = (
     "dp_replicate_degree",
     "cp_degree",
     "keep_last_n_checkpoints",
+    "prefetch_factor",
 )
 _BOOLS = (
     "shuffle",

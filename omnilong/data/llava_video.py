@@ -77,10 +77,15 @@ class LlavaVideoFormat:
     def num_tokens(self, frames: int, size: tuple[int, int]) -> int:
         return frames * self.tokens_per_frame + 1
 
-    def process(self, video: DecodedVideo, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-        """``pixel_values_videos [T, 3, crop, crop]`` fp32 and ``video_num_frames [1]``."""
-        frames = resize_and_normalize(video.frames, self.crop, self.crop, self.mean, self.std)
-        return {"pixel_values_videos": frames, "video_num_frames": torch.tensor([frames.shape[0]])}
+    def process(self, video: DecodedVideo, size: tuple[int, int], chunk_frames: int = 16) -> dict[str, torch.Tensor]:
+        """``pixel_values_videos [T, 3, crop, crop]`` fp32 and ``video_num_frames [1]``; ``chunk_frames``
+        frames are resized and normalised at a time, straight into the output."""
+        count = video.frames.shape[0]
+        pixels = torch.empty(count, 3, self.crop, self.crop)
+        for start in range(0, count, chunk_frames):
+            part = video.frames[start : start + chunk_frames]
+            pixels[start : start + len(part)] = resize_and_normalize(part, self.crop, self.crop, self.mean, self.std)
+        return {"pixel_values_videos": pixels, "video_num_frames": torch.tensor([count])}
 
     temporal = 1  # frames per unit the tower encodes on its own
 
@@ -163,6 +168,7 @@ def llava_video_sft_dataset(
     skip_bad_samples: bool = False,
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
+    decode_device: str = "cpu",
 ) -> VideoSFTDataset | PackedDataset:
     """Video SFT samples (the formats of :func:`omnilong.data.video_sft_dataset`) for
     LLaVA-OneVision; the config's ``dataset:`` component.
@@ -180,9 +186,10 @@ def llava_video_sft_dataset(
         skip_bad_samples, packed: as :func:`omnilong.data.video_sft_dataset`'s.
         model_config: the checkpoint's parsed ``config.json`` (given by the recipe), that the
             frames are sized from.
+        decode_device: as :func:`omnilong.data.video_sft_dataset`'s.
     """
     video_format = llava_video_format(model_config, frame_size, patch_size, image_mean, image_std)
-    options = VideoOptions(fps=fps, max_frames=max_frames)
+    options = VideoOptions(fps=fps, max_frames=max_frames, decode_device=decode_device)
     source = ", ".join(map(str, expand_data_files(data_files)))
     dataset = VideoSFTDataset(
         tokenizer,

@@ -178,20 +178,21 @@ def prepared_video_sft_dataset(
     skip_bad_samples: bool = False,
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
+    decode_device: str = "cpu",
 ) -> Dataset:
     """Stage-3 video samples (as :func:`~omnilong.data.video_sft_dataset`) from prepared
     ``video_sft`` directories, mixed by weight: construction neither reads the sample files
     nor tokenizes; videos are decoded per item, as before (a video gone since the prepare
     step is a bad sample then). ``packed`` as :func:`~omnilong.data.video_sft_dataset`'s
     (off by default; it reads every video's metadata at start-up), per source before mixing;
-    ``model_config`` as :func:`~omnilong.data.video_sft_dataset`'s.
+    ``model_config`` and ``decode_device`` as :func:`~omnilong.data.video_sft_dataset`'s.
 
     Raises:
         PreparedDataError: a source prepared with another tokenizer or kind.
         ValueError: ``model_config`` is not a Qwen2.5-VL checkpoint's.
     """
     video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
-    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
+    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels, decode_device)
     return _prepared_videos(tokenizer, sources, max_seq_len, options, video_format, {}, skip_bad_samples, packed)
 
 
@@ -208,6 +209,7 @@ def prepared_llava_video_sft_dataset(
     skip_bad_samples: bool = False,
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
+    decode_device: str = "cpu",
 ) -> Dataset:
     """Stage-3 video samples for LLaVA-OneVision (as :func:`~omnilong.data.llava_video_sft_dataset`,
     sized from ``model_config`` the same way) from ``video_sft`` directories prepared with
@@ -222,7 +224,7 @@ def prepared_llava_video_sft_dataset(
         tokenizer,
         sources,
         max_seq_len,
-        VideoOptions(fps=fps, max_frames=max_frames),
+        VideoOptions(fps=fps, max_frames=max_frames, decode_device=decode_device),
         video_format,
         {"video_format": video_format.model_type},
         skip_bad_samples,

@@ -10,6 +10,7 @@ vision tower's (:class:`Patching`, from the checkpoint's ``vision_config``; Qwen
 14 px patches over 2 frames, 2x2 per LLM token, by default).
 """
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,8 +19,11 @@ from typing import Any
 
 import torch
 
+logger = logging.getLogger(__name__)
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+DECODE_BATCH_FRAMES = 8  # full-size frames held at once while decoding (8 x 2.8 MB at 720p)
 
 
 @dataclass(frozen=True)
@@ -71,6 +75,8 @@ class VideoOptions:
             as qwen-vl-utils does: each frame is held to ``total_pixels * 2 // frames``
             pixels (but not below ``1.05 * min_pixels``), so a sample's videos take at most
             about ``total_pixels / 784`` LLM tokens. ``None``: no budget.
+        decode_device: ``"cpu"``, or ``"cuda"`` for NVIDIA's hardware decoder (see
+            :class:`SampledVideo`; falls back to the CPU, with a warning, where unavailable).
     """
 
     fps: float = 1.0
@@ -78,8 +84,11 @@ class VideoOptions:
     min_pixels: int = 128 * 28 * 28  # 128 LLM tokens of 28x28 px (Qwen2.5-VL's video processor)
     max_pixels: int = 768 * 28 * 28
     total_pixels: int | None = None
+    decode_device: str = "cpu"
 
     def __post_init__(self):
+        if self.decode_device not in ("cpu", "cuda"):
+            raise ValueError(f"video decode_device must be 'cpu' or 'cuda', got {self.decode_device!r}")
         if self.fps <= 0 or self.max_frames < 1:
             raise ValueError(f"video fps must be positive and max_frames >= 1, got {self.fps} and {self.max_frames}")
         if not 0 < self.min_pixels <= self.max_pixels:
@@ -116,35 +125,125 @@ def sample_timestamps(begin: float, end: float, fps: float, max_frames: int) -> 
     return [begin + k / rate for k in range(count) if k == 0 or begin + k / rate < end], rate
 
 
-def _open(path: Path):
-    """A torchcodec decoder of ``path``; corrupt input surfaces as VideoDecodeError."""
+def _cuda_decoding_unavailable() -> str | None:
+    """Why torchcodec cannot decode on NVIDIA's hardware decoder here, or ``None`` when it can."""
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    from torchcodec.decoders import set_cuda_backend  # noqa: F401  (present only in torchcodec builds with CUDA)
+
+    return None
+
+
+def _open(path: Path, device: str = "cpu"):
+    """A torchcodec decoder of ``path`` on ``device``; corrupt input surfaces as VideoDecodeError."""
     from torchcodec.decoders import VideoDecoder
 
     try:
-        return VideoDecoder(path, dimension_order="NCHW")
+        return VideoDecoder(path, dimension_order="NCHW", device=device)
     except (RuntimeError, ValueError) as e:  # torchcodec reports unreadable input as either
         raise VideoDecodeError(f"{path}: cannot decode video ({str(e).splitlines()[0][:200]})") from e
 
 
-def _sampling_plan(path: Path, fps: float, max_frames: int):
-    """``(decoder, times, rate)``: an open decoder of ``path`` and the :func:`sample_timestamps`
-    of its stream, from its metadata."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: video file not found")
-    decoder = _open(path)
-    meta = decoder.metadata
-    if not meta.num_frames:
-        raise VideoDecodeError(f"{path}: video has no decodable frames")
-    times, rate = sample_timestamps(meta.begin_stream_seconds, meta.end_stream_seconds, fps, max_frames)
-    return decoder, times, rate
+_warned_cuda_fallback = False
+
+
+def _open_on(path: Path, device: str):
+    """:func:`_open` on ``device``; ``"cuda"`` falls back to the CPU decoder (with one warning
+    that says why) where NVIDIA decoding is unavailable: no CUDA device, or a torchcodec or
+    FFmpeg build without it."""
+    global _warned_cuda_fallback
+    if device == "cpu":
+        return _open(path)
+    try:
+        reason = _cuda_decoding_unavailable()
+        if reason is None:
+            return _open(path, device)
+    except (ImportError, RuntimeError) as e:
+        reason = f"torchcodec cannot decode on CUDA ({str(e).splitlines()[0][:200]})"
+    if not _warned_cuda_fallback:
+        logger.warning("video decode_device=%s unavailable: %s; decoding on the CPU instead", device, reason)
+        _warned_cuda_fallback = True
+    return _open(path)
+
+
+class SampledVideo:
+    """An open video and the times :func:`sample_timestamps` picks from it; the frame count and
+    size come from the stream's metadata (headers and frame index: nothing is decoded until
+    :meth:`decode`).
+
+    Args:
+        path: the video file.
+        fps, max_frames: sampling (see :func:`decode_video`).
+        decode_device: ``"cpu"`` or ``"cuda"`` (NVIDIA's hardware decoder, falling back to the
+            CPU with a warning where unavailable; its pixels are not bitwise the CPU's).
+
+    Attributes:
+        num_frames: frames sampled (``T``); ``height``, ``width``: the stream's frame size;
+        fps: the effective sampling rate.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        VideoDecodeError: the file is unreadable or corrupt, or has no decodable frame.
+    """
+
+    def __init__(self, path: str | Path, fps: float = 1.0, max_frames: int = 768, decode_device: str = "cpu"):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: video file not found")
+        self._decoder = _open_on(self.path, decode_device)
+        meta = self._decoder.metadata
+        if not meta.num_frames:
+            raise VideoDecodeError(f"{self.path}: video has no decodable frames")
+        self.times, self.fps = sample_timestamps(meta.begin_stream_seconds, meta.end_stream_seconds, fps, max_frames)
+        self.num_frames, self.height, self.width = len(self.times), meta.height, meta.width
+
+    def decode(
+        self,
+        size: tuple[int, int] | None = None,
+        indices: Sequence[int] | None = None,
+        batch_frames: int = DECODE_BATCH_FRAMES,
+    ) -> DecodedVideo:
+        """Decode the sampled frames ``indices`` (default all, ``0 .. num_frames - 1``), each batch
+        of ``batch_frames`` resized to ``size`` (bicubic, antialiased, uint8: :func:`resize_frames`,
+        bit for bit the processors' resize) as soon as it is decoded, so that at most one batch
+        of full-size frames is ever held.
+
+        Returns:
+            The frames ``[len(indices), 3, *size]`` uint8 (``size`` default the stream's) and the fps.
+
+        Raises:
+            VideoDecodeError: a frame cannot be decoded, or decoded frames of another size than
+                the metadata's (names the file).
+        """
+        indices = range(self.num_frames) if indices is None else indices
+        height, width = size if size is not None else (self.height, self.width)
+        frames = torch.empty(len(indices), 3, height, width, dtype=torch.uint8)
+        for start in range(0, len(indices), batch_frames):
+            times = [self.times[i] for i in indices[start : start + batch_frames]]
+            try:
+                batch = self._decoder.get_frames_played_at(seconds=times).data  # shape: [b, 3, H, W]
+            except RuntimeError as e:
+                raise VideoDecodeError(f"{self.path}: cannot decode frames ({str(e).splitlines()[0][:200]})") from e
+            if batch.shape[-2:] != (self.height, self.width):
+                raise VideoDecodeError(
+                    f"{self.path}: decoded frames of {tuple(batch.shape[-2:])}, "
+                    f"but the metadata gives {(self.height, self.width)}"
+                )
+            frames[start : start + len(times)] = resize_frames(batch, height, width).cpu()
+        return DecodedVideo(frames=frames, fps=self.fps)
 
 
 def decode_video(
-    path: str | Path, fps: float = 1.0, max_frames: int = 768, indices: Sequence[int] | None = None
+    path: str | Path,
+    fps: float = 1.0,
+    max_frames: int = 768,
+    size: tuple[int, int] | None = None,
+    indices: Sequence[int] | None = None,
 ) -> DecodedVideo:
     """Decode the frames of ``path`` shown at ``0, 1/fps, 2/fps, ...`` (from the stream's
     start, within its duration), spread more thinly when there would be over ``max_frames``;
-    with ``indices``, only those of them (positions in that sampling; none: no frame decoded).
+    only the sampled frames ``indices`` (default all), each resized to ``size`` (default: kept)
+    as it is decoded (:meth:`SampledVideo.decode`).
 
     Returns:
         The frames (``[T, 3, H, W]`` uint8; ``T = len(indices)`` with ``indices``) and their
@@ -154,16 +253,7 @@ def decode_video(
         FileNotFoundError: ``path`` does not exist.
         VideoDecodeError: the file is unreadable or corrupt, or has no decodable frame.
     """
-    decoder, times, rate = _sampling_plan(Path(path), fps, max_frames)
-    if indices is not None:
-        times = [times[i] for i in indices]
-    if not times:
-        return DecodedVideo(torch.empty(0, 3, decoder.metadata.height, decoder.metadata.width, dtype=torch.uint8), rate)
-    try:
-        frames = decoder.get_frames_played_at(seconds=times).data  # shape: [T, 3, H, W]
-    except RuntimeError as e:
-        raise VideoDecodeError(f"{path}: cannot decode frames ({str(e).splitlines()[0][:200]})") from e
-    return DecodedVideo(frames=frames, fps=rate)
+    return SampledVideo(path, fps, max_frames).decode(size, indices)
 
 
 def probe_video(path: str | Path, fps: float = 1.0, max_frames: int = 768) -> tuple[int, int, int]:
@@ -174,8 +264,8 @@ def probe_video(path: str | Path, fps: float = 1.0, max_frames: int = 768) -> tu
     Raises:
         FileNotFoundError, VideoDecodeError: as :func:`decode_video`.
     """
-    decoder, times, _ = _sampling_plan(Path(path), fps, max_frames)
-    return len(times), decoder.metadata.height, decoder.metadata.width
+    video = SampledVideo(path, fps, max_frames)
+    return video.num_frames, video.height, video.width
 
 
 def smart_resize(
@@ -253,34 +343,51 @@ def patchify(frames: torch.Tensor, patching: Patching = Patching()) -> torch.Ten
     return x.reshape(gt * gh * m * gw * m, c * tp * p * p)
 
 
+def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """``[T, 3, H, W]`` uint8 -> ``[T, 3, height, width]`` uint8: transformers' processors'
+    bicubic antialiased resize (the frames themselves when the size is already that)."""
+    import torchvision.transforms.v2.functional as tvF  # here: importing torchvision costs ~1 s that text runs skip
+
+    return tvF.resize(frames, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+
+
 def resize_and_normalize(
     frames: torch.Tensor, height: int, width: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
     """``[T, 3, H, W]`` uint8 -> ``[T, 3, height, width]`` fp32 as transformers' processors do it:
-    bicubic antialiased resize of the uint8 frames, then rescaling by 1/255 and normalisation
-    fused as ``(x - 255 * mean) / (255 * std)``."""
-    import torchvision.transforms.v2.functional as tvF  # here: importing torchvision costs ~1 s that text runs skip
+    :func:`resize_frames`, then rescaling by 1/255 and normalisation fused as
+    ``(x - 255 * mean) / (255 * std)``."""
+    import torchvision.transforms.v2.functional as tvF
 
-    frames = tvF.resize(frames, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    frames = resize_frames(frames, height, width)
     scale = 1.0 / (1.0 / 255.0)  # transformers folds rescaling into the normalisation this way
     return tvF.normalize(frames.to(torch.float32), torch.tensor(mean) * scale, torch.tensor(std) * scale, inplace=True)
 
 
 def process_video(
-    video: DecodedVideo, height: int, width: int, patching: Patching = Patching()
+    video: DecodedVideo, height: int, width: int, patching: Patching = Patching(), chunk_frames: int = 16
 ) -> dict[str, torch.Tensor]:
-    """The vision inputs of one video resized to ``height x width`` (multiples of 28), cut by ``patching``.
+    """The vision inputs of one video resized to ``height x width`` (multiples of 28), cut by
+    ``patching``; ``chunk_frames`` frames are normalised at a time, straight into the output
+    (no full-video fp32 copy besides it).
 
     Returns:
         ``pixel_values_videos`` ``[t * h * w, 1176]`` fp32, ``video_grid_thw`` ``[1, 3]``
         int64 ``(t, h, w)`` in patches, ``second_per_grid_ts`` ``[1]`` fp32
         (``2 / fps``, seconds per temporal patch).
     """
-    frames = resize_and_normalize(video.frames, height, width, CLIP_MEAN, CLIP_STD)
-    if pad := -frames.shape[0] % patching.temporal:
-        frames = torch.cat([frames, frames[-1:].expand(pad, -1, -1, -1)])
+    count = video.frames.shape[0]
+    grid = video_grid(count, height, width, patching)
+    per_frame = grid[1] * grid[2] // patching.temporal  # patch rows per frame of a temporal patch
+    padded = grid[0] * patching.temporal  # an odd count repeats the last frame
+    chunk = max(patching.temporal, chunk_frames - chunk_frames % patching.temporal)
+    pixels = torch.empty(grid[0] * grid[1] * grid[2], patching.patch_dim)
+    for start in range(0, padded, chunk):
+        index = torch.arange(start, min(start + chunk, padded)).clamp(max=count - 1)
+        frames = resize_and_normalize(video.frames[index], height, width, CLIP_MEAN, CLIP_STD)
+        pixels[start * per_frame : (start + len(index)) * per_frame] = patchify(frames, patching)
     return {
-        "pixel_values_videos": patchify(frames, patching),  # shape: [t * h * w, 1176]
-        "video_grid_thw": torch.tensor([video_grid(frames.shape[0], height, width, patching)]),
+        "pixel_values_videos": pixels,  # shape: [t * h * w, 1176]
+        "video_grid_thw": torch.tensor([grid]),
         "second_per_grid_ts": torch.tensor([patching.temporal / video.fps], dtype=torch.float32),
     }

@@ -66,9 +66,9 @@ from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
     DecodedVideo,
     Patching,
+    SampledVideo,
     VideoDecodeError,
     VideoOptions,
-    decode_video,
     num_video_tokens,
     probe_video,
     process_video,
@@ -464,15 +464,14 @@ class VideoSFTDataset(Dataset):
 
     def _item(self, index: int) -> dict[str, torch.Tensor]:
         sample, input_ids, trainable = self._samples[index]
-        fps, max_frames = self.options.fps, self.options.max_frames
-        try:
-            if self.cp_size > 1:  # the metadata on every rank alike: an unreadable file is bad everywhere
-                shapes = [probe_video(path, fps, max_frames) for path in sample.videos]
-            else:
-                videos = [decode_video(path, fps, max_frames) for path in sample.videos]
-                shapes = [(v.frames.shape[0], *v.frames.shape[-2:]) for v in videos]
+        options = self.options
+        try:  # the metadata, on every cp rank alike: an unreadable file is bad everywhere
+            sources = [
+                SampledVideo(path, options.fps, options.max_frames, options.decode_device) for path in sample.videos
+            ]
         except (FileNotFoundError, VideoDecodeError) as e:
             raise BadSampleError(f"{sample.origin}: {e}") from e
+        shapes = [(v.num_frames, v.height, v.width) for v in sources]
         sizes, length, counts = self._checked_length(sample, input_ids, shapes)
         if self._lengths is not None and length != self._lengths[index]:
             raise BadSampleError(
@@ -480,42 +479,44 @@ class VideoSFTDataset(Dataset):
                 f"metadata gave {self._lengths[index]} (what packing planned its row with)"
             )
         if self.cp_size > 1:
-            vision, failed = self._shares(sample, shapes, sizes)
+            vision, failed = self._shares(sample, sources, sizes)
         else:
+            try:
+                videos = [source.decode(size) for source, size in zip(sources, sizes)]  # resized as decoded
+            except VideoDecodeError as e:
+                raise BadSampleError(f"{sample.origin}: {e}") from e
             vision, failed = [self.format.process(v, size) for v, size in zip(videos, sizes)], False
         return self._row(
             input_ids,
             trainable,
             counts,
-            {key: torch.cat([item[key] for item in vision]) for key in vision[0]},
+            {
+                key: torch.cat([item[key] for item in vision]) if len(vision) > 1 else vision[0][key]
+                for key in vision[0]
+            },
             skipped=False,
             failure=index + 1 if failed else 0,
         )
 
     def _shares(
-        self, sample: VideoSample, shapes: list[tuple[int, int, int]], sizes: list[tuple[int, int]]
+        self, sample: VideoSample, sources: list[SampledVideo], sizes: list[tuple[int, int]]
     ) -> tuple[list[dict[str, torch.Tensor]], bool]:
-        """This cp rank's vision inputs of each video of ``sample`` (of metadata ``shapes``, resized
-        to ``sizes``): only its share's frames decoded and processed. Returns them and whether a
-        share could not be decoded here: its pixels are then those of blank frames and its
-        ``second_per_grid_ts`` that of the asked fps (the sample is dropped on every rank, and only
-        its own tokens, whose labels are then ignored, see its pixels and positions)."""
+        """This cp rank's vision inputs of each video of ``sample`` (opened ``sources``, resized
+        to ``sizes``): only its share's frames decoded (resized as decoded) and processed. Returns
+        them and whether a share could not be decoded here: its pixels are then those of blank
+        frames and its ``second_per_grid_ts`` that of the asked fps (the sample is dropped on every
+        rank, and only its own tokens, whose labels are then ignored, see its pixels and positions)."""
         vision, failed = [], False
-        for path, (frames, height, width), size in zip(sample.videos, shapes, sizes):
-            lo, hi = frame_share(frames, self.format.temporal, self.cp_rank, self.cp_size)
+        for source, size in zip(sources, sizes):
+            lo, hi = frame_share(source.num_frames, self.format.temporal, self.cp_rank, self.cp_size)
             try:
-                video = decode_video(path, self.options.fps, self.options.max_frames, indices=range(lo, hi))
-                if tuple(video.frames.shape) != (hi - lo, 3, height, width):
-                    raise VideoDecodeError(
-                        f"{path}: frames {lo}..{hi - 1} decoded as {tuple(video.frames.shape)}, but the metadata "
-                        f"gave {hi - lo} frames of {height}x{width}"
-                    )
-            except (FileNotFoundError, VideoDecodeError) as e:
+                video = source.decode(size, range(lo, hi))
+            except VideoDecodeError as e:
                 # an error, so that every rank logs it: the other ranks know only that this one failed
                 logger.error("%s: cp rank %d cannot decode its frames of a video: %s", sample.origin, self.cp_rank, e)
                 failed = True
-                video = DecodedVideo(torch.zeros(hi - lo, 3, height, width, dtype=torch.uint8), self.options.fps)
-            vision.append(self.format.process_share(video, size, frames))
+                video = DecodedVideo(torch.zeros(hi - lo, 3, *size, dtype=torch.uint8), self.options.fps)
+            vision.append(self.format.process_share(video, size, source.num_frames))
         return vision, failed
 
     def _row(
@@ -568,6 +569,7 @@ def video_sft_dataset(
     skip_bad_samples: bool = False,
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
+    decode_device: str = "cpu",
 ) -> VideoSFTDataset | PackedDataset:
     """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
 
@@ -585,12 +587,14 @@ def video_sft_dataset(
         model_config: the checkpoint's parsed ``config.json`` (given by the recipe): the
             frames are cut as its vision tower cuts them (:meth:`QwenVideoFormat.from_model_config`);
             ``None``: Qwen2.5-VL's patching.
+        decode_device: ``"cpu"``, or ``"cuda"``: NVIDIA's hardware decoder, where available (else
+            the CPU, with a warning saying why; see :class:`~omnilong.data.video.SampledVideo`).
 
     Raises:
         ValueError: ``model_config`` is not a Qwen2.5-VL checkpoint's (names the component to use).
     """
     video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
-    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels)
+    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels, decode_device)
     source = ", ".join(map(str, expand_data_files(data_files)))
     dataset = VideoSFTDataset(
         tokenizer,

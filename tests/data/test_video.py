@@ -18,7 +18,7 @@ from omnilong.data import (
     process_video,
     video_sft_dataset,
 )
-from omnilong.data.video import DecodedVideo, Patching, num_video_tokens, resized_sizes
+from omnilong.data.video import DecodedVideo, Patching, SampledVideo, num_video_tokens, resized_sizes
 from omnilong.data.video_sft import QwenVideoFormat
 from omnilong.hf_io import read_hf_config
 from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
@@ -102,6 +102,58 @@ def test_processing_matches_transformers_bitwise(videos, tiny_qwen_dir, name, fp
     assert ours["second_per_grid_ts"].tolist() == [2 / clip.fps]
     t, h, w = expected["video_grid_thw"][0].tolist()
     assert num_video_tokens(clip.frames.shape[0], height, width) == t * h * w // 4
+
+
+def test_frames_resized_as_decoded_equal_the_processors_pixels(videos, tiny_qwen_dir, monkeypatch):
+    """Oracle: transformers' processor on the full-size frames. Decoding resizes each batch of
+    ``batch_frames`` as it comes (never asking the decoder for more at once), bit for bit."""
+    from torchcodec.decoders import VideoDecoder
+    from transformers import AutoVideoProcessor
+
+    asked = []
+    real = VideoDecoder.get_frames_played_at
+    monkeypatch.setattr(
+        VideoDecoder, "get_frames_played_at", lambda self, seconds: asked.append(len(seconds)) or real(self, seconds)
+    )
+    source = SampledVideo(videos / "video_003.mp4", fps=4.0)  # 23 frames at 10 fps: 10 sampled
+    full = source.decode()
+    size = resized_sizes([full], VideoOptions(fps=4.0, min_pixels=TINY_MIN_PIXELS, max_pixels=TINY_MAX_PIXELS))[0]
+    asked.clear()
+    small = source.decode(size, batch_frames=3)
+    assert asked == [3, 3, 3, 1] and small.frames.shape == (10, 3, *size) and small.frames.dtype == torch.uint8
+    reference = AutoVideoProcessor.from_pretrained(tiny_qwen_dir, local_files_only=True, max_video_tokens=10)
+    expected = reference(videos=[full.frames], return_tensors="pt")
+    assert torch.equal(process_video(small, *size)["pixel_values_videos"], expected["pixel_values_videos"])
+    assert torch.equal(
+        process_video(small, *size, chunk_frames=2)["pixel_values_videos"], expected["pixel_values_videos"]
+    )
+
+
+def test_a_subset_of_the_sampled_frames_decodes_alone(videos):
+    source = SampledVideo(videos / "video_004.mp4", fps=2.0)
+    everything = source.decode((28, 56))
+    assert torch.equal(source.decode((28, 56), indices=[1, 4, 5]).frames, everything.frames[[1, 4, 5]])
+    assert torch.equal(
+        decode_video(videos / "video_004.mp4", 2.0, size=(28, 56), indices=[0, 2]).frames, everything.frames[[0, 2]]
+    )
+
+
+def test_cuda_decoding_falls_back_to_the_cpu_saying_why(videos, caplog, monkeypatch):
+    import omnilong.data.video as video
+
+    monkeypatch.setattr(video, "_warned_cuda_fallback", False)
+    if torch.cuda.is_available():  # a CUDA build of torchcodec without a working NVDEC says so the same way
+        monkeypatch.setattr(video, "_cuda_decoding_unavailable", lambda: "torchcodec built without CUDA")
+    with caplog.at_level("WARNING", logger="omnilong.data.video"):
+        on_gpu = SampledVideo(videos / "video_000.mp4", decode_device="cuda").decode()
+        SampledVideo(videos / "video_001.mp4", decode_device="cuda")
+    assert torch.equal(on_gpu.frames, decode_video(videos / "video_000.mp4").frames)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert (
+        len(warnings) == 1 and "decode_device=cuda unavailable" in warnings[0] and "on the CPU instead" in warnings[0]
+    )
+    with pytest.raises(ValueError, match="decode_device must be 'cpu' or 'cuda', got 'gpu'"):
+        VideoOptions(decode_device="gpu")
 
 
 def test_odd_frame_count_repeats_the_last_frame(videos):
