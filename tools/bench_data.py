@@ -27,7 +27,8 @@ test tokenizer (only token counts matter). Each family in a fresh process with o
 thread, as a DataLoader worker: the decode time (opening, seeking, decoding, resizing), the
 processing time (the rest of the item: normalising, patching, the token row), the peak
 resident memory above the baseline taken after the imports and the dataset's construction,
-the frames, pixel values and tokens of the item; then the loader's time per step with the
+the frames decoded, pixel values and tokens of the item, as cp rank 0 makes it for each
+``--cp`` degree (its share of the frames; the token row is whole); then the loader's time per step with the
 config's ``num_workers`` (``batch_size * gradient_accumulation_steps`` samples per rank and
 step, the workers decoding in parallel) against the predicted step time (``--step-seconds``:
 default the dry run's "step time at 40%" of the 7B stage-3 configs on 8 GPUs, ``omnilong run
@@ -36,7 +37,7 @@ default the dry run's "step time at 40%" of the 7B stage-3 configs on 8 GPUs, ``
 Usage:
     python tools/bench_data.py [--cases text video] [--work-dir /tmp/omnilong-bench-data]
         [--workers 2] [--max-seq-len 131072] [--video-minutes 60]
-        [--video-cache ~/.cache/omnilong/bench-video] [--step-seconds 28.54 28.49]
+        [--video-cache ~/.cache/omnilong/bench-video] [--step-seconds 28.54 28.49] [--cp 1 2 4]
 """
 
 import argparse
@@ -111,10 +112,11 @@ def write_bench_video(cache: Path, minutes: float) -> Path:
     return path
 
 
-def _video_child(family: str, video: str, work: str, extra: list[str]) -> dict:
-    """One stage-3 item of ``video`` in this process: decode and processing seconds, peak RSS
-    above the baseline, frames, pixel values, tokens. ``extra``: ``key=value`` arguments
-    passed on to the dataset component (a frame share per cp rank, for instance)."""
+def _video_child(family: str, video: str, work: str, cp: str, extra: list[str]) -> dict:
+    """One stage-3 item of ``video`` in this process, as cp rank 0 of ``cp`` makes it (its share
+    of the frames: ``decode_cp_share``): decode and processing seconds, peak RSS above the
+    baseline, frames decoded, pixel values, tokens. ``extra``: ``key=value`` arguments passed on
+    to the dataset component."""
     import torch
     import torchvision.transforms.v2.functional  # noqa: F401  (imported by a worker before its first item)
     import yaml
@@ -141,6 +143,8 @@ def _video_child(family: str, video: str, work: str, extra: list[str]) -> dict:
         model_config=named_model_config(model),
         **settings,
     )
+    if int(cp) > 1:
+        dataset.decode_cp_share(0, int(cp))
     decode_s = 0.0
     real_decode = SampledVideo.decode
 
@@ -161,11 +165,7 @@ def _video_child(family: str, video: str, work: str, extra: list[str]) -> dict:
     if bool(item["skipped"]):
         raise RuntimeError(f"{family}: the sample was skipped (see the log)")
     pixels = item["pixel_values_videos"]
-    frames = (
-        int(item["video_num_frames"].sum())
-        if "video_num_frames" in item
-        else int(item["video_grid_thw"][:, 0].sum()) * 2
-    )
+    frames = pixels.shape[0] if pixels.dim() == 4 else pixels.shape[0] // int(item["video_grid_thw"][0, 1:].prod()) * 2
     return {
         "decode_s": decode_s,
         "process_s": total - decode_s,
@@ -208,7 +208,9 @@ def decoder_resize_difference(video: Path, size: tuple[int, int], frames: int = 
     }
 
 
-def bench_video(work: Path, video: Path, step_seconds: dict[str, float], extra: list[str]) -> None:
+def bench_video(
+    work: Path, video: Path, step_seconds: dict[str, float], extra: list[str], cps: tuple[int, ...] = (1, 2, 4)
+) -> None:
     """Print the stage-3 video table (see the module docstring)."""
     from omnilong.testing.tiny_llava_onevision import write_tiny_llava_onevision
     from omnilong.testing.tiny_qwen2_5_vl import write_tiny_qwen2_5_vl
@@ -217,19 +219,19 @@ def bench_video(work: Path, video: Path, step_seconds: dict[str, float], extra: 
     write_tiny_llava_onevision(work / "llava_onevision", seed=0)
     print(f"\nstage-3 video sample, 7B configs' settings; {video.name}; fresh process per family, 1 thread")
     print(
-        f"{'family':>16} {'frames':>6} {'tokens':>7} {'pixels MB':>9} {'decode s':>8} {'process s':>9} "
+        f"{'family':>16} {'cp':>2} {'frames':>6} {'tokens':>7} {'pixels MB':>9} {'decode s':>8} {'process s':>9} "
         f"{'peak above baseline MB':>22} {'workers':>7} {'loader s/step':>13} {'step s':>6} {'loader/step':>11}"
     )
-    for family in VIDEO_FAMILIES:
+    for family, cp in ((family, cp) for family in VIDEO_FAMILIES for cp in cps):
         out = subprocess.run(
-            [sys.executable, __file__, "--video-child", family, str(video), str(work), *extra],
+            [sys.executable, __file__, "--video-child", family, str(video), str(work), str(cp), *extra],
             check=True, capture_output=True, text=True,
         )  # fmt: skip
         r = json.loads(out.stdout.strip().splitlines()[-1])
         loader = (r["decode_s"] + r["process_s"]) * r["samples_per_step"] / r["num_workers"]
         step = step_seconds[family]
         print(
-            f"{family:>16} {r['frames']:>6} {r['tokens']:>7,} {r['pixel_mb']:>9.0f} {r['decode_s']:>8.1f} "
+            f"{family:>16} {cp:>2} {r['frames']:>6} {r['tokens']:>7,} {r['pixel_mb']:>9.0f} {r['decode_s']:>8.1f} "
             f"{r['process_s']:>9.1f} {r['peak_above_mb']:>22.0f} {r['num_workers']:>7} {loader:>13.1f} "
             f"{step:>6.2f} {loader / step:>11.2f}"
         )
@@ -309,6 +311,9 @@ def main() -> None:
         metavar=("QWEN", "LLAVA"),
         help="predicted 7B stage-3 step times (default: the dry run's, see the module docstring)",
     )
+    parser.add_argument(
+        "--cp", type=int, nargs="+", default=[1, 2, 4], help="cp degrees: rank 0 decodes its share of the frames"
+    )
     parser.add_argument("--dataset-arg", action="append", default=[], help="key=value for the video dataset")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     parser.add_argument("--video-child", nargs="+", help=argparse.SUPPRESS)
@@ -318,8 +323,8 @@ def main() -> None:
         print(json.dumps(_child(kind, tokenizer_dir, path, int(max_seq_len))))
         return
     if args.video_child:
-        family, video, work, *extra = args.video_child
-        print(json.dumps(_video_child(family, video, work, extra)))
+        family, video, work, cp, *extra = args.video_child
+        print(json.dumps(_video_child(family, video, work, cp, extra)))
         return
 
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="omnilong-bench-data-"))
@@ -328,7 +333,7 @@ def main() -> None:
         bench_text(work, args.workers, args.max_seq_len)
     if "video" in args.cases:
         video = write_bench_video(Path(args.video_cache).expanduser(), args.video_minutes)
-        bench_video(work, video, dict(zip(DRY_RUN_STEP_SECONDS, args.step_seconds)), args.dataset_arg)
+        bench_video(work, video, dict(zip(DRY_RUN_STEP_SECONDS, args.step_seconds)), args.dataset_arg, tuple(args.cp))
     if args.work_dir is None:
         shutil.rmtree(work)
 
