@@ -735,6 +735,7 @@ class DryRunRecipe(TracedSteps, MadeUpRun):
             if self.settings.longest:
                 shorter = self.dataset.fixed_tokens + (cfg.max_seq_len - self.dataset.fixed_tokens) // 2
                 rows = MadeUpRows(cfg.dataset, shorter, self.hf_config)
+                self._decode_cp_share(rows)
                 batch = self._model_batch(collate_padded([rows[0]] * cfg.batch_size, rows.pad_id), rows)
                 report.shorter = self._traced_step([batch])
         return report

@@ -144,7 +144,12 @@ class DryRunReport:
             f"and fragmentation): {'yes' if self.fits else 'NO'}",
         ]
         longest = self.longest_seq_len()
-        if longest is not None:
+        if longest is None and self.shorter is not None:
+            lines.append(
+                "longest max_seq_len that fits: not extrapolated (the peak did not grow from "
+                f"{self.shorter.tokens:,} to {self.steady.tokens:,} tokens per rank: it is set by what every row has)"
+            )
+        elif longest is not None:
             rows = "the same video and more text, " if self.video_tokens else ""
             lines.append(
                 f"longest max_seq_len that fits: {longest:,} ({rows}extrapolated from the peaks at two lengths)"
