@@ -67,6 +67,7 @@ from omnilong.dry_run import (
     init_fake_process_group,
 )
 from omnilong.hf_io import read_hf_config
+from omnilong.jsonl import read_appended_jsonl
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
@@ -166,7 +167,7 @@ class OmniLongFullRecipe:
 
     def _prepare_output_dir(self) -> None:
         saves = bool(self.cfg.save_every_n_steps) or self.cfg.save_hf_at_end
-        moved = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves))
+        moved, self.run_lock = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves)) or (None, None)
         if moved is not None:
             logger.info("overwrite_output_dir: the previous run in %s was moved to %s", self.output_dir, moved)
 
@@ -180,7 +181,7 @@ class OmniLongFullRecipe:
         if self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
-            self._truncate_metrics(self.start_step)
+        self._on_rank_zero(partial(self._truncate_metrics, self.start_step))
         metric_logger = (
             instantiate("metric_logger", self.cfg.metric_logger)
             if self.cfg.metric_logger is not None and self.is_rank_zero
@@ -377,11 +378,13 @@ class OmniLongFullRecipe:
         return trainer["step"]
 
     def _truncate_metrics(self, start_step: int) -> None:
-        """Drop metrics of steps that will be trained again (a run killed after its last checkpoint)."""
+        """Drop metrics of steps that will be trained again (a run killed after its last checkpoint)
+        and a torn last record (:func:`read_appended_jsonl`: a record that is not JSON otherwise
+        is an error naming the file and line)."""
         path = self.output_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_appended_jsonl(path) if record["step"] < start_step]
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def _save_checkpoint(self, step: int) -> None:
         trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed, "num_skipped": self.num_skipped}
@@ -540,6 +543,8 @@ class OmniLongFullRecipe:
         a setup that stopped half-way too."""
         if hasattr(self, "metrics"):
             self.metrics.close()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
         for name in ("lr_scheduler", "optimizer", "model", "loss_fn", "dataloader"):
             self.__dict__.pop(name, None)
         meshes = self.__dict__.pop("meshes", None)
