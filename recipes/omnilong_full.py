@@ -33,7 +33,13 @@ from torch.utils.data import DataLoader
 
 from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
-from omnilong.checkpoint.run_dir import check_resume_config, prepare_output_dir, resume_path
+from omnilong.checkpoint.run_dir import (
+    check_resume_config,
+    check_resume_data,
+    data_identity,
+    prepare_output_dir,
+    resume_path,
+)
 from omnilong.checkpoint.training_state import (
     checkpoint_run_id,
     find_latest_checkpoint,
@@ -84,6 +90,8 @@ from omnilong.validation import HeldOutShard, held_out_loss
 logger = logging.getLogger("omnilong")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# max_skipped_share is judged once a run has drawn this many rows (the first rows alone say little).
+_MIN_ROWS_FOR_SKIPPED_SHARE = 20
 
 
 def instantiate(key: str, node: DictConfig, *args, **kwargs):
@@ -145,6 +153,10 @@ class OmniLongFullRecipe:
 
         self.tokenizer = self._load_tokenizer()
         self.dataset, self.dataloader, self.sampler = self._setup_data()
+        self.data_identity = data_identity(self.dataset)
+        if self.resume_from is not None:
+            allow = self.cfg.allow_config_change_on_resume
+            self._on_rank_zero(partial(check_resume_data, self.resume_from, self.data_identity, allow))
         self.val_dataloader = self._setup_validation()
         self.model = self._setup_model()
         self.loss_fn = self._setup_loss()
@@ -314,6 +326,7 @@ class OmniLongFullRecipe:
         )
         self.epoch, self.consumed = 0, 0  # position in the data: samples taken in this epoch, all ranks
         self.num_skipped = getattr(dataset, "num_skipped", 0)  # bad samples: dropped while reading + met in training
+        self.empty_steps, self.rows_drawn, self.skipped_rows = 0, 0, 0  # this run's (_stop_on_unusable_data)
         dataloader = DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
@@ -398,6 +411,7 @@ class OmniLongFullRecipe:
             self.cfg,
             self.cfg.keep_last_n_checkpoints,
             self.run_id,
+            data_identity=self.data_identity,
         )
         logger.info("checkpoint written: %s", path)
 
@@ -449,6 +463,37 @@ class OmniLongFullRecipe:
         )
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
+    def _stop_on_unusable_data(self, trained_tokens: float, skipped_rows: int, rows: int) -> None:
+        """Count a step of ``trained_tokens`` (all ranks) over ``rows`` rows, ``skipped_rows`` of
+        them holding a skipped sample; stop the run (on every rank: the counts are all-reduced)
+        after ``max_empty_steps`` steps in a row without a trained token, or once more than
+        ``max_skipped_share`` of the rows drawn in this run held a skipped sample.
+
+        Raises:
+            BadSampleError: naming the counts.
+        """
+        cfg = self.cfg
+        self.empty_steps = 0 if trained_tokens > 0 else self.empty_steps + 1
+        self.rows_drawn, self.skipped_rows = self.rows_drawn + rows, self.skipped_rows + skipped_rows
+        counts = (
+            f"{self.skipped_rows} of the {self.rows_drawn} rows drawn in this run held an unusable sample "
+            f"({self.num_skipped} samples skipped in all)"
+        )
+        if cfg.max_empty_steps is not None and self.empty_steps >= cfg.max_empty_steps:
+            raise BadSampleError(
+                f"stopped: {self.empty_steps} steps in a row trained no token on any rank (max_empty_steps="
+                f"{cfg.max_empty_steps}); {counts}: check the data (its samples' videos, assistant turns, lengths)"
+            )
+        share = cfg.max_skipped_share
+        if (
+            share is not None
+            and self.rows_drawn >= _MIN_ROWS_FOR_SKIPPED_SHARE
+            and self.skipped_rows > share * self.rows_drawn
+        ):
+            raise BadSampleError(
+                f"stopped: {counts}, more than max_skipped_share={share}: check the data, or raise max_skipped_share"
+            )
+
     def _train_step(
         self, micro_batches: list[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -467,9 +512,16 @@ class OmniLongFullRecipe:
         )
         dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
         global_tokens = counts[0].to(self.device)
-        skipped = torch.tensor(sum(int(mb["skipped"].sum()) for mb in micro_batches if "skipped" in mb))
-        dist.all_reduce(skipped, group=self.meshes.dp.get_group())  # cp ranks of a group share rows
-        self.num_skipped += int(skipped)
+        rows = torch.tensor(  # [skipped samples, rows holding one, rows]
+            [
+                sum(int(mb["skipped"].sum()) for mb in micro_batches if "skipped" in mb),
+                sum(int((mb["skipped"] > 0).sum()) for mb in micro_batches if "skipped" in mb),
+                sum(mb["input_ids"].shape[0] for mb in micro_batches),
+            ]
+        )
+        dist.all_reduce(rows, group=self.meshes.dp.get_group())  # cp ranks of a group share rows
+        self.num_skipped += int(rows[0])
+        self._stop_on_unusable_data(float(counts[0]), int(rows[1]), int(rows[2]))
 
         loss_sum = sum(self._micro_step(mb, global_tokens) for mb in micro_batches)
         grad_norm = self._clip_gradients()

@@ -13,6 +13,7 @@ ends, however it ends (a ``kill -9`` too), so a lock is never left stale.
 
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import os
@@ -22,7 +23,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from omnilong.checkpoint.training_state import CHECKPOINTS_DIR, RUN_CONFIG_NAME, find_latest_checkpoint, step_dirs
+from omnilong.checkpoint.training_state import (
+    CHECKPOINTS_DIR,
+    DATA_IDENTITY_NAME,
+    RUN_CONFIG_NAME,
+    find_latest_checkpoint,
+    step_dirs,
+)
 
 logger = logging.getLogger("omnilong")
 
@@ -146,10 +153,16 @@ def resume_path(cfg: DictConfig) -> Path | None:
 
 
 def _flatten(node: Any, prefix: str) -> dict[str, Any]:
+    """``{"a.b[0].c": value}`` of nested dicts and lists under ``prefix``."""
+    if isinstance(node, list):
+        out = {}
+        for i, value in enumerate(node):
+            out.update(_flatten(value, f"{prefix}[{i}]"))
+        return out or {prefix: []}
     if isinstance(node, dict):
         out = {}
         for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}.{key}"))
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else key))
         return out or {prefix: {}}
     return {prefix: node}
 
@@ -179,6 +192,76 @@ def check_resume_config(checkpoint: Path, cfg: DictConfig) -> None:
         raise ValueError(
             f"resume_from_checkpoint: this run's config differs from {saved_path} in {', '.join(changed)}: "
             "resume with the saved values, set allow_config_change_on_resume=true to resume anyway, "
+            "or start a new run in another output_dir"
+        )
+
+
+# What a prepared source's meta.json says of its contents (not of how long preparing took).
+_PREPARED_CONTENT = (
+    "format_version",
+    "kind",
+    "settings",
+    "tokenizer_fingerprint",
+    "sources",
+    "num_documents",
+    "num_tokens",
+)
+
+
+def data_identity(dataset: Any) -> dict[str, Any]:
+    """What identifies a run's training data, as cheaply known: the dataset's type and rows per
+    epoch (packing and ``max_seq_len`` change them) and the samples it skipped while reading;
+    for prepared data (``dataset.prepared_sources``) each source's path, weight, document and
+    token counts and a fingerprint of its ``meta.json`` contents (tokenizer, settings, source
+    files' sizes and times, counts). The dataset's config node is in the checkpoint's
+    ``config.yaml`` (:func:`check_resume_config`)."""
+    identity = {
+        "dataset": type(dataset).__name__,
+        "rows": len(dataset),
+        "skipped_while_reading": int(getattr(dataset, "num_skipped", 0)),
+    }
+    prepared = getattr(dataset, "prepared_sources", None)
+    if prepared:
+        identity["sources"] = [
+            {
+                "path": str(source.path),
+                "weight": weight,
+                "documents": source.num_documents,
+                "tokens": int(source.meta["num_tokens"]),
+                "fingerprint": hashlib.sha256(
+                    json.dumps({k: source.meta.get(k) for k in _PREPARED_CONTENT}, sort_keys=True).encode()
+                ).hexdigest()[:16],
+            }
+            for source, weight in prepared
+        ]
+    return identity
+
+
+def check_resume_data(checkpoint: Path, identity: dict[str, Any], allow_change: bool) -> None:
+    """Refuse to resume ``checkpoint`` on other data than it was trained on (its ``data.json``
+    against this run's :func:`data_identity`), unless ``allow_change``
+    (``allow_config_change_on_resume``). A checkpoint without ``data.json`` is not checked.
+
+    Raises:
+        ValueError: naming the checkpoint's data.json and every value that differs.
+    """
+    saved_path = checkpoint / DATA_IDENTITY_NAME
+    if allow_change or not saved_path.is_file():
+        return
+    try:
+        saved = json.loads(saved_path.read_text())
+    except ValueError as e:
+        raise ValueError(f"resume_from_checkpoint: cannot read {saved_path} ({e})") from e
+    old_values, new_values = _flatten(saved, ""), _flatten(identity, "")
+    changed = [
+        f"{k} ({old_values.get(k, '<unset>')!r} -> {new_values.get(k, '<unset>')!r})"
+        for k in sorted(set(old_values) | set(new_values))
+        if old_values.get(k) != new_values.get(k)
+    ]
+    if changed:
+        raise ValueError(
+            f"resume_from_checkpoint: this run's data differs from what {saved_path} records: {', '.join(changed)}: "
+            "resume on the same data, set allow_config_change_on_resume=true to resume anyway, "
             "or start a new run in another output_dir"
         )
 

@@ -8,6 +8,7 @@ Layout of ``<output_dir>/checkpoints/step_N/``:
   bad samples skipped so far);
 - ``rng/rank_R.pt``: each rank's RNG states;
 - ``config.yaml``: the run's resolved config;
+- ``data.json``: what identifies the training data (``omnilong.checkpoint.run_dir.data_identity``);
 - ``manifest.json``: the run's id (a resumed run keeps it) and the size of every file, so
   that a damaged file is found, and named, before anything is loaded. Pruning old
   checkpoints removes only those with the current run's id.
@@ -36,6 +37,7 @@ from omnilong.checkpoint.dcp_io import SafeFileSystemReader, WeightsOnlyLoadPlan
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_NAME = "config.yaml"
+DATA_IDENTITY_NAME = "data.json"
 MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Fault injection for the crash tests: "after_step@N" SIGKILLs rank 0 when step N is done,
@@ -152,9 +154,11 @@ def save_training_state(
     config: DictConfig,
     keep_last_n: int,
     run_id: str,
+    data_identity: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoints/step_{step}`` on every rank (collective) and keep the
-    last ``keep_last_n`` complete checkpoints of run ``run_id`` (others are never removed).
+    last ``keep_last_n`` complete checkpoints of run ``run_id`` (others are never removed);
+    ``data_identity`` (JSON) goes to ``data.json``.
 
     Returns:
         The final checkpoint directory.
@@ -166,6 +170,8 @@ def save_training_state(
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "rng").mkdir(parents=True)
         OmegaConf.save(config, tmp / RUN_CONFIG_NAME)
+        if data_identity is not None:
+            (tmp / DATA_IDENTITY_NAME).write_text(json.dumps(data_identity, indent=1) + "\n")
     dist.barrier()
     dcp.save(_app_state(model, optimizer, lr_scheduler, trainer), checkpoint_id=tmp)
     torch.save(_rng_state(), tmp / "rng" / f"rank_{rank}.pt")
