@@ -7,8 +7,10 @@ import os
 import socket
 
 import pytest
+from omegaconf import OmegaConf
 
 from omnilong.checkpoint.run_dir import RunLock
+from omnilong.data import BadSampleError
 from tests.recipe_runs import STAGE2, metrics, recipe_run
 
 pytestmark = pytest.mark.slow
@@ -84,3 +86,40 @@ def test_a_run_that_trains_no_token_for_max_empty_steps_stops_naming_the_counts(
     error = _error(recipe_run(STAGE2, _chat_run(tiny_qwen_dir, out, data, max_steps=6, max_empty_steps=2)))
     assert "stopped: 2 steps in a row trained no token on any rank (max_empty_steps=2); " in error
     assert [m["step"] for m in metrics(out)] == [1, 2]  # step 3 was refused before it trained
+
+
+class _Steps:
+    """The counters ``OmniLongFullRecipe._stop_on_unusable_data`` keeps, without a model."""
+
+    def __init__(self, **cfg):
+        self.cfg = OmegaConf.create({"max_empty_steps": 5, "max_skipped_share": 0.5, **cfg})
+        self.empty_steps, self.rows_drawn, self.skipped_rows, self.num_skipped = 0, 0, 0, 0
+
+    def step(self, trained_tokens, skipped_rows, rows):
+        import omnilong_full
+
+        self.num_skipped += skipped_rows
+        omnilong_full.OmniLongFullRecipe._stop_on_unusable_data(self, trained_tokens, skipped_rows, rows)
+
+
+def test_skipped_share_is_judged_from_the_20th_row_and_names_the_counts():
+    steps = _Steps()
+    for _ in range(4):  # 16 rows, 12 of them skipped: too few rows to judge
+        steps.step(100.0, 3, 4)
+    with pytest.raises(BadSampleError) as stopped:
+        steps.step(100.0, 3, 4)
+    assert str(stopped.value) == (
+        "stopped: 15 of the 20 rows drawn in this run held an unusable sample (15 samples skipped in all), "
+        "more than max_skipped_share=0.5: check the data, or raise max_skipped_share"
+    )
+    steps = _Steps(max_skipped_share=None, max_empty_steps=None)  # null: never
+    for _ in range(10):
+        steps.step(0.0, 4, 4)
+
+
+def test_an_empty_step_between_trained_ones_starts_the_count_again():
+    steps = _Steps(max_empty_steps=2)
+    for tokens in (0.0, 10.0, 0.0, 10.0, 0.0):
+        steps.step(tokens, 0, 4)
+    with pytest.raises(BadSampleError, match=r"^stopped: 2 steps in a row trained no token on any rank"):
+        steps.step(0.0, 0, 4)
