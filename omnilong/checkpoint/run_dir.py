@@ -13,7 +13,6 @@ ends, however it ends (a ``kill -9`` too), so a lock is never left stale.
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -196,25 +195,12 @@ def check_resume_config(checkpoint: Path, cfg: DictConfig) -> None:
         )
 
 
-# What a prepared source's meta.json says of its contents (not of how long preparing took).
-_PREPARED_CONTENT = (
-    "format_version",
-    "kind",
-    "settings",
-    "tokenizer_fingerprint",
-    "sources",
-    "num_documents",
-    "num_tokens",
-)
-
-
 def data_identity(dataset: Any) -> dict[str, Any]:
     """What identifies a run's training data, as cheaply known: the dataset's type and rows per
     epoch (packing and ``max_seq_len`` change them) and the samples it skipped while reading;
-    for prepared data (``dataset.prepared_sources``) each source's path, weight, document and
-    token counts and a fingerprint of its ``meta.json`` contents (tokenizer, settings, source
-    files' sizes and times, counts). The dataset's config node is in the checkpoint's
-    ``config.yaml`` (:func:`check_resume_config`)."""
+    for prepared data, ``dataset.prepared_sources`` (each source's path, weight, document and
+    token counts and a fingerprint of its ``meta.json`` contents). The dataset's config node
+    is in the checkpoint's ``config.yaml`` (:func:`check_resume_config`)."""
     identity = {
         "dataset": type(dataset).__name__,
         "rows": len(dataset),
@@ -222,18 +208,7 @@ def data_identity(dataset: Any) -> dict[str, Any]:
     }
     prepared = getattr(dataset, "prepared_sources", None)
     if prepared:
-        identity["sources"] = [
-            {
-                "path": str(source.path),
-                "weight": weight,
-                "documents": source.num_documents,
-                "tokens": int(source.meta["num_tokens"]),
-                "fingerprint": hashlib.sha256(
-                    json.dumps({k: source.meta.get(k) for k in _PREPARED_CONTENT}, sort_keys=True).encode()
-                ).hexdigest()[:16],
-            }
-            for source, weight in prepared
-        ]
+        identity["sources"] = prepared
     return identity
 
 

@@ -6,6 +6,8 @@ mixed by weight.
 are sliced from the maps when asked for, so each rank touches only its own rows.
 """
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,11 +58,36 @@ def parse_sources(sources: SourcesArg) -> list[tuple[Path, float]]:
     return parsed
 
 
+# What a prepared source's meta.json says of its contents (not of how long preparing took).
+_CONTENT_KEYS = (
+    "format_version",
+    "kind",
+    "settings",
+    "tokenizer_fingerprint",
+    "sources",
+    "num_documents",
+    "num_tokens",
+)
+
+
 def _mix(datasets: list[Dataset], weights: list[float], sources: list[PreparedSource]) -> Dataset:
-    """``datasets`` mixed by ``weights``; ``prepared_sources`` lists ``(source, weight)`` (what a
-    checkpoint records of the data, to notice other data on resume)."""
+    """``datasets`` mixed by ``weights``. ``prepared_sources`` describes each source (what a
+    checkpoint records of the data, to notice other data on resume): path, weight, documents,
+    tokens and a fingerprint of its ``meta.json`` contents (tokenizer, settings, source files'
+    sizes and times, counts)."""
     dataset = datasets[0] if len(datasets) == 1 else WeightedMix(datasets, weights)
-    dataset.prepared_sources = list(zip(sources, weights))
+    dataset.prepared_sources = [
+        {
+            "path": str(source.path),
+            "weight": weight,
+            "documents": source.num_documents,
+            "tokens": int(source.meta["num_tokens"]),
+            "fingerprint": hashlib.sha256(
+                json.dumps({k: source.meta.get(k) for k in _CONTENT_KEYS}, sort_keys=True).encode()
+            ).hexdigest()[:16],
+        }
+        for source, weight in zip(sources, weights)
+    ]
     return dataset
 
 
