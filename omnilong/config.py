@@ -111,7 +111,8 @@ KEYS: tuple[Key, ...] = (
     Key(
         "allow_config_change_on_resume",
         False,
-        "resume although the model, data or optimizer keys differ from the checkpoint's `config.yaml`",
+        "resume although the model, data or optimizer keys differ from the checkpoint's `config.yaml`, "
+        "or the data from its `data.json` (sources' contents and counts, rows)",
     ),
     Key("save_hf_at_end", False, "export the final weights to `output_dir/hf` as a Hugging Face model"),
     Key(
@@ -128,6 +129,18 @@ KEYS: tuple[Key, ...] = (
         "its loss is `val_loss` in the metrics",
     ),
     Key("eval_every_n_steps", None, "evaluate `validation_dataset` every N steps; null: at the last step only"),
+    Key(
+        "max_empty_steps",
+        5,
+        "stop (status 1) when this many steps in a row train no token on any rank (every sample unusable "
+        "or without a trained token); null: never",
+    ),
+    Key(
+        "max_skipped_share",
+        0.5,
+        "stop (status 1) when more than this share of the rows this run has drawn held an unusable, skipped "
+        "sample (judged from the 20th row on; a row is one sample unless packed); null: never",
+    ),
     # the data loader (issue 25)
     Key(
         "prefetch_factor",
@@ -191,7 +204,7 @@ def _value_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key} must be an integer >= 0, got {cfg[key]!r}")
     if not _is_int(cfg.dp_shard_degree) or not (cfg.dp_shard_degree == -1 or cfg.dp_shard_degree > 0):
         problems.append(f"dp_shard_degree must be -1 or a positive integer, got {cfg.dp_shard_degree!r}")
-    for key in ("save_every_n_steps", "eval_every_n_steps"):
+    for key in ("save_every_n_steps", "eval_every_n_steps", "max_empty_steps"):
         if cfg[key] is not None and (not _is_int(cfg[key]) or cfg[key] <= 0):
             problems.append(f"{key} must be a positive integer or null, got {cfg[key]!r}")
     if cfg.eval_every_n_steps is not None and cfg.validation_dataset is None:
@@ -210,6 +223,9 @@ def _value_problems(cfg: DictConfig) -> list[str]:
             problems.append(f"{key} must be true or false, got {cfg[key]!r}")
     if cfg.freeze_projector is not None and not isinstance(cfg.freeze_projector, bool):
         problems.append(f"freeze_projector must be true, false or null, got {cfg.freeze_projector!r}")
+    share = cfg.max_skipped_share
+    if share is not None and (not _is_number(share) or not 0 <= share <= 1):
+        problems.append(f"max_skipped_share must be a number from 0 to 1 or null, got {share!r}")
     for key in ("clip_grad_norm", "rope_theta"):
         if cfg[key] is not None and (not _is_number(cfg[key]) or cfg[key] <= 0):
             problems.append(f"{key} must be a positive number or null, got {cfg[key]!r}")

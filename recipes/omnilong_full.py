@@ -34,7 +34,13 @@ from torch.utils.data import DataLoader
 
 from omnilong.checkpoint.hf_check import check_hf_weights
 from omnilong.checkpoint.hf_export import export_hf_checkpoint
-from omnilong.checkpoint.run_dir import check_resume_config, prepare_output_dir, resume_path
+from omnilong.checkpoint.run_dir import (
+    check_resume_config,
+    check_resume_data,
+    data_identity,
+    prepare_output_dir,
+    resume_path,
+)
 from omnilong.checkpoint.training_state import (
     CheckpointWriteError,
     CheckpointWriter,
@@ -71,6 +77,7 @@ from omnilong.dry_run import (
     init_fake_process_group,
 )
 from omnilong.hf_io import read_hf_config
+from omnilong.jsonl import read_appended_jsonl
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
@@ -87,6 +94,8 @@ from omnilong.validation import HeldOutShard, held_out_loss
 logger = logging.getLogger("omnilong")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+# max_skipped_share is judged once a run has drawn this many rows (the first rows alone say little).
+_MIN_ROWS_FOR_SKIPPED_SHARE = 20
 
 
 def instantiate(key: str, node: DictConfig, *args, **kwargs):
@@ -159,6 +168,10 @@ class OmniLongFullRecipe:
 
         self.tokenizer = self._load_tokenizer()
         self.dataset, self.dataloader, self.sampler = self._setup_data()
+        self.data_identity = data_identity(self.dataset)
+        if self.resume_from is not None:
+            allow = self.cfg.allow_config_change_on_resume
+            self._on_rank_zero(partial(check_resume_data, self.resume_from, self.data_identity, allow))
         self.val_dataloader = self._setup_validation()
         self.model = self._setup_model()
         self.loss_fn = self._setup_loss()
@@ -181,7 +194,7 @@ class OmniLongFullRecipe:
 
     def _prepare_output_dir(self) -> None:
         saves = bool(self.cfg.save_every_n_steps) or self.cfg.save_hf_at_end
-        moved = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves))
+        moved, self.run_lock = self._on_rank_zero(partial(prepare_output_dir, self.cfg, saves)) or (None, None)
         if moved is not None:
             logger.info("overwrite_output_dir: the previous run in %s was moved to %s", self.output_dir, moved)
 
@@ -195,7 +208,7 @@ class OmniLongFullRecipe:
         if self.is_rank_zero:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(self.cfg, self.output_dir / "config.yaml")
-            self._truncate_metrics(self.start_step)
+        self._on_rank_zero(partial(self._truncate_metrics, self.start_step))
         metric_logger = (
             instantiate("metric_logger", self.cfg.metric_logger)
             if self.cfg.metric_logger is not None and self.is_rank_zero
@@ -336,6 +349,7 @@ class OmniLongFullRecipe:
         )
         self.epoch, self.consumed = 0, 0  # position in the data: samples taken in this epoch, all ranks
         self.num_skipped = getattr(dataset, "num_skipped", 0)  # bad samples: dropped while reading + met in training
+        self.empty_steps, self.rows_drawn, self.skipped_rows = 0, 0, 0  # this run's (_stop_on_unusable_data)
         dataloader = DataLoader(
             dataset,
             batch_size=self.cfg.batch_size,
@@ -416,16 +430,20 @@ class OmniLongFullRecipe:
         return trainer["step"]
 
     def _truncate_metrics(self, start_step: int) -> None:
-        """Drop metrics of steps that will be trained again (a run killed after its last checkpoint)."""
+        """Drop metrics of steps that will be trained again (a run killed after its last checkpoint)
+        and a torn last record (:func:`read_appended_jsonl`: a record that is not JSON otherwise
+        is an error naming the file and line)."""
         path = self.output_dir / "metrics.jsonl"
         if path.exists():
-            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < start_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_appended_jsonl(path) if record["step"] < start_step]
+            path.write_text("".join(json.dumps(record) + "\n" for record in kept))
 
     def _save_checkpoint(self, step: int) -> None:
         """Start writing the checkpoint of ``step`` in the background (:class:`CheckpointWriter`)."""
         trainer = {"step": step, "epoch": self.epoch, "consumed": self.consumed, "num_skipped": self.num_skipped}
-        self.checkpoints.save(step, self.model, self.optimizer, self.lr_scheduler, trainer, self.cfg)
+        self.checkpoints.save(
+            step, self.model, self.optimizer, self.lr_scheduler, trainer, self.cfg, self.data_identity
+        )
 
     def _finish_checkpoint(self) -> Path | None:
         """Wait for the checkpoint being written (collective) and put it in place; returns it."""
@@ -503,6 +521,37 @@ class OmniLongFullRecipe:
         )
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
+    def _stop_on_unusable_data(self, trained_tokens: float, skipped_rows: int, rows: int) -> None:
+        """Count a step of ``trained_tokens`` (all ranks) over ``rows`` rows, ``skipped_rows`` of
+        them holding a skipped sample; stop the run (on every rank: the counts are all-reduced)
+        after ``max_empty_steps`` steps in a row without a trained token, or once more than
+        ``max_skipped_share`` of the rows drawn in this run held a skipped sample.
+
+        Raises:
+            BadSampleError: naming the counts.
+        """
+        cfg = self.cfg
+        self.empty_steps = 0 if trained_tokens > 0 else self.empty_steps + 1
+        self.rows_drawn, self.skipped_rows = self.rows_drawn + rows, self.skipped_rows + skipped_rows
+        counts = (
+            f"{self.skipped_rows} of the {self.rows_drawn} rows drawn in this run held an unusable sample "
+            f"({self.num_skipped} samples skipped in all)"
+        )
+        if cfg.max_empty_steps is not None and self.empty_steps >= cfg.max_empty_steps:
+            raise BadSampleError(
+                f"stopped: {self.empty_steps} steps in a row trained no token on any rank (max_empty_steps="
+                f"{cfg.max_empty_steps}); {counts}: check the data (its samples' videos, assistant turns, lengths)"
+            )
+        share = cfg.max_skipped_share
+        if (
+            share is not None
+            and self.rows_drawn >= _MIN_ROWS_FOR_SKIPPED_SHARE
+            and self.skipped_rows > share * self.rows_drawn
+        ):
+            raise BadSampleError(
+                f"stopped: {counts}, more than max_skipped_share={share}: check the data, or raise max_skipped_share"
+            )
+
     def _train_step(
         self, micro_batches: list[dict[str, torch.Tensor]]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -521,9 +570,16 @@ class OmniLongFullRecipe:
         )
         dist.all_reduce(counts)  # over every rank: dp ranks hold other rows, cp ranks other shards
         global_tokens = counts[0].to(self.device)
-        skipped = torch.tensor(sum(int(mb["skipped"].sum()) for mb in micro_batches if "skipped" in mb))
-        dist.all_reduce(skipped, group=self.meshes.dp.get_group())  # cp ranks of a group share rows
-        self.num_skipped += int(skipped)
+        rows = torch.tensor(  # [skipped samples, rows holding one, rows]
+            [
+                sum(int(mb["skipped"].sum()) for mb in micro_batches if "skipped" in mb),
+                sum(int((mb["skipped"] > 0).sum()) for mb in micro_batches if "skipped" in mb),
+                sum(mb["input_ids"].shape[0] for mb in micro_batches),
+            ]
+        )
+        dist.all_reduce(rows, group=self.meshes.dp.get_group())  # cp ranks of a group share rows
+        self.num_skipped += int(rows[0])
+        self._stop_on_unusable_data(float(counts[0]), int(rows[1]), int(rows[2]))
 
         loss_sum = sum(self._micro_step(mb, global_tokens) for mb in micro_batches)
         grad_norm = self._clip_gradients()
@@ -615,6 +671,8 @@ class OmniLongFullRecipe:
             self.metrics.close()
         if hasattr(self, "stop_request"):
             self.stop_request.uninstall()
+        if getattr(self, "run_lock", None) is not None:
+            self.run_lock.release()
         for name in ("lr_scheduler", "optimizer", "model", "loss_fn", "dataloader", "checkpoints"):
             self.__dict__.pop(name, None)
         meshes = self.__dict__.pop("meshes", None)

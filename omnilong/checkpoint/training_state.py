@@ -8,6 +8,7 @@ Layout of ``<output_dir>/checkpoints/step_N/``:
   bad samples skipped so far);
 - ``rng/rank_R.pt``: each rank's RNG states;
 - ``config.yaml``: the run's resolved config;
+- ``data.json``: what identifies the training data (``omnilong.checkpoint.run_dir.data_identity``);
 - ``manifest.json``: the run's id (a resumed run keeps it) and the size of every file, so
   that a damaged file is found, and named, before anything is loaded. Pruning old
   checkpoints removes only those with the current run's id.
@@ -43,6 +44,7 @@ from omnilong.checkpoint.dcp_io import SafeFileSystemReader, WeightsOnlyLoadPlan
 
 CHECKPOINTS_DIR = "checkpoints"
 RUN_CONFIG_NAME = "config.yaml"
+DATA_IDENTITY_NAME = "data.json"
 MANIFEST_NAME = "manifest.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 # Fault injection for the crash tests: "after_step@N" SIGKILLs rank 0 when step N is done and
@@ -255,8 +257,10 @@ class CheckpointWriter:
         lr_scheduler: Any | None,
         trainer: dict[str, int],
         config: DictConfig,
+        data_identity: dict[str, Any] | None = None,
     ) -> None:
         """Start writing ``step_{step}`` (collective); returns once the state is copied.
+        ``data_identity`` (JSON) goes to ``data.json``.
 
         Raises:
             CheckpointWriteError: the previous write failed, or this one could not start.
@@ -272,6 +276,8 @@ class CheckpointWriter:
                     _replace_dir(self.root / f"step_{step}")  # refused: never renamed over
                 (tmp / "rng").mkdir(parents=True)
                 OmegaConf.save(_saved_config(config), tmp / RUN_CONFIG_NAME)
+                if data_identity is not None:
+                    (tmp / DATA_IDENTITY_NAME).write_text(json.dumps(data_identity, indent=1) + "\n")
             except (OSError, CheckpointWriteError) as e:
                 error = e
         self.pending = (step, None, error)
@@ -357,16 +363,17 @@ def save_training_state(
     config: DictConfig,
     keep_last_n: int,
     run_id: str,
+    data_identity: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoints/step_{step}`` on every rank (collective) and wait for it
     (:class:`CheckpointWriter`); keeps the last ``keep_last_n`` complete checkpoints of run
-    ``run_id`` (others are never removed).
+    ``run_id`` (others are never removed); ``data_identity`` (JSON) goes to ``data.json``.
 
     Returns:
         The final checkpoint directory.
     """
     writer = CheckpointWriter(output_dir, keep_last_n, run_id)
-    writer.save(step, model, optimizer, lr_scheduler, trainer, config)
+    writer.save(step, model, optimizer, lr_scheduler, trainer, config, data_identity)
     return writer.finish()
 
 

@@ -6,6 +6,8 @@ mixed by weight.
 are sliced from the maps when asked for, so each rank touches only its own rows.
 """
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,8 +58,37 @@ def parse_sources(sources: SourcesArg) -> list[tuple[Path, float]]:
     return parsed
 
 
-def _mix(datasets: list[Dataset], weights: list[float]) -> Dataset:
-    return datasets[0] if len(datasets) == 1 else WeightedMix(datasets, weights)
+# What a prepared source's meta.json says of its contents (not of how long preparing took).
+_CONTENT_KEYS = (
+    "format_version",
+    "kind",
+    "settings",
+    "tokenizer_fingerprint",
+    "sources",
+    "num_documents",
+    "num_tokens",
+)
+
+
+def _mix(datasets: list[Dataset], weights: list[float], sources: list[PreparedSource]) -> Dataset:
+    """``datasets`` mixed by ``weights``. ``prepared_sources`` describes each source (what a
+    checkpoint records of the data, to notice other data on resume): path, weight, documents,
+    tokens and a fingerprint of its ``meta.json`` contents (tokenizer, settings, source files'
+    sizes and times, counts)."""
+    dataset = datasets[0] if len(datasets) == 1 else WeightedMix(datasets, weights)
+    dataset.prepared_sources = [
+        {
+            "path": str(source.path),
+            "weight": weight,
+            "documents": source.num_documents,
+            "tokens": int(source.meta["num_tokens"]),
+            "fingerprint": hashlib.sha256(
+                json.dumps({k: source.meta.get(k) for k in _CONTENT_KEYS}, sort_keys=True).encode()
+            ).hexdigest()[:16],
+        }
+        for source, weight in zip(sources, weights)
+    ]
+    return dataset
 
 
 def prepared_text_dataset(
@@ -76,12 +107,13 @@ def prepared_text_dataset(
         PreparedDataError: a source prepared with another tokenizer, kind or separator.
     """
     separator = separator_id(tokenizer, separator_token)
-    datasets, weights = [], []
+    datasets, weights, opened = [], [], []
     for path, weight in parse_sources(sources):
         source = open_prepared(path, "text", tokenizer, {"separator_id": separator})
         datasets.append(PackedRows(source.tokens, source.offsets, max_seq_len, row_pad_id(tokenizer, separator)))
         weights.append(weight)
-    return _mix(datasets, weights)
+        opened.append(source)
+    return _mix(datasets, weights, opened)
 
 
 class _ChatSamples(Sequence):
@@ -134,9 +166,10 @@ def prepared_chat_dataset(
         PreparedDataError: a source prepared with another tokenizer or kind.
         ValueError: a sample longer than ``max_seq_len``, unless skipped; no sample left.
     """
-    datasets, weights = [], []
+    datasets, weights, opened = [], [], []
     for path, weight in parse_sources(sources):
         source = open_prepared(path, "chat", tokenizer, {})
+        opened.append(source)
         keep = _fitting(source, max_seq_len, skip_bad_samples)
         if not len(keep):
             raise ValueError(f"no chat sample of {source.path} fits max_seq_len={max_seq_len}")
@@ -146,7 +179,7 @@ def prepared_chat_dataset(
         dataset = ChatDataset.from_tokenized(_ChatSamples(source, keep), lengths, max_seq_len, pad, skipped)
         datasets.append(packed_or_not(dataset, packed))
         weights.append(weight)
-    return _mix(datasets, weights)
+    return _mix(datasets, weights, opened)
 
 
 class _VideoSamples(Sequence):
@@ -243,9 +276,10 @@ def _prepared_videos(
     packed: bool,
 ) -> Dataset:
     """The video SFT datasets of prepared ``sources`` in ``video_format``, mixed by weight."""
-    datasets, weights = [], []
+    datasets, weights, opened = [], [], []
     for path, weight in parse_sources(sources):
         source = open_prepared(path, "video_sft", tokenizer, settings)
+        opened.append(source)
         datasets.append(
             packed_or_not(
                 VideoSFTDataset.from_tokenized(
@@ -261,7 +295,7 @@ def _prepared_videos(
             )
         )
         weights.append(weight)
-    dataset = _mix(datasets, weights)
+    dataset = _mix(datasets, weights, opened)
     # the recipe checks these against the model's; every source uses this tokenizer
     dataset.video_token_id, dataset.image_token_id = datasets[0].video_token_id, datasets[0].image_token_id
     return dataset

@@ -40,6 +40,7 @@ from omnilong.eval.family import ModelFamily, Prompt
 from omnilong.eval.report import progress, write_json
 from omnilong.eval.videomme_scoring import extract_answer, summarize
 from omnilong.generation.loading import InferenceModel
+from omnilong.jsonl import read_appended_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -200,9 +201,8 @@ def run_videomme(
     missing = sorted(v for v, p in videos.items() if p is None)
     answers_path = output_dir / "answers.jsonl"
     done = {}
-    if answers_path.is_file():
-        for line in answers_path.read_text().splitlines():
-            row = json.loads(line)
+    if answers_path.is_file():  # a torn last answer (the run stopped while writing it) is dropped and made again
+        for row in read_appended_jsonl(answers_path, repair=loaded.is_main):
             done[(row["question_id"], row["subtitles"])] = row
     todo = [
         (q, s)

@@ -43,7 +43,7 @@ def test_official_prompt_with_and_without_subtitles(videomme_root):
     assert build_prompt_text(question, []).splitlines()[1] == "No subtitles available"
 
 
-def test_run_writes_scores_and_resumes(family_inference, videomme_root, tmp_path):
+def test_run_writes_scores_and_resumes(family_inference, videomme_root, tmp_path, caplog):
     loaded, family = family_inference
     results = run_videomme(loaded, family, videomme_root, tmp_path, max_new_tokens=2)
     answers = [json.loads(line) for line in (tmp_path / "answers.jsonl").read_text().splitlines()]
@@ -58,12 +58,14 @@ def test_run_writes_scores_and_resumes(family_inference, videomme_root, tmp_path
         )
     assert json.loads((tmp_path / "results.json").read_text()) == results
 
-    # A rerun answers only what is missing from answers.jsonl.
+    # A rerun answers only what is missing from answers.jsonl; the last answer, torn in the
+    # middle (the run was killed while writing it), is dropped with a warning and made again.
     lines = (tmp_path / "answers.jsonl").read_text().splitlines()
-    (tmp_path / "answers.jsonl").write_text("\n".join(lines[:-1]) + "\n")
+    (tmp_path / "answers.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
     rerun = run_videomme(loaded, family, videomme_root, tmp_path, max_new_tokens=2)
     assert (tmp_path / "answers.jsonl").read_text().splitlines() == lines  # greedy: the same answer again
     assert rerun == results
+    assert f"{tmp_path / 'answers.jsonl'}: dropped its torn last line 8" in caplog.text
 
 
 def test_missing_video_stops_before_work_unless_skipped(tiny_inference, videomme_root, tmp_path):
