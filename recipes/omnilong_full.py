@@ -48,7 +48,6 @@ from omnilong.checkpoint.training_state import (
     checkpoint_run_id,
     fault_injected,
     find_latest_checkpoint,
-    ignore_stop_signals,
     load_training_state,
     maybe_inject_sigkill,
     verify_checkpoint,
@@ -371,7 +370,7 @@ class OmniLongFullRecipe:
         return self.cfg.num_workers
 
     def _loader_options(self) -> dict:
-        """Workers that ignore the stop signals (:func:`ignore_stop_signals`), kept across epochs and ``prefetch_factor`` samples ahead each; batches in pinned
+        """Workers kept across epochs and ``prefetch_factor`` samples ahead each; batches in pinned
         memory on CUDA (copied to the device without blocking, :meth:`_micro_step`); workers
         started by spawn when they decode video on CUDA (a forked process cannot use it)."""
         workers = self._loader_workers()
@@ -379,7 +378,6 @@ class OmniLongFullRecipe:
         if workers:
             cuda_decode = OmegaConf.select(self.cfg, "dataset.decode_device") == "cuda"
             options.update(
-                worker_init_fn=ignore_stop_signals,  # the rank stops them, after its checkpoint
                 persistent_workers=True,
                 prefetch_factor=self.cfg.prefetch_factor,
                 multiprocessing_context="spawn" if cuda_decode else None,

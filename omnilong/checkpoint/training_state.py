@@ -187,16 +187,6 @@ class StopRequest:
         self.signal = self.signal or signal.Signals(signum)
 
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """A DataLoader worker's ``worker_init_fn``: SIGTERM and SIGINT are ignored there. A
-    launcher stopping the job (SLURM's ``scancel --signal``, torchrun passing the signal on, a
-    Ctrl-C in the terminal) signals every process of the rank, its loader workers too; a worker
-    that died would fail the step the rank finishes before its checkpoint (:class:`StopRequest`).
-    The workers end with their rank (PyTorch's workers watch their parent)."""
-    for stop in StopRequest.SIGNALS:
-        signal.signal(stop, signal.SIG_IGN)
-
-
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (the message names where and why); its partial
     ``step_N.tmp`` folder is removed and the earlier checkpoints are kept."""

@@ -7,7 +7,6 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from omnilong.checkpoint.training_state import ignore_stop_signals
 from omnilong_full import OmniLongFullRecipe
 
 
@@ -30,30 +29,8 @@ def test_workers_persist_prefetch_one_sample_and_spawn_for_cuda_decoding(decode_
     assert options == {
         "num_workers": 4,
         "pin_memory": True,
-        "worker_init_fn": ignore_stop_signals,
         "persistent_workers": True,
         "prefetch_factor": 1,
         "multiprocessing_context": context,
     }
     DataLoader(range(4), **options)  # accepted as it is (no worker starts before iterating)
-
-
-class _SignalledRows(torch.utils.data.Dataset):
-    """Rows whose worker is sent SIGTERM and SIGINT while making each one (a launcher stopping
-    the job signals every process of a rank, its loader workers too)."""
-
-    def __len__(self) -> int:
-        return 4
-
-    def __getitem__(self, index: int) -> int:
-        import os
-        import signal
-
-        os.kill(os.getpid(), signal.SIGTERM)
-        os.kill(os.getpid(), signal.SIGINT)
-        return index
-
-
-def test_loader_workers_outlive_the_stop_signals_so_the_rank_can_finish_its_step():
-    options = {**_options("cpu", 1), "multiprocessing_context": "fork", "persistent_workers": False}
-    assert list(DataLoader(_SignalledRows(), batch_size=None, **options)) == [0, 1, 2, 3]
