@@ -202,17 +202,22 @@ def check_resume_config(checkpoint: Path, cfg: DictConfig) -> None:
                 new["max_steps"],
             )
         return
-    changed = [
-        f"{k} ({old_values.get(k, '<unset>')!r} -> {new_values.get(k, '<unset>')!r})"
-        for k in sorted(set(old_values) | set(new_values))
-        if old_values.get(k) != new_values.get(k)
-    ]
+    changed = _differences(old_values, new_values)
     if changed:
         raise ValueError(
             f"resume_from_checkpoint: this run's config differs from {saved_path} in {', '.join(changed)}: "
             "resume with the saved values, set allow_config_change_on_resume=true to resume anyway, "
             "or start a new run in another output_dir"
         )
+
+
+def _differences(old_values: dict[str, Any], new_values: dict[str, Any]) -> list[str]:
+    """``"key (old -> new)"`` of every flattened key whose value differs, sorted by key."""
+    return [
+        f"{k} ({old_values.get(k, '<unset>')!r} -> {new_values.get(k, '<unset>')!r})"
+        for k in sorted(set(old_values) | set(new_values))
+        if old_values.get(k) != new_values.get(k)
+    ]
 
 
 def data_identity(dataset: Any) -> dict[str, Any]:
@@ -248,11 +253,7 @@ def check_resume_data(checkpoint: Path, identity: dict[str, Any], allow_change: 
     except ValueError as e:
         raise ValueError(f"resume_from_checkpoint: cannot read {saved_path} ({e})") from e
     old_values, new_values = _flatten(saved, ""), _flatten(identity, "")
-    changed = [
-        f"{k} ({old_values.get(k, '<unset>')!r} -> {new_values.get(k, '<unset>')!r})"
-        for k in sorted(set(old_values) | set(new_values))
-        if old_values.get(k) != new_values.get(k)
-    ]
+    changed = _differences(old_values, new_values)
     if changed:
         raise ValueError(
             f"resume_from_checkpoint: this run's data differs from what {saved_path} records: {', '.join(changed)}: "

@@ -117,15 +117,21 @@ def test_vision_frame_split_gives_every_rank_every_feature(run_distributed, tiny
     assert max(run_distributed(_split_worker, 4, str(tiny_qwen_dir))) <= 1e-6
 
 
-def _packed_cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict) -> dict:
+def _one_device_and_cp_models(checkpoint: str, batch: dict, world_size: int):
+    """The one-device reference (its vision tower trained, ``batch``'s loss backpropagated), a copy
+    of it with context parallelism over a cp mesh of ``world_size``, the reference's loss and the mesh."""
     reference = load_hf_model(checkpoint)
     reference.visual.requires_grad_(True)
     model = copy.deepcopy(reference)
     expected = _loss_sum(reference, batch)
     expected.backward()
-
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
+    return reference, model, expected, mesh
+
+
+def _packed_cp_worker(rank: int, world_size: int, checkpoint: str, batch: dict) -> dict:
+    reference, model, expected, mesh = _one_device_and_cp_models(checkpoint, batch, world_size)
     local = _loss_sum(model, shard_batch_for_cp(with_vision_token_index(batch, model.vision_token_ids), mesh["cp"], 0))
     local.backward()
     return _errors_summed_over_ranks(local, expected, model, reference)
@@ -184,14 +190,7 @@ def _local_pixels_worker(rank: int, world_size: int, checkpoint: str, data, batc
     pixels only), positions of the full rows, the ranks' agreement on decode failures, the cut."""
     from omnilong.parallel.context_parallel import agree_on_decode_failures
 
-    reference = load_hf_model(checkpoint)
-    reference.visual.requires_grad_(True)
-    model = copy.deepcopy(reference)
-    expected = _loss_sum(reference, batch)
-    expected.backward()
-
-    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
-    apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
+    reference, model, expected, mesh = _one_device_and_cp_models(checkpoint, batch, world_size)
     dataset = _shared_items_dataset(checkpoint, data)
     dataset.decode_cp_share(rank, world_size)
     local_batch = model.with_positions(_two_samples(dataset))
