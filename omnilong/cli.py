@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         "run", help="tune run omnilong_full: [TORCHRUN-OPTIONS] --config <config> [key=value ...]", add_help=False
     )
     keys = verbs.add_parser("keys", help="every config key with its default and meaning")
-    keys.add_argument("--markdown", action="store_true", help="as the README's table")
+    keys.add_argument("--markdown", action="store_true", help="as the table of docs/configuration.md")
     args, rest = parser.parse_known_args(argv)
     if args.verb != "run" and rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -16,8 +16,8 @@ REQUIRED = object()  # the default of a key every config must set
 @dataclass(frozen=True)
 class Key:
     """One top-level config key: its default (:data:`REQUIRED` when a config must set it) and
-    what it means, in one line (``omnilong keys`` prints these; the README's table is generated
-    from them)."""
+    what it means, in one line (``omnilong keys`` prints these; docs/configuration.md's table is
+    generated from them)."""
 
     name: str
     default: Any
@@ -78,7 +78,7 @@ KEYS: tuple[Key, ...] = (
         "fsdp_cpu_offload",
         False,
         "parameters, gradients and optimizer state on CPU; the optimizer steps on CPU "
-        "(torch's fused CPU AdamW, see *Longest context per GPU*)",
+        "(torch's fused CPU AdamW, docs/parallelism-and-memory.md)",
     ),
     Key(
         "cpu_threads_per_rank",
@@ -146,7 +146,7 @@ KEYS: tuple[Key, ...] = (
         "prefetch_factor",
         1,
         "samples each worker prepares ahead (with `num_workers` > 0): a rank holds up to `num_workers` x this "
-        "many; 1 keeps stage 3's loader ahead of the 7B step (README: Benchmarks, stage-3 video)",
+        "many; 1 keeps stage 3's loader ahead of the 7B step (docs/benchmarks.md: Stage-3 video sample)",
     ),
 )
 
@@ -410,7 +410,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
 
 
 def _default_text(value: Any) -> str:
-    """A key's default as the README shows it: ``required``, ``null``, ``true``, the component name."""
+    """A key's default as docs/configuration.md shows it: ``required``, ``null``, ``true``, the component name."""
     if value is REQUIRED:
         return "required"
     if isinstance(value, dict):
@@ -419,7 +419,7 @@ def _default_text(value: Any) -> str:
 
 
 def keys_markdown() -> str:
-    """The table of every config key (default and meaning) that the README's Config keys section holds."""
+    """The table of every config key (default and meaning) that docs/configuration.md holds."""
     rows = [f"| `{k.name}` | {_default_text(k.default)} | {k.meaning} |" for k in KEYS]
     return "\n".join(["| key | default | meaning |", "|---|---|---|", *rows]) + "\n"
 

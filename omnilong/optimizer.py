@@ -3,8 +3,8 @@ parameters live.
 
 With ``fsdp_cpu_offload`` (and on a CPU-only run) each rank steps its shard of the
 parameters on the CPU. torch's AdamW picks its for-loop implementation for CPU parameters
-by default; its fused CPU kernel (torch >= 2.4) is several times faster (README,
-"Offloaded optimizer") and gives the same updates within fp32 rounding
+by default; its fused CPU kernel (torch >= 2.4) is several times faster (docs/benchmarks.md,
+"Offloaded optimizer step") and gives the same updates within fp32 rounding
 (tests/test_optimizer.py). So a torch Adam or AdamW whose config chooses neither ``fused``
 nor ``foreach`` is built with ``fused=True`` when its parameters are on the CPU.
 """

@@ -11,7 +11,7 @@ setup and train, in-process) and reports:
 * tokens/s: real (non-padding) input tokens of those steps per second of ``train()``, and
   trained tokens (labels not ignored) per second.
 
-Usage (needs ``outputs/tiny-qwen2_5_vl`` and ``outputs/tiny-videos``, see the README's demo):
+Usage (needs ``outputs/tiny-qwen2_5_vl`` and ``outputs/tiny-videos``, see the demo in docs/training.md):
     python tools/bench_packing.py [--steps 20]
 """
 

@@ -5,7 +5,7 @@
         [--max-shard-size 5GB] [--push-to-hub user/model [--private]]
 
 Run it in OmniLong's environment (``source .venv/bin/activate`` first, as for every command
-of the README). The output has the base's tensor names, files and config.json (with the run's rope_theta
+of the manual). The output has the base's tensor names, files and config.json (with the run's rope_theta
 and dtype), loadable by transformers' ``from_pretrained``.
 """
 

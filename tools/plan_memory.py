@@ -4,7 +4,7 @@
     .venv/bin/python tools/plan_memory.py --model qwen2.5-vl-7b --seq-len 131072 --gpus 8
     .venv/bin/python tools/plan_memory.py --model /path/to/checkpoint --seq-len 65536 --gpus 8 --cp 2 \\
         --offload fsdp activations --mlp-chunk-size 8192 --memory-gib 80
-    .venv/bin/python tools/plan_memory.py --model qwen2.5-vl-7b --gpus 8 --table   # the README table
+    .venv/bin/python tools/plan_memory.py --model qwen2.5-vl-7b --gpus 8 --table   # the table in docs/parallelism-and-memory.md
     .venv/bin/python tools/plan_memory.py --validate-cpu   # predicted vs measured host peaks
 
 ``--validate-cpu`` trains small real models on the CPU (fp32, no FSDP: one process), each

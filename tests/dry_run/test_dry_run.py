@@ -1,5 +1,5 @@
 """The dry run: the recipe's real setup and steps on fake tensors, checked against a real run
-of the same config, and every shipped 7B config dry-run at its README world size."""
+of the same config, and every shipped 7B config dry-run at the world size of its command (docs/training.md)."""
 
 import os
 import traceback
@@ -100,7 +100,7 @@ def test_a_config_that_cannot_run_fails_in_the_dry_run_as_it_does_for_real(
 @pytest.mark.slow
 @pytest.mark.parametrize("config", SHIPPED_7B)
 def test_every_shipped_7b_config_fits_an_80_gb_gpu_on_the_world_size_of_its_readme_command(config, tmp_path):
-    """The README's command for each 7B config is on one node of 8 GPUs. The dry run needs
+    """The command in docs/training.md for each 7B config is on one node of 8 GPUs. The dry run needs
     neither the checkpoint nor the data (the config's shapes are the shipped model's), and
     writes nothing. The memory planner (``tools/plan_memory.py``) agrees with it within 10%
     on the text stages."""
