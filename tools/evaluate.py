@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from omnilong.data.sources import expand_data_files
+from omnilong.data.video import probe_video
 from omnilong.eval.family import read_image
 from omnilong.eval.niah import default_lengths, run_niah
 from omnilong.eval.session import add_model_arguments, close_session, open_session
@@ -101,8 +102,9 @@ def main() -> int:
         if args.evaluation == "niah":
             files = expand_data_files(args.haystack) if args.haystack else python_stdlib_sources()
         elif args.evaluation == "vniah":
-            check_frame_counts(args.haystack_video, args.fps, args.frame_counts)
+            probe_video(args.haystack_video)  # the file first, then the needles, then the counts
             needles = _vniah_needles(args)
+            check_frame_counts(args.haystack_video, args.fps, args.frame_counts)
         else:
             read_inputs(args.root, args.questions, args.limit, args.skip_missing_videos)
         loaded, family = open_session(args)

@@ -225,20 +225,58 @@ def test_a_set_of_needles_is_reported_per_needle_and_as_the_mean(tmp_path, monke
     assert json.loads((tmp_path / "out" / "results.json").read_text()) == summary
 
 
-def test_command_line_refuses_a_count_before_the_model_loads(tiny_videos_dir, tmp_path, monkeypatch, capsys):
-    """``video_004.mp4`` is 5 s (30 frames at 6 fps): 5 frames at 1 fps."""
-    monkeypatch.setattr("omnilong.eval.session.open_session", lambda args: pytest.fail("the model was loaded"))
+def _evaluate(argv: list[str], monkeypatch) -> int:
+    """``tools/evaluate.py`` as a user runs it (its ``main()`` with ``argv``)."""
     spec = importlib.util.spec_from_file_location(
         "evaluate", Path(__file__).resolve().parents[2] / "tools" / "evaluate.py"
     )
     evaluate = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(evaluate)
-    argv = ["vniah", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")]
-    argv += ["--haystack-video", str(tiny_videos_dir / "video_004.mp4"), "--frame-counts", "4", "8"]
-    argv += ["--needle-image", str(write_needle_image(tmp_path / "n.png")), "--question", "q", "--answer", "a"]
     monkeypatch.setattr(sys, "argv", ["evaluate", *argv])
-    assert evaluate.main() == 1
-    assert "video_004.mp4: holds 5 frames at 1 fps (5 s), fewer than the frame counts [8]" in capsys.readouterr().err
+    return evaluate.main()
+
+
+@pytest.mark.parametrize(
+    "needle_args, counts, message",
+    [
+        (
+            ["--needle-image", "{n}", "--question", "q", "--answer", "a"],
+            ["4", "8"],
+            "holds 5 frames at 1 fps (5 s), fewer than the frame counts [8]",
+        ),
+        (["--needles", "{set}", "--question", "q"], ["4"], "--needles replaces --question: give one or the other"),
+        (["--needle-image", "{n}"], ["4"], "give --needles FILE, or --question, --answer for one needle"),
+    ],
+)
+def test_command_line_refuses_before_the_model_loads(
+    needle_args, counts, message, tiny_videos_dir, tmp_path, monkeypatch, capsys
+):
+    """``video_004.mp4`` is 5 s (30 frames at 6 fps): 5 frames at 1 fps."""
+    monkeypatch.setattr("omnilong.eval.session.open_session", lambda args: pytest.fail("the model was loaded"))
+    n, needles = write_needle_image(tmp_path / "n.png"), tmp_path / "set.jsonl"
+    needles.write_text(json.dumps({"question": "q", "answer": "a", "image": "n.png"}) + "\n")
+    argv = ["vniah", "--checkpoint", str(tmp_path), "--output", str(tmp_path / "out")]
+    argv += ["--haystack-video", str(tiny_videos_dir / "video_004.mp4"), "--frame-counts", *counts]
+    argv += [a.format(n=n, set=needles) for a in needle_args]
+    assert _evaluate(argv, monkeypatch) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("evaluate: error:") and message in err[0], err
+
+
+def test_command_line_runs_a_needle_set(tiny_qwen_dir, tiny_videos_dir, tmp_path, monkeypatch):
+    write_needle_image(tmp_path / "red.png")
+    entries = [
+        {"question": "What colour is the odd frame?", "answer": "red", "image": "red.png"},
+        {"question": "Which colour?", "answer": "A", "image": "red.png", "options": ["red", "blue"]},
+    ]
+    (tmp_path / "set.json").write_text(json.dumps(entries))
+    argv = ["vniah", "--checkpoint", str(tiny_qwen_dir), "--dtype", "fp32", "--device", "cpu", "--max-new-tokens", "2"]
+    argv += ["--output", str(tmp_path / "out"), "--haystack-video", str(tiny_videos_dir / "video_005.mp4")]
+    argv += ["--needles", str(tmp_path / "set.json"), "--frame-counts", "2", "6", "--depths", "0.5", "--fps", "2"]
+    assert _evaluate(argv, monkeypatch) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert (results["items"], results["haystack_fps"], len(results["needles"])) == (4, 2.0, 2)
+    assert results["needles"][1]["options"] == {"A": "red", "B": "blue"}
 
 
 def _first_logits(model, family, prompt):
