@@ -3,8 +3,8 @@
     python tools/evaluate.py niah --checkpoint <model> --output outputs/eval/niah \
         [--haystack 'docs/*.txt' ...] [--lengths 1024 2048 ...] [--depths 0 0.25 0.5 0.75 1]
     python tools/evaluate.py vniah --checkpoint <model> --output outputs/eval/vniah \
-        --haystack-video long.mp4 --needle-image needle.png --question "..." --answer "..." \
-        [--frame-counts 16 32 ...] [--depths ...]
+        --haystack-video long.mp4 (--needles needles.jsonl | --needle-image needle.png \
+        --question "..." --answer "..." [--options ...]) [--frame-counts 16 32 ...] [--depths ...]
     python tools/evaluate.py videomme --checkpoint <model> --output outputs/eval/videomme \
         --root data/Video-MME [--num-frames 64 | --fps 1 --max-frames 768] [--subtitles both|without|with]
 
@@ -26,7 +26,7 @@ from omnilong.eval.family import read_image
 from omnilong.eval.niah import default_lengths, run_niah
 from omnilong.eval.session import add_model_arguments, close_session, open_session
 from omnilong.eval.videomme import read_inputs, run_videomme
-from omnilong.eval.vniah import run_vniah
+from omnilong.eval.vniah import Needle, check_frame_counts, make_needle, read_needles, run_vniah
 from omnilong.testing import python_stdlib_sources
 
 _DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -41,11 +41,21 @@ def _parser() -> argparse.ArgumentParser:
     niah.add_argument("--depths", nargs="+", type=float, default=_DEPTHS)
     niah.add_argument("--seed", type=int, default=0, help="seed of the needle numbers")
     vniah = commands.add_parser("vniah", help="visual needle in a haystack")
-    vniah.add_argument("--haystack-video", required=True, type=Path)
-    vniah.add_argument("--needle-image", required=True, type=Path)
-    vniah.add_argument("--question", required=True, help="the question about the needle image")
-    vniah.add_argument("--answer", required=True, help="the expected answer (generation: contained, any case)")
-    vniah.add_argument("--frame-counts", nargs="+", type=int, default=[16, 32, 64, 128])
+    vniah.add_argument("--haystack-video", required=True, type=Path, help="sampled at --fps from its start")
+    vniah.add_argument(
+        "--needles", type=Path, help="needle set: JSON list or JSONL of question, answer, image[, options]"
+    )
+    vniah.add_argument("--needle-image", type=Path, help="one needle (instead of --needles): its image")
+    vniah.add_argument("--question", help="one needle: the question about the needle image")
+    vniah.add_argument("--answer", help="one needle: the expected answer (an option letter with --options)")
+    vniah.add_argument("--options", nargs="+", help="one needle: option texts, lettered A, B, ... (multiple choice)")
+    vniah.add_argument(
+        "--frame-counts",
+        nargs="+",
+        type=int,
+        default=[16, 32, 64, 128],
+        help="haystack frames: the first N at --fps (--max-frames does not apply)",
+    )
     vniah.add_argument("--depths", nargs="+", type=float, default=_DEPTHS)
     videomme = commands.add_parser("videomme", help="Video-MME from a local copy of the release")
     videomme.add_argument("--root", required=True, type=Path, help="the release folder (videomme/, data/, subtitle/)")
@@ -67,6 +77,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _vniah_needles(args: argparse.Namespace) -> list[Needle]:
+    """V-NIAH's needles: the ``--needles`` file, or the one needle of ``--needle-image``,
+    ``--question``, ``--answer`` (and ``--options``)."""
+    single = {"--needle-image": args.needle_image, "--question": args.question, "--answer": args.answer}
+    if args.needles is not None:
+        given = [flag for flag, value in {**single, "--options": args.options}.items() if value is not None]
+        if given:
+            raise ValueError(f"--needles replaces {', '.join(given)}: give one or the other")
+        return read_needles(args.needles)
+    missing = [flag for flag, value in single.items() if value is None]
+    if missing:
+        raise ValueError(f"give --needles FILE, or {', '.join(missing)} for one needle")
+    image = read_image(args.needle_image)
+    return [make_needle(args.question, args.answer, image, str(args.needle_image), args.options or ())]
+
+
 def main() -> int:
     args = _parser().parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -76,8 +102,9 @@ def main() -> int:
         if args.evaluation == "niah":
             files = expand_data_files(args.haystack) if args.haystack else python_stdlib_sources()
         elif args.evaluation == "vniah":
-            probe_video(args.haystack_video, args.fps, args.max_frames)
-            needle = read_image(args.needle_image)
+            probe_video(args.haystack_video)  # the file first, then the needles, then the counts
+            needles = _vniah_needles(args)
+            check_frame_counts(args.haystack_video, args.fps, args.frame_counts)
         else:
             read_inputs(args.root, args.questions, args.limit, args.skip_missing_videos)
         loaded, family = open_session(args)
@@ -100,9 +127,7 @@ def main() -> int:
                 family,
                 args.output,
                 args.haystack_video,
-                needle,
-                args.question,
-                args.answer,
+                needles,
                 args.frame_counts,
                 args.depths,
                 args.max_new_tokens,
