@@ -80,6 +80,7 @@ from omnilong.hf_io import read_hf_config
 from omnilong.jsonl import read_appended_jsonl
 from omnilong.logs import setup_logging
 from omnilong.metrics import MetricsWriter, peak_memory_gb
+from omnilong.models.attention import check_attention_device
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
 from omnilong.models.parallelize import apply_context_parallel
 from omnilong.models.sequence_chunks import set_mlp_chunk_size
@@ -143,6 +144,7 @@ class OmniLongFullRecipe:
         """The device, the checkpoint's config and weights and the checkpoint to resume from:
         a bad one fails here, before processes start talking to each other."""
         self.device = resolve_device(self.cfg.device)
+        check_attention_device(self.device, self.dtype)
         self.hf_config = read_hf_config(self.checkpoint_dir)
         check_hf_weights(self.checkpoint_dir, self.hf_config)
         self.resume_from = resume_path(self.cfg)

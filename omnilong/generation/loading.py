@@ -24,6 +24,7 @@ from omnilong.checkpoint.dcp_io import load_model_tensors
 from omnilong.checkpoint.training_state import RUN_CONFIG_NAME, is_complete_checkpoint
 from omnilong.data.tokenizer import load_tokenizer
 from omnilong.hf_io import read_hf_config
+from omnilong.models.attention import check_attention_device
 from omnilong.models.hf_loading import build_model_from_hf_config, check_state_dict_matches, load_native_state_dict
 from omnilong.models.parallelize import apply_context_parallel
 from omnilong.parallel.fsdp import apply_fsdp
@@ -107,8 +108,10 @@ def load_inference_model(
     rank its shards.
 
     Raises:
-        FileNotFoundError, ValueError: a bad checkpoint path or weights that do not match.
+        FileNotFoundError, ValueError: a bad checkpoint path or weights that do not match, or a
+            GPU that cannot run the attention kernel (``check_attention_device``).
     """
+    check_attention_device(device, dtype)
     model_dir, overrides, step_dir = describe_checkpoint(path)
     hf_config = read_hf_config(model_dir)
     tokenizer = load_tokenizer(tokenizer_dir or model_dir)

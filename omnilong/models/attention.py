@@ -40,6 +40,29 @@ from omnilong.models.varlen_attention import (
     unpack_tokens,
 )
 
+#: the least CUDA compute capability of PyTorch's flash-attention kernels (Ampere)
+FLASH_MIN_CAPABILITY = (8, 0)
+
+
+def check_attention_device(device: torch.device, dtype: torch.dtype) -> None:
+    """Refuse, before any work, a CUDA GPU that :func:`kernel_for`'s kernel cannot run on:
+    in fp16/bf16 every attention on CUDA is PyTorch's flash-attention kernel, which needs
+    compute capability 8.0 (Ampere) or newer; without this check the first attention call fails.
+
+    Raises:
+        ValueError: an older GPU (names it, its capability and the fix).
+    """
+    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+        return
+    capability = torch.cuda.get_device_capability(device)
+    if capability < FLASH_MIN_CAPABILITY:
+        raise ValueError(
+            f"{torch.cuda.get_device_name(device)} (compute capability {capability[0]}.{capability[1]}) cannot run "
+            f"flash attention, which every attention in {str(dtype).removeprefix('torch.')} on CUDA uses: it needs "
+            "compute capability 8.0 or newer (Ampere: A100, A10, L40S, H100, H200, RTX 30xx and newer). Run on such "
+            "a GPU (dtype: fp32 runs exact attention, which holds every score: for short checks only)"
+        )
+
 
 def kernel_for(q: torch.Tensor) -> AttentionKernel:
     """The kernel that attends ``q``: the one place where attention kernels are chosen.

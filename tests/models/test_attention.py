@@ -307,3 +307,26 @@ def test_the_guard_leaves_nothing_behind_when_threads_overlap(no_host_sync):
     for thread in threads:
         thread.join()
     assert torch.arange(3).tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    ("capability", "dtype", "refused"),
+    [
+        ((7, 5), torch.bfloat16, True),  # a T4: flash attention's kernels need 8.0
+        ((7, 0), torch.float16, True),  # a V100
+        ((8, 0), torch.bfloat16, False),  # an A100
+        ((9, 0), torch.bfloat16, False),  # an H100
+        ((7, 5), torch.float32, False),  # fp32 runs the exact kernel, which any GPU runs
+    ],
+)
+def test_a_gpu_without_flash_attention_is_refused_before_any_work_naming_it(capability, dtype, refused):
+    with (
+        mock.patch.object(torch.cuda, "get_device_capability", return_value=capability),
+        mock.patch.object(torch.cuda, "get_device_name", return_value="Tesla T4"),
+    ):
+        if refused:
+            with pytest.raises(ValueError, match=r"Tesla T4 \(compute capability 7\.\d\).*8\.0 or newer"):
+                entry.check_attention_device(torch.device("cuda", 0), dtype)
+        else:
+            entry.check_attention_device(torch.device("cuda", 0), dtype)
+    entry.check_attention_device(torch.device("cpu"), torch.bfloat16)  # CPU is never asked about CUDA
