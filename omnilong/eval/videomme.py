@@ -68,7 +68,8 @@ ANSWER_CUE = "The best answer is:"
 _FIELDS = ("videoID", "question_id", "duration", "domain", "task_type", "question", "options", "answer")
 _OPTIONAL_FIELDS = ("video_id", "sub_category")
 ON_SETTINGS_CHANGE = ("refuse", "new-file")
-_WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".distcp", ".metadata", "config.json", "config.yaml")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+_CONFIG_NAMES = ("config.json", "config.yaml", ".metadata")  # the architecture, a run's config, DCP's index
 _FINGERPRINT_BYTES = 1 << 16
 _VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv")
 _TIME = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)")
@@ -197,17 +198,22 @@ def read_inputs(
 
 
 def checkpoint_fingerprint(checkpoint: Path) -> str:
-    """sha256 over the weight and config files of ``checkpoint`` (a Hugging Face directory, or
-    a step folder and its base model's ``config.json``): each file's name, size and first and
-    last 64 KiB. Equal for a copy of the same checkpoint; a retrained or reconverted one
-    differs (its weights' bytes do) without reading the gigabytes of it.
+    """The first 16 hex digits of a sha256 over the weight and config files of ``checkpoint``
+    (a Hugging Face directory, or a step folder and its base model's ``config.json``): each
+    file's name, size and first and last 64 KiB. Equal for a copy of the same checkpoint; a
+    retrained or reconverted one differs (its weights' bytes do) without reading the gigabytes
+    of it. Tokenizer files are not part of it.
 
     Raises:
         FileNotFoundError: not a checkpoint (:func:`describe_checkpoint`).
     """
     model_dir, _, step_dir = describe_checkpoint(checkpoint)
     files = [model_dir / "config.json"]
-    files += sorted(f for f in (step_dir or model_dir).iterdir() if f.is_file() and f.name.endswith(_WEIGHT_FILES))
+    files += sorted(
+        f
+        for f in (step_dir or model_dir).iterdir()
+        if f.is_file() and (f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _CONFIG_NAMES)
+    )
     digest = hashlib.sha256()
     for path in dict.fromkeys(files):
         size = path.stat().st_size
@@ -216,7 +222,7 @@ def checkpoint_fingerprint(checkpoint: Path) -> str:
             digest.update(f.read(_FINGERPRINT_BYTES))
             f.seek(max(size - _FINGERPRINT_BYTES, 0))
             digest.update(f.read(_FINGERPRINT_BYTES))
-    return digest.hexdigest()
+    return digest.hexdigest()[:16]
 
 
 def run_settings(family: ModelFamily, num_frames: int | None, max_new_tokens: int, checkpoint: Path) -> dict[str, Any]:
@@ -238,7 +244,8 @@ def run_settings(family: ModelFamily, num_frames: int | None, max_new_tokens: in
 
 def _settings_differences(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     """``"key (recorded -> now)"`` of each setting some row was made with otherwise (the first
-    such row's value), ``"settings (not recorded -> ...)"`` for rows from before they were."""
+    such row's value; for the checkpoint also the path it was recorded at), and one entry for
+    rows from before settings were recorded."""
     changed: dict[str, str] = {}
     for row in rows:
         recorded = row.get("settings")
@@ -247,7 +254,10 @@ def _settings_differences(rows: list[dict[str, Any]], settings: dict[str, Any]) 
             continue
         for key in sorted(set(recorded) | set(settings)):
             if recorded.get(key) != settings.get(key):
-                changed.setdefault(key, f"{key} ({recorded.get(key, '<unset>')!r} -> {settings.get(key, '<unset>')!r})")
+                at = f" at {row.get('checkpoint_path')}" if key == "checkpoint" else ""
+                changed.setdefault(
+                    key, f"{key} ({recorded.get(key, '<unset>')!r}{at} -> {settings.get(key, '<unset>')!r})"
+                )
     return list(changed.values())
 
 

@@ -6,6 +6,7 @@ videos."""
 
 import importlib.util
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -114,7 +115,8 @@ def test_answers_are_reused_only_with_the_same_settings(tiny_inference, tiny_qwe
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(ValueError, match=r"answers were made with other settings than this run's: checkpoint \("):
+    recorded = rf"checkpoint \('[0-9a-f]{{16}}' at {re.escape(str(tiny_qwen_dir))} -> '[0-9a-f]{{16}}'\)"
+    with pytest.raises(ValueError, match=rf"answers were made with other settings than this run's: {recorded}"):
         run_videomme(loaded, family, videomme_root, out, other, **first)
     assert (out / "answers.jsonl").read_text() == before  # refusing changes nothing
 
