@@ -146,7 +146,8 @@ def official_results(
     questions: Sequence[dict], responses: dict[str, str], missing_videos: Iterable[str]
 ) -> list[dict[str, Any]]:
     """``questions`` in the benchmark's results format (module docstring), videos in the
-    order their first question comes.
+    order their first question comes. A video's ``duration``, ``domain`` and ``sub_category``
+    are its first question's (the scorer keeps them per video, as the release does).
 
     Args:
         questions: question records (``videoID``, ``question_id``, ``duration``, ``domain``,
