@@ -6,7 +6,8 @@
         --haystack-video long.mp4 (--needles needles.jsonl | --needle-image needle.png \
         --question "..." --answer "..." [--options ...]) [--frame-counts 16 32 ...] [--depths ...]
     python tools/evaluate.py videomme --checkpoint <model> --output outputs/eval/videomme \
-        --root data/Video-MME [--num-frames 64 | --fps 1 --max-frames 768] [--subtitles both|without|with]
+        --root data/Video-MME [--num-frames 64 | --fps 1 --max-frames 768] [--subtitles both|without|with] \
+        [--extraction official|lmms-eval] [--on-settings-change refuse|new-file]
 
 Each writes ``results.json`` (and ``results.jsonl`` / ``answers.jsonl`` per item, a heatmap
 PNG for the needle tests when matplotlib is installed) into ``--output``. Under
@@ -25,7 +26,8 @@ from omnilong.data.video import probe_video
 from omnilong.eval.family import read_image
 from omnilong.eval.niah import default_lengths, run_niah
 from omnilong.eval.session import add_model_arguments, close_session, open_session
-from omnilong.eval.videomme import read_inputs, run_videomme
+from omnilong.eval.videomme import ON_SETTINGS_CHANGE, read_inputs, run_videomme
+from omnilong.eval.videomme_scoring import DEFAULT_EXTRACTION, EXTRACTIONS, duration_table
 from omnilong.eval.vniah import Needle, check_frame_counts, make_needle, read_needles, run_vniah
 from omnilong.testing import python_stdlib_sources
 
@@ -67,6 +69,20 @@ def _parser() -> argparse.ArgumentParser:
         "--skip-missing-videos",
         action="store_true",
         help="score without missing videos (counted in results.json) instead of stopping",
+    )
+    videomme.add_argument(
+        "--extraction",
+        default=DEFAULT_EXTRACTION,
+        choices=tuple(EXTRACTIONS),
+        help="how the letter is read from a response: official (the scorer Video-MME's README links; default) "
+        "or lmms-eval (the benchmark's first scorer, as lmms-eval reads it); stored responses are re-scored",
+    )
+    videomme.add_argument(
+        "--on-settings-change",
+        default="refuse",
+        choices=ON_SETTINGS_CHANGE,
+        help="when answers.jsonl holds answers made with other frame sampling, pixel limits, max-new-tokens "
+        "or checkpoint: refuse (default; names the difference) or new-file (keeps the old as answers.<n>.jsonl)",
     )
     for sub, tokens in ((niah, 16), (vniah, 16), (videomme, 8)):
         add_model_arguments(sub)
@@ -140,13 +156,21 @@ def main() -> int:
                 family,
                 args.root,
                 args.output,
+                args.checkpoint,
                 args.questions,
                 settings,
                 args.num_frames,
                 args.max_new_tokens,
                 args.limit,
                 args.skip_missing_videos,
+                args.extraction,
+                args.on_settings_change,
             )
+            if loaded.is_main:
+                print(f"Video-MME score (accuracy over answered questions), extraction {args.extraction}:")
+                print(duration_table(summary))
+                if summary["answers_file"]["torn_last_line_dropped"]:
+                    print("answers.jsonl: its torn last line was dropped and that answer made again")
         if loaded.is_main:
             for key, value in summary.items():
                 if key.startswith("accuracy"):

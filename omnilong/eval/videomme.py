@@ -9,7 +9,8 @@ Expected layout of ``root`` (as the Hugging Face release ``lmms-lab/Video-MME`` 
 
 A question record has ``videoID``, ``question_id``, ``duration`` (short / medium / long),
 ``domain``, ``task_type``, ``question``, ``options`` (``["A. ...", "B. ...", ...]``) and
-``answer`` (a letter); records that nest their questions under ``questions`` are flattened.
+``answer`` (a letter), and in the release also ``video_id`` ("001") and ``sub_category``
+(kept when present); records that nest their questions under ``questions`` are flattened.
 
 Frames are sampled as configured: ``num_frames`` evenly over the video, or ``fps`` with at
 most ``max_frames`` (the family's video options; pixel limits from the model's processor).
@@ -20,12 +21,25 @@ benchmark's: the subtitles first (when asked), the instruction, the question, it
 "The best answer is:"; the answer is greedy, at most ``max_new_tokens`` tokens, and scored by
 :mod:`omnilong.eval.videomme_scoring`.
 
-Resumable: each answer is appended to ``answers.jsonl`` as soon as it is made, and a rerun
-skips the ``(question_id, subtitles)`` pairs already there. ``results.json`` has, per setting
-(without / with subtitles), the official score (accuracy over answered questions) and the
-accuracy over all questions, overall and by duration, domain and task type.
+Resumable: each answer (its raw response and the run settings it was made with: frame
+sampling, pixel limits, ``max_new_tokens`` and the checkpoint's fingerprint) is appended to
+``answers.jsonl`` as soon as it is made; a rerun reuses the ``(question_id, subtitles)`` pairs
+there only when their settings equal this run's. Otherwise it refuses, naming each setting that
+differs, or (``on_settings_change="new-file"``) moves the old file aside to
+``answers.<n>.jsonl`` and starts a new one. A torn last line (the run stopped while writing it)
+is dropped, counted in ``results.json`` and made again.
+
+``results.json`` has the extraction used and the run settings and, per setting (without / with
+subtitles), the official score and the accuracy over all questions, overall and by duration,
+domain, sub-category and task type (:mod:`omnilong.eval.videomme_scoring`); responses are read
+again with the chosen extraction on every run, so changing it re-scores the stored ones.
+``submission_without_subtitles.json`` / ``submission_with_subtitles.json`` hold the answers in
+the benchmark's results format, which its scorer reads
+(:func:`~omnilong.eval.videomme_scoring.official_results`).
 """
 
+import hashlib
+import itertools
 import json
 import logging
 import re
@@ -38,8 +52,8 @@ from omnilong.data.video import DecodedVideo, decode_video
 from omnilong.eval.ask import generate_answer
 from omnilong.eval.family import ModelFamily, Prompt
 from omnilong.eval.report import progress, write_json
-from omnilong.eval.videomme_scoring import extract_answer, summarize
-from omnilong.generation.loading import InferenceModel
+from omnilong.eval.videomme_scoring import DEFAULT_EXTRACTION, get_extraction, official_results, summarize
+from omnilong.generation.loading import InferenceModel, describe_checkpoint
 from omnilong.jsonl import read_appended_jsonl
 
 logger = logging.getLogger(__name__)
@@ -52,6 +66,11 @@ SUBTITLES_INTRO = "This video's subtitles are listed below:"
 NO_SUBTITLES = "No subtitles available"
 ANSWER_CUE = "The best answer is:"
 _FIELDS = ("videoID", "question_id", "duration", "domain", "task_type", "question", "options", "answer")
+_OPTIONAL_FIELDS = ("video_id", "sub_category")
+ON_SETTINGS_CHANGE = ("refuse", "new-file")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".distcp")
+_CONFIG_NAMES = ("config.json", "config.yaml", ".metadata")  # the architecture, a run's config, DCP's index
+_FINGERPRINT_BYTES = 1 << 16
 _VIDEO_SUFFIXES = (".mp4", ".MP4", ".mkv")
 _TIME = re.compile(r"(\d+):(\d+):(\d+)[,.](\d+)")
 _TAG = re.compile(r"<[^>]+>")
@@ -93,7 +112,7 @@ def read_questions(path: Path) -> list[dict[str, Any]]:
                 raise ValueError(
                     f"{origin}: videoID {video_id!r} is not a file name (videos are read from <root>/data only)"
                 )
-            questions.append({f: row[f] for f in _FIELDS})
+            questions.append({f: row[f] for f in (*_FIELDS, *_OPTIONAL_FIELDS) if f in row})
     return questions
 
 
@@ -178,32 +197,151 @@ def read_inputs(
     return questions, videos
 
 
+def checkpoint_fingerprint(checkpoint: Path) -> str:
+    """The first 16 hex digits of a sha256 over the weight and config files of ``checkpoint``
+    (a Hugging Face directory, or a step folder and its base model's ``config.json``): each
+    file's name, size and first and last 64 KiB. Equal for a copy of the same checkpoint; a
+    retrained or reconverted one differs (its weights' bytes do) without reading the gigabytes
+    of it. Tokenizer files are not part of it.
+
+    Raises:
+        FileNotFoundError: not a checkpoint (:func:`describe_checkpoint`).
+    """
+    model_dir, _, step_dir = describe_checkpoint(checkpoint)
+    files = [model_dir / "config.json"]
+    files += sorted(
+        f
+        for f in (step_dir or model_dir).iterdir()
+        if f.is_file() and (f.name.endswith(_WEIGHT_SUFFIXES) or f.name in _CONFIG_NAMES)
+    )
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(files):
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with path.open("rb") as f:
+            digest.update(f.read(_FINGERPRINT_BYTES))
+            f.seek(max(size - _FINGERPRINT_BYTES, 0))
+            digest.update(f.read(_FINGERPRINT_BYTES))
+    return digest.hexdigest()[:16]
+
+
+def run_settings(family: ModelFamily, num_frames: int | None, max_new_tokens: int, checkpoint: Path) -> dict[str, Any]:
+    """What an answer depends on besides its question and subtitle setting: the frame sampling
+    (``num_frames`` evenly, or ``fps`` with at most ``max_frames``), the pixel limits, the
+    answer's length limit and the checkpoint (:func:`checkpoint_fingerprint`)."""
+    options = family.video_options
+    return {
+        "num_frames": num_frames,
+        "fps": None if num_frames is not None else options.fps,
+        "max_frames": None if num_frames is not None else options.max_frames,
+        "min_pixels": options.min_pixels,
+        "max_pixels": options.max_pixels,
+        "total_pixels": options.total_pixels,
+        "max_new_tokens": max_new_tokens,
+        "checkpoint": checkpoint_fingerprint(checkpoint),
+    }
+
+
+def _settings_differences(rows: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
+    """``"key (recorded -> now)"`` of each setting some row was made with otherwise (the first
+    such row's value; for the checkpoint also the path it was recorded at), and one entry for
+    rows from before settings were recorded."""
+    changed: dict[str, str] = {}
+    for row in rows:
+        recorded = row.get("settings")
+        if recorded is None:
+            changed.setdefault("settings", "settings (not recorded: written before OmniLong recorded them)")
+            continue
+        for key in sorted(set(recorded) | set(settings)):
+            if recorded.get(key) != settings.get(key):
+                at = f" at {row.get('checkpoint_path')}" if key == "checkpoint" else ""
+                changed.setdefault(
+                    key, f"{key} ({recorded.get(key, '<unset>')!r}{at} -> {settings.get(key, '<unset>')!r})"
+                )
+    return list(changed.values())
+
+
+def read_answers(
+    path: Path, settings: dict[str, Any], on_settings_change: str = "refuse", repair: bool = True
+) -> tuple[dict[tuple[str, bool], dict[str, Any]], dict[str, Any]]:
+    """The answers of ``path`` to reuse, keyed by ``(question_id, subtitles)``, and what reading
+    them found: ``{"reused", "torn_last_line_dropped", "moved_to"}``.
+
+    A torn last line is dropped (and with ``repair`` cut from the file: :func:`read_appended_jsonl`).
+    Answers made with other ``settings`` are not reused: ``on_settings_change`` ``"refuse"``
+    raises; ``"new-file"`` moves the file to ``answers.<n>.jsonl`` (the first free ``n``;
+    only with ``repair``, the one writing process) and nothing is reused.
+
+    Raises:
+        ValueError: answers made with other settings and ``on_settings_change="refuse"``
+            (names each setting that differs and both ways out); an unknown
+            ``on_settings_change``; a line before the last that is not JSON.
+    """
+    if on_settings_change not in ON_SETTINGS_CHANGE:
+        raise ValueError(f"on_settings_change must be one of {ON_SETTINGS_CHANGE}, not {on_settings_change!r}")
+    report = {"reused": 0, "torn_last_line_dropped": 0, "moved_to": None}
+    if not path.is_file():
+        return {}, report
+    lines = sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
+    rows = read_appended_jsonl(path, repair=repair)
+    report["torn_last_line_dropped"] = lines - len(rows)
+    changed = _settings_differences(rows, settings)
+    if changed and on_settings_change == "refuse":
+        raise ValueError(
+            f"{path}: its {len(rows)} answers were made with other settings than this run's: "
+            f"{', '.join(changed)}; rerun with those settings, pass --on-settings-change new-file "
+            "to start a new answers file (the old one is kept as answers.<n>.jsonl), or use another --output"
+        )
+    if changed:
+        moved = next(m for n in itertools.count(1) if not (m := path.with_name(f"answers.{n}.jsonl")).exists())
+        logger.warning("%s: answers made with other settings (%s): moved to %s", path, ", ".join(changed), moved.name)
+        if repair:
+            path.rename(moved)
+        report["moved_to"] = str(moved)
+        return {}, report
+    done = {(row["question_id"], row["subtitles"]): row for row in rows}
+    report["reused"] = len(done)
+    return done, report
+
+
 def run_videomme(
     loaded: InferenceModel,
     family: ModelFamily,
     root: Path,
     output_dir: Path,
+    checkpoint: Path,
     questions_file: Path | None = None,
     subtitle_settings: Sequence[bool] = (False, True),
     num_frames: int | None = None,
     max_new_tokens: int = 8,
     limit: int | None = None,
     skip_missing_videos: bool = False,
+    extraction: str = DEFAULT_EXTRACTION,
+    on_settings_change: str = "refuse",
 ) -> dict[str, Any]:
-    """Answer every question (per subtitle setting), resuming from ``output_dir/answers.jsonl``,
-    and write ``output_dir/results.json``.
+    """Answer every question (per subtitle setting), resuming from ``output_dir/answers.jsonl``
+    (:func:`read_answers`), and write ``output_dir/results.json`` and the results-format files
+    (module docstring).
+
+    Args:
+        checkpoint: the path ``loaded`` was loaded from (a step folder or a Hugging Face
+            directory): its fingerprint is recorded with every answer.
+        extraction: how letters are read from the responses (a name of
+            :data:`~omnilong.eval.videomme_scoring.EXTRACTIONS`).
+        on_settings_change: ``"refuse"`` or ``"new-file"`` (:func:`read_answers`).
 
     Raises:
         FileNotFoundError: missing videos (all named up to 10), unless ``skip_missing_videos``
             (then they are counted in ``results.json``).
+        ValueError: an unknown extraction; answers made with other settings
+            (:func:`read_answers`).
     """
+    chosen = get_extraction(extraction)
     questions, videos = read_inputs(root, questions_file, limit, skip_missing_videos)
     missing = sorted(v for v, p in videos.items() if p is None)
+    settings = run_settings(family, num_frames, max_new_tokens, checkpoint)
     answers_path = output_dir / "answers.jsonl"
-    done = {}
-    if answers_path.is_file():  # a torn last answer (the run stopped while writing it) is dropped and made again
-        for row in read_appended_jsonl(answers_path, repair=loaded.is_main):
-            done[(row["question_id"], row["subtitles"])] = row
+    done, answers_report = read_answers(answers_path, settings, on_settings_change, repair=loaded.is_main)
     todo = [
         (q, s)
         for q in questions
@@ -244,7 +382,8 @@ def run_videomme(
                 "frames": video.frames.shape[0],
                 "tokens": tokens,
                 "response": response,
-                "extracted": extract_answer(response),
+                "settings": settings,
+                "checkpoint_path": str(checkpoint),
             }
             done[(question["question_id"], with_subs)] = row
             if out is not None:
@@ -252,16 +391,25 @@ def run_videomme(
                 out.flush()
     if out is not None:
         out.close()
-    wanted = {(q["question_id"], s) for q in questions for s in subtitle_settings}
     results = {
         "evaluation": "videomme",
+        "extraction": {"name": chosen.name, "source": chosen.source},
+        "settings": settings,
+        "checkpoint": str(checkpoint),
         "questions": len(questions),
         "videos_missing": len(missing),
         "questions_skipped": sum(videos[q["videoID"]] is None for q in questions),
+        "answers_file": answers_report,
     }
     for with_subs in subtitle_settings:
-        rows = [r for key, r in done.items() if key in wanted and key[1] == with_subs]
-        results["with_subtitles" if with_subs else "without_subtitles"] = summarize(rows)
+        name = "with_subtitles" if with_subs else "without_subtitles"
+        rows = [done[key] for q in questions if (key := (q["question_id"], with_subs)) in done]
+        results[name] = summarize(rows, chosen.name)
+        results[name]["submission"] = f"submission_{name}.json"
+        if loaded.is_main:
+            responses = {r["question_id"]: r["response"] for r in rows}
+            submission = official_results(questions, responses, missing)
+            (output_dir / f"submission_{name}.json").write_text(json.dumps(submission, indent=2) + "\n")
     if loaded.is_main:
         write_json(output_dir / "results.json", results)
     return results
