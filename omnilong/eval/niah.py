@@ -237,8 +237,9 @@ def run_niah(
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = None
     if loaded.is_main:
-        if not done:  # else the same settings are there already
+        if restart:
             (output_dir / "results.jsonl").unlink(missing_ok=True)
+        if not done:  # else the same settings are there already
             write_json(output_dir / "settings.json", settings)
         lines = (output_dir / "results.jsonl").open("a")
     for item in progress(todo, len(todo), "NIAH", loaded.is_main):
