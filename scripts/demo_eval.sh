@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The three evaluations on CPU, on the demo's stage-3 model (run scripts/demo.sh first) or on
-# the checkpoint given as first argument: NIAH over this Python's standard-library sources,
+# the checkpoint given as first argument: NIAH in Pride and Prejudice (two needles per cell),
 # V-NIAH on a tiny generated video with a one-colour needle, Video-MME on a tiny Video-MME-shaped
 # folder. Results (results.json, heatmaps with matplotlib) in outputs/tiny-eval/.
 #
@@ -21,7 +21,7 @@ rm -rf "$out"
 .venv/bin/python tools/make_tiny_eval_data.py --videos outputs/tiny-videos --output "$out/data"
 common=(--checkpoint "$checkpoint" --dtype fp32 --device cpu)
 .venv/bin/python tools/evaluate.py niah "${common[@]}" --output "$out/niah" --lengths 256 512 1024 \
-  --depths 0 0.25 0.5 0.75 1
+  --depths 0 0.5 1 --needles 2
 .venv/bin/python tools/evaluate.py vniah "${common[@]}" --output "$out/vniah" \
   --haystack-video outputs/tiny-videos/video_005.mp4 --needle-image "$out/data/needle.png" \
   --question "What colour is the frame that shows no square?" --answer red --frame-counts 2 4 6 --fps 2

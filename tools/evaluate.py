@@ -1,7 +1,8 @@
 """Evaluate a checkpoint: text needle in a haystack, visual needle in a haystack, Video-MME.
 
     python tools/evaluate.py niah --checkpoint <model> --output outputs/eval/niah \
-        [--haystack 'docs/*.txt' ...] [--lengths 1024 2048 ...] [--depths 0 0.25 0.5 0.75 1]
+        [--haystack 'docs/*.txt' ...] [--lengths 16000 32000 ... | --length-count 8] \
+        [--depths 0 0.25 0.5 0.75 1] [--needles 5] [--restart]
     python tools/evaluate.py vniah --checkpoint <model> --output outputs/eval/vniah \
         --haystack-video long.mp4 (--needles needles.jsonl | --needle-image needle.png \
         --question "..." --answer "..." [--options ...]) [--frame-counts 16 32 ...] [--depths ...]
@@ -12,8 +13,10 @@
 Each writes ``results.json`` (and ``results.jsonl`` / ``answers.jsonl`` per item, a heatmap
 PNG for the needle tests when matplotlib is installed) into ``--output``. Under
 ``torchrun --nproc_per_node N`` every process is one context-parallel rank of one model.
-NIAH's haystack defaults to this Python's standard-library sources; its lengths default to
-1K, 2K, 4K, ... up to the model's ``max_position_embeddings``.
+NIAH's haystack defaults to *Pride and Prejudice* (omnilong/eval/data/); its lengths default to
+``--length-count`` lengths evenly spaced up to the model's ``max_position_embeddings`` less
+``--max-new-tokens`` (room for the answer); a rerun into the same ``--output`` keeps the items
+done with the same settings.
 """
 
 import argparse
@@ -24,12 +27,11 @@ from pathlib import Path
 from omnilong.data.sources import expand_data_files
 from omnilong.data.video import probe_video
 from omnilong.eval.family import read_image
-from omnilong.eval.niah import default_lengths, run_niah
+from omnilong.eval.niah import DEFAULT_HAYSTACK, default_lengths, run_niah
 from omnilong.eval.session import add_model_arguments, close_session, open_session
 from omnilong.eval.videomme import ON_SETTINGS_CHANGE, read_inputs, run_videomme
 from omnilong.eval.videomme_scoring import DEFAULT_EXTRACTION, EXTRACTIONS, duration_table
 from omnilong.eval.vniah import Needle, check_frame_counts, make_needle, read_needles, run_vniah
-from omnilong.testing import python_stdlib_sources
 
 _DEPTHS = [0.0, 0.25, 0.5, 0.75, 1.0]
 
@@ -38,10 +40,22 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="evaluation", required=True)
     niah = commands.add_parser("niah", help="text needle in a haystack")
-    niah.add_argument("--haystack", nargs="+", help="text files, directories or globs (default: the stdlib sources)")
-    niah.add_argument("--lengths", nargs="+", type=int, help="prompt lengths in tokens (default: 1K .. model limit)")
+    niah.add_argument("--haystack", nargs="+", help="text files, directories or globs (default: Pride and Prejudice)")
+    niah.add_argument(
+        "--lengths", nargs="+", type=int, help="prompt lengths in tokens (default: evenly spaced, see --length-count)"
+    )
+    niah.add_argument(
+        "--length-count",
+        type=int,
+        default=8,
+        help="the default lengths: this many, evenly spaced up to the model's limit less --max-new-tokens (8)",
+    )
     niah.add_argument("--depths", nargs="+", type=float, default=_DEPTHS)
+    niah.add_argument("--needles", type=int, default=5, help="needles per (length, depth) cell, averaged (5)")
     niah.add_argument("--seed", type=int, default=0, help="seed of the needle numbers")
+    niah.add_argument(
+        "--restart", action="store_true", help="discard the results of an earlier run in --output, not resume"
+    )
     vniah = commands.add_parser("vniah", help="visual needle in a haystack")
     vniah.add_argument("--haystack-video", required=True, type=Path, help="sampled at --fps from its start")
     vniah.add_argument(
@@ -116,7 +130,7 @@ def main() -> int:
     try:
         # input files are checked before the model loads
         if args.evaluation == "niah":
-            files = expand_data_files(args.haystack) if args.haystack else python_stdlib_sources()
+            files = expand_data_files(args.haystack) if args.haystack else [DEFAULT_HAYSTACK]
         elif args.evaluation == "vniah":
             probe_video(args.haystack_video)  # the file first, then the needles, then the counts
             needles = _vniah_needles(args)
@@ -125,7 +139,8 @@ def main() -> int:
             read_inputs(args.root, args.questions, args.limit, args.skip_missing_videos)
         loaded, family = open_session(args)
         if args.evaluation == "niah":
-            lengths = args.lengths or default_lengths(loaded.model.args.max_position_embeddings)
+            limit = loaded.model.args.max_position_embeddings
+            lengths = args.lengths or default_lengths(limit, args.max_new_tokens, args.length_count)
             summary = run_niah(
                 loaded,
                 family,
@@ -136,6 +151,8 @@ def main() -> int:
                 args.seed,
                 args.max_new_tokens,
                 not args.no_generation,
+                args.needles,
+                args.restart,
             )
         elif args.evaluation == "vniah":
             summary = run_vniah(
