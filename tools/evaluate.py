@@ -10,7 +10,9 @@
 
 Each writes ``results.json`` (and ``results.jsonl`` / ``answers.jsonl`` per item, a heatmap
 PNG for the needle tests when matplotlib is installed) into ``--output``. Under
-``torchrun --nproc_per_node N`` every process is one context-parallel rank of one model.
+``torchrun --nproc_per_node N`` the processes form groups of ``--cp-degree`` context-parallel
+ranks (default: one group of all N), each group answering its share of the items (a video's
+questions all in one group); the groups' rows are merged into the one results file.
 NIAH's haystack defaults to this Python's standard-library sources; its lengths default to
 1K, 2K, 4K, ... up to the model's ``max_position_embeddings``.
 """
@@ -24,7 +26,7 @@ from omnilong.data.sources import expand_data_files
 from omnilong.data.video import probe_video
 from omnilong.eval.family import read_image
 from omnilong.eval.niah import default_lengths, run_niah
-from omnilong.eval.session import add_model_arguments, close_session, open_session
+from omnilong.eval.session import add_group_arguments, add_model_arguments, close_session, open_session
 from omnilong.eval.videomme import read_inputs, run_videomme
 from omnilong.eval.vniah import run_vniah
 from omnilong.testing import python_stdlib_sources
@@ -60,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     for sub, tokens in ((niah, 16), (vniah, 16), (videomme, 8)):
         add_model_arguments(sub)
+        add_group_arguments(sub)
         sub.add_argument("--output", required=True, type=Path, help="directory for results.json and the rest")
         sub.add_argument("--max-new-tokens", type=int, default=tokens)
         if sub is not videomme:
@@ -80,7 +83,7 @@ def main() -> int:
             needle = read_image(args.needle_image)
         else:
             read_inputs(args.root, args.questions, args.limit, args.skip_missing_videos)
-        loaded, family = open_session(args)
+        loaded, family = open_session(args, args.cp_degree)
         if args.evaluation == "niah":
             lengths = args.lengths or default_lengths(loaded.model.args.max_position_embeddings)
             summary = run_niah(

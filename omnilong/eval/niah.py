@@ -15,7 +15,6 @@ summary, with a length x depth grid per score, to ``results.json``, and the grid
 ``heatmap.png``.
 """
 
-import json
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -25,7 +24,8 @@ from typing import Any
 from omnilong.data.sources import read_text_documents
 from omnilong.eval.ask import generate_answer, reproduces_answer
 from omnilong.eval.family import ModelFamily, Prompt
-from omnilong.eval.report import grid_accuracy, progress, write_heatmaps, write_json
+from omnilong.eval.groups import GroupResults
+from omnilong.eval.report import grid_accuracy, write_heatmaps, write_json
 from omnilong.generation.loading import InferenceModel
 
 NEEDLE = "The special magic number is {number}."
@@ -140,10 +140,8 @@ def run_niah(
     """
     haystack = read_haystack(haystack_files, loaded.tokenizer, max(lengths))
     items = build_items(loaded.tokenizer, family, haystack, lengths, depths, seed)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    lines = (output_dir / "results.jsonl").open("w") if loaded.is_main else None
-    for item in progress(items, len(items), "NIAH", loaded.is_main):
+    results = GroupResults(loaded, output_dir / "results.jsonl", resume=False)
+    for item in results.run(items, "NIAH", cost=lambda item: item.length):
         prompt = Prompt(item.context + "\n\n" + QUESTION)
         record: dict[str, Any | None] = {k: v for k, v in asdict(item).items() if k != "context"}
         record["forced_correct"] = reproduces_answer(loaded, family, prompt, item.number)
@@ -152,12 +150,8 @@ def run_niah(
             record.update(answer=answer, generation_correct=item.number in answer)
         else:
             record["tokens"] = family.prompt_inputs(prompt)[0]["input_ids"].shape[1]
-        records.append(record)
-        if lines is not None:
-            lines.write(json.dumps(record) + "\n")
-            lines.flush()
-    if lines is not None:
-        lines.close()
+        results.write(record)
+    records = results.finish()  # every group's, in item order
     scores = ["forced_correct"] + (["generation_correct"] if generate else [])
     summary = {
         "evaluation": "niah",

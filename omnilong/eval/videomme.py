@@ -26,7 +26,6 @@ skips the ``(question_id, subtitles)`` pairs already there. ``results.json`` has
 accuracy over all questions, overall and by duration, domain and task type.
 """
 
-import json
 import logging
 import re
 from collections.abc import Sequence
@@ -37,7 +36,8 @@ from omnilong.data.sources import read_records
 from omnilong.data.video import DecodedVideo, decode_video
 from omnilong.eval.ask import generate_answer
 from omnilong.eval.family import ModelFamily, Prompt
-from omnilong.eval.report import progress, write_json
+from omnilong.eval.groups import GroupResults
+from omnilong.eval.report import write_json
 from omnilong.eval.videomme_scoring import extract_answer, summarize
 from omnilong.generation.loading import InferenceModel
 from omnilong.jsonl import read_appended_jsonl
@@ -200,6 +200,7 @@ def run_videomme(
     questions, videos = read_inputs(root, questions_file, limit, skip_missing_videos)
     missing = sorted(v for v, p in videos.items() if p is None)
     answers_path = output_dir / "answers.jsonl"
+    answers = GroupResults(loaded, answers_path, resume=True)
     done = {}
     if answers_path.is_file():  # a torn last answer (the run stopped while writing it) is dropped and made again
         for row in read_appended_jsonl(answers_path, repair=loaded.is_main):
@@ -218,11 +219,9 @@ def run_videomme(
         len(todo),
         len(missing),
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    out = answers_path.open("a") if loaded.is_main else None
     decoded: tuple[str | None, Any] = (None, None)
     with family.frame_feature_cache(loaded.model) as cache:
-        for question, with_subs in progress(todo, len(todo), "Video-MME", loaded.is_main):
+        for question, with_subs in answers.run(todo, "Video-MME", key=lambda item: item[0]["videoID"]):
             video_id = question["videoID"]
             if decoded[0] != video_id:  # questions come grouped by video: decode (and encode) each once
                 cache.clear()
@@ -246,12 +245,9 @@ def run_videomme(
                 "response": response,
                 "extracted": extract_answer(response),
             }
-            done[(question["question_id"], with_subs)] = row
-            if out is not None:
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-    if out is not None:
-        out.close()
+            answers.write(row)
+    for row in answers.finish():  # every group's answers
+        done[(row["question_id"], row["subtitles"])] = row
     wanted = {(q["question_id"], s) for q in questions for s in subtitle_settings}
     results = {
         "evaluation": "videomme",

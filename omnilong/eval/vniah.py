@@ -16,7 +16,6 @@ Scores per item: teacher forcing of ``answer`` and a greedy answer containing ``
 ``heatmap.png``.
 """
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,8 @@ import torchvision.transforms.v2.functional as tvF
 from omnilong.data.video import DecodedVideo, decode_video
 from omnilong.eval.ask import generate_answer, reproduces_answer
 from omnilong.eval.family import ModelFamily, Prompt
-from omnilong.eval.report import grid_accuracy, progress, write_heatmaps, write_json
+from omnilong.eval.groups import GroupResults
+from omnilong.eval.report import grid_accuracy, write_heatmaps, write_json
 from omnilong.generation.loading import InferenceModel
 
 
@@ -68,12 +68,10 @@ def run_vniah(
     if min(frame_counts) < step:
         raise ValueError(f"frame counts must be >= {step} (one encoding step of the model), got {list(frame_counts)}")
     haystack = decode_video(haystack_video, family.video_options.fps, max(frame_counts))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    lines = (output_dir / "results.jsonl").open("w") if loaded.is_main else None
+    results = GroupResults(loaded, output_dir / "results.jsonl", resume=False)
     items = [(n, d) for n in frame_counts for d in depths]
     with family.frame_feature_cache(loaded.model) as cache:
-        for count, depth in progress(items, len(items), "V-NIAH", loaded.is_main):
+        for count, depth in results.run(items, "V-NIAH", cost=lambda item: item[0]):
             frames = haystack.frames[:count]
             frames = frames[: frames.shape[0] - frames.shape[0] % step]
             video, index = insert_needle(frames, needle, depth, step)
@@ -92,13 +90,9 @@ def run_vniah(
                 cache.expect(keys)
                 text, record["tokens"] = generate_answer(loaded, family, prompt, max_new_tokens)
                 record.update(answer=text, generation_correct=answer.lower() in text.lower())
-            records.append(record)
-            if lines is not None:
-                lines.write(json.dumps(record) + "\n")
-                lines.flush()
-        encoded = cache.encoded
-    if lines is not None:
-        lines.close()
+            results.write(record)
+        encoded = results.total(cache.encoded)  # over the groups
+    records = results.finish()  # every group's, in item order
     scores = ["forced_correct"] + (["generation_correct"] if generate else [])
     summary = {
         "evaluation": "vniah",
