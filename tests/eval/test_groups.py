@@ -1,8 +1,8 @@
 """Evaluations split over data-parallel groups (``omnilong/eval/groups.py``): how items are
 dealt, progress in a log file, one results file merged from the groups' part files, and the
 oracle of the split: the same rows, item for item and in the same file order, from two groups
-of one rank, one cp group of two ranks and a single process (the tiny Qwen2.5-VL in fp32;
-greedy answers compared exactly)."""
+of one rank, one cp group of two ranks, two groups of two cp ranks and a single process (the
+tiny Qwen2.5-VL in fp32; greedy answers compared exactly)."""
 
 import io
 import json
@@ -96,21 +96,24 @@ def _files(out):
     return [(out / name).read_text().splitlines() for name in ("videomme/answers.jsonl", "niah/results.jsonl")]
 
 
-def _on_ranks(rank, world_size, model_dir, root, out):
-    """Both layouts of two ranks, sharing each output folder; rank 0 also reads the files."""
+def _on_ranks(rank, world_size, model_dir, root, out, cp_degrees):
+    """Each layout of ``world_size`` ranks, sharing each output folder; rank 0 also reads the files."""
     runs = {}
-    for cp in (1, 2):
+    for cp in cp_degrees:
         summaries = _evaluate(model_dir, root, out / f"cp{cp}", cp)
         runs[cp] = (_files(out / f"cp{cp}") if rank == 0 else None, summaries)
     return runs
 
 
-def test_two_groups_equal_one_cp_group_and_one_process(tiny_qwen_dir, tiny_videos_dir, tmp_path, run_distributed):
+def test_groups_equal_one_cp_group_and_one_process(tiny_qwen_dir, tiny_videos_dir, tmp_path, run_distributed):
+    """2 ranks as two groups of one and as one cp group of two; 4 ranks as two groups of two
+    (parameters sharded within a group, replicated across: HSDP)."""
     root = write_tiny_videomme(tmp_path / "videomme", tiny_videos_dir, n_videos=3)  # 3 videos, 12 answers
     single = _evaluate(tiny_qwen_dir, root, tmp_path / "single", None)
     files = _files(tmp_path / "single")
     assert len(files[0]) == 12 and len(files[1]) == 4
-    ranks = run_distributed(_on_ranks, 2, tiny_qwen_dir, root, tmp_path / "ranks")
-    for cp in (1, 2):  # 1: two groups of one rank; 2: one group of two cp ranks
-        assert ranks[0][cp][0] == files  # item for item, in the single process's order
-        assert ranks[0][cp][1] == ranks[1][cp][1] == single  # every rank returns the whole summary
+    for world, cp_degrees in ((2, (1, 2)), (4, (2,))):
+        ranks = run_distributed(_on_ranks, world, tiny_qwen_dir, root, tmp_path / f"world{world}", cp_degrees)
+        for cp in cp_degrees:
+            assert ranks[0][cp][0] == files, (world, cp)  # item for item, in the single process's order
+            assert all(rank[cp][1] == single for rank in ranks), (world, cp)  # every rank: the whole summary
