@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs OmniLong into ./.venv (Python 3.10-3.13) and FFmpeg when missing and installable.
-# Optional extras (pyproject.toml), comma-separated: OMNILONG_EXTRAS=wandb bash scripts/setup.sh
+# Extras (pyproject.toml): always test and eval (matplotlib, for the evaluations' heatmaps); more,
+# comma-separated: OMNILONG_EXTRAS=wandb bash scripts/setup.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,7 +16,7 @@ fi
 
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-EXTRAS=test${OMNILONG_EXTRAS:+,$OMNILONG_EXTRAS}
+EXTRAS=test,eval${OMNILONG_EXTRAS:+,$OMNILONG_EXTRAS}
 # constraints.txt: the exact versions CI tests (pyproject.toml gives ranges for library users).
 .venv/bin/python -m pip install -q --disable-pip-version-check -c constraints.txt -e ".[$EXTRAS]"
 echo "setup: done (.venv, extras: $EXTRAS); run commands after: source .venv/bin/activate"

@@ -12,7 +12,9 @@
 
 Each writes ``results.json`` (and ``results.jsonl`` / ``answers.jsonl`` per item, a heatmap
 PNG for the needle tests when matplotlib is installed) into ``--output``. Under
-``torchrun --nproc_per_node N`` every process is one context-parallel rank of one model.
+``torchrun --nproc_per_node N`` the processes form groups of ``--cp-degree`` context-parallel
+ranks (default: one group of all N), each group answering its share of the items (a video's
+questions all in one group); the groups' rows are merged into the one results file.
 NIAH's haystack defaults to *Pride and Prejudice* (omnilong/eval/data/); its lengths default to
 ``--length-count`` lengths evenly spaced up to the model's ``max_position_embeddings`` less
 ``--max-new-tokens`` (room for the answer); a rerun into the same ``--output`` keeps the items
@@ -28,7 +30,7 @@ from omnilong.data.sources import expand_data_files
 from omnilong.data.video import probe_video
 from omnilong.eval.family import read_image
 from omnilong.eval.niah import DEFAULT_HAYSTACK, default_lengths, run_niah
-from omnilong.eval.session import add_model_arguments, close_session, open_session
+from omnilong.eval.session import add_group_arguments, add_model_arguments, close_session, open_session
 from omnilong.eval.videomme import ON_SETTINGS_CHANGE, read_inputs, run_videomme
 from omnilong.eval.videomme_scoring import DEFAULT_EXTRACTION, EXTRACTIONS, duration_table
 from omnilong.eval.vniah import Needle, check_frame_counts, make_needle, read_needles, run_vniah
@@ -100,6 +102,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     for sub, tokens in ((niah, 16), (vniah, 16), (videomme, 8)):
         add_model_arguments(sub)
+        add_group_arguments(sub)
         sub.add_argument("--output", required=True, type=Path, help="directory for results.json and the rest")
         sub.add_argument("--max-new-tokens", type=int, default=tokens)
         if sub is not videomme:
@@ -137,7 +140,7 @@ def main() -> int:
             check_frame_counts(args.haystack_video, args.fps, args.frame_counts)
         else:
             read_inputs(args.root, args.questions, args.limit, args.skip_missing_videos)
-        loaded, family = open_session(args)
+        loaded, family = open_session(args, args.cp_degree)
         if args.evaluation == "niah":
             limit = loaded.model.args.max_position_embeddings
             lengths = args.lengths or default_lengths(limit, args.max_new_tokens, args.length_count)

@@ -33,7 +33,8 @@ from typing import Any
 from omnilong.data.sources import read_text_documents
 from omnilong.eval.ask import generate_answer, reproduces_answer
 from omnilong.eval.family import ModelFamily, Prompt
-from omnilong.eval.report import grid_accuracy, progress, write_heatmaps, write_json
+from omnilong.eval.groups import GroupResults
+from omnilong.eval.report import grid_accuracy, write_heatmaps, write_json
 from omnilong.generation.loading import InferenceModel
 from omnilong.jsonl import read_appended_jsonl
 
@@ -221,7 +222,8 @@ def run_niah(
         "generation": generate,
         "max_new_tokens": max_new_tokens,
     }
-    done = {} if restart else finished_records(output_dir, settings, repair=loaded.is_main)
+    results = GroupResults(loaded, output_dir / "results.jsonl", resume=not restart)  # restart: emptied
+    done = finished_records(output_dir, settings, repair=loaded.is_main)
     haystack, passes = read_haystack(documents, loaded.tokenizer, max(lengths))
     items = build_items(loaded.tokenizer, family, haystack, lengths, depths, seed, needles)
     todo = [item for item in items if _key(asdict(item)) not in done]
@@ -234,15 +236,9 @@ def run_niah(
         output_dir / "results.jsonl",
         len(todo),
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lines = None
-    if loaded.is_main:
-        if restart:
-            (output_dir / "results.jsonl").unlink(missing_ok=True)
-        if not done:  # else the same settings are there already
-            write_json(output_dir / "settings.json", settings)
-        lines = (output_dir / "results.jsonl").open("a")
-    for item in progress(todo, len(todo), "NIAH", loaded.is_main):
+    if loaded.is_main and not done:  # else the same settings are there already
+        write_json(output_dir / "settings.json", settings)
+    for item in results.run(todo, "NIAH", cost=lambda item: item.length):
         prompt = Prompt(item.context + "\n\n" + QUESTION)
         record: dict[str, Any | None] = {k: v for k, v in asdict(item).items() if k != "context"}
         record["forced_correct"] = reproduces_answer(loaded, family, prompt, item.number)
@@ -251,12 +247,8 @@ def run_niah(
             record.update(answer=answer, generation_correct=item.number in answer)
         else:
             record["tokens"] = family.prompt_inputs(prompt)[0]["input_ids"].shape[1]
-        done[_key(record)] = record
-        if lines is not None:
-            lines.write(json.dumps(record) + "\n")
-            lines.flush()
-    if lines is not None:
-        lines.close()
+        results.write(record)
+    done.update((_key(record), record) for record in results.finish())  # every group's
     records = [done[_key(asdict(item))] for item in items]
     scores = ["forced_correct"] + (["generation_correct"] if generate else [])
     summary = {

@@ -1,12 +1,14 @@
-"""Evaluation outputs: ``results.json``, a progress bar over items, and heatmaps (matplotlib
-is an optional extra: ``pip install -e ".[eval]"``; without it the JSON is written and the
-log says how to get the picture)."""
+"""Evaluation outputs: ``results.json``, progress over items (a bar on a terminal, plain log
+lines otherwise), and heatmaps (matplotlib is the ``eval`` extra, which ``scripts/setup.sh``
+installs; without it the JSON is written and the log says how to get the picture)."""
 
 import json
 import logging
+import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TextIO, TypeVar
 
 from tqdm import tqdm
 
@@ -14,10 +16,54 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def progress(items: Iterable[T], total: int, description: str, enabled: bool) -> Iterator[T]:
-    """A tqdm bar over ``items`` (on the writing rank only, and only when stderr is a terminal:
-    redirected to a file a bar is one long line)."""
-    return iter(tqdm(items, total=total, desc=description, disable=None if enabled else True, dynamic_ncols=True))
+#: Seconds between two plain progress lines (the last item always gets one).
+PROGRESS_INTERVAL_S = 30.0
+
+
+def progress(
+    items: Iterable[T],
+    total: int,
+    description: str,
+    enabled: bool,
+    bar: bool = True,
+    interval_s: float = PROGRESS_INTERVAL_S,
+    stream: TextIO | None = None,
+) -> Iterator[T]:
+    """``items``, reporting progress when ``enabled`` (a writing rank): a tqdm bar when ``bar``
+    and ``stream`` (default stderr) is a terminal, otherwise a plain log line (done / total,
+    items per second, time left) every ``interval_s`` seconds and after the last item, as the
+    training loop logs steps (redirected to a file a bar would be one long line)."""
+    stream = stream or sys.stderr
+    if not enabled:
+        return iter(items)
+    if bar and stream.isatty():
+        return iter(tqdm(items, total=total, desc=description, dynamic_ncols=True, file=stream))
+    return _progress_lines(items, total, description, interval_s)
+
+
+def _progress_lines(items: Iterable[T], total: int, description: str, interval_s: float) -> Iterator[T]:
+    start = last = time.monotonic()
+    for done, item in enumerate(items, start=1):
+        yield item  # the caller works on it; the line after it counts it done
+        now = time.monotonic()
+        if done == total or now - last >= interval_s:
+            last = now
+            rate = done / max(now - start, 1e-9)
+            logger.info(
+                "%s: %d/%d items (%.0f%%), %.3g items/s, %s left",
+                description,
+                done,
+                total,
+                100 * done / max(total, 1),
+                rate,
+                _clock(max(total - done, 0) / rate),
+            )
+
+
+def _clock(seconds: float) -> str:
+    """``h:mm:ss``."""
+    minutes, s = divmod(round(seconds), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{s:02d}"
 
 
 def write_json(path: Path, results: dict[str, Any]) -> None:

@@ -1,6 +1,7 @@
 """Command-line plumbing shared by ``tools/generate.py`` and ``tools/evaluate.py``: the model
-flags, the process group under torchrun (one cp group of all ranks), the loaded checkpoint
-and its family."""
+flags, the process group under torchrun (the ranks in data-parallel groups of ``--cp-degree``
+ranks, :mod:`omnilong.eval.groups`; by default one cp group of all ranks), the loaded
+checkpoint and its family."""
 
 import argparse
 import os
@@ -40,13 +41,23 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def open_session(args: argparse.Namespace) -> tuple[InferenceModel, ModelFamily]:
-    """Load ``args.checkpoint`` (under torchrun with several processes: all of them one cp
-    group) and its family."""
+def add_group_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--cp-degree``: the ranks of each data-parallel group of an evaluation."""
+    parser.add_argument(
+        "--cp-degree",
+        type=int,
+        help="under torchrun: ranks per context-parallel group, each group a model copy answering its "
+        "share of the items; enough ranks for the longest input (default: all ranks one group)",
+    )
+
+
+def open_session(args: argparse.Namespace, cp_degree: int | None = None) -> tuple[InferenceModel, ModelFamily]:
+    """Load ``args.checkpoint`` (under torchrun with several processes: in groups of
+    ``cp_degree`` ranks, default all of them one cp group) and its family."""
     device = resolve_device(args.device)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         init_distributed(device)
-    loaded = load_inference_model(args.checkpoint, device, _DTYPES[args.dtype], args.tokenizer)
+    loaded = load_inference_model(args.checkpoint, device, _DTYPES[args.dtype], args.tokenizer, cp_degree)
     family = family_for(
         loaded.hf_config.get("model_type"),
         loaded.tokenizer,

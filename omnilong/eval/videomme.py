@@ -51,7 +51,8 @@ from omnilong.data.sources import read_records
 from omnilong.data.video import DecodedVideo, decode_video
 from omnilong.eval.ask import generate_answer
 from omnilong.eval.family import ModelFamily, Prompt
-from omnilong.eval.report import progress, write_json
+from omnilong.eval.groups import GroupResults
+from omnilong.eval.report import write_json
 from omnilong.eval.videomme_scoring import DEFAULT_EXTRACTION, get_extraction, official_results, summarize
 from omnilong.generation.loading import InferenceModel, describe_checkpoint
 from omnilong.jsonl import read_appended_jsonl
@@ -262,15 +263,16 @@ def _settings_differences(rows: list[dict[str, Any]], settings: dict[str, Any]) 
 
 
 def read_answers(
-    path: Path, settings: dict[str, Any], on_settings_change: str = "refuse", repair: bool = True
+    path: Path, settings: dict[str, Any], on_settings_change: str = "refuse"
 ) -> tuple[dict[tuple[str, bool], dict[str, Any]], dict[str, Any]]:
     """The answers of ``path`` to reuse, keyed by ``(question_id, subtitles)``, and what reading
-    them found: ``{"reused", "torn_last_line_dropped", "moved_to"}``.
+    them found: ``{"reused", "torn_last_line_dropped", "moved_to"}``. Reads only (every rank
+    reads alike and so decides alike); :func:`tidy_answers` then acts on the report.
 
-    A torn last line is dropped (and with ``repair`` cut from the file: :func:`read_appended_jsonl`).
-    Answers made with other ``settings`` are not reused: ``on_settings_change`` ``"refuse"``
-    raises; ``"new-file"`` moves the file to ``answers.<n>.jsonl`` (the first free ``n``;
-    only with ``repair``, the one writing process) and nothing is reused.
+    A torn last line is dropped. Answers made with other ``settings`` are not reused:
+    ``on_settings_change`` ``"refuse"`` raises; ``"new-file"`` names the file
+    ``answers.<n>.jsonl`` (the first free ``n``) the old one is to be moved to, and nothing is
+    reused.
 
     Raises:
         ValueError: answers made with other settings and ``on_settings_change="refuse"``
@@ -283,7 +285,7 @@ def read_answers(
     if not path.is_file():
         return {}, report
     lines = sum(1 for line in path.read_bytes().split(b"\n") if line.strip())
-    rows = read_appended_jsonl(path, repair=repair)
+    rows = read_appended_jsonl(path, repair=False)
     report["torn_last_line_dropped"] = lines - len(rows)
     changed = _settings_differences(rows, settings)
     if changed and on_settings_change == "refuse":
@@ -295,13 +297,21 @@ def read_answers(
     if changed:
         moved = next(m for n in itertools.count(1) if not (m := path.with_name(f"answers.{n}.jsonl")).exists())
         logger.warning("%s: answers made with other settings (%s): moved to %s", path, ", ".join(changed), moved.name)
-        if repair:
-            path.rename(moved)
         report["moved_to"] = str(moved)
         return {}, report
     done = {(row["question_id"], row["subtitles"]): row for row in rows}
     report["reused"] = len(done)
     return done, report
+
+
+def tidy_answers(path: Path, report: dict[str, Any]) -> None:
+    """Act on :func:`read_answers`' ``report`` (by the one writing process, once every rank has
+    read): move the file to ``report["moved_to"]``, or cut its torn last line, so that new
+    answers are appended after whole lines."""
+    if report["moved_to"] is not None:
+        path.rename(report["moved_to"])
+    elif report["torn_last_line_dropped"]:
+        read_appended_jsonl(path, repair=True)
 
 
 def run_videomme(
@@ -341,7 +351,11 @@ def run_videomme(
     missing = sorted(v for v, p in videos.items() if p is None)
     settings = run_settings(family, num_frames, max_new_tokens, checkpoint)
     answers_path = output_dir / "answers.jsonl"
-    done, answers_report = read_answers(answers_path, settings, on_settings_change, repair=loaded.is_main)
+    answers = GroupResults(loaded, answers_path, resume=True)  # leftover part files folded in
+    done, answers_report = read_answers(answers_path, settings, on_settings_change)  # every rank alike
+    answers.barrier()  # every rank has read the file before rank 0 cuts or moves it
+    if loaded.is_main:
+        tidy_answers(answers_path, answers_report)
     todo = [
         (q, s)
         for q in questions
@@ -356,11 +370,9 @@ def run_videomme(
         len(todo),
         len(missing),
     )
-    output_dir.mkdir(parents=True, exist_ok=True)
-    out = answers_path.open("a") if loaded.is_main else None
     decoded: tuple[str | None, Any] = (None, None)
     with family.frame_feature_cache(loaded.model) as cache:
-        for question, with_subs in progress(todo, len(todo), "Video-MME", loaded.is_main):
+        for question, with_subs in answers.run(todo, "Video-MME", key=lambda item: item[0]["videoID"]):
             video_id = question["videoID"]
             if decoded[0] != video_id:  # questions come grouped by video: decode (and encode) each once
                 cache.clear()
@@ -385,12 +397,9 @@ def run_videomme(
                 "settings": settings,
                 "checkpoint_path": str(checkpoint),
             }
-            done[(question["question_id"], with_subs)] = row
-            if out is not None:
-                out.write(json.dumps(row) + "\n")
-                out.flush()
-    if out is not None:
-        out.close()
+            answers.write(row)
+    for row in answers.finish():  # every group's answers
+        done[(row["question_id"], row["subtitles"])] = row
     results = {
         "evaluation": "videomme",
         "extraction": {"name": chosen.name, "source": chosen.source},

@@ -46,7 +46,8 @@ import torchvision.transforms.v2.functional as tvF
 from omnilong.data.video import DecodedVideo, SampledVideo
 from omnilong.eval.ask import generate_answer, reproduces_answer
 from omnilong.eval.family import ModelFamily, Prompt, read_image
-from omnilong.eval.report import grid_accuracy, progress, write_heatmaps, write_json
+from omnilong.eval.groups import GroupResults
+from omnilong.eval.report import grid_accuracy, write_heatmaps, write_json
 from omnilong.generation.loading import InferenceModel
 
 # LongVA's instruction after the options of its multiple-choice needles (needle_datasets/dataset.json).
@@ -252,12 +253,10 @@ def run_vniah(
     fps = family.video_options.fps
     check_frame_counts(haystack_video, fps, frame_counts, step)
     haystack = _haystack(haystack_video, fps).decode(indices=range(max(frame_counts)))
-    output_dir.mkdir(parents=True, exist_ok=True)
-    records = []
-    lines = (output_dir / "results.jsonl").open("w") if loaded.is_main else None
+    results = GroupResults(loaded, output_dir / "results.jsonl", resume=False)
     items = [(n, d, k) for n in frame_counts for d in depths for k in range(len(needles))]
     with family.frame_feature_cache(loaded.model) as cache:
-        for count, depth, k in progress(items, len(items), "V-NIAH", loaded.is_main):
+        for count, depth, k in results.run(items, "V-NIAH", cost=lambda item: item[0]):
             needle = needles[k]
             frames = haystack.frames[:count]
             video, index = insert_needle(frames, needle.image, depth, step)
@@ -280,13 +279,9 @@ def run_vniah(
                 record["generation_correct"], chosen = judge_reply(needle, text)
                 if chosen is not None:
                     record["chosen"] = chosen
-            records.append(record)
-            if lines is not None:
-                lines.write(json.dumps(record) + "\n")
-                lines.flush()
-        encoded = cache.encoded
-    if lines is not None:
-        lines.close()
+            results.write(record)
+        encoded = results.total(cache.encoded)  # over the groups
+    records = results.finish()  # every group's, in item order
     names = ["forced"] + (["generation"] if generate else [])
     summary = {
         "evaluation": "vniah",

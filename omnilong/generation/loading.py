@@ -1,6 +1,9 @@
 """A checkpoint ready to answer prompts: native model (eval mode), tokenizer, and, when the
-process runs under torchrun with several ranks, ring attention over them (every rank is one
-cp rank of the same model; parameters FSDP-sharded over the ranks, as in training).
+process runs under torchrun with several ranks, its meshes: the ranks split into
+``world / cp_degree`` data-parallel groups of ``cp_degree`` consecutive ranks (group ``g`` holds
+ranks ``g * cp_degree ..``), each group one model copy with ring attention over its ranks and
+parameters FSDP-sharded within it (replicated across groups, i.e. HSDP). ``cp_degree`` 1: every
+rank holds the whole model and no mesh is built. By default all ranks form one cp group.
 
 A checkpoint is either a Hugging Face model directory (``config.json`` + safetensors) or a
 training step folder (``output_dir/checkpoints/step_N``: DCP files and the run's
@@ -43,7 +46,8 @@ class InferenceModel:
         hf_config: the parsed ``config.json`` the model was built from.
         model_dir: the Hugging Face directory holding config, tokenizer and processor files.
         device: where inputs go.
-        meshes: the meshes when running on several ranks, else ``None``.
+        meshes: the meshes when the model runs over several cp ranks (mesh
+            ``(dp_replicate = groups, dp_shard = 1, cp)``), else ``None``.
     """
 
     model: nn.Module
@@ -101,15 +105,18 @@ def load_inference_model(
     device: torch.device,
     dtype: torch.dtype = torch.bfloat16,
     tokenizer_dir: str | Path | None = None,
+    cp_degree: int | None = None,
 ) -> InferenceModel:
     """Load a checkpoint for generation. Without a process group of several ranks the model is
-    whole on ``device``; with one (torchrun), all ranks form one cp group: ring attention over
-    them and parameters FSDP-sharded over them, rank 0 reading the weights and sending each
-    rank its shards.
+    whole on ``device``. With one (torchrun), the ranks form groups of ``cp_degree`` (default:
+    all ranks one group): in each, ring attention over its ranks and parameters FSDP-sharded
+    over them, rank 0 reading the weights and sending each rank its shards; with
+    ``cp_degree`` 1 every rank reads the whole model itself.
 
     Raises:
-        FileNotFoundError, ValueError: a bad checkpoint path or weights that do not match, or a
-            GPU that cannot run the attention kernel (``check_attention_device``).
+        FileNotFoundError, ValueError: a bad checkpoint path, weights that do not match, a
+            ``cp_degree`` that does not divide the number of ranks, or a GPU that cannot run
+            the attention kernel (``check_attention_device``).
     """
     check_attention_device(device, dtype)
     model_dir, overrides, step_dir = describe_checkpoint(path)
@@ -118,18 +125,28 @@ def load_inference_model(
     with torch.device("meta"):
         model = build_model_from_hf_config(hf_config, **overrides)
     world = dist.get_world_size() if dist.is_initialized() else 1
+    cp = world if cp_degree is None else cp_degree
+    if cp < 1 or world % cp:
+        raise ValueError(f"cp_degree {cp} must divide the number of ranks ({world}): pick a divisor of {world}")
     meshes = None
-    if world == 1:
+    if cp == 1:
         model.load_state_dict(_read_weights(model, model_dir, step_dir, dtype), assign=True)
         if model.args.tie_word_embeddings:
             model.output.weight = model.tok_embeddings.weight
         model.to(device)
     else:
-        meshes = build_mesh(ParallelDims.resolve(world, 1, 1, world), device.type)
+        meshes = build_mesh(ParallelDims.resolve(world, world // cp, 1, cp), device.type)
         apply_context_parallel(hf_config, model, meshes.cp)
         apply_fsdp(model, meshes, param_dtype=None if dtype == torch.float32 else dtype)  # shards stay fp32
         model.to_empty(device=device)
         weights = _read_weights(model, model_dir, step_dir, dtype) if dist.get_rank() == 0 else {}
         set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    logger.info("loaded %s (%s) on %d rank(s)", path, model_dir if step_dir else "Hugging Face directory", world)
+    logger.info(
+        "loaded %s (%s) on %d rank(s): %d group(s) of %d cp rank(s)",
+        path,
+        model_dir if step_dir else "Hugging Face directory",
+        world,
+        world // cp,
+        cp,
+    )
     return InferenceModel(model.eval(), tokenizer, hf_config, model_dir, device, meshes)

@@ -16,10 +16,12 @@ import pytest
 from omnilong.eval.videomme import (
     build_prompt_text,
     checkpoint_fingerprint,
+    read_answers,
     read_questions,
     read_subtitles,
     run_videomme,
     subtitles_at,
+    tidy_answers,
 )
 from omnilong.eval.videomme_scoring import extract_answer
 from omnilong.testing.tiny_eval_data import write_tiny_videomme
@@ -223,3 +225,22 @@ def test_command_line_prints_the_duration_table_and_names_a_settings_change(
     assert evaluate.main() == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "max_new_tokens (1 -> 2)" in err[0] and "--on-settings-change new-file" in err[0]
+
+
+def test_reading_answers_changes_nothing_so_every_rank_reads_alike(tmp_path):
+    """Under torchrun every rank reads ``answers.jsonl`` and must decide alike, while rank 0
+    alone cuts a torn line or moves the file aside (after a barrier): ``read_answers`` only
+    reads, ``tidy_answers`` acts on its report."""
+    settings = {"max_new_tokens": 8}
+    path = tmp_path / "answers.jsonl"
+    row = {"question_id": "001-1", "subtitles": False, "response": "A", "settings": settings}
+    text = json.dumps(row) + '\n{"question_id": "001-2", "subt'
+    path.write_text(text)
+    done, report = read_answers(path, settings)
+    assert path.read_text() == text and list(done) == [("001-1", False)] and report["torn_last_line_dropped"] == 1
+    tidy_answers(path, report)
+    assert path.read_text() == json.dumps(row) + "\n"
+    done, report = read_answers(path, {"max_new_tokens": 16}, on_settings_change="new-file")
+    assert done == {} and path.is_file() and report["moved_to"] == str(tmp_path / "answers.1.jsonl")
+    tidy_answers(path, report)
+    assert not path.exists() and (tmp_path / "answers.1.jsonl").read_text() == json.dumps(row) + "\n"
