@@ -70,6 +70,7 @@ from omnilong.dry_run import (
     DryRunReport,
     DryRunSettings,
     FlopCount,
+    LoaderMemory,
     MadeUpRows,
     StepRecord,
     dry_run_offload,
@@ -787,6 +788,9 @@ class DryRunRecipe(TracedSteps, MadeUpRun):
             max_seq_len=cfg.max_seq_len,
             length_multiple=max(1024, 2 * dims.cp),
             video_tokens=self.dataset.video["tokens"] if self.dataset.video else 0,
+            loader=LoaderMemory(cfg.num_workers, cfg.prefetch_factor, cfg.batch_size * self.dataset.row_bytes())
+            if cfg.num_workers
+            else None,
         )
         batches = self._batches()
         self.model.train()

@@ -108,6 +108,10 @@ class MadeUpRows(Dataset):
         frame units only (:func:`~omnilong.vision_shares.unit_share`), as the video datasets give."""
         self.cp_rank, self.cp_size = rank, cp
 
+    def row_bytes(self) -> int:
+        """Bytes of one row as the loader holds it (its cp share's uint8 pixels, token rows)."""
+        return sum(value.numel() * value.element_size() for value in self[0].values())
+
     def normalize_pixels(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """As the video datasets' (:meth:`~omnilong.data.video_sft.VideoSFTDataset.normalize_pixels`):
         the batch's uint8 pixels made the model's fp32 ones, on its device."""
