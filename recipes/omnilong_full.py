@@ -70,6 +70,7 @@ from omnilong.dry_run import (
     DryRunReport,
     DryRunSettings,
     FlopCount,
+    LoaderMemory,
     MadeUpRows,
     StepRecord,
     dry_run_offload,
@@ -373,7 +374,7 @@ class OmniLongFullRecipe:
 
     def _loader_options(self) -> dict:
         """Workers kept across epochs and ``prefetch_factor`` samples ahead each; batches in pinned
-        memory on CUDA (copied to the device without blocking, :meth:`_micro_step`); workers
+        memory on CUDA (copied to the device without blocking, :meth:`_on_device`); workers
         started by spawn when they decode video on CUDA (a forked process cannot use it)."""
         workers = self._loader_workers()
         options = {"num_workers": workers, "pin_memory": self.device.type == "cuda"}
@@ -501,14 +502,21 @@ class OmniLongFullRecipe:
     def _validate(self) -> dict[str, float]:
         """``val_loss`` and ``val_tokens`` of the whole held-out split (:func:`held_out_loss`)."""
         dataset = self.val_dataloader.dataset.dataset
-        batches = (self._model_batch(batch, dataset) for batch in self.val_dataloader)
+        batches = (self._on_device(self._model_batch(batch, dataset), dataset) for batch in self.val_dataloader)
         loss, tokens = held_out_loss(self.model, self.loss_fn, batches, self.device)
         return {"val_loss": loss, "val_tokens": tokens}
+
+    def _on_device(self, batch: dict[str, torch.Tensor], dataset) -> dict[str, torch.Tensor]:
+        """``batch`` copied to the device (without blocking: from pinned memory on CUDA), where a
+        video dataset's uint8 pixels become the model's fp32 ones (``normalize_pixels``)."""
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        normalize_pixels = getattr(dataset, "normalize_pixels", None)
+        return batch if normalize_pixels is None else normalize_pixels(batch)
 
     def _micro_step(self, batch: dict[str, torch.Tensor], global_tokens: torch.Tensor) -> torch.Tensor:
         """Forward and backward of one micro-batch; returns its (local) summed token loss."""
         labels = batch["labels"]  # stays on the host: the loss finds its trained tokens there, without a sync
-        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items() if k not in ("labels", "skipped")}
+        batch = self._on_device({k: v for k, v in batch.items() if k not in ("labels", "skipped")}, self.dataset)
         with self.activation_offload:
             hidden = self.model(**batch, return_hidden=True)
         weight = self.model.output.weight
@@ -782,6 +790,9 @@ class DryRunRecipe(TracedSteps, MadeUpRun):
             max_seq_len=cfg.max_seq_len,
             length_multiple=max(1024, 2 * dims.cp),
             video_tokens=self.dataset.video["tokens"] if self.dataset.video else 0,
+            loader=LoaderMemory(cfg.num_workers, cfg.prefetch_factor, cfg.batch_size * self.dataset.row_bytes())
+            if cfg.num_workers
+            else None,
         )
         batches = self._batches()
         self.model.train()

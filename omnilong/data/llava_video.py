@@ -6,7 +6,8 @@ A video is decoded as for Qwen2.5-VL (:func:`omnilong.data.video.decode_video`: 
 for bit, see ``tests/data/test_llava_video.py``). In the text a video is ``<video>`` repeated
 ``frames * ceil(grid / 2)^2 + 1`` times (``grid = crop / patch``: 27 -> 14, so 196 tokens per
 frame, and one newline per video). Items carry ``pixel_values_videos [frames, 3, crop, crop]``
-and ``video_num_frames [1]``; a batch concatenates both over its videos.
+uint8 (normalised on the model's device: :meth:`LlavaVideoFormat.normalize`) and
+``video_num_frames [1]``; a batch concatenates both over its videos.
 """
 
 import logging
@@ -19,7 +20,7 @@ import torch
 
 from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files
-from omnilong.data.video import DecodedVideo, VideoOptions, resize_and_normalize
+from omnilong.data.video import DecodedVideo, VideoOptions, normalize_pixels, resize_frames
 from omnilong.data.video_sft import VideoSFTDataset, check_model_type, read_video_samples
 
 logger = logging.getLogger(__name__)
@@ -77,28 +78,30 @@ class LlavaVideoFormat:
     def num_tokens(self, frames: int, size: tuple[int, int]) -> int:
         return frames * self.tokens_per_frame + 1
 
-    def process(self, video: DecodedVideo, size: tuple[int, int], chunk_frames: int = 16) -> dict[str, torch.Tensor]:
-        """``pixel_values_videos [T, 3, crop, crop]`` fp32 and ``video_num_frames [1]``; ``chunk_frames``
-        frames are resized and normalised at a time, straight into the output."""
-        count = video.frames.shape[0]
-        pixels = torch.empty(count, 3, self.crop, self.crop)
-        for start in range(0, count, chunk_frames):
-            part = video.frames[start : start + chunk_frames]
-            pixels[start : start + len(part)] = resize_and_normalize(part, self.crop, self.crop, self.mean, self.std)
-        return {"pixel_values_videos": pixels, "video_num_frames": torch.tensor([count])}
+    def inputs(self, video: DecodedVideo, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The item's vision inputs: ``pixel_values_videos [T, 3, crop, crop]`` uint8 (the frames
+        resized, not yet normalised: :meth:`normalize`) and ``video_num_frames [1]``."""
+        frames = resize_frames(video.frames, self.crop, self.crop)  # the frames themselves when decoded at the crop
+        return {"pixel_values_videos": frames, "video_num_frames": torch.tensor([frames.shape[0]])}
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 ``[T, 3, crop, crop]`` -> fp32, normalised as the video processor does (bit for bit)."""
+        return normalize_pixels(pixels, self.mean, self.std)
+
+    def process(self, video: DecodedVideo, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """:meth:`inputs` normalised: ``pixel_values_videos [T, 3, crop, crop]`` fp32, the video
+        processor's, and ``video_num_frames [1]``."""
+        inputs = self.inputs(video, size)
+        inputs["pixel_values_videos"] = self.normalize(inputs["pixel_values_videos"])
+        return inputs
 
     temporal = 1  # frames per unit the tower encodes on its own
 
     def process_share(self, video: DecodedVideo, size: tuple[int, int], frames: int) -> dict[str, torch.Tensor]:
-        """:meth:`process` of a cp rank's share of a video of ``frames`` sampled frames (``video``
-        holds the share's frames, maybe none): pixels ``[n, 3, crop, crop]`` of the share only,
-        ``video_num_frames [1]`` of the whole video."""
-        pixels = (
-            self.process(video, size)["pixel_values_videos"]
-            if video.frames.shape[0]
-            else torch.zeros(0, 3, self.crop, self.crop)
-        )
-        return {"pixel_values_videos": pixels, "video_num_frames": torch.tensor([frames])}
+        """:meth:`inputs` of a cp rank's share of a video of ``frames`` sampled frames (``video``
+        holds the share's frames, maybe none): pixels ``[n, 3, crop, crop]`` uint8 of the share
+        only, ``video_num_frames [1]`` of the whole video."""
+        return {**self.inputs(video, size), "video_num_frames": torch.tensor([frames])}
 
     def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """A skipped item: one ``<video>`` over one blank frame (``tokens_per_frame + 1`` tokens)."""
@@ -106,7 +109,7 @@ class LlavaVideoFormat:
             [ids[VIDEO_TOKEN]],
             self.num_tokens(1, (self.crop, self.crop)),
             {
-                "pixel_values_videos": torch.zeros(1, 3, self.crop, self.crop),
+                "pixel_values_videos": torch.zeros(1, 3, self.crop, self.crop, dtype=torch.uint8),
                 "video_num_frames": torch.tensor([1]),
             },
         )

@@ -2,12 +2,18 @@
 
 Processing reproduces transformers' ``Qwen2VLVideoProcessor`` bit for bit (see
 ``tests/data/test_video.py``): ``smart_resize`` to multiples of 28 within
-``[min_pixels, max_pixels]``, bicubic antialiased resize of the uint8 frames, rescale
-and CLIP normalisation fused as ``(x - 255 * mean) / (255 * std)`` in fp32, an odd
-frame count padded by repeating the last frame, and patches flattened so that every
-2x2 merge group is 4 consecutive rows of ``3 * 2 * 14 * 14`` values. The numbers are the
+``[min_pixels, max_pixels]``, bicubic antialiased resize of the uint8 frames, an odd
+frame count padded by repeating the last frame, patches flattened so that every
+2x2 merge group is 4 consecutive rows of ``3 * 2 * 14 * 14`` values, and rescale and CLIP
+normalisation fused as ``(x - 255 * mean) / (255 * std)`` in fp32. The numbers are the
 vision tower's (:class:`Patching`, from the checkpoint's ``vision_config``; Qwen2.5-VL's
 14 px patches over 2 frames, 2x2 per LLM token, by default).
+
+Patching is a permutation of the values, so it commutes with the per-channel normalisation:
+training items carry the patches as uint8 (:func:`video_patches`, a quarter of the fp32
+bytes in the loader's workers, pinned memory and the host-to-device copy) and the batch is
+normalised once on the model's device (:func:`normalize_pixels`); the result is bitwise the
+processor's, as elementwise fp32 subtraction and division are exactly rounded everywhere.
 """
 
 import logging
@@ -351,6 +357,31 @@ def resize_frames(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return tvF.resize(frames, [height, width], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
 
 
+def normalization_constants(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(255 * mean, 255 * std)`` ``[C]`` fp32, computed as transformers' processors fold the
+    1/255 rescaling into the normalisation (bit for bit the same constants)."""
+    scale = 1.0 / (1.0 / 255.0)
+    return torch.tensor(mean) * scale, torch.tensor(std) * scale
+
+
+def normalize_pixels(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 pixels -> fp32 ``(x - 255 * mean) / (255 * std)`` per channel, on ``pixels``' device.
+
+    Args:
+        pixels: ``[N, C, ...]`` (frames) or ``[N, C * k]`` (patch rows, channel-major: Qwen2.5-VL's
+            ``[N, 3 * 2 * 14 * 14]``) uint8, ``C = len(mean)``.
+
+    Returns:
+        fp32 of ``pixels``' shape: bitwise what :func:`resize_and_normalize` (transformers'
+        processors) gives the same values, on any device (one exactly rounded fp32 subtraction
+        and division per value, by constants computed on the CPU).
+    """
+    mean, std = (c.to(pixels.device)[:, None] for c in normalization_constants(mean, std))  # shape: [C, 1]
+    values = pixels.to(torch.float32)
+    values.view(values.shape[0], len(mean), -1).sub_(mean).div_(std)
+    return values
+
+
 def resize_and_normalize(
     frames: torch.Tensor, height: int, width: int, mean: Sequence[float], std: Sequence[float]
 ) -> torch.Tensor:
@@ -359,20 +390,19 @@ def resize_and_normalize(
     ``(x - 255 * mean) / (255 * std)``."""
     import torchvision.transforms.v2.functional as tvF
 
-    frames = resize_frames(frames, height, width)
-    scale = 1.0 / (1.0 / 255.0)  # transformers folds rescaling into the normalisation this way
-    return tvF.normalize(frames.to(torch.float32), torch.tensor(mean) * scale, torch.tensor(std) * scale, inplace=True)
+    mean, std = normalization_constants(mean, std)
+    return tvF.normalize(resize_frames(frames, height, width).to(torch.float32), mean, std, inplace=True)
 
 
-def process_video(
+def video_patches(
     video: DecodedVideo, height: int, width: int, patching: Patching = Patching(), chunk_frames: int = 16
 ) -> dict[str, torch.Tensor]:
     """The vision inputs of one video resized to ``height x width`` (multiples of 28), cut by
-    ``patching``; ``chunk_frames`` frames are normalised at a time, straight into the output
-    (no full-video fp32 copy besides it).
+    ``patching``, its values kept uint8 (:func:`normalize_pixels` makes them the model's);
+    ``chunk_frames`` frames are resized and patched at a time, straight into the output.
 
     Returns:
-        ``pixel_values_videos`` ``[t * h * w, 1176]`` fp32, ``video_grid_thw`` ``[1, 3]``
+        ``pixel_values_videos`` ``[t * h * w, 1176]`` uint8, ``video_grid_thw`` ``[1, 3]``
         int64 ``(t, h, w)`` in patches, ``second_per_grid_ts`` ``[1]`` fp32
         (``2 / fps``, seconds per temporal patch).
     """
@@ -381,13 +411,23 @@ def process_video(
     per_frame = grid[1] * grid[2] // patching.temporal  # patch rows per frame of a temporal patch
     padded = grid[0] * patching.temporal  # an odd count repeats the last frame
     chunk = max(patching.temporal, chunk_frames - chunk_frames % patching.temporal)
-    pixels = torch.empty(grid[0] * grid[1] * grid[2], patching.patch_dim)
+    pixels = torch.empty(grid[0] * grid[1] * grid[2], patching.patch_dim, dtype=torch.uint8)
     for start in range(0, padded, chunk):
         index = torch.arange(start, min(start + chunk, padded)).clamp(max=count - 1)
-        frames = resize_and_normalize(video.frames[index], height, width, CLIP_MEAN, CLIP_STD)
+        frames = resize_frames(video.frames[index], height, width)
         pixels[start * per_frame : (start + len(index)) * per_frame] = patchify(frames, patching)
     return {
         "pixel_values_videos": pixels,  # shape: [t * h * w, 1176]
         "video_grid_thw": torch.tensor([grid]),
         "second_per_grid_ts": torch.tensor([patching.temporal / video.fps], dtype=torch.float32),
     }
+
+
+def process_video(
+    video: DecodedVideo, height: int, width: int, patching: Patching = Patching()
+) -> dict[str, torch.Tensor]:
+    """:func:`video_patches` with the pixels normalised as transformers' ``Qwen2VLVideoProcessor``
+    does (``pixel_values_videos`` ``[t * h * w, 1176]`` fp32): the processor's output, bit for bit."""
+    inputs = video_patches(video, height, width, patching)
+    inputs["pixel_values_videos"] = normalize_pixels(inputs["pixel_values_videos"], CLIP_MEAN, CLIP_STD)
+    return inputs

@@ -42,7 +42,7 @@ rank reads the same files, so all ranks see the same dataset length.
 Context parallelism: after :meth:`VideoSFTDataset.decode_cp_share` (the recipe calls it with
 the rank's place in its cp group), an item's token row is still the whole sample's, sized from
 its videos' metadata, but only the frames this rank's vision tower share encodes are decoded,
-resized and normalised (:mod:`omnilong.vision_shares`, the rule the towers' splits use): about
+resized and patched (:mod:`omnilong.vision_shares`, the rule the towers' splits use): about
 ``1/cp`` of the decode time, memory and host-to-device copy of a video per rank.
 
 Packing (``packed`` of :func:`video_sft_dataset`) sizes each sample from its videos'
@@ -64,16 +64,20 @@ from omnilong.data.chat import chat_content_form, shifted_labels, tokenize_conve
 from omnilong.data.packing import PackedDataset, packed_or_not
 from omnilong.data.sources import PathLike, expand_data_files, read_records
 from omnilong.data.video import (
+    CLIP_MEAN,
+    CLIP_STD,
     DecodedVideo,
     Patching,
     SampledVideo,
     VideoDecodeError,
     VideoOptions,
+    normalize_pixels,
     num_video_tokens,
     probe_video,
     process_video,
     shape_sizes,
     video_grid,
+    video_patches,
 )
 from omnilong.vision_shares import frame_share, unit_share
 
@@ -214,8 +218,9 @@ def check_model_type(video_format, model_config: dict[str, Any]) -> None:
 class QwenVideoFormat:
     """Qwen2.5-VL's video format: ``<|vision_start|>`` + ``<|video_pad|>`` x tokens +
     ``<|vision_end|>``; frames smart-resized to multiples of 28 (:mod:`omnilong.data.video`),
-    one token per 2x2 patches of a frame pair; items carry ``pixel_values_videos [N, 1176]``,
-    ``video_grid_thw`` and ``second_per_grid_ts``.
+    one token per 2x2 patches of a frame pair; items carry ``pixel_values_videos [N, 1176]``
+    uint8 (normalised on the model's device: :meth:`normalize`), ``video_grid_thw`` and
+    ``second_per_grid_ts``.
 
     Args:
         patching: the vision tower's (:meth:`from_model_config`: the checkpoint's).
@@ -245,7 +250,17 @@ class QwenVideoFormat:
     def num_tokens(self, frames: int, size: tuple[int, int]) -> int:
         return num_video_tokens(frames, *size, self.patching)
 
+    def inputs(self, video, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """The item's vision inputs (:func:`~omnilong.data.video.video_patches`): uint8 patches,
+        normalised on the model's device (:meth:`normalize`)."""
+        return video_patches(video, *size, self.patching)
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 patch rows ``[N, 1176]`` -> fp32, normalised as the video processor does (bit for bit)."""
+        return normalize_pixels(pixels, CLIP_MEAN, CLIP_STD)
+
     def process(self, video, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+        """:meth:`inputs` normalised: the video processor's output."""
         return process_video(video, *size, self.patching)
 
     @property
@@ -256,16 +271,16 @@ class QwenVideoFormat:
     def process_share(self, video, size: tuple[int, int], frames: int) -> dict[str, torch.Tensor]:
         """The vision inputs of a cp rank's share of a video of ``frames`` sampled frames:
         ``video`` holds the share's frames (whole frame pairs, maybe none; the last pair of an
-        odd count completed as :func:`process_video` does). Pixels ``[n, 1176]`` of the share's
-        pairs only, ``video_grid_thw`` and ``second_per_grid_ts`` of the whole video."""
+        odd count completed as :func:`process_video` does). Pixels ``[n, 1176]`` uint8 of the
+        share's pairs only, ``video_grid_thw`` and ``second_per_grid_ts`` of the whole video."""
         grid = torch.tensor([video_grid(frames, *size, self.patching)])
         if video.frames.shape[0] == 0:
             return {
-                "pixel_values_videos": torch.zeros(0, self.patching.patch_dim),
+                "pixel_values_videos": torch.zeros(0, self.patching.patch_dim, dtype=torch.uint8),
                 "video_grid_thw": grid,
                 "second_per_grid_ts": torch.tensor([self.patching.temporal / video.fps], dtype=torch.float32),
             }
-        return {**self.process(video, size), "video_grid_thw": grid}
+        return {**self.inputs(video, size), "video_grid_thw": grid}
 
     def placeholder(self, ids: dict[str, int], options: VideoOptions) -> tuple[list[int], int, dict[str, torch.Tensor]]:
         """``(input_ids, video tokens, vision inputs)`` of a skipped item: one blank 2x28x28
@@ -276,7 +291,7 @@ class QwenVideoFormat:
             [ids[VISION_START], ids[VIDEO_PAD], ids[VISION_END]],
             1,
             {
-                "pixel_values_videos": torch.zeros(int(grid.prod()), self.patching.patch_dim),
+                "pixel_values_videos": torch.zeros(int(grid.prod()), self.patching.patch_dim, dtype=torch.uint8),
                 "video_grid_thw": grid,
                 "second_per_grid_ts": torch.tensor([self.patching.temporal / options.fps], dtype=torch.float32),
             },
@@ -388,6 +403,17 @@ class VideoSFTDataset(Dataset):
             raise ValueError(f"cp rank {rank} is outside 0..{cp - 1}")
         self.cp_rank, self.cp_size = rank, cp
 
+    def normalize_pixels(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``batch`` (a collated batch of items, or this rank's cp shard of one, on the model's
+        device) with its uint8 ``pixel_values_videos`` normalised as the family's video processor
+        does (:meth:`QwenVideoFormat.normalize`): the model's fp32 pixels, bitwise the processor's.
+        The recipe calls it after copying the batch to the device, so the loader's workers, pinned
+        memory and the copy hold a quarter of the fp32 bytes."""
+        pixels = batch.get("pixel_values_videos")
+        if pixels is None:
+            return batch
+        return {**batch, "pixel_values_videos": self.format.normalize(pixels)}
+
     def sample_name(self, index: int) -> str:
         """``"origin (video, ...)"`` of sample ``index``, for messages."""
         sample = self._samples[index][0]
@@ -440,7 +466,8 @@ class VideoSFTDataset(Dataset):
         """Sample ``index`` with its videos decoded and processed.
 
         Returns:
-            ``input_ids``, ``labels``, ``document_ids`` ``[T]``; ``pixel_values_videos`` ``[N, 1176]``; ``video_grid_thw`` ``[V, 3]``;
+            ``input_ids``, ``labels``, ``document_ids`` ``[T]``; ``pixel_values_videos`` ``[N, 1176]``
+            uint8 (:meth:`normalize_pixels` makes them the model's); ``video_grid_thw`` ``[V, 3]``;
             ``second_per_grid_ts`` ``[V]``; ``skipped`` (0-d bool). After :meth:`decode_cp_share`,
             ``pixel_values_videos`` holds only this cp rank's frame units of each video, and
             ``decode_failures [T]`` is ``index + 1`` on every token when a video's frames of this
@@ -485,7 +512,7 @@ class VideoSFTDataset(Dataset):
                 videos = [source.decode(size) for source, size in zip(sources, sizes)]  # resized as decoded
             except VideoDecodeError as e:
                 raise BadSampleError(f"{sample.origin}: {e}") from e
-            vision, failed = [self.format.process(v, size) for v, size in zip(videos, sizes)], False
+            vision, failed = [self.format.inputs(v, size) for v, size in zip(videos, sizes)], False
         return self._row(
             input_ids,
             trainable,

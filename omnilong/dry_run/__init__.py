@@ -6,13 +6,14 @@ from omnilong.dry_run.fake_world import fake_tensors, init_fake_process_group
 from omnilong.dry_run.flops import FlopCount
 from omnilong.dry_run.memory import DeviceMemoryTracker
 from omnilong.dry_run.offload import dry_run_offload
-from omnilong.dry_run.report import DryRunReport, DryRunSettings, StepRecord
+from omnilong.dry_run.report import DryRunReport, DryRunSettings, LoaderMemory, StepRecord
 
 __all__ = [
     "DeviceMemoryTracker",
     "DryRunReport",
     "DryRunSettings",
     "FlopCount",
+    "LoaderMemory",
     "MadeUpRows",
     "StepRecord",
     "dry_run_offload",

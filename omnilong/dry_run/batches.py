@@ -3,8 +3,9 @@
 A row has the config's ``max_seq_len`` tokens, the keys its dataset's items have, and, for
 video data, one video of the config's ``max_frames`` frames (a 1280x720 source) sized by the
 dataset's own rules (the pixel budget for Qwen2.5-VL, the tower's crop for LLaVA-OneVision)
-with the vision-token count the dataset would give it. Token ids, labels, document ids and
-vision grids are real tensors (the host reads them); the pixels are made inside the dry run's
+with the vision-token count the dataset would give it, its pixels uint8 as the datasets' items
+carry them (normalised on the device: :meth:`MadeUpRows.normalize_pixels`). Token ids, labels,
+document ids and vision grids are real tensors (the host reads them); the pixels are made inside the dry run's
 fake tensor mode, so they take no memory; under context parallelism only this rank's share of
 them, as the video datasets decode (:meth:`MadeUpRows.decode_cp_share`). Every token after the video (or, for text, every
 token) is trained: the most work the loss can have.
@@ -107,6 +108,17 @@ class MadeUpRows(Dataset):
         frame units only (:func:`~omnilong.vision_shares.unit_share`), as the video datasets give."""
         self.cp_rank, self.cp_size = rank, cp
 
+    def row_bytes(self) -> int:
+        """Bytes of one row as the loader holds it (its cp share's uint8 pixels, token rows)."""
+        return sum(value.numel() * value.element_size() for value in self[0].values())
+
+    def normalize_pixels(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """As the video datasets' (:meth:`~omnilong.data.video_sft.VideoSFTDataset.normalize_pixels`):
+        the batch's uint8 pixels made the model's fp32 ones, on its device."""
+        if "pixel_values_videos" not in batch:
+            return batch
+        return {**batch, "pixel_values_videos": self.video["format"].normalize(batch["pixel_values_videos"])}
+
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         input_ids = torch.full((self.max_seq_len,), _TEXT_TOKEN)
         trained = torch.ones(self.max_seq_len, dtype=torch.bool)
@@ -133,14 +145,14 @@ class MadeUpRows(Dataset):
             crop = video_format.crop
             lo, hi = unit_share(frames, self.cp_rank, self.cp_size)
             return {
-                "pixel_values_videos": torch.zeros(hi - lo, 3, crop, crop),
+                "pixel_values_videos": torch.zeros(hi - lo, 3, crop, crop, dtype=torch.uint8),
                 "video_num_frames": torch.tensor([frames]),
             }
         patching = video_format.patching
         grid = video_grid(frames, height, width, patching)
         lo, hi = unit_share(grid[0], self.cp_rank, self.cp_size)
         return {
-            "pixel_values_videos": torch.zeros((hi - lo) * grid[1] * grid[2], patching.patch_dim),
+            "pixel_values_videos": torch.zeros((hi - lo) * grid[1] * grid[2], patching.patch_dim, dtype=torch.uint8),
             "video_grid_thw": torch.tensor([grid]),
             "second_per_grid_ts": torch.tensor([patching.temporal / self.video["options"].fps]),
         }

@@ -41,7 +41,9 @@ def test_frames_and_tokens_equal_the_processor(tiny_llava_dir, tiny_videos_dir, 
     text = render_chat(tokenizer, messages)
     assert all(m["content"] in text for m in messages)  # the hub-like template renders text parts only
     expected = processor(text=[text], videos=[frames], return_tensors="pt")
-    assert torch.equal(item["pixel_values_videos"], expected["pixel_values_videos"][0])  # bit for bit
+    assert item["pixel_values_videos"].dtype == torch.uint8  # normalised on the model's device:
+    normalised = dataset.normalize_pixels(collate_padded([item], dataset.pad_id))["pixel_values_videos"]
+    assert torch.equal(normalised, expected["pixel_values_videos"][0])  # bit for bit
     assert item["video_num_frames"].tolist() == [frames.shape[0]]
     assert torch.equal(item["input_ids"], expected["input_ids"][0])
     assert int((item["input_ids"] == dataset.video_token_id).sum()) == frames.shape[0] * 4 + 1

@@ -18,7 +18,17 @@ from omnilong.data import (
     process_video,
     video_sft_dataset,
 )
-from omnilong.data.video import DecodedVideo, Patching, SampledVideo, num_video_tokens, resized_sizes
+from omnilong.data.video import (
+    CLIP_MEAN,
+    CLIP_STD,
+    DecodedVideo,
+    Patching,
+    SampledVideo,
+    normalize_pixels,
+    num_video_tokens,
+    resized_sizes,
+    video_patches,
+)
 from omnilong.data.video_sft import QwenVideoFormat
 from omnilong.hf_io import read_hf_config
 from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
@@ -124,9 +134,9 @@ def test_frames_resized_as_decoded_equal_the_processors_pixels(videos, tiny_qwen
     reference = AutoVideoProcessor.from_pretrained(tiny_qwen_dir, local_files_only=True, max_video_tokens=10)
     expected = reference(videos=[full.frames], return_tensors="pt")
     assert torch.equal(process_video(small, *size)["pixel_values_videos"], expected["pixel_values_videos"])
-    assert torch.equal(
-        process_video(small, *size, chunk_frames=2)["pixel_values_videos"], expected["pixel_values_videos"]
-    )
+    patches = video_patches(small, *size, chunk_frames=2)["pixel_values_videos"]  # what items carry
+    assert patches.dtype == torch.uint8
+    assert torch.equal(normalize_pixels(patches, CLIP_MEAN, CLIP_STD), expected["pixel_values_videos"])
 
 
 def test_a_subset_of_the_sampled_frames_decodes_alone(videos):
@@ -215,6 +225,26 @@ def test_demo_data_shapes_and_labels(tokenizer, videos):
         assert item["pixel_values_videos"].shape == (int(grid.prod()), 1176)
         assert "position_ids" not in item and item["second_per_grid_ts"].shape == (1,)
         assert not item["skipped"] and (item["document_ids"] == 0).all()
+
+
+def test_items_carry_uint8_patches_that_normalise_to_the_processors_pixels(tokenizer, videos, tiny_qwen_dir):
+    """Oracle: transformers' video processor on the same decoded frames, bit for bit, once the
+    collated batch is normalised (what the recipe does on the model's device)."""
+    from transformers import AutoVideoProcessor
+
+    ds = video_sft_dataset(tokenizer, videos / "train.jsonl", max_seq_len=512, **TINY)
+    items = [ds[0], ds[4]]
+    assert all(i["pixel_values_videos"].dtype == torch.uint8 for i in items)
+    batch = ds.normalize_pixels(collate_padded(items, ds.pad_id))
+    reference = AutoVideoProcessor.from_pretrained(tiny_qwen_dir, local_files_only=True, max_video_tokens=10)
+    clips = [
+        decode_video(videos / json.loads(line)["video"]) for line in (videos / "train.jsonl").read_text().splitlines()
+    ]
+    expected = torch.cat(
+        [reference(videos=[clips[i].frames], return_tensors="pt")["pixel_values_videos"] for i in (0, 4)]
+    )
+    assert batch["pixel_values_videos"].dtype == torch.float32
+    assert torch.equal(batch["pixel_values_videos"], expected)
 
 
 def test_sharegpt_and_messages_shapes_give_the_same_item(tokenizer, videos, tmp_path):

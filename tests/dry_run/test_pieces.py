@@ -9,8 +9,9 @@ from torch._subclasses.fake_tensor import FakeTensor
 from omnilong.cli import _torchrun_world_size
 from omnilong.constants import IGNORE_INDEX
 from omnilong.data.video import num_video_tokens
-from omnilong.dry_run import DryRunReport, DryRunSettings, MadeUpRows, StepRecord, fake_tensors
+from omnilong.dry_run import DryRunReport, DryRunSettings, LoaderMemory, MadeUpRows, StepRecord, fake_tensors
 from omnilong.dry_run.flops import flash_attention_flops, visible_pairs
+from omnilong.dry_run.report import WORKER_BASELINE_BYTES
 from omnilong.kernel_device import kernel_device_type
 from omnilong.memory_plan import GPUS, GiB
 from omnilong.models.hf_loading import build_model_from_hf_config
@@ -70,11 +71,30 @@ def test_made_up_video_rows_have_the_vision_tokens_the_dataset_would_give():
         384 * 24 * 42,
         1176,
     )
+    assert row["pixel_values_videos"].dtype == torch.uint8  # as the dataset's items: normalised on the device
     end = int((ids == config["vision_end_token_id"]).nonzero())
     assert (labels[:end] == IGNORE_INDEX).all() and (labels[end:-1] != IGNORE_INDEX).all()
 
     llava = MadeUpRows(_stage3("llava_ov_7b/stage3_video_sft"), 131072, named_model_config("llava-onevision-7b"))
     assert llava.video["tokens"] == 512 * 196 + 1 and llava[0]["pixel_values_videos"].shape == (512, 3, 384, 384)
+
+
+def test_the_loader_workers_hold_their_prefetched_batches_and_their_imports():
+    """A rank's loader: workers x (prefetch x batch bytes + a worker's measured baseline); the
+    made-up LLaVA row's bytes are its cp share's uint8 frames and its five int64/bool token rows."""
+    rows = MadeUpRows(_stage3("llava_ov_7b/stage3_video_sft"), 131072, named_model_config("llava-onevision-7b"))
+    rows.decode_cp_share(0, 4)
+    tokens = 131072 * 8 * 3 + 8 + 1  # input_ids, labels, document_ids; video_num_frames; skipped
+    assert rows.row_bytes() == 128 * 3 * 384 * 384 + tokens
+    loader = LoaderMemory(workers=4, prefetch=2, batch_bytes=rows.row_bytes())
+    assert loader.total == 4 * (2 * rows.row_bytes() + WORKER_BASELINE_BYTES)
+    assert loader.format() == (
+        "host memory per rank of the data loader: 1.99 GiB = 4 workers x (2 batches ahead x 0.06 GiB "
+        "+ 0.39 GiB of a worker's imports, measured)"
+    )
+    report = DryRunReport("c", DryRunSettings(world_size=8), "m", "mesh", "rows", 1, loader=loader)
+    report.steps.append(StepRecord(tokens=1, device={"params": 1}, host={}, flops=1, seconds=0.0))
+    assert loader.format() in report.format().splitlines()
 
 
 def test_a_video_longer_than_the_rows_is_refused_naming_the_fix():

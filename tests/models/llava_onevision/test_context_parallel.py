@@ -109,7 +109,9 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_llava
         packed=True,
     )
     assert len(packed.rows[0]) > 1
-    batch = load_hf_model(tiny_llava_dir).with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
+    batch = load_hf_model(tiny_llava_dir).with_positions(
+        packed.normalize_pixels(collate_padded([packed[0], packed[1]], packed.pad_id))
+    )
     batch.pop("skipped")
     _assert_close(tiny_llava_dir, batch, 2, run_distributed)
 
@@ -128,8 +130,8 @@ def _cp_share_dataset(checkpoint, data):
 
 def _two_samples(dataset) -> dict:
     """The two samples of ``dataset`` collated in one batch (only a rank's frames after
-    ``decode_cp_share``), positions per row."""
-    batch = collate_padded([dataset[0], dataset[1]], dataset.pad_id)
+    ``decode_cp_share``), their pixels normalised as the recipe does on the device."""
+    batch = dataset.normalize_pixels(collate_padded([dataset[0], dataset[1]], dataset.pad_id))
     batch.pop("skipped")
     return batch
 

@@ -153,7 +153,9 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_qwen_
         packed=True,
     )
     assert len(packed.rows[0]) > 1
-    batch = load_hf_model(tiny_qwen_dir).with_positions(collate_padded([packed[0], packed[1]], packed.pad_id))
+    batch = load_hf_model(tiny_qwen_dir).with_positions(
+        packed.normalize_pixels(collate_padded([packed[0], packed[1]], packed.pad_id))
+    )
     batch.pop("skipped")
     for errors in run_distributed(_packed_cp_worker, 2, str(tiny_qwen_dir), batch):
         assert errors["loss"] <= TOL * 100, errors["loss"]  # a sum over ~500 tokens
@@ -177,10 +179,10 @@ def _shared_items_dataset(checkpoint, data):
 
 def _two_samples(dataset) -> dict:
     """The two samples of ``dataset`` collated in one batch (only a rank's pixels after
-    ``decode_cp_share``)."""
+    ``decode_cp_share``), their pixels normalised as the recipe does on the device."""
     from omnilong.data import collate_padded
 
-    batch = collate_padded([dataset[0], dataset[1]], dataset.pad_id)
+    batch = dataset.normalize_pixels(collate_padded([dataset[0], dataset[1]], dataset.pad_id))
     batch.pop("skipped")
     return batch
 
