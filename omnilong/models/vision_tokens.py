@@ -68,3 +68,18 @@ def scatter_vision_embeddings(
             f"in input_ids, {embeddings.shape[0]} features from the {kind} grids"
         )
     return h.masked_scatter(mask.unsqueeze(-1), embeddings.to(h.dtype))
+
+
+def check_normalised(pixels: torch.Tensor) -> None:
+    """Refuse integer pixels at a vision tower's input: datasets give uint8 pixels, which the
+    recipe normalises on the device (``omnilong.data.video.normalize_pixels``); cast to the
+    weights' dtype unnormalised they would train on wrong values without a sign.
+
+    Raises:
+        TypeError: ``pixels`` is not floating point.
+    """
+    if not pixels.is_floating_point():
+        raise TypeError(
+            f"the vision tower got {pixels.dtype} pixels: normalise them first "
+            "(omnilong.data.video.normalize_pixels, as the recipe's _on_device does)"
+        )

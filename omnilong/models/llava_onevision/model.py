@@ -19,7 +19,7 @@ from omnilong.models.llava_onevision.features import num_crops, pack_image_featu
 from omnilong.models.llava_onevision.vision import SiglipVisionTower
 from omnilong.models.qwen2_5_vl.model import text_position_ids
 from omnilong.models.rope import multimodal_rope_cos_sin
-from omnilong.models.vision_tokens import scatter_vision_embeddings
+from omnilong.models.vision_tokens import check_normalised, scatter_vision_embeddings
 
 
 class Projector(nn.Module):
@@ -96,6 +96,7 @@ class LlavaOnevision(nn.Module):
     def _projected(self, images: torch.Tensor, counts: list[int] | None = None) -> torch.Tensor:
         """``[N, C, S, S]`` crops or frames -> ``[N, grid^2, dim]`` projected features (``counts``:
         frames per video, for the tower's split; see :meth:`SiglipVisionTower.forward`)."""
+        check_normalised(images)
         features = self.visual(images, counts)  # [N, grid^2, vision_dim]
         if self.args.vision_feature_select_strategy == "default":
             features = features[:, 1:]

@@ -24,6 +24,7 @@ from omnilong.models.blocks import FeedForward, RMSNorm
 from omnilong.models.qwen2_5_vl.args import Qwen2_5_VLVisionArgs
 from omnilong.models.rope import apply_rope, rope_inverse_frequencies
 from omnilong.models.varlen_attention import VarlenSegments
+from omnilong.models.vision_tokens import check_normalised
 
 Grid = tuple[int, int, int]  # (frame pairs, patch rows, patch columns)
 
@@ -107,7 +108,8 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv3d(in_channels, dim, kernel_size=kernel, stride=kernel, bias=False)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``[N, C * T * P * P]`` patches -> ``[N, dim]``."""
+        """``[N, C * T * P * P]`` normalised patches -> ``[N, dim]``."""
+        check_normalised(pixel_values)
         weight = self.proj.weight.flatten(1)  # [dim, C * T * P * P]
         return F.linear(pixel_values.to(weight.dtype), weight)
 

@@ -213,3 +213,12 @@ def test_unsupported_config_fields_are_named(field, value, message):
     node[field[-1]] = value
     with torch.device("meta"), pytest.raises(ValueError, match=message):
         build_model_from_hf_config(config)
+
+
+def test_uint8_frames_are_refused_at_the_tower_not_trained_on_unnormalised(tiny_llava_dir):
+    """As for Qwen2.5-VL: the recipe normalises the datasets' uint8 frames on the device; the
+    tower refuses integer pixels instead of casting 0..255 to its dtype."""
+    native = load_hf_model(tiny_llava_dir)
+    frames = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8)  # refused before its size matters
+    with pytest.raises(TypeError, match="uint8 pixels: normalise them first"):
+        native.video_features(frames[None])

@@ -325,3 +325,13 @@ def test_vision_inputs_to_a_text_only_model_are_an_error(tiny_qwen_dir):
     inputs = Sequence(model.args, seed=3).text(2).image(4, 4).inputs()
     with pytest.raises(ValueError, match="without a vision tower"):
         model(**inputs)
+
+
+def test_uint8_pixels_are_refused_at_the_tower_not_trained_on_unnormalised(models):
+    """Datasets give uint8 pixels, normalised on the device by the recipe; a path that forgot
+    to normalise must fail loudly, not cast 0..255 values to the weights' dtype."""
+    _, native = models
+    grid = torch.tensor([GRIDS[0]])
+    pixels = torch.randint(0, 256, (int(grid.prod()), PATCH_DIM), dtype=torch.uint8)
+    with pytest.raises(TypeError, match="uint8 pixels: normalise them first"):
+        native.visual(pixels, grid)
