@@ -145,8 +145,9 @@ KEYS: tuple[Key, ...] = (
     Key(
         "prefetch_factor",
         1,
-        "samples each worker prepares ahead (with `num_workers` > 0): a rank holds up to `num_workers` x this "
-        "many; 1 keeps stage 3's loader ahead of the 7B step (docs/benchmarks.md: Stage-3 video sample)",
+        "batches (of `batch_size` samples) each worker prepares ahead (with `num_workers` > 0): a rank holds up to "
+        "`num_workers` x this many; 1 keeps stage 3's loader ahead of the 7B step (docs/benchmarks.md: Stage-3 "
+        "video sample)",
     ),
 )
 

@@ -79,8 +79,10 @@ def test_packed_rows_get_each_samples_positions_alone(tiny_qwen_dir, packed_vide
         assert (batch["document_ids"][row, n:] == -1).all()
 
 
-def _logits(model, batch):
+def _logits(model, batch, dataset):
+    """The model's logits of ``batch``, its uint8 video pixels normalised as the recipe does."""
     batch = {k: v for k, v in batch.items() if k not in ("labels", "skipped")}
+    batch = getattr(dataset, "normalize_pixels", lambda b: b)(batch)
     with torch.no_grad():
         return model(**batch)[0]  # [T, vocab]
 
@@ -111,9 +113,9 @@ def test_a_packed_row_gives_each_document_the_logits_of_its_sample_alone(tiny_qw
     ):
         members = max(packed.rows, key=len)
         assert len(members) > 1
-        row = _logits(model, model.with_positions(collate_padded([packed[packed.rows.index(members)]], 0)))
+        row = _logits(model, model.with_positions(collate_padded([packed[packed.rows.index(members)]], 0)), packed)
         start = 0
         for i in members:
-            alone = _logits(model, model.with_positions(collate_padded([plain[i]], 0)))
+            alone = _logits(model, model.with_positions(collate_padded([plain[i]], 0)), plain)
             assert (row[start : start + len(alone)] - alone).abs().max() <= 1e-5
             start += len(alone)
