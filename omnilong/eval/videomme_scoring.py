@@ -184,14 +184,16 @@ def official_results(
 def duration_table(results: dict[str, Any]) -> str:
     """The per-duration scores of a Video-MME ``results.json`` as a text table: one row per
     duration and one overall, one column per subtitle setting, each cell
-    ``score (correct/answered of questions)``."""
+    ``score (correct/answered of questions)``; ``-`` for the score when nothing was answered
+    (the official score is over answered questions only)."""
     settings = [s for s in ("without_subtitles", "with_subtitles") if s in results]
     header = ["duration", *(s.replace("_", " ") for s in settings)]
 
     def cell(scores: dict[str, Any] | None) -> str:
         if scores is None:
             return "-"
-        return f"{scores['score']:.1f} ({scores['correct']}/{scores['answered']} of {scores['questions']})"
+        score = f"{scores['score']:.1f}" if scores["answered"] else "-"
+        return f"{score} ({scores['correct']}/{scores['answered']} of {scores['questions']})"
 
     names = [d for d in DURATIONS if any(d in results[s]["by_duration"] for s in settings)]
     names += sorted({d for s in settings for d in results[s]["by_duration"]} - set(DURATIONS))

@@ -196,5 +196,5 @@ def test_duration_table_has_a_row_per_duration_and_overall():
     assert lines[0].split() == ["duration", "without", "subtitles", "with", "subtitles"]
     assert [line.split()[0] for line in lines[1:]] == ["short", "medium", "long", "overall"]
     assert lines[1].split()[1:] == ["50.0", "(1/2", "of", "2)", "50.0", "(1/2", "of", "2)"]
-    assert lines[3].split()[1:] == ["0.0", "(0/0", "of", "1)", "-"]  # no long question with subtitles
+    assert lines[3].split()[1:] == ["-", "(0/0", "of", "1)", "-"]  # none answered; no long question with subtitles
     assert lines[4].split()[1:3] == ["66.7", "(2/3"]
