@@ -58,6 +58,7 @@ from omnilong.config import takes_argument, validate_config
 from omnilong.constants import IGNORE_INDEX
 from omnilong.data import BadSampleError, collate_padded, load_tokenizer
 from omnilong.data.sampler import ResumableDistributedSampler
+from omnilong.data.video import FFmpegUnavailableError
 from omnilong.distributed import (
     available_cores,
     cpu_threads_per_rank,
@@ -827,7 +828,7 @@ def recipe_main(cfg: DictConfig, dry_run: DryRunSettings | None = None) -> int:
     try:
         recipe = OmniLongFullRecipe(cfg)
         recipe.setup()
-    except (ValueError, FileNotFoundError) as e:  # bad config, data or checkpoint: say what, no traceback
+    except (ValueError, FileNotFoundError, FFmpegUnavailableError) as e:  # bad config, data, checkpoint: one line
         print(f"omnilong_full: error: {e}", file=sys.stderr)
         if recipe is not None:
             recipe.cleanup()

@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 from omnilong.data.sources import expand_data_files
-from omnilong.data.video import probe_video
+from omnilong.data.video import FFmpegUnavailableError, probe_video
 from omnilong.eval.family import read_image
 from omnilong.eval.niah import DEFAULT_HAYSTACK, default_lengths, run_niah
 from omnilong.eval.session import add_group_arguments, add_model_arguments, close_session, open_session
@@ -198,7 +198,7 @@ def main() -> int:
                 elif key.endswith("subtitles"):
                     print(key, {"score": value["score"], "accuracy_all": value["accuracy_all"]})
             print(f"results: {args.output / 'results.json'}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FFmpegUnavailableError) as e:
         print(f"evaluate: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -12,7 +12,7 @@ import argparse
 import logging
 import sys
 
-from omnilong.data.video import DecodedVideo, decode_video, probe_video
+from omnilong.data.video import DecodedVideo, FFmpegUnavailableError, decode_video, probe_video
 from omnilong.eval.ask import generate_answer
 from omnilong.eval.family import Prompt, read_image
 from omnilong.eval.session import add_model_arguments, close_session, open_session
@@ -41,7 +41,7 @@ def main() -> int:
         if loaded.is_main:
             print(answer)
             print(f"[{prompt_tokens} prompt tokens]", file=sys.stderr)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FFmpegUnavailableError) as e:
         print(f"generate: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -23,6 +23,7 @@ import sys
 
 from omnilong.data.prepare import VIDEO_FORMATS, prepare
 from omnilong.data.prepared import KINDS, verify_prepared
+from omnilong.data.video import FFmpegUnavailableError
 from omnilong.distributed import available_cores
 
 
@@ -76,7 +77,7 @@ def main() -> None:
             force=args.force,
             video_format=args.video_format,
         )
-    except (ValueError, OSError) as e:  # bad input, a full disk: one line, no traceback
+    except (ValueError, OSError, FFmpegUnavailableError) as e:  # bad input, a full disk, no FFmpeg: one line
         sys.exit(f"prepare_data: {e}")
     if meta["up_to_date"]:
         print(f"{args.output} is up to date ({meta['num_tokens']:,} tokens); --force prepares it again")

@@ -21,6 +21,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -65,6 +66,32 @@ class Patching:
 
 class VideoDecodeError(ValueError):
     """A video file that cannot be decoded or holds no frame; the message names the file."""
+
+
+class FFmpegUnavailableError(RuntimeError):
+    """torchcodec cannot load FFmpeg's shared libraries: no video or image can be decoded on
+    this machine (not a fault of any one file, so never a skipped sample)."""
+
+
+def torchcodec_decoders() -> ModuleType:
+    """``torchcodec.decoders``, loaded on first use.
+
+    Raises:
+        FFmpegUnavailableError: FFmpeg's shared libraries are missing (names the fix, in one
+            line, instead of torchcodec's page of loader tracebacks).
+    """
+    try:
+        import torchcodec.decoders
+    except RuntimeError as e:
+        if "Could not load libtorchcodec" not in str(e):
+            raise
+        raise FFmpegUnavailableError(
+            "video and image decoding needs FFmpeg's shared libraries (versions 4 to 9), which torchcodec "
+            "could not load: install them (sudo apt-get install ffmpeg, or conda install -c conda-forge "
+            "'ffmpeg<8'; scripts/setup.sh does when it can), check with `ffmpeg -version`; torchcodec's "
+            "own report: python -c 'import torchcodec.decoders'"
+        ) from None
+    return torchcodec.decoders
 
 
 @dataclass(frozen=True)
@@ -142,10 +169,9 @@ def _cuda_decoding_unavailable() -> str | None:
 
 def _open(path: Path, device: str = "cpu"):
     """A torchcodec decoder of ``path`` on ``device``; corrupt input surfaces as VideoDecodeError."""
-    from torchcodec.decoders import VideoDecoder
-
+    decoders = torchcodec_decoders()
     try:
-        return VideoDecoder(path, dimension_order="NCHW", device=device)
+        return decoders.VideoDecoder(path, dimension_order="NCHW", device=device)
     except (RuntimeError, ValueError) as e:  # torchcodec reports unreadable input as either
         raise VideoDecodeError(f"{path}: cannot decode video ({str(e).splitlines()[0][:200]})") from e
 

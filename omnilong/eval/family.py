@@ -41,6 +41,7 @@ from omnilong.data.video import (
     process_video,
     resized_sizes,
     smart_resize,
+    torchcodec_decoders,
 )
 from omnilong.eval.vision_cache import FramePairCache, frame_pair_cache
 from omnilong.hf_io import read_hf_config
@@ -68,12 +69,11 @@ def read_image(path: Path) -> torch.Tensor:
         FileNotFoundError: no such file.
         ValueError: not a decodable image.
     """
-    from torchcodec.decoders import decode_image
-
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: image not found")
+    decoders = torchcodec_decoders()
     try:
-        return decode_image(Path(path), mode="RGB")
+        return decoders.decode_image(Path(path), mode="RGB")
     except (RuntimeError, ValueError) as e:
         raise ValueError(f"{path}: cannot decode image ({str(e).splitlines()[0][:200]})") from e
 

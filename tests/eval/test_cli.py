@@ -3,6 +3,7 @@
 one line on stderr with exit status 1; both model families (the checkpoint's ``model_type``
 picks the family)."""
 
+import builtins
 import importlib.util
 import json
 import sys
@@ -168,3 +169,23 @@ def test_a_videomme_video_id_naming_a_path_is_refused(video_id, tmp_path, monkey
         _main("evaluate", [*argv, "--output", str(tmp_path / "out"), "--checkpoint", str(tmp_path)], monkeypatch) == 1
     )
     assert f"q.jsonl:1: videoID {video_id!r} is not a file name" in capsys.readouterr().err
+
+
+def test_missing_ffmpeg_is_one_line_naming_the_fix(tiny_videos_dir, tmp_path, monkeypatch, capsys):
+    """Without FFmpeg's shared libraries torchcodec raises a page of loader tracebacks when first
+    imported; the tools (and the recipe, and prepare_data) say in one line what is missing and
+    how to install it, before any model loads."""
+    real_import = builtins.__import__
+
+    def without_ffmpeg(name, *args, **kwargs):
+        if name.startswith("torchcodec"):
+            raise RuntimeError("Could not load libtorchcodec. Likely causes:\n  1. FFmpeg is not properly installed")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "torchcodec.decoders", raising=False)  # imported again, as in a new process
+    monkeypatch.setattr(builtins, "__import__", without_ffmpeg)
+    video = sorted(tiny_videos_dir.glob("*.mp4"))[0]
+    argv = ["--text", "q", "--video", str(video), "--checkpoint", str(tmp_path / "model")]
+    assert _main("generate", argv, monkeypatch) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "FFmpeg's shared libraries" in err[0] and "apt-get install ffmpeg" in err[0], err
