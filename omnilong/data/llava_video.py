@@ -172,6 +172,7 @@ def llava_video_sft_dataset(
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
     decode_device: str = "cpu",
+    decode_threads: int = 1,
 ) -> VideoSFTDataset | PackedDataset:
     """Video SFT samples (the formats of :func:`omnilong.data.video_sft_dataset`) for
     LLaVA-OneVision; the config's ``dataset:`` component.
@@ -189,10 +190,10 @@ def llava_video_sft_dataset(
         skip_bad_samples, packed: as :func:`omnilong.data.video_sft_dataset`'s.
         model_config: the checkpoint's parsed ``config.json`` (given by the recipe), that the
             frames are sized from.
-        decode_device: as :func:`omnilong.data.video_sft_dataset`'s.
+        decode_device, decode_threads: as :func:`omnilong.data.video_sft_dataset`'s.
     """
     video_format = llava_video_format(model_config, frame_size, patch_size, image_mean, image_std)
-    options = VideoOptions(fps=fps, max_frames=max_frames, decode_device=decode_device)
+    options = VideoOptions(fps=fps, max_frames=max_frames, decode_device=decode_device, decode_threads=decode_threads)
     source = ", ".join(map(str, expand_data_files(data_files)))
     dataset = VideoSFTDataset(
         tokenizer,

@@ -212,20 +212,23 @@ def prepared_video_sft_dataset(
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
     decode_device: str = "cpu",
+    decode_threads: int = 1,
 ) -> Dataset:
     """Stage-3 video samples (as :func:`~omnilong.data.video_sft_dataset`) from prepared
     ``video_sft`` directories, mixed by weight: construction neither reads the sample files
     nor tokenizes; videos are decoded per item, as before (a video gone since the prepare
     step is a bad sample then). ``packed`` as :func:`~omnilong.data.video_sft_dataset`'s
     (off by default; it reads every video's metadata at start-up), per source before mixing;
-    ``model_config`` and ``decode_device`` as :func:`~omnilong.data.video_sft_dataset`'s.
+    ``model_config``, ``decode_device`` and ``decode_threads`` as :func:`~omnilong.data.video_sft_dataset`'s.
 
     Raises:
         PreparedDataError: a source prepared with another tokenizer or kind.
         ValueError: ``model_config`` is not a Qwen2.5-VL checkpoint's.
     """
     video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
-    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels, decode_device)
+    options = VideoOptions(
+        fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels, decode_device, decode_threads
+    )
     return _prepared_videos(tokenizer, sources, max_seq_len, options, video_format, {}, skip_bad_samples, packed)
 
 
@@ -243,6 +246,7 @@ def prepared_llava_video_sft_dataset(
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
     decode_device: str = "cpu",
+    decode_threads: int = 1,
 ) -> Dataset:
     """Stage-3 video samples for LLaVA-OneVision (as :func:`~omnilong.data.llava_video_sft_dataset`,
     sized from ``model_config`` the same way) from ``video_sft`` directories prepared with
@@ -257,7 +261,7 @@ def prepared_llava_video_sft_dataset(
         tokenizer,
         sources,
         max_seq_len,
-        VideoOptions(fps=fps, max_frames=max_frames, decode_device=decode_device),
+        VideoOptions(fps=fps, max_frames=max_frames, decode_device=decode_device, decode_threads=decode_threads),
         video_format,
         {"video_format": video_format.model_type},
         skip_bad_samples,

@@ -110,6 +110,8 @@ class VideoOptions:
             about ``total_pixels / 784`` LLM tokens. ``None``: no budget.
         decode_device: ``"cpu"``, or ``"cuda"`` for NVIDIA's hardware decoder (see
             :class:`SampledVideo`; falls back to the CPU, with a warning, where unavailable).
+        decode_threads: FFmpeg's decoding threads per open video on the CPU (each loader worker
+            decodes one video at a time); the frames are the same at any count.
     """
 
     fps: float = 1.0
@@ -118,10 +120,16 @@ class VideoOptions:
     max_pixels: int = 768 * 28 * 28
     total_pixels: int | None = None
     decode_device: str = "cpu"
+    decode_threads: int = 1
 
     def __post_init__(self):
         if self.decode_device not in ("cpu", "cuda"):
             raise ValueError(f"video decode_device must be 'cpu' or 'cuda', got {self.decode_device!r}")
+        if isinstance(self.decode_threads, bool) or not isinstance(self.decode_threads, int) or self.decode_threads < 1:
+            raise ValueError(
+                f"video decode_threads must be an integer >= 1 (FFmpeg threads per loader worker), "
+                f"got {self.decode_threads!r}"
+            )
         if self.fps <= 0 or self.max_frames < 1:
             raise ValueError(f"video fps must be positive and max_frames >= 1, got {self.fps} and {self.max_frames}")
         if not 0 < self.min_pixels <= self.max_pixels:
@@ -167,11 +175,12 @@ def _cuda_decoding_unavailable() -> str | None:
     return None
 
 
-def _open(path: Path, device: str = "cpu"):
-    """A torchcodec decoder of ``path`` on ``device``; corrupt input surfaces as VideoDecodeError."""
+def _open(path: Path, device: str = "cpu", threads: int = 1):
+    """A torchcodec decoder of ``path`` on ``device`` (``threads``: FFmpeg's, on the CPU); corrupt
+    input surfaces as VideoDecodeError."""
     decoders = torchcodec_decoders()
     try:
-        return decoders.VideoDecoder(path, dimension_order="NCHW", device=device)
+        return decoders.VideoDecoder(path, dimension_order="NCHW", num_ffmpeg_threads=threads, device=device)
     except (RuntimeError, ValueError) as e:  # torchcodec reports unreadable input as either
         raise VideoDecodeError(f"{path}: cannot decode video ({str(e).splitlines()[0][:200]})") from e
 
@@ -179,13 +188,13 @@ def _open(path: Path, device: str = "cpu"):
 _warned_cuda_fallback = False
 
 
-def _open_on(path: Path, device: str):
+def _open_on(path: Path, device: str, threads: int = 1):
     """:func:`_open` on ``device``; ``"cuda"`` falls back to the CPU decoder (with one warning
     that says why) where NVIDIA decoding is unavailable: no CUDA device, or a torchcodec or
     FFmpeg build without it."""
     global _warned_cuda_fallback
     if device == "cpu":
-        return _open(path)
+        return _open(path, threads=threads)
     try:
         reason = _cuda_decoding_unavailable()
         if reason is None:
@@ -195,7 +204,7 @@ def _open_on(path: Path, device: str):
     if not _warned_cuda_fallback:
         logger.warning("video decode_device=%s unavailable: %s; decoding on the CPU instead", device, reason)
         _warned_cuda_fallback = True
-    return _open(path)
+    return _open(path, threads=threads)
 
 
 class SampledVideo:
@@ -208,6 +217,7 @@ class SampledVideo:
         fps, max_frames: sampling (see :func:`decode_video`).
         decode_device: ``"cpu"`` or ``"cuda"`` (NVIDIA's hardware decoder, falling back to the
             CPU with a warning where unavailable; its pixels are not bitwise the CPU's).
+        decode_threads: FFmpeg's decoding threads on the CPU (the same frames at any count).
 
     Attributes:
         num_frames: frames sampled (``T``); ``height``, ``width``: the stream's frame size;
@@ -218,11 +228,18 @@ class SampledVideo:
         VideoDecodeError: the file is unreadable or corrupt, or has no decodable frame.
     """
 
-    def __init__(self, path: str | Path, fps: float = 1.0, max_frames: int = 768, decode_device: str = "cpu"):
+    def __init__(
+        self,
+        path: str | Path,
+        fps: float = 1.0,
+        max_frames: int = 768,
+        decode_device: str = "cpu",
+        decode_threads: int = 1,
+    ):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: video file not found")
-        self._decoder = _open_on(self.path, decode_device)
+        self._decoder = _open_on(self.path, decode_device, decode_threads)
         meta = self._decoder.metadata
         if not meta.num_frames:
             raise VideoDecodeError(f"{self.path}: video has no decodable frames")

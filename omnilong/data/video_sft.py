@@ -494,7 +494,8 @@ class VideoSFTDataset(Dataset):
         options = self.options
         try:  # the metadata, on every cp rank alike: an unreadable file is bad everywhere
             sources = [
-                SampledVideo(path, options.fps, options.max_frames, options.decode_device) for path in sample.videos
+                SampledVideo(path, options.fps, options.max_frames, options.decode_device, options.decode_threads)
+                for path in sample.videos
             ]
         except (FileNotFoundError, VideoDecodeError) as e:
             raise BadSampleError(f"{sample.origin}: {e}") from e
@@ -597,6 +598,7 @@ def video_sft_dataset(
     packed: bool = False,
     model_config: dict[str, Any] | None = None,
     decode_device: str = "cpu",
+    decode_threads: int = 1,
 ) -> VideoSFTDataset | PackedDataset:
     """:class:`VideoSFTDataset` over sample files; the config's ``dataset:`` component.
 
@@ -616,12 +618,17 @@ def video_sft_dataset(
             ``None``: Qwen2.5-VL's patching.
         decode_device: ``"cpu"``, or ``"cuda"``: NVIDIA's hardware decoder, where available (else
             the CPU, with a warning saying why; see :class:`~omnilong.data.video.SampledVideo`).
+        decode_threads: FFmpeg's decoding threads per loader worker on the CPU (default 1; the
+            same frames at any count): more to keep an hour-long video's loader ahead of the step
+            where the node has cores to spare (docs/benchmarks.md, Stage-3 video sample).
 
     Raises:
         ValueError: ``model_config`` is not a Qwen2.5-VL checkpoint's (names the component to use).
     """
     video_format = QwenVideoFormat() if model_config is None else QwenVideoFormat.from_model_config(model_config)
-    options = VideoOptions(fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels, decode_device)
+    options = VideoOptions(
+        fps, max_frames, video_min_pixels, video_max_pixels, video_total_pixels, decode_device, decode_threads
+    )
     source = ", ".join(map(str, expand_data_files(data_files)))
     dataset = VideoSFTDataset(
         tokenizer,

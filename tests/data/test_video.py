@@ -369,3 +369,29 @@ def test_tiny_chat_template_renders_video_items_and_text_as_before(tokenizer):
     assert tokenizer.apply_chat_template(listed, tokenize=False, add_generation_prompt=True).endswith(
         "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>What?<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def test_decode_threads_give_the_same_items_and_reach_ffmpeg(videos, tokenizer, monkeypatch):
+    """``decode_threads`` (FFmpeg's threads per worker) changes the speed, not the frames: the
+    items of every sample are equal at 1 and 3 threads, and the count is what FFmpeg is given."""
+    import omnilong.data.video as video
+
+    opened = []
+    real_open = video._open
+
+    def counting_open(path, device="cpu", threads=1):
+        opened.append(threads)
+        return real_open(path, device, threads)
+
+    monkeypatch.setattr(video, "_open", counting_open)
+    settings = {"video_min_pixels": TINY_MIN_PIXELS, "video_max_pixels": TINY_MAX_PIXELS}
+    one = video_sft_dataset(tokenizer, videos / "train.jsonl", 512, **settings)
+    three = video_sft_dataset(tokenizer, videos / "train.jsonl", 512, decode_threads=3, **settings)
+    for index in range(len(one)):
+        opened.clear()
+        item = three[index]
+        assert opened and set(opened) == {3}
+        expected = one[index]
+        assert all(torch.equal(item[k], expected[k]) for k in expected), index
+    with pytest.raises(ValueError, match="decode_threads must be an integer >= 1"):
+        VideoOptions(decode_threads=0)
