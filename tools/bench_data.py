@@ -157,7 +157,8 @@ def _video_child(family: str, video: str, work: str, cp: str, extra: list[str]) 
     config_dir, model, component = VIDEO_FAMILIES[family]
     cfg = yaml.safe_load((REPO / "configs" / config_dir / "stage3_video_sft.yaml").read_text())
     settings = {k: v for k, v in cfg["dataset"].items() if k not in ("_component_", "sources", "packed")}
-    settings.update(yaml.safe_load(item.replace("=", ": ", 1)) for item in extra)
+    for item in extra:  # key=value, the value read as YAML
+        settings.update(yaml.safe_load(item.replace("=", ": ", 1)))
     samples = Path(work) / f"{family}.jsonl"
     question = {"from": "human", "value": "<video>\nDescribe the video."}
     samples.write_text(json.dumps({"video": video, "conversations": [question, {"from": "gpt", "value": "A test."}]}))
