@@ -13,37 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from omnilong.data import llava_video_sft_dataset, load_tokenizer, video_sft_dataset
-from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
-from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
 from omnilong.vision_shares import frame_share, unit_share
+from tests.cp_share_datasets import llava_dataset, qwen_dataset
 
 FRAMES = 31  # cp_share_videos' long video: 16 frame pairs, 4 per rank at cp 4
-
-
-def _qwen(tiny_qwen_dir, data, **kwargs):
-    return video_sft_dataset(
-        load_tokenizer(tiny_qwen_dir),
-        data,
-        max_seq_len=4096,
-        fps=8.0,
-        video_min_pixels=TINY_MIN_PIXELS,
-        video_max_pixels=TINY_MAX_PIXELS,
-        **kwargs,
-    )
-
-
-def _llava(tiny_llava_dir, data, **kwargs):
-    return llava_video_sft_dataset(
-        load_tokenizer(tiny_llava_dir),
-        data,
-        max_seq_len=8192,
-        fps=8.0,
-        max_frames=64,
-        frame_size=TINY_CROP,
-        patch_size=TINY_PATCH,
-        **kwargs,
-    )
 
 
 def _shared(dataset, rank: int, cp: int):
@@ -68,13 +41,13 @@ def test_qwen_rank_decodes_only_its_frame_pairs_with_the_whole_token_row(tiny_qw
     """Each rank: the oracle's tokens, labels, grids and seconds per pair; pixels of its frame
     pairs bitwise; the ranks' rows cover the oracle's once (the 5-frame video has 3 pairs, so at
     cp 4 some rank has none of it)."""
-    full = _qwen(tiny_qwen_dir, cp_share_videos)[index]
+    full = qwen_dataset(tiny_qwen_dir, cp_share_videos)[index]
     grids = full["video_grid_thw"].tolist()
     units, rows = [t for t, _, _ in grids], [h * w for _, h, w in grids]
     assert index == 1 or units[0] // cp >= 4 or cp == 2  # the long video gives every rank several pairs
     covered = 0
     for rank in range(cp):
-        item = _shared(_qwen(tiny_qwen_dir, cp_share_videos), rank, cp)[index]
+        item = _shared(qwen_dataset(tiny_qwen_dir, cp_share_videos), rank, cp)[index]
         for key in ("input_ids", "labels", "document_ids", "video_grid_thw", "second_per_grid_ts", "skipped"):
             assert torch.equal(item[key], full[key]), key
         assert torch.equal(item["pixel_values_videos"], _share_rows(full["pixel_values_videos"], units, rows, rank, cp))
@@ -85,12 +58,12 @@ def test_qwen_rank_decodes_only_its_frame_pairs_with_the_whole_token_row(tiny_qw
 
 @pytest.mark.parametrize("cp", [2, 4])
 def test_llava_rank_decodes_only_its_frames_with_the_whole_token_row(tiny_llava_dir, cp_share_videos, cp):
-    full = _llava(tiny_llava_dir, cp_share_videos)
+    full = llava_dataset(tiny_llava_dir, cp_share_videos)
     for index in range(len(full)):
         expected = full[index]
         frames = expected["video_num_frames"].tolist()
         for rank in range(cp):
-            item = _shared(_llava(tiny_llava_dir, cp_share_videos), rank, cp)[index]
+            item = _shared(llava_dataset(tiny_llava_dir, cp_share_videos), rank, cp)[index]
             for key in ("input_ids", "labels", "video_num_frames", "skipped"):
                 assert torch.equal(item[key], expected[key]), key
             share = _share_rows(expected["pixel_values_videos"], frames, [1] * len(frames), rank, cp)
@@ -125,11 +98,11 @@ def test_a_rank_that_cannot_decode_its_frames_flags_the_sample(tiny_qwen_dir, cp
 
     data = _one_sample(tmp_path / "corrupt.jsonl", cp_share_videos.parent / "corrupt_tail.mp4", cp_share_videos)
     with pytest.raises(BadSampleError, match="corrupt_tail.mp4"):
-        _qwen(tiny_qwen_dir, data)[0]
-    intact = _qwen(tiny_qwen_dir, cp_share_videos)[0]  # the same video before its tail was zeroed
+        qwen_dataset(tiny_qwen_dir, data)[0]
+    intact = qwen_dataset(tiny_qwen_dir, cp_share_videos)[0]  # the same video before its tail was zeroed
     _, h, w = intact["video_grid_thw"][0].tolist()
     first = 8 * h * w  # rows of frame pairs 0-7 (frames 0-15): rank 0's at cp 2
-    good, bad = (_shared(_qwen(tiny_qwen_dir, data), rank, 2)[0] for rank in (0, 1))
+    good, bad = (_shared(qwen_dataset(tiny_qwen_dir, data), rank, 2)[0] for rank in (0, 1))
     assert not good["decode_failures"].any()
     assert torch.equal(good["pixel_values_videos"], intact["pixel_values_videos"][:first])
     assert torch.equal(bad["decode_failures"], torch.ones_like(intact["input_ids"]))
@@ -147,7 +120,7 @@ def test_an_unreadable_video_is_bad_on_every_rank_alike(tiny_qwen_dir, cp_share_
     (tmp_path / "broken.mp4").write_bytes(b"\x00\x01 not a video" * 64)
     broken = _one_sample(tmp_path / "broken.jsonl", tmp_path / "broken.mp4", cp_share_videos)
     for rank in range(2):
-        dataset = _shared(_qwen(tiny_qwen_dir, broken, skip_bad_samples=skip), rank, 2)
+        dataset = _shared(qwen_dataset(tiny_qwen_dir, broken, skip_bad_samples=skip), rank, 2)
         if not skip:
             with pytest.raises(BadSampleError, match="broken.mp4"):
                 dataset[0]

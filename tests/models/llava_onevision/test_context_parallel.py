@@ -19,6 +19,7 @@ from omnilong.models.parallelize import apply_context_parallel
 from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.parallel.context_parallel import shard_batch_for_cp
 from omnilong.testing.tiny_llava_onevision import TINY_CROP, TINY_PATCH
+from tests.cp_share_datasets import llava_dataset, two_samples
 from tests.models.llava_onevision.inputs import processor_inputs as _inputs
 from tests.models.llava_onevision.inputs import random_image as _image
 from tests.models.llava_onevision.inputs import random_video as _video
@@ -116,26 +117,6 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_llava
     _assert_close(tiny_llava_dir, batch, 2, run_distributed)
 
 
-def _cp_share_dataset(checkpoint, data):
-    return llava_video_sft_dataset(
-        load_tokenizer(checkpoint),
-        data,
-        max_seq_len=8192,
-        fps=8.0,
-        max_frames=64,
-        frame_size=TINY_CROP,
-        patch_size=TINY_PATCH,
-    )
-
-
-def _two_samples(dataset) -> dict:
-    """The two samples of ``dataset`` collated in one batch (only a rank's frames after
-    ``decode_cp_share``), their pixels normalised as the recipe does on the device."""
-    batch = dataset.normalize_pixels(collate_padded([dataset[0], dataset[1]], dataset.pad_id))
-    batch.pop("skipped")
-    return batch
-
-
 def _local_frames_worker(rank: int, world_size: int, checkpoint: str, data, expected: dict) -> dict:
     """The cp run as the recipe makes it: this rank's items from the dataset's cp share (its
     frames only), positions of the full rows, the ranks' agreement on decode failures, the cut."""
@@ -144,9 +125,9 @@ def _local_frames_worker(rank: int, world_size: int, checkpoint: str, data, expe
     model = load_hf_model(checkpoint)
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("cp",))
     apply_context_parallel(read_hf_config(checkpoint), model, mesh["cp"])
-    dataset = _cp_share_dataset(checkpoint, data)
+    dataset = llava_dataset(checkpoint, data)
     dataset.decode_cp_share(rank, world_size)
-    batch, failed = agree_on_decode_failures(model.with_positions(_two_samples(dataset)), mesh["cp"])
+    batch, failed = agree_on_decode_failures(model.with_positions(two_samples(dataset)), mesh["cp"])
     assert failed == [] and batch["pixel_values_videos"].shape[0] == expected["frames"][rank]
     local = _loss(
         model,
@@ -170,8 +151,8 @@ def _local_frames_worker(rank: int, world_size: int, checkpoint: str, data, expe
 def test_ranks_given_only_their_frames_match_one_device(run_distributed, tiny_llava_dir, cp_share_videos):
     """2 ranks, each given by the dataset only its frames of each video (31, then 5 and 23
     frames: 15 + 2 + 11 on rank 0, 16 + 3 + 12 on rank 1), equal the one-device run on all frames."""
-    dataset = _cp_share_dataset(tiny_llava_dir, cp_share_videos)
-    batch = load_hf_model(tiny_llava_dir).with_positions(_two_samples(dataset))
+    dataset = llava_dataset(tiny_llava_dir, cp_share_videos)
+    batch = load_hf_model(tiny_llava_dir).with_positions(two_samples(dataset))
     loss, grads = _one_device(tiny_llava_dir, batch)
     expected = {**grads, "loss": loss, "global_tokens": int((batch["labels"] != -100).sum()), "frames": [28, 31]}
     for errors in run_distributed(_local_frames_worker, 2, str(tiny_llava_dir), cp_share_videos, expected):

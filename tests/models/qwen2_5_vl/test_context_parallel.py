@@ -20,6 +20,7 @@ from omnilong.models.qwen2_5_vl.model import Qwen2_5_VL
 from omnilong.models.qwen2_5_vl.parallelize import VisionFrameSplit
 from omnilong.models.vision_tokens import with_vision_token_index
 from omnilong.parallel.context_parallel import shard_batch_for_cp
+from tests.cp_share_datasets import qwen_dataset, two_samples
 
 TOL = 1e-5
 
@@ -163,39 +164,15 @@ def test_packed_video_rows_under_cp_match_one_device(run_distributed, tiny_qwen_
         assert not bad, bad
 
 
-def _shared_items_dataset(checkpoint, data):
-    from omnilong.data import load_tokenizer, video_sft_dataset
-    from omnilong.testing.tiny_qwen2_5_vl import TINY_MAX_PIXELS, TINY_MIN_PIXELS
-
-    return video_sft_dataset(
-        load_tokenizer(checkpoint),
-        data,
-        max_seq_len=4096,
-        fps=8.0,
-        video_min_pixels=TINY_MIN_PIXELS,
-        video_max_pixels=TINY_MAX_PIXELS,
-    )
-
-
-def _two_samples(dataset) -> dict:
-    """The two samples of ``dataset`` collated in one batch (only a rank's pixels after
-    ``decode_cp_share``), their pixels normalised as the recipe does on the device."""
-    from omnilong.data import collate_padded
-
-    batch = dataset.normalize_pixels(collate_padded([dataset[0], dataset[1]], dataset.pad_id))
-    batch.pop("skipped")
-    return batch
-
-
 def _local_pixels_worker(rank: int, world_size: int, checkpoint: str, data, batch: dict) -> dict:
     """The cp run as the recipe makes it: this rank's items from the dataset's cp share (its
     pixels only), positions of the full rows, the ranks' agreement on decode failures, the cut."""
     from omnilong.parallel.context_parallel import agree_on_decode_failures
 
     reference, model, expected, mesh = _one_device_and_cp_models(checkpoint, batch, world_size)
-    dataset = _shared_items_dataset(checkpoint, data)
+    dataset = qwen_dataset(checkpoint, data)
     dataset.decode_cp_share(rank, world_size)
-    local_batch = model.with_positions(_two_samples(dataset))
+    local_batch = model.with_positions(two_samples(dataset))
     local_batch, failed = agree_on_decode_failures(local_batch, mesh["cp"])
     assert failed == []
     assert local_batch["pixel_values_videos"].shape[0] < batch["pixel_values_videos"].shape[0] / 2
@@ -209,8 +186,8 @@ def _local_pixels_worker(rank: int, world_size: int, checkpoint: str, data, batc
 def test_ranks_given_only_their_frame_pairs_match_one_device(run_distributed, tiny_qwen_dir, cp_share_videos):
     """4 ranks, each given by the dataset only its frame pairs (a 16-pair video: 4 each; a 3-pair
     and a 12-pair video in the other row) equal the one-device run on every frame's pixels."""
-    dataset = _shared_items_dataset(tiny_qwen_dir, cp_share_videos)
-    batch = load_hf_model(tiny_qwen_dir).with_positions(_two_samples(dataset))
+    dataset = qwen_dataset(tiny_qwen_dir, cp_share_videos)
+    batch = load_hf_model(tiny_qwen_dir).with_positions(two_samples(dataset))
     for errors in run_distributed(_local_pixels_worker, 4, str(tiny_qwen_dir), cp_share_videos, batch):
         assert errors["loss"] <= TOL * 100, errors["loss"]
         bad = {k: v for k, v in errors.items() if k != "loss" and v > TOL}
